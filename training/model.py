@@ -78,18 +78,32 @@ class TwoTower(nn.Module):
         temperature: float,
         scale: float,
     ) -> torch.Tensor:
-        """Sum of per-row losses times ``scale`` (1/global batch size, times world size)."""
+        """Sum of losses times ``scale`` (1/global number of pairs, times world size).
+
+        ``softmax``: ``users`` is a batch of distinct users and ``items`` their multi-hot targets
+        [batch, n_items]; the loss is the full softmax cross-entropy of every (user, item) pair,
+        computed once per user. ``bpr``: ``users``/``items``/``negatives`` are aligned pairs.
+        """
         u = self.user_vectors(users)
-        reg_term = reg * (self.user_emb(users).pow(2).sum() + self.item_emb(items).pow(2).sum())
         if loss == "softmax":
-            logits = u @ self.item_vectors().T / temperature
-            rows = F.cross_entropy(logits, items, reduction="sum")
+            targets = items
+            counts = targets.sum(1)
+            logp = torch.log_softmax(u @ self.item_vectors().T / temperature, dim=1)
+            rows = -(logp * targets).sum()
+            reg_term = reg * (
+                (self.user_emb(users).pow(2).sum(1) * counts).sum()
+                + (targets.sum(0) * self.item_emb.weight.pow(2).sum(1)).sum()
+            )
         elif loss == "bpr":
             assert negatives is not None
             pos = (u * self.item_vectors(items)).sum(-1)
             neg = (u * self.item_vectors(negatives)).sum(-1)
             rows = -F.logsigmoid(pos - neg).sum()
-            reg_term = reg_term + reg * self.item_emb(negatives).pow(2).sum()
+            reg_term = reg * (
+                self.user_emb(users).pow(2).sum()
+                + self.item_emb(items).pow(2).sum()
+                + self.item_emb(negatives).pow(2).sum()
+            )
         else:
             raise ValueError(f"unknown loss {loss!r}")
         return (rows + reg_term) * scale

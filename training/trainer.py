@@ -90,10 +90,24 @@ def fit(
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    users = torch.from_numpy(train[:, 0]).to(device)
-    items = torch.from_numpy(train[:, 1]).to(device)
-    n = train.shape[0]
     n_items = model.item_emb.num_embeddings
+    if loss == "softmax":
+        # one row per user: the multi-hot of its training items
+        order_u = np.argsort(train[:, 0], kind="stable")
+        pairs = train[order_u]
+        batch_users_np, starts = np.unique(pairs[:, 0], return_index=True)
+        ends = np.r_[starts[1:], len(pairs)]
+        indptr = torch.from_numpy(np.r_[starts, len(pairs)].astype(np.int64))
+        pair_items = torch.from_numpy(pairs[:, 1].copy())
+        unit_users = torch.from_numpy(batch_users_np)
+        counts = torch.from_numpy((ends - starts).astype(np.int64))
+        # users per batch so that a batch holds about batch_size pairs
+        step = max(1, int(round(batch_size / max(1.0, float(counts.float().mean())))))
+    else:
+        unit_users = torch.from_numpy(train[:, 0])
+        unit_items = torch.from_numpy(train[:, 1])
+        step = batch_size
+    n = unit_users.numel()
     best_score, best_epoch = -float("inf"), 0
     best_state = copy.deepcopy(model.state_dict())
     history: list[tuple[int, float, float]] = []
@@ -102,19 +116,29 @@ def fit(
     for epoch in range(1, epochs + 1):
         net.train()
         gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(n, generator=gen).to(device)
+        order = torch.randperm(n, generator=gen)
         total = 0.0
-        steps = range(0, n, batch_size)
+        steps = range(0, n, step)
         bar = tqdm(steps, desc=f"{desc} epoch {epoch}", leave=False, disable=not progress or rank > 0)
         for start in bar:
-            idx = order[start : start + batch_size]
-            negs_all = None
-            if loss == "bpr":
-                negs_all = torch.randint(0, n_items, (idx.numel(),), generator=gen).to(device)
+            idx = order[start : start + step]
             local = idx[rank::world_size]
-            negs = None if negs_all is None else negs_all[rank::world_size]
-            scale = world_size / idx.numel()
-            out = net(users[local], items[local], negs, loss, reg, temperature, scale)
+            negs = None
+            if loss == "softmax":
+                n_pairs = int(counts[idx].sum())
+                u = unit_users[local]
+                targets = torch.zeros(local.numel(), n_items)
+                row_of = torch.repeat_interleave(torch.arange(local.numel()), counts[local])
+                cols = torch.cat([pair_items[indptr[j] : indptr[j + 1]] for j in local.tolist()])
+                targets[row_of, cols] = 1.0
+                u, it = u.to(device), targets.to(device)
+            else:
+                n_pairs = idx.numel()
+                negs_all = torch.randint(0, n_items, (idx.numel(),), generator=gen)
+                u, it = unit_users[local].to(device), unit_items[local].to(device)
+                negs = negs_all[rank::world_size].to(device)
+            scale = world_size / n_pairs
+            out = net(u, it, negs, loss, reg, temperature, scale)
             opt.zero_grad(set_to_none=True)
             out.backward()
             opt.step()

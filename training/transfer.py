@@ -16,6 +16,7 @@ new; tower weights are transferred):
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 
@@ -187,16 +188,35 @@ class Mapping(nn.Module):
 
 
 def fit_mapping(src: torch.Tensor, tgt: torch.Tensor, cfg: Config) -> Mapping:
-    """Fit the mapping on (source vector, target vector) pairs of overlapping warm users."""
+    """Fit the mapping on (source vector, target vector) pairs of overlapping warm users.
+
+    A tenth of the users is held out; the epoch with the lowest held-out error is kept.
+    """
     torch.manual_seed(cfg.seed + 11)
     mapping = Mapping(src.shape[1], cfg.mapping_hidden)
-    opt = torch.optim.Adam(mapping.parameters(), lr=0.01, weight_decay=1e-5)
+    n = src.shape[0]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 13))
+    n_hold = max(1, n // 10) if n >= 10 else 0
+    hold, fit_idx = perm[:n_hold], perm[n_hold:]
+    opt = torch.optim.Adam(mapping.parameters(), lr=0.01, weight_decay=1e-4)
+    best, best_state, bad = float("inf"), copy.deepcopy(mapping.state_dict()), 0
     for _ in range(cfg.mapping_epochs):
         opt.zero_grad()
-        loss = (mapping(src) - tgt).pow(2).sum(1).mean()
+        loss = (mapping(src[fit_idx]) - tgt[fit_idx]).pow(2).sum(1).mean()
         loss.backward()
         opt.step()
-    logger.info("EMCDR mapping fitted on %d users, final loss %.4f", src.shape[0], float(loss))
+        if n_hold:
+            with torch.no_grad():
+                err = float((mapping(src[hold]) - tgt[hold]).pow(2).sum(1).mean())
+            if err < best:
+                best, best_state, bad = err, copy.deepcopy(mapping.state_dict()), 0
+            else:
+                bad += 1
+                if bad >= 20:
+                    break
+    if n_hold:
+        mapping.load_state_dict(best_state)
+    logger.info("EMCDR mapping fitted on %d users, held-out squared error %.4f", n, best)
     mapping.eval()
     return mapping
 
