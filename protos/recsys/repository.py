@@ -24,6 +24,14 @@ CONFIG_FILE = "config.pbtxt"
 _TMP_PREFIX = ".tmp-"
 
 
+_TRITON_TYPES = {
+    "INT64": "TYPE_INT64",
+    "INT32": "TYPE_INT32",
+    "FP32": "TYPE_FP32",
+    "FP64": "TYPE_FP64",
+}
+
+
 class RepositoryError(Exception):
     """A model repository or one of its versions is missing, malformed or inconsistent."""
 
@@ -35,6 +43,28 @@ def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
         for chunk in iter(lambda: f.read(chunk_size), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def triton_config(name: str, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> str:
+    """A Triton config.pbtxt for an ONNX model with the given signature (metadata.json's
+    `inputs`/`outputs`: name, datatype in the Open Inference Protocol's spelling, shape)."""
+
+    def tensors(kind: str, specs: list[dict[str, Any]]) -> str:
+        rows = []
+        for spec in specs:
+            dims = ", ".join(str(int(d)) for d in spec["shape"])
+            rows.append(
+                f'  {{ name: "{spec["name"]}" data_type: {_TRITON_TYPES[spec["datatype"]]}'
+                f" dims: [ {dims} ] }}"
+            )
+        return f"{kind} [\n" + ",\n".join(rows) + "\n]\n"
+
+    return (
+        f'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 0\n'
+        + tensors("input", inputs)
+        + tensors("output", outputs)
+        + "version_policy: { latest: { num_versions: 1 } }\n"
+    )
 
 
 def list_models(root: Path) -> list[str]:
@@ -163,8 +193,8 @@ class VersionPublisher:
         missing = [name for name in self.model_names if name not in self._staged]
         if missing:
             raise RepositoryError(f"nothing staged for {missing}")
-        for attempt in range(100):
-            version = self._next_version() + attempt
+        for _ in range(100):
+            version = self._next_version()
             targets = {name: version_dir(self.root, name, version) for name in self.model_names}
             if any(t.exists() for t in targets.values()):
                 continue
