@@ -4,6 +4,7 @@ baselines, evaluate them on the same split, write the report, save the checkpoin
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import time
 from pathlib import Path
@@ -28,9 +29,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def default_data_dir() -> Path:
-    path = (REPO_ROOT / ".." / "shared" / "data").resolve()
+    """``$RECSYS_DATA_DIR``, else ``../shared/data`` next to the repository root."""
+    env = os.environ.get("RECSYS_DATA_DIR")
+    path = Path(env) if env else (REPO_ROOT / ".." / "shared" / "data").resolve()
     if not path.is_dir():
-        raise ConfigError(f"no data directory at {path}; pass --data-dir")
+        raise ConfigError(f"no data directory at {path}; pass --data-dir or set RECSYS_DATA_DIR")
     return path
 
 
