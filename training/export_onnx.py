@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from recsys.repository import VersionPublisher
+from training.errors import TrainingError
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ OPSET = 17
 MAX_REL_ERR = 1e-5
 
 
-class ExportError(RuntimeError):
+class ExportError(TrainingError):
     """An exported graph failed its check; nothing was published."""
 
 
@@ -92,9 +93,11 @@ def check_graph(path: Path, module: nn.Module, feeds: dict[str, np.ndarray]) -> 
         want = module(*(torch.from_numpy(v) for v in feeds.values())).numpy()
     if got.shape != want.shape:
         raise ExportError(f"{path.name}: ONNX Runtime shape {got.shape} != torch {want.shape}")
+    if not (np.isfinite(got).all() and np.isfinite(want).all()):
+        raise ExportError(f"{path.name}: non-finite outputs")
     denom = np.maximum(np.abs(want), 1e-6)
     err = float(np.max(np.abs(got - want) / denom)) if want.size else 0.0
-    if err > MAX_REL_ERR:
+    if not err <= MAX_REL_ERR:
         raise ExportError(f"{path.name}: relative error {err:.2e} > {MAX_REL_ERR:.0e}")
     return err
 
@@ -149,10 +152,14 @@ def publish(checkpoint: dict[str, Any], repository: Path, seed: int = 0) -> int:
     items = checkpoint["item_table"]
     dim = int(users.shape[1])
     n_users, n_items = int(users.shape[0]), int(items.shape[0])
+    for label, table in (("user", users), ("item", items)):
+        if not torch.isfinite(table).all():
+            raise ExportError(f"non-finite values in the {label} table; nothing published")
     rng = np.random.default_rng(seed)
     batch = 257
     u_idx = rng.integers(0, n_users, batch).astype(np.int64)
     i_idx = rng.integers(0, n_items, batch).astype(np.int64)
+    u_idx[:2], i_idx[:2] = (0, n_users - 1), (0, n_items - 1)  # the edges of both tables
 
     ranker = DotRanker(users, items).eval()
     user_tower = TableTower(users).eval()

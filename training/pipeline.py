@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import distributed as dist
 
 from training.config import Config
 from training.data.dataset import Dataset, load_dataset
@@ -215,4 +216,7 @@ def run(cfg: Config, data_dir: Path | None, run_dir: Path, repository: Path | No
         results["seconds_total"] = time.perf_counter() - t_start
         results["peak_memory_mb"] = peak_memory_mb()
         write_report(results, run_dir)
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
     return results
