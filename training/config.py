@@ -32,6 +32,7 @@ class Config:
     dim: int = 64  # embedding size of both towers
     tower_hidden: int = 0  # hidden width of a residual MLP on each tower (0 = plain embeddings)
     init_std: float = 0.1  # std of the embedding initialisation
+    item_bias: bool = True  # learn an item bias (folded into the dot product as one more dim)
     loss: str = "softmax"  # "softmax" (full softmax over items) or "bpr"
     temperature: float = 1.0  # softmax temperature
     reg: float = 1e-4  # L2 on the embeddings of each batch (per row)

@@ -23,17 +23,22 @@ class ResidualMLP(nn.Module):
 
 
 class LowRankAdapter(nn.Module):
-    """x + B A x with rank r (LoRA-style); B starts at zero."""
+    """x * s + B A x with rank r (LoRA-style) and a per-dimension gain s; starts as identity.
+
+    The gain lets the target domain rescale frozen source vectors cheaply (their norms were set
+    by the source domain's regularisation, not the target's).
+    """
 
     def __init__(self, dim: int, rank: int) -> None:
         super().__init__()
         self.down = nn.Linear(dim, rank, bias=False)
         self.up = nn.Linear(rank, dim, bias=False)
+        self.gain = nn.Parameter(torch.ones(dim))
         nn.init.normal_(self.down.weight, std=dim**-0.5)
         nn.init.zeros_(self.up.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.up(self.down(x))
+        return x * self.gain + self.up(self.down(x))
 
 
 class TwoTower(nn.Module):
@@ -47,6 +52,7 @@ class TwoTower(nn.Module):
         tower_hidden: int = 0,
         adapter_rank: int = 0,
         init_std: float = 0.1,
+        item_bias: bool = True,
     ) -> None:
         super().__init__()
         self.user_emb = nn.Embedding(n_users, dim)
@@ -56,16 +62,26 @@ class TwoTower(nn.Module):
         self.user_mlp: nn.Module = ResidualMLP(dim, tower_hidden) if tower_hidden else nn.Identity()
         self.item_mlp: nn.Module = ResidualMLP(dim, tower_hidden) if tower_hidden else nn.Identity()
         self.adapter: nn.Module = LowRankAdapter(dim, adapter_rank) if adapter_rank else nn.Identity()
+        # an item bias folded into the dot product: user vectors end in a constant 1, item
+        # vectors in the bias, so retrieval stays a pure inner product of dimension dim + 1
+        self.item_bias = nn.Embedding(n_items, 1) if item_bias else None
+        if self.item_bias is not None:
+            nn.init.zeros_(self.item_bias.weight)
         self.dim = dim
 
     def user_vectors(self, users: torch.Tensor | None = None) -> torch.Tensor:
         e = self.user_emb.weight if users is None else self.user_emb(users)
         out: torch.Tensor = self.adapter(self.user_mlp(e))
+        if self.item_bias is not None:
+            out = torch.cat([out, torch.ones_like(out[:, :1])], dim=1)
         return out
 
     def item_vectors(self, items: torch.Tensor | None = None) -> torch.Tensor:
         e = self.item_emb.weight if items is None else self.item_emb(items)
         out: torch.Tensor = self.item_mlp(e)
+        if self.item_bias is not None:
+            b = self.item_bias.weight if items is None else self.item_bias(items)
+            out = torch.cat([out, b], dim=1)
         return out
 
     def forward(

@@ -102,7 +102,9 @@ def _fit(model: TwoTower, train: np.ndarray, valid: np.ndarray, cfg: Config, des
 
 
 def new_model(cfg: Config, n_users: int, n_items: int, adapter_rank: int = 0) -> TwoTower:
-    return TwoTower(n_users, n_items, cfg.dim, cfg.tower_hidden, adapter_rank, cfg.init_std)
+    return TwoTower(
+        n_users, n_items, cfg.dim, cfg.tower_hidden, adapter_rank, cfg.init_std, cfg.item_bias
+    )
 
 
 def pretrain_source(split: Split, cfg: Config, device: torch.device) -> TwoTower:
@@ -248,6 +250,8 @@ def to_tables(
         mapping = fit_mapping(src_vec[fit_users], users[fit_users], cfg)
         with torch.no_grad():
             mapped = mapping(src_vec)
+            if model.item_bias is not None:
+                mapped[:, -1] = 1.0  # the constant that carries the item bias
         cold = torch.from_numpy(~has_target & has_source)
         cold_rows = users.clone()
         cold_rows[cold] = mapped[cold]
