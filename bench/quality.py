@@ -159,7 +159,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for job in jobs:
-            config = CONFIGS / f"{'ml1m' if job == 'ml1m' else "demo" if job == "demo" else job}.toml"
+            config = CONFIGS / f"{job}.toml"
             extra: list[str] = []
             print(f"running {job} ...", flush=True)
             res = run_job(job, config, args.data_dir, work, extra, publish=job == "demo")
