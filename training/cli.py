@@ -26,7 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", parents=[common], help="full pipeline from a config file and --key=value overrides")
+    t = sub.add_parser(
+        "train", parents=[common], help="full pipeline from a config file and --key=value overrides"
+    )
     t.add_argument("--config", type=Path, help="TOML override file (see training/configs/)")
     t.add_argument("--data-dir", type=Path, help="data folder (default ../shared/data)")
     t.add_argument("--run-dir", type=Path, default=Path("runs/latest"))
@@ -34,9 +36,13 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", parents=[common], help="export and publish a checkpoint")
     e.add_argument("checkpoint", type=Path)
     e.add_argument("--repository", type=Path, required=True)
-    r = sub.add_parser("report", parents=[common], help="print the evaluation table of a run directory")
+    r = sub.add_parser(
+        "report", parents=[common], help="print the evaluation table of a run directory"
+    )
     r.add_argument("run_dir", type=Path)
-    d = sub.add_parser("download", parents=[common], help="download MovieLens from GroupLens (SHA-256 checked)")
+    d = sub.add_parser(
+        "download", parents=[common], help="download MovieLens from GroupLens (SHA-256 checked)"
+    )
     d.add_argument("name", choices=["ml-100k", "ml-1m"])
     d.add_argument("--dest", type=Path, required=True)
     d.add_argument("--sha256", help="expected SHA-256 of the archive (overrides the recorded one)")

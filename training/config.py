@@ -64,7 +64,9 @@ class Config:
             raise ConfigError(f"loss: expected 'softmax' or 'bpr', got {self.loss!r}")
         for s in self.strategies:
             if s not in STRATEGIES:
-                raise ConfigError(f"strategies: unknown strategy {s!r}; known: {', '.join(STRATEGIES)}")
+                raise ConfigError(
+                    f"strategies: unknown strategy {s!r}; known: {', '.join(STRATEGIES)}"
+                )
         if self.export_strategy not in ("best", "target_only", *STRATEGIES):
             raise ConfigError(f"export_strategy: unknown strategy {self.export_strategy!r}")
         if not self.target:
@@ -73,7 +75,9 @@ class Config:
             raise ConfigError("cold_shares: at least one share (0 for none) is required")
         for share in self.cold_shares:
             if not 0 <= share < 1 or (share > 0 and not self.source):
-                raise ConfigError(f"cold_shares: {share} must be in [0, 1) and needs a source domain")
+                raise ConfigError(
+                    f"cold_shares: {share} must be in [0, 1) and needs a source domain"
+                )
         for name in ("dim", "epochs", "batch_size", "eval_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive")

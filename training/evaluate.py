@@ -74,9 +74,9 @@ def full_ranking(
                 rows.append(np.full(items.size, r))
                 cols.append(items)
         if rows:
-            scores[torch.from_numpy(np.concatenate(rows)), torch.from_numpy(np.concatenate(cols))] = (
-                -torch.inf
-            )
+            scores[
+                torch.from_numpy(np.concatenate(rows)), torch.from_numpy(np.concatenate(cols))
+            ] = -torch.inf
         top = torch.topk(scores, k=min(kmax, scores.shape[1]), dim=1).indices.numpy()
         for r, u in enumerate(batch.tolist()):
             hit_ranks.append(np.flatnonzero(np.isin(top[r], truth[u])))

@@ -45,6 +45,8 @@ class ExportError(TrainingError):
 class TableTower(nn.Module):
     """index -> row of a fixed table."""
 
+    table: torch.Tensor
+
     def __init__(self, table: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("table", table.detach().float().contiguous())
@@ -56,6 +58,9 @@ class TableTower(nn.Module):
 class DotRanker(nn.Module):
     """(user_index[i], item_index[i]) -> <user row, item row>."""
 
+    users: torch.Tensor
+    items: torch.Tensor
+
     def __init__(self, users: torch.Tensor, items: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("users", users.detach().float().contiguous())
@@ -65,8 +70,13 @@ class DotRanker(nn.Module):
         return (F.embedding(user_index, self.users) * F.embedding(item_index, self.items)).sum(-1)
 
 
-def _export(module: nn.Module, args: tuple[torch.Tensor, ...], inputs: list[str],
-            outputs: list[str], path: Path) -> None:
+def _export(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    inputs: list[str],
+    outputs: list[str],
+    path: Path,
+) -> None:
     dynamic = {name: {0: "batch"} for name in inputs + outputs}
     torch.onnx.export(
         module,
@@ -106,8 +116,12 @@ def check_graph(path: Path, module: nn.Module, feeds: dict[str, np.ndarray]) -> 
 def code_version() -> str:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-            cwd=Path(__file__).resolve().parent, check=True,
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+            check=True,
         )
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
@@ -188,8 +202,10 @@ def publish(checkpoint: dict[str, Any], repository: Path, seed: int = 0) -> int:
     seen = checkpoint["seen"]  # (indptr, indices)
 
     ranker_io = (
-        [{"name": "user_index", "datatype": "INT64", "shape": [-1]},
-         {"name": "item_index", "datatype": "INT64", "shape": [-1]}],
+        [
+            {"name": "user_index", "datatype": "INT64", "shape": [-1]},
+            {"name": "item_index", "datatype": "INT64", "shape": [-1]},
+        ],
         [{"name": "score", "datatype": "FP32", "shape": [-1]}],
     )
     user_io = (
@@ -203,15 +219,31 @@ def publish(checkpoint: dict[str, Any], repository: Path, seed: int = 0) -> int:
     # export and check everything before staging anything
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        _export(ranker, (torch.from_numpy(u_idx[:3]), torch.from_numpy(i_idx[:3])),
-                ["user_index", "item_index"], ["score"], tmp / "ranker.onnx")
-        _export(user_tower, (torch.from_numpy(u_idx[:3]),), ["user_index"], ["user_embedding"],
-                tmp / "user.onnx")
-        _export(item_tower, (torch.from_numpy(i_idx[:3]),), ["item_index"], ["item_embedding"],
-                tmp / "item.onnx")
+        _export(
+            ranker,
+            (torch.from_numpy(u_idx[:3]), torch.from_numpy(i_idx[:3])),
+            ["user_index", "item_index"],
+            ["score"],
+            tmp / "ranker.onnx",
+        )
+        _export(
+            user_tower,
+            (torch.from_numpy(u_idx[:3]),),
+            ["user_index"],
+            ["user_embedding"],
+            tmp / "user.onnx",
+        )
+        _export(
+            item_tower,
+            (torch.from_numpy(i_idx[:3]),),
+            ["item_index"],
+            ["item_embedding"],
+            tmp / "item.onnx",
+        )
         errors = {
-            "ranker": check_graph(tmp / "ranker.onnx", ranker,
-                                  {"user_index": u_idx, "item_index": i_idx}),
+            "ranker": check_graph(
+                tmp / "ranker.onnx", ranker, {"user_index": u_idx, "item_index": i_idx}
+            ),
             "user_tower": check_graph(tmp / "user.onnx", user_tower, {"user_index": u_idx}),
             "item_tower": check_graph(tmp / "item.onnx", item_tower, {"item_index": i_idx}),
         }
@@ -220,9 +252,16 @@ def publish(checkpoint: dict[str, Any], repository: Path, seed: int = 0) -> int:
         with VersionPublisher(repository, [ranker_name, retrieval_name]) as pub:
             d = pub.stage(ranker_name)
             (d / "model.onnx").write_bytes((tmp / "ranker.onnx").read_bytes())
-            _write_json(d / "metadata.json", base_meta | {
-                "kind": "ranker", "inputs": ranker_io[0], "outputs": ranker_io[1],
-                "export_check": {"max_relative_error": errors["ranker"]}})
+            _write_json(
+                d / "metadata.json",
+                base_meta
+                | {
+                    "kind": "ranker",
+                    "inputs": ranker_io[0],
+                    "outputs": ranker_io[1],
+                    "export_check": {"max_relative_error": errors["ranker"]},
+                },
+            )
             (d / "config.pbtxt").write_text(_config_pbtxt(ranker_name, *ranker_io))
             _write_json(d / "users.json", users_json)
             _write_json(d / "items.json", items_json)
@@ -232,15 +271,25 @@ def publish(checkpoint: dict[str, Any], repository: Path, seed: int = 0) -> int:
             (d / "item_tower.onnx").write_bytes((tmp / "item.onnx").read_bytes())
             np.save(d / "item_embeddings.npy", items.detach().float().numpy())
             np.savez(d / "seen.npz", indptr=seen[0], indices=seen[1])
-            _write_json(d / "metadata.json", base_meta | {
-                "kind": "retrieval", "inputs": user_io[0], "outputs": user_io[1],
-                "item_tower": {"inputs": item_io[0], "outputs": item_io[1]},
-                "export_check": {"max_relative_error": max(errors["user_tower"],
-                                                           errors["item_tower"])}})
+            _write_json(
+                d / "metadata.json",
+                base_meta
+                | {
+                    "kind": "retrieval",
+                    "inputs": user_io[0],
+                    "outputs": user_io[1],
+                    "item_tower": {"inputs": item_io[0], "outputs": item_io[1]},
+                    "export_check": {
+                        "max_relative_error": max(errors["user_tower"], errors["item_tower"])
+                    },
+                },
+            )
             (d / "config.pbtxt").write_text(_config_pbtxt(retrieval_name, *user_io))
             _write_json(d / "users.json", users_json)
             _write_json(d / "items.json", items_json)
         version = pub.version
-    logger.info("published %s and %s version %d to %s", ranker_name, retrieval_name, version,
-                repository)
+    assert version is not None
+    logger.info(
+        "published %s and %s version %d to %s", ranker_name, retrieval_name, version, repository
+    )
     return version

@@ -61,7 +61,9 @@ class TwoTower(nn.Module):
         nn.init.normal_(self.item_emb.weight, std=init_std)
         self.user_mlp: nn.Module = ResidualMLP(dim, tower_hidden) if tower_hidden else nn.Identity()
         self.item_mlp: nn.Module = ResidualMLP(dim, tower_hidden) if tower_hidden else nn.Identity()
-        self.adapter: nn.Module = LowRankAdapter(dim, adapter_rank) if adapter_rank else nn.Identity()
+        self.adapter: nn.Module = (
+            LowRankAdapter(dim, adapter_rank) if adapter_rank else nn.Identity()
+        )
         # an item bias folded into the dot product: user vectors end in a constant 1, item
         # vectors in the bias, so retrieval stays a pure inner product of dimension dim + 1
         self.item_bias = nn.Embedding(n_items, 1) if item_bias else None

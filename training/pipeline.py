@@ -42,8 +42,9 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def evaluate_tables(users: torch.Tensor, items: torch.Tensor, split: Split,
-                    subset: np.ndarray | None) -> dict[str, float]:
+def evaluate_tables(
+    users: torch.Tensor, items: torch.Tensor, split: Split, subset: np.ndarray | None
+) -> dict[str, float]:
     if subset is not None and subset.size == 0:
         return {}
     if split.protocol == "loo":
@@ -60,14 +61,25 @@ def _segments(split: Split) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run_share(
-    cfg: Config, dataset: Dataset, share: float, device: torch.device,
-    source_model: torch.nn.Module | None, run_dir: Path | None,
+    cfg: Config,
+    dataset: Dataset,
+    share: float,
+    device: torch.device,
+    source_model: torch.nn.Module | None,
+    run_dir: Path | None,
 ) -> tuple[dict[str, Any], dict[str, Tables], Split, Any]:
     """Train and evaluate everything on the split of one cold-start share."""
     split = make_split(
-        dataset, cfg.target, cfg.source or None, cfg.protocol, cfg.rating_threshold,
-        cfg.k_core, cold_share=share, n_negatives=cfg.n_negatives,
-        use_given_split=cfg.use_given_split, seed=cfg.seed,
+        dataset,
+        cfg.target,
+        cfg.source or None,
+        cfg.protocol,
+        cfg.rating_threshold,
+        cfg.k_core,
+        cold_share=share,
+        n_negatives=cfg.n_negatives,
+        use_given_split=cfg.use_given_split,
+        seed=cfg.seed,
     )
     if run_dir is not None and world()[0] == 0:
         split.save(run_dir / f"split-cold{share}")
@@ -85,12 +97,21 @@ def run_share(
         "cold": evaluate_tables(pop.users, pop.items, split, cold),
         "all": evaluate_tables(pop.users, pop.items, split, None),
     }
-    names = ["target_only"] + [s for s in cfg.strategies if s != "emcdr"] if cfg.source else ["target_only"]
+    names = (
+        ["target_only"] + [s for s in cfg.strategies if s != "emcdr"]
+        if cfg.source
+        else ["target_only"]
+    )
     for name in names:
         t0 = time.perf_counter()
         model, info = train_strategy(name, split, cfg, device, source_model)  # type: ignore[arg-type]
-        tab = to_tables(model, split, cfg, source_model if cfg.source else None,  # type: ignore[arg-type]
-                        native_cold=name != "target_only")
+        tab = to_tables(
+            model,
+            split,
+            cfg,
+            source_model if cfg.source else None,  # type: ignore[arg-type]
+            native_cold=name != "target_only",
+        )
         timings[name] = time.perf_counter() - t0
         tab.info = info
         tables[name] = tab
@@ -111,10 +132,14 @@ def run_share(
     block = {
         "strategies": rows,
         "split": {
-            "users": split.n_users, "target_items": split.n_target_items,
-            "source_items": split.n_source_items, "train": len(split.train),
-            "valid": len(split.valid), "test": len(split.test),
-            "warm_test_users": int(warm.size), "cold_test_users": int(cold.size),
+            "users": split.n_users,
+            "target_items": split.n_target_items,
+            "source_items": split.n_source_items,
+            "train": len(split.train),
+            "valid": len(split.valid),
+            "test": len(split.test),
+            "warm_test_users": int(warm.size),
+            "cold_test_users": int(cold.size),
         },
         "seconds": timings,
     }
@@ -129,8 +154,9 @@ def choose(cfg: Config, block: dict[str, Any], tables: dict[str, Tables]) -> str
     return max(tables, key=lambda n: float(block["strategies"][n]["train"]["valid_ndcg@10"]))
 
 
-def build_checkpoint(cfg: Config, dataset: Dataset, split: Split, name: str, tab: Tables,
-                     metrics: dict[str, Any]) -> dict[str, Any]:
+def build_checkpoint(
+    cfg: Config, dataset: Dataset, split: Split, name: str, tab: Tables, metrics: dict[str, Any]
+) -> dict[str, Any]:
     """Everything export needs: the tables, vocabularies and the config."""
     has_target = np.zeros(split.n_users, dtype=bool)
     has_target[split.train[:, 0]] = True
@@ -164,7 +190,9 @@ def build_checkpoint(cfg: Config, dataset: Dataset, split: Split, name: str, tab
     }
 
 
-def run(cfg: Config, data_dir: Path | None, run_dir: Path, repository: Path | None) -> dict[str, Any]:
+def run(
+    cfg: Config, data_dir: Path | None, run_dir: Path, repository: Path | None
+) -> dict[str, Any]:
     """The whole pipeline; returns the results (also written to ``run_dir``)."""
     t_start = time.perf_counter()
     if cfg.threads:
@@ -180,16 +208,23 @@ def run(cfg: Config, data_dir: Path | None, run_dir: Path, repository: Path | No
     if cfg.source and cfg.source == cfg.target:
         raise ConfigError("source and target must be different domains")
     results: dict[str, Any] = {
-        "dataset": dataset.name, "fingerprint": dataset.fingerprint, "source": cfg.source,
-        "target": cfg.target, "protocol": cfg.protocol, "config": cfg.to_dict(),
+        "dataset": dataset.name,
+        "fingerprint": dataset.fingerprint,
+        "source": cfg.source,
+        "target": cfg.target,
+        "protocol": cfg.protocol,
+        "config": cfg.to_dict(),
         "data_stats": {name: d.stats for name, d in dataset.domains.items()},
-        "device": str(device), "world_size": world_size, "shares": {},
+        "device": str(device),
+        "world_size": world_size,
+        "shares": {},
     }
     source_model = None
     checkpoint = None
     for i, share in enumerate(cfg.cold_shares):
-        block, tables, split, source_model = run_share(cfg, dataset, share, device, source_model,
-                                                       run_dir)
+        block, tables, split, source_model = run_share(
+            cfg, dataset, share, device, source_model, run_dir
+        )
         results["shares"][str(share)] = block
         if i == 0:
             name = choose(cfg, block, tables)
@@ -209,7 +244,8 @@ def run(cfg: Config, data_dir: Path | None, run_dir: Path, repository: Path | No
             t0 = time.perf_counter()
             version = publish(checkpoint, repository, cfg.seed)
             results["published"] = {
-                "repository": str(repository), "version": version,
+                "repository": str(repository),
+                "version": version,
                 "models": [f"{cfg.target}-ranker", f"{cfg.target}-retrieval"],
                 "seconds": time.perf_counter() - t0,
             }

@@ -34,10 +34,14 @@ def table(results: dict[str, Any]) -> str:
         lines.append("|" + "---|" * len(head))
         for name, r in block["strategies"].items():
             warm = r["warm"]
-            row = [name, _fmt(warm.get("users", 0))] + [_fmt(warm.get(c, float("nan"))) for c in COLUMNS[:4]]
+            row = [name, _fmt(warm.get("users", 0))] + [
+                _fmt(warm.get(c, float("nan"))) for c in COLUMNS[:4]
+            ]
             if has_cold:
                 cold = r.get("cold") or {}
-                row += [_fmt(cold.get("users", 0))] + [_fmt(cold.get(c, float("nan"))) for c in COLUMNS[:4]]
+                row += [_fmt(cold.get("users", 0))] + [
+                    _fmt(cold.get(c, float("nan"))) for c in COLUMNS[:4]
+                ]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     return "\n".join(lines)

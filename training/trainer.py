@@ -119,7 +119,9 @@ def fit(
         order = torch.randperm(n, generator=gen)
         total = 0.0
         steps = range(0, n, step)
-        bar = tqdm(steps, desc=f"{desc} epoch {epoch}", leave=False, disable=not progress or rank > 0)
+        bar = tqdm(
+            steps, desc=f"{desc} epoch {epoch}", leave=False, disable=not progress or rank > 0
+        )
         for start in bar:
             idx = order[start : start + step]
             local = idx[rank::world_size]

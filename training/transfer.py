@@ -75,9 +75,17 @@ def _make_validate(pairs: np.ndarray, exclude: list[np.ndarray], seed: int):  # 
     return validate
 
 
-def _fit(model: TwoTower, train: np.ndarray, valid: np.ndarray, cfg: Config, desc: str,
-         device: torch.device, epochs: int, lr: float | None = None,
-         grad_masks: dict[str, torch.Tensor] | None = None) -> FitResult:
+def _fit(
+    model: TwoTower,
+    train: np.ndarray,
+    valid: np.ndarray,
+    cfg: Config,
+    desc: str,
+    device: torch.device,
+    epochs: int,
+    lr: float | None = None,
+    grad_masks: dict[str, torch.Tensor] | None = None,
+) -> FitResult:
     validate = _make_validate(valid, [train], cfg.seed)
     result = fit(
         model,
@@ -97,7 +105,9 @@ def _fit(model: TwoTower, train: np.ndarray, valid: np.ndarray, cfg: Config, des
         progress=cfg.progress,
         grad_masks=grad_masks,
     )
-    logger.info("%s: best valid NDCG@10 %.4f at epoch %d", desc, result.best_score, result.best_epoch)
+    logger.info(
+        "%s: best valid NDCG@10 %.4f at epoch %d", desc, result.best_score, result.best_epoch
+    )
     return result
 
 
@@ -114,8 +124,9 @@ def pretrain_source(split: Split, cfg: Config, device: torch.device) -> TwoTower
     return model
 
 
-def _from_source(source: TwoTower, split: Split, cfg: Config, device: torch.device,
-                 adapter_rank: int = 0) -> TwoTower:
+def _from_source(
+    source: TwoTower, split: Split, cfg: Config, device: torch.device, adapter_rank: int = 0
+) -> TwoTower:
     """Target model: shared user embeddings and tower weights from the source, new items."""
     torch.manual_seed(cfg.seed + 7)
     model = new_model(cfg, split.n_users, split.n_target_items, adapter_rank).to(device)
@@ -151,22 +162,45 @@ def train_strategy(
         model = _from_source(source, split, cfg, device)
         for p in model.user_mlp.parameters():
             p.requires_grad_(False)
-        r1 = _fit(model, train, valid, cfg, f"{name}/frozen", device, cfg.freeze_epochs,
-                  grad_masks=mask)
+        r1 = _fit(
+            model, train, valid, cfg, f"{name}/frozen", device, cfg.freeze_epochs, grad_masks=mask
+        )
         for p in model.parameters():
             p.requires_grad_(True)
-        r2 = _fit(model, train, valid, cfg, f"{name}/unfrozen", device, cfg.epochs,
-                  lr=cfg.lr * cfg.unfreeze_lr_scale)
+        r2 = _fit(
+            model,
+            train,
+            valid,
+            cfg,
+            f"{name}/unfrozen",
+            device,
+            cfg.epochs,
+            lr=cfg.lr * cfg.unfreeze_lr_scale,
+        )
         if r1.best_score > r2.best_score:  # unfreezing did not help on validation: refit phase 1
             model = _from_source(source, split, cfg, device)
             for p in model.user_mlp.parameters():
                 p.requires_grad_(False)
-            r1 = _fit(model, train, valid, cfg, f"{name}/frozen", device, cfg.freeze_epochs,
-                      grad_masks=mask)
-            return model, {"best_epoch": r1.best_epoch, "valid_ndcg@10": r1.best_score,
-                           "unfrozen": False}
-        return model, {"best_epoch": cfg.freeze_epochs + r2.best_epoch,
-                       "valid_ndcg@10": r2.best_score, "unfrozen": True}
+            r1 = _fit(
+                model,
+                train,
+                valid,
+                cfg,
+                f"{name}/frozen",
+                device,
+                cfg.freeze_epochs,
+                grad_masks=mask,
+            )
+            return model, {
+                "best_epoch": r1.best_epoch,
+                "valid_ndcg@10": r1.best_score,
+                "unfrozen": False,
+            }
+        return model, {
+            "best_epoch": cfg.freeze_epochs + r2.best_epoch,
+            "valid_ndcg@10": r2.best_score,
+            "unfrozen": True,
+        }
     if name == "lora":
         model = _from_source(source, split, cfg, device, adapter_rank=cfg.adapter_rank)
         for p in model.user_mlp.parameters():

@@ -216,13 +216,16 @@ def read_table(
         except StopIteration:
             raise DataError(f"{path}:1: empty file, expected a header line") from None
         cols: dict[str, int] = {}
-        for role, col in (("user", user), ("item", item), ("rating", rating), ("timestamp", timestamp)):
+        for role, col in (
+            ("user", user),
+            ("item", item),
+            ("rating", rating),
+            ("timestamp", timestamp),
+        ):
             if col is None:
                 continue
             if col not in header:
-                raise DataError(
-                    f"{path}:1: no {role} column {col!r} in header {header}"
-                )
+                raise DataError(f"{path}:1: no {role} column {col!r} in header {header}")
             cols[role] = header.index(col)
         users: list[str] = []
         items: list[str] = []
@@ -277,9 +280,13 @@ def read_triples(
 
 
 def load_amazon_books_movies(path: Path) -> Dataset:
-    files = {"books": path / "Amazon-Books-Dense.inter", "movies": path / "Amazon-Movies-Dense.inter"}
+    files = {
+        "books": path / "Amazon-Books-Dense.inter",
+        "movies": path / "Amazon-Movies-Dense.inter",
+    }
     domains = {
-        name: read_table(f, name, "user_id", "item_id", rating="rating") for name, f in files.items()
+        name: read_table(f, name, "user_id", "item_id", rating="rating")
+        for name, f in files.items()
     }
     return Dataset("amazon-books-movies", path, domains, _fingerprint(list(files.values())))
 
@@ -324,7 +331,9 @@ def load_movielens_100k(path: Path) -> Dataset:
     for lineno, line in _lines(item_file, "latin-1"):
         parts = line.split("|")
         if len(parts) < 5:
-            raise DataError(f"{item_file}:{lineno}: expected at least 5 '|' fields, got {len(parts)}")
+            raise DataError(
+                f"{item_file}:{lineno}: expected at least 5 '|' fields, got {len(parts)}"
+            )
         flags = parts[5:]
         names = [g for g, flag in zip(genres, flags, strict=False) if flag == "1"]
         titles[parts[0]] = parts[1] + (f" [{'|'.join(names)}]" if names else "")
@@ -332,11 +341,15 @@ def load_movielens_100k(path: Path) -> Dataset:
     n_users = 0
     for lineno, line in _lines(user_file):
         if len(line.split("|")) != 5:
-            raise DataError(f"{user_file}:{lineno}: expected 5 '|' fields 'id|age|gender|occupation|zip'")
+            raise DataError(
+                f"{user_file}:{lineno}: expected 5 '|' fields 'id|age|gender|occupation|zip'"
+            )
         n_users += 1
     domain = _make("movies", u, i, r, t, titles=titles)
     domain.stats["user_profiles"] = n_users
-    return Dataset("movielens-100k", path, {"movies": domain}, _fingerprint([data, item_file, user_file]))
+    return Dataset(
+        "movielens-100k", path, {"movies": domain}, _fingerprint([data, item_file, user_file])
+    )
 
 
 def load_movielens_1m_implicit(path: Path) -> Dataset:
@@ -388,7 +401,9 @@ def load_declared(path: Path) -> Dataset:
         if "titles" in spec:
             tf = path / spec["titles"]
             table = read_table(tf, name, user=spec.get("item", "item_id"), item="title")
-            domains[name].titles = dict(zip(table.users.tolist(), table.items.tolist(), strict=True))
+            domains[name].titles = dict(
+                zip(table.users.tolist(), table.items.tolist(), strict=True)
+            )
     return Dataset(str(decl.get("name", path.name)), path, domains, _fingerprint(files))
 
 

@@ -41,8 +41,9 @@ def verify(path: Path, expected: str) -> None:
         raise DataError(f"{path}: SHA-256 {actual} does not match the expected {expected}")
 
 
-def download_movielens(name: str, dest: Path, url: str | None = None,
-                       expected_sha256: str | None = None) -> Path:
+def download_movielens(
+    name: str, dest: Path, url: str | None = None, expected_sha256: str | None = None
+) -> Path:
     """Download ``name`` into ``dest/<name>/``; nothing is unpacked unless the checksum matches."""
     if name not in ARCHIVES:
         raise DataError(f"unknown archive {name!r}; known: {', '.join(ARCHIVES)}")

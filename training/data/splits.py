@@ -177,7 +177,9 @@ def make_split(
     if len(tgt) == 0:
         raise DataError(f"{dataset.path}: domain {target!r} has no positive interactions")
 
-    users = sorted(set(tgt.users.tolist()) | (set(src.users.tolist()) if src is not None else set()))
+    users = sorted(
+        set(tgt.users.tolist()) | (set(src.users.tolist()) if src is not None else set())
+    )
     uindex = {u: i for i, u in enumerate(users)}
     titems = sorted(set(tgt.items.tolist()))
     tindex = {it: i for i, it in enumerate(titems)}
