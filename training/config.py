@@ -35,17 +35,18 @@ class Config:
     item_bias: bool = True  # learn an item bias (folded into the dot product as one more dim)
     loss: str = "softmax"  # "softmax" (full softmax over items) or "bpr"
     temperature: float = 1.0  # softmax temperature
-    reg: float = 1e-4  # L2 on the embeddings of each batch (per row)
+    reg: float = 0.05  # L2 on the embeddings of each (user, item) pair; the main regulariser
     # --- optimisation ---------------------------------------------------------------------
-    epochs: int = 40  # maximum epochs for target-domain training
-    source_epochs: int = 40  # maximum epochs for source pretraining
+    epochs: int = 60  # maximum epochs for target-domain training
+    source_epochs: int = 60  # maximum epochs for source pretraining
     batch_size: int = 1024  # global batch size (split across DDP processes)
-    lr: float = 0.005  # Adam learning rate
-    patience: int = 5  # stop after this many validations without improvement
+    lr: float = 0.01  # Adam learning rate
+    patience: int = 4  # stop after this many validations without improvement
     eval_every: int = 1  # validate every N epochs; the best validated epoch is kept
     # --- transfer -------------------------------------------------------------------------
     strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
-    freeze_epochs: int = 10  # freeze_unfreeze: epochs with the shared user side frozen
+    finetune_user_lr_scale: float = 1.0  # finetune: learning-rate factor on the shared user table
+    freeze_epochs: int = 15  # freeze_unfreeze: epochs with the shared user side frozen
     unfreeze_lr_scale: float = 0.3  # freeze_unfreeze: learning-rate factor after unfreezing
     adapter_rank: int = 8  # lora: rank of the user-side adapter
     mapping_hidden: int = 128  # emcdr: hidden width of the source->target mapping MLP

@@ -70,16 +70,22 @@ def fit(
     desc: str,
     progress: bool = True,
     grad_masks: dict[str, torch.Tensor] | None = None,
+    lr_scales: dict[str, float] | None = None,
 ) -> FitResult:
     """Train ``model`` in place on the (user, item) pairs ``train``; restore the best validation.
 
     Under DDP every process draws the same shuffled order, takes its slice of each global batch,
     and scales its loss so that the averaged gradient equals the single-process gradient.
     ``grad_masks`` maps a parameter name to a row mask: rows with mask 0 are not updated.
+    ``lr_scales`` maps a parameter name to a factor on its learning rate.
     """
     rank, world_size = world()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
+    scales = lr_scales or {}
+    groups: dict[float, list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(scales.get(name, 1.0), []).append(p)
+    opt = torch.optim.Adam([{"params": ps, "lr": lr * k} for k, ps in groups.items()], lr=lr)
     hooks = []
     for name, p in model.named_parameters():
         if grad_masks and name in grad_masks and p.requires_grad:

@@ -85,6 +85,7 @@ def _fit(
     epochs: int,
     lr: float | None = None,
     grad_masks: dict[str, torch.Tensor] | None = None,
+    lr_scales: dict[str, float] | None = None,
 ) -> FitResult:
     validate = _make_validate(valid, [train], cfg.seed)
     result = fit(
@@ -104,6 +105,7 @@ def _fit(
         desc=desc,
         progress=cfg.progress,
         grad_masks=grad_masks,
+        lr_scales=lr_scales,
     )
     logger.info(
         "%s: best valid NDCG@10 %.4f at epoch %d", desc, result.best_score, result.best_epoch
@@ -155,7 +157,8 @@ def train_strategy(
         return model, {"best_epoch": r.best_epoch, "valid_ndcg@10": r.best_score}
     if name == "finetune":
         model = _from_source(source, split, cfg, device)
-        r = _fit(model, train, valid, cfg, name, device, cfg.epochs)
+        scales = {"user_emb.weight": cfg.finetune_user_lr_scale}
+        r = _fit(model, train, valid, cfg, name, device, cfg.epochs, lr_scales=scales)
         return model, {"best_epoch": r.best_epoch, "valid_ndcg@10": r.best_score}
     mask = {"user_emb.weight": _shared_mask(split, split.n_users)}
     if name == "freeze_unfreeze":

@@ -65,21 +65,25 @@ def test_cold_users_absent_from_target_training(synth: Dataset, share: float) ->
 
 
 def test_loo_with_given_test_and_sampled_negatives() -> None:
-    users = np.array(["a", "a", "a", "a", "b", "b", "b"])
-    items = np.array(["1", "2", "3", "4", "1", "2", "5"])
-    given = np.array([0, 0, 0, 2, 0, 0, 2], dtype=np.int8)
+    users = np.array(["a", "a", "a", "a", "b", "b", "b", "b", "b"])
+    items = np.array(["1", "2", "3", "4", "1", "2", "6", "7", "5"])
+    given = np.array([0, 0, 0, 2, 0, 0, 0, 0, 2], dtype=np.int8)
     dom = DomainData("t", users, items, given_split=given)
     src = DomainData("s", np.array(["a", "b"]), np.array(["x", "y"]))
     ds = Dataset("d", Path("d"), {"t": dom, "s": src})
     s = make_split(ds, "t", "s", "loo", n_negatives=2, seed=0)
-    assert sorted(_pairs(s.test)) == [(0, 3), (1, 4)]  # the given test items
+    assert sorted(_pairs(s.test)) == [(0, 3), (1, 4)]  # the given test items ("4", "5")
     assert s.negatives is not None and s.negatives.shape == (2, 2)
     for (u, _), negs in zip(s.test, s.negatives, strict=True):
         seen = {i for uu, i in np.r_[s.train, s.valid, s.test] if uu == u}
         assert not set(negs.tolist()) & seen
         assert len(set(negs.tolist())) == 2
+    # user "a" has only three unseen items: its four negatives repeat but are all unseen
+    s4 = make_split(ds, "t", "s", "loo", n_negatives=4, seed=0)
+    assert s4.negatives is not None
+    assert set(s4.negatives[0].tolist()) <= {4, 5, 6}
     with pytest.raises(ConfigError, match="n_negatives"):
-        make_split(ds, "t", "s", "loo", n_negatives=5)
+        make_split(ds, "t", "s", "loo", n_negatives=7)
 
 
 def test_bad_protocol_and_share_are_config_errors(synth: Dataset) -> None:

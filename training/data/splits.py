@@ -299,7 +299,11 @@ def _sample_negatives(
     n_neg: int,
     rng: np.random.Generator,
 ) -> np.ndarray:
-    """For each test pair, ``n_neg`` items the user never interacted with (without replacement)."""
+    """For each test pair, ``n_neg`` items the user never interacted with.
+
+    Drawn without replacement, except for a user with fewer than ``n_neg`` unseen items, whose
+    negatives repeat.
+    """
     if n_neg >= n_items:
         raise ConfigError(f"n_negatives={n_neg} must be below the number of items ({n_items})")
     order = np.argsort(t_u, kind="stable")
@@ -308,6 +312,12 @@ def _sample_negatives(
     for row, (u, _) in enumerate(test):
         a, b = np.searchsorted(su, [u, u + 1])
         seen = set(si[a:b].tolist())
+        if n_items - len(seen) < 2 * n_neg:  # few unseen items: draw from them directly
+            unseen = np.setdiff1d(np.arange(n_items), si[a:b])
+            if unseen.size == 0:
+                raise DataError(f"user index {u} has interacted with every item; no negatives")
+            out[row] = rng.choice(unseen, n_neg, replace=unseen.size < n_neg)
+            continue
         chosen: list[int] = []
         while len(chosen) < n_neg:
             cand = rng.integers(0, n_items, size=2 * n_neg)
