@@ -161,6 +161,8 @@ def measure_ceiling(
     import numpy as np
     import onnxruntime as ort
 
+    if "CUDAExecutionProvider" in providers and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
     so = ort.SessionOptions()
     so.intra_op_num_threads = intra_op_threads
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
