@@ -153,7 +153,11 @@ class Batcher:
             if not batch:
                 await self._wakeup.wait()
                 continue
-            remaining = batch[0].enqueued + self.options.max_queue_delay_s - loop.time()
+            now = loop.time()
+            remaining = batch[0].enqueued + self.options.max_queue_delay_s - now
+            deadlines = [p.deadline for p in batch if p.deadline is not None]
+            if deadlines:  # a caller that gives up sooner is answered sooner
+                remaining = min(remaining, min(deadlines) - now)
             if remaining <= 0:
                 return batch
             with contextlib.suppress(TimeoutError):

@@ -237,3 +237,40 @@ def test_versions_that_fail_to_load_leave_the_old_one_serving(
         assert sample("recsys_ranker_model_load_failures_total", model="bad-ranker") - failures == 2
     finally:
         server.close()
+
+
+def test_polling_notices_new_versions(tmp_path: Path) -> None:
+    publish_tiny_model(tmp_path, make_tiny_model("poll", seed=1))
+    server = Ranker(tmp_path, "poll-ranker", poll_interval_s=0.2)
+    try:
+        newer = publish_tiny_model(tmp_path, make_tiny_model("poll", seed=2))
+        deadline = time.monotonic() + 20
+        while server.manager.versions("poll-ranker") != [newer.version]:
+            assert time.monotonic() < deadline, server.manager.versions("poll-ranker")
+            time.sleep(0.05)
+        reply = server.rank.Rank(rank_request("poll-ranker", "u1", ["i1"]), timeout=10)
+        assert reply.model_version == str(newer.version)
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize(("policy", "served"), [("all", [1, 2, 3]), ("specific:1,3,9", [1, 3])])
+def test_version_policies_serve_several_versions(
+    tmp_path: Path, policy: str, served: list[int]
+) -> None:
+    models = [publish_tiny_model(tmp_path, make_tiny_model("pol", seed=s)) for s in (1, 2, 3)]
+    server = Ranker(tmp_path, "pol-ranker", version_policy=policy)
+    try:
+        assert server.manager.versions("pol-ranker") == served
+        for version in served:
+            tiny = models[version - 1]
+            reply = server.rank.Rank(
+                rank_request("pol-ranker", "u4", ["i9", "i2"], str(version)), timeout=10
+            )
+            assert reply.model_version == str(version)
+            assert_close(reply.scores, ort_scores(tmp_path, "pol-ranker", version, [4, 4], [9, 2]))
+            assert tiny.version == version
+        latest = server.rank.Rank(rank_request("pol-ranker", "u4", ["i9"]), timeout=10)
+        assert latest.model_version == str(max(served))
+    finally:
+        server.close()
