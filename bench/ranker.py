@@ -200,6 +200,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _flag(key: str, value: Any) -> str:
+    """A settings flag: booleans are --name / --no-name, the rest --name=value."""
+    name = key.replace("_", "-")
+    if str(value).lower() in ("true", "false"):
+        return f"--{name}" if str(value).lower() == "true" else f"--no-{name}"
+    return f"--{name}={value}"
+
+
 class Service:
     """`python -m serving.ranking` as a child process, stopped with SIGTERM."""
 
@@ -217,7 +225,7 @@ class Service:
             f"--models={model}",
             "--poll-interval-s=0",
             "--log-level=WARNING",
-            *[f"--{k.replace('_', '-')}={v}" for k, v in settings.items()],
+            *[_flag(k, v) for k, v in settings.items()],
         ]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
@@ -359,10 +367,18 @@ def main() -> int:
     parser.add_argument("--warmup-s", type=float, default=2.0)
     parser.add_argument("--ceiling-s", type=float, default=4.0)
     parser.add_argument("--intra-op-threads", type=int, default=0)
+    parser.add_argument(
+        "--server-setting",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra ranker setting for both runs, e.g. allow_spinning=false (repeatable)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ranker")
     args = parser.parse_args()
 
     levels = [int(c) for c in args.concurrency.split(",")]
+    extra = dict(item.split("=", 1) for item in args.server_setting)
     with tempfile.TemporaryDirectory(prefix="bench-ranker-") as tmp:
         tmpdir = Path(tmp)
         if args.repository is None:
@@ -402,7 +418,7 @@ def main() -> int:
                 tmpdir / f"ranker-{label}.log",
                 provider="cpu",
                 intra_op_threads=args.intra_op_threads,
-                max_queue_delay_us=delay,
+                **{"max_queue_delay_us": delay, **extra},
             )
             try:
                 service.wait_ready()
@@ -452,6 +468,7 @@ def main() -> int:
         "candidates_per_request": args.candidates,
         "duration_s": args.duration_s,
         "client_processes": args.processes,
+        "server_settings": {"provider": "cpu", "intra_op_threads": args.intra_op_threads, **extra},
         "ceiling": ceilings,
         "service": rows,
         "checks": checks,

@@ -61,6 +61,9 @@ class RankingSettings(ServerSettings):
     )
     intra_op_threads: int = Field(0, ge=0, description="ORT intra-op threads (0: ORT default).")
     inter_op_threads: int = Field(0, ge=0, description="ORT inter-op threads (0: ORT default).")
+    allow_spinning: bool = Field(
+        True, description="Let idle ONNX Runtime pool threads spin (lower latency, more CPU)."
+    )
     io_binding: bool = Field(
         False, description="Run sessions through IO binding (outputs bound to host memory)."
     )

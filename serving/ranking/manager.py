@@ -297,8 +297,7 @@ class ModelManager:
 
     def _retire(self, name: str, served: ServedVersion) -> None:
         served.retired = True
-        with contextlib.suppress(KeyError):
-            metrics.MODEL_LOADED.remove(name, str(served.version), served.model.provider_label)
+        metrics.MODEL_LOADED.labels(name, str(served.version), served.model.provider_label).set(0)
         if served.refs == 0:
             self._unload(served)
 

@@ -111,6 +111,7 @@ class SessionOptions:
     inter_op_threads: int = 0
     io_binding: bool = False
     warmup_candidates: int = 1024
+    allow_spinning: bool = True
 
 
 def _read_vocabulary(path: Path) -> list[str]:
@@ -239,6 +240,10 @@ class RankerModel:
         so.inter_op_num_threads = options.inter_op_threads
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
+        if not options.allow_spinning:
+            # Idle ONNX Runtime threads sleep instead of spinning, leaving the cores to gRPC.
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
             session = ort.InferenceSession(
                 str(directory / MODEL_FILE), sess_options=so, providers=list(options.providers)
@@ -296,11 +301,13 @@ class RankerModel:
         user = self.user_index.get(user_id)
         if user is None:
             raise UnknownIds("user", [user_id], 1)
-        n = len(item_ids)
-        items = np.fromiter(map(self.item_index.get, item_ids, repeat(-1)), np.int64, n)
+        # A list first: iterating a protobuf repeated field directly is several times slower.
+        ids = item_ids if isinstance(item_ids, list) else list(item_ids)
+        n = len(ids)
+        items = np.fromiter(map(self.item_index.get, ids, repeat(-1)), np.int64, n)
         if n and items.min() < 0:
             missing = np.flatnonzero(items < 0)
-            raise UnknownIds("item", [item_ids[i] for i in missing[:5]], len(missing))
+            raise UnknownIds("item", [ids[i] for i in missing[:5]], len(missing))
         return np.full(n, user, dtype=np.int64), items
 
     def score(self, user_index: np.ndarray, item_index: np.ndarray) -> np.ndarray:

@@ -38,6 +38,7 @@ def create_manager(settings: RankingSettings) -> ModelManager:
             intra_op_threads=settings.intra_op_threads,
             inter_op_threads=settings.inter_op_threads,
             io_binding=settings.io_binding,
+            allow_spinning=settings.allow_spinning,
             warmup_candidates=settings.max_batch_candidates,
         ),
         batching=BatchingOptions(
