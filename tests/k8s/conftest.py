@@ -49,14 +49,16 @@ def rendered(kubectl: str) -> dict[str, Rendered]:
 StartPrometheus = Callable[..., PrometheusServer]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def start_prometheus(
     prometheus_binary: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[StartPrometheus]:
-    """Starts real Prometheus servers on loopback; all are stopped when the test ends.
+    """Starts real Prometheus servers on loopback; all are stopped when the module's tests end.
 
     `start_prometheus({"ranker": ["127.0.0.1:9001"]}, rule_files=[...])` returns a ready server
-    that scrapes every target each second into a temporary TSDB.
+    that scrapes every target each second into a temporary TSDB. Prometheus hands newly
+    discovered targets to its scrapers every 5 s, so the first samples arrive after ~5 s: share
+    one server across a module's tests where possible.
     """
     servers: list[PrometheusServer] = []
 
