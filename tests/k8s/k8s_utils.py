@@ -210,9 +210,7 @@ class PrometheusServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise RuntimeError(
-                    f"prometheus exited with {self._proc.returncode}:\n{self.log()}"
-                )
+                raise RuntimeError(f"prometheus exited with {self._proc.returncode}:\n{self.log()}")
             try:
                 with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as resp:
                     if resp.status == 200:

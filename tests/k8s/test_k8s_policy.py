@@ -69,7 +69,16 @@ def _pod_labels(deployment: Mapping[str, Any]) -> dict[str, str]:
 def _quantity(value: str | int | float) -> float:
     """A Kubernetes quantity as a float (cores or bytes)."""
     text = str(value)
-    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9}
+    units = {
+        "m": 1e-3,
+        "Ki": 2**10,
+        "Mi": 2**20,
+        "Gi": 2**30,
+        "Ti": 2**40,
+        "k": 1e3,
+        "M": 1e6,
+        "G": 1e9,
+    }
     for suffix, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
         if text.endswith(suffix):
             return float(text[: -len(suffix)]) * factor
@@ -253,7 +262,9 @@ def test_gateway_targets_resolve_to_rendered_services(serving: Rendered) -> None
         ("GATEWAY_RETRIEVAL_TARGET", "retrieval"),
     ):
         for target in env[key].split(","):
-            m = re.fullmatch(r"dns:///([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.cluster\.local:(\d+)", target)
+            m = re.fullmatch(
+                r"dns:///([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.cluster\.local:(\d+)", target
+            )
             assert m, f"{key}={target}"
             service = serving.get("Service", m.group(1))
             assert m.group(1) == service_name
@@ -265,13 +276,16 @@ def test_gateway_targets_resolve_to_rendered_services(serving: Rendered) -> None
 def test_disruption_budget_and_autoscaler(serving: Rendered, name: str) -> None:
     deployment = serving.get("Deployment", name)
     pdbs = [
-        p for p in serving.of_kind("PodDisruptionBudget")
+        p
+        for p in serving.of_kind("PodDisruptionBudget")
         if _matches(p["spec"]["selector"], _pod_labels(deployment))
     ]
     assert len(pdbs) == 1, f"{name}: {len(pdbs)} PodDisruptionBudgets"
     hpas = [
-        h for h in serving.of_kind("HorizontalPodAutoscaler")
-        if h["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
+        h
+        for h in serving.of_kind("HorizontalPodAutoscaler")
+        if h["spec"]["scaleTargetRef"]
+        == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
     ]
     assert len(hpas) == 1, f"{name}: {len(hpas)} HorizontalPodAutoscalers"
     hpa = hpas[0]["spec"]
@@ -302,7 +316,8 @@ def test_service_monitors_scrape_each_service(serving: Rendered) -> None:
     scraped = set()
     for monitor in monitors:
         services = [
-            s for s in serving.of_kind("Service")
+            s
+            for s in serving.of_kind("Service")
             if _matches(monitor["spec"]["selector"], s["metadata"]["labels"])
         ]
         assert len(services) == 1, monitor["metadata"]["name"]
@@ -328,7 +343,8 @@ def _allowed_ports(
     namespace = target["metadata"]["namespace"]
     (container,) = target["spec"]["template"]["spec"]["containers"]
     policies = [
-        p for p in rendered_.of_kind("NetworkPolicy")
+        p
+        for p in rendered_.of_kind("NetworkPolicy")
         if "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
         and (not p["spec"]["podSelector"] or _matches(p["spec"]["podSelector"], labels))
     ]
@@ -425,7 +441,9 @@ def test_cpu_overlay_uses_no_gpu(rendered: dict[str, Rendered]) -> None:
             assert spec is not None and not _tolerates_gpu_taint(spec)
             for c in iter_containers(obj):
                 assert _gpu_limit(c) == 0 and not c["image"].split(":")[0].endswith("-gpu")
-    ranker = rendered["cpu"].get("Deployment", "ranker")["spec"]["template"]["spec"]["containers"][0]
+    (ranker,) = rendered["cpu"].get("Deployment", "ranker")["spec"]["template"]["spec"][
+        "containers"
+    ]
     assert env_from_configmaps(rendered["cpu"], ranker)["RANKING_PROVIDER"] == "cpu"
 
 
@@ -482,7 +500,9 @@ def test_multinode_training_wiring(rendered: dict[str, Rendered], overlay: str) 
     pod = spec["template"]["spec"]
     service = result.get("Service", pod["subdomain"])
     assert service["spec"]["clusterIP"] == "None"
-    assert _matches({"matchLabels": service["spec"]["selector"]}, spec["template"]["metadata"]["labels"])
+    assert _matches(
+        {"matchLabels": service["spec"]["selector"]}, spec["template"]["metadata"]["labels"]
+    )
     (container,) = pod["containers"]
     assert container["command"] == ["torchrun"]
     args = container["args"]

@@ -46,7 +46,9 @@ def test_overlay_renders_without_warnings(rendered: dict[str, Rendered], overlay
     assert result.objects, f"{overlay} rendered nothing"
     # kustomize prints deprecations (commonLabels, bases, patchesStrategicMerge...) on stderr.
     assert result.stderr.strip() == "", f"{overlay}: kubectl kustomize warned:\n{result.stderr}"
-    names = [(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]) for o in result.objects]
+    names = [
+        (o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]) for o in result.objects
+    ]
     assert len(names) == len(set(names)), f"{overlay}: duplicate objects"
 
 

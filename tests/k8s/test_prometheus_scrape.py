@@ -12,7 +12,6 @@ import json
 import math
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import yaml
