@@ -1,0 +1,67 @@
+# One entry point for set-up, code generation, checks, tests, benchmarks and the demo.
+# `make demo` and `make test` do all the set-up they need on a fresh machine.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+STAMP := $(VENV)/.installed
+
+PROTO_SRC := $(wildcard protos/recsys/v1/*.proto protos/recsys/inference/*.proto)
+PROTO_OUT := $(PROTO_SRC:.proto=_pb2.py)
+
+.PHONY: help setup tools protos check-protos lint fmt test test-fast e2e bench bench-quality \
+	bench-ranker bench-gateway demo train serve-ranking serve-retrieval serve-gateway \
+	k8s-render k8s-check clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	scripts/setup-venv.sh $(PYTHON) $(VENV)
+	@touch $@
+
+setup: $(STAMP) ## create the virtualenv and install the project with its pinned dependencies
+
+tools: ## install the system tools the tests use (Prometheus server and promtool)
+	scripts/install-tools.sh
+
+protos/recsys/%_pb2.py: protos/recsys/%.proto | $(STAMP)
+	$(PY) -m grpc_tools.protoc -I protos --python_out=protos --grpc_python_out=protos --pyi_out=protos $<
+
+protos: $(PROTO_OUT) ## regenerate the gRPC stubs from protos/ (only what changed)
+
+check-protos: $(STAMP) ## regenerate every stub and fail if the committed ones differ
+	scripts/check-protos.sh $(PY)
+
+lint: $(STAMP) ## ruff (lint and format check) and mypy on hand-written code
+	scripts/lint.sh $(BIN)
+
+fmt: $(STAMP) ## format the code
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+test: $(STAMP) tools ## the whole test suite (unit, integration, e2e, k8s)
+	scripts/test.sh $(BIN)
+
+test-fast: $(STAMP) ## unit tests only
+	$(BIN)/pytest -q tests/unit
+
+bench: bench-quality bench-ranker bench-gateway ## every benchmark (slow)
+
+clean: ## remove the virtualenv, caches and local run outputs
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache runs model_repository
+
+demo: $(STAMP) ## train, publish, start every service, recommend for a warm and a cold-start user
+	$(PY) scripts/demo.py
+
+train: $(STAMP) ## train on the default pair (Amazon movies -> books) and publish to ./model_repository
+	$(PY) -m training train --config=training/configs/amazon_movies_to_books.toml --repository=model_repository --run-dir=runs/latest
+
+serve-ranking: $(STAMP) ## run the ranking service on ./model_repository
+	RANKING_MODEL_REPOSITORY=model_repository $(PY) -m serving.ranking
+
+serve-retrieval: $(STAMP) ## run the retrieval service on ./model_repository
+	RETRIEVAL_MODEL_REPOSITORY=model_repository $(PY) -m serving.retrieval
+
+serve-gateway: $(STAMP) ## run the gateway against local retrieval and ranking
+	$(PY) -m gateway

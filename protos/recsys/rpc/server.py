@@ -1,0 +1,153 @@
+"""Server lifecycle: a grpc.aio server with health, reflection, interceptors, limits, TLS and
+metrics, and graceful shutdown on SIGTERM and SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from recsys.rpc import metrics
+from recsys.rpc.interceptors import default_interceptors
+from recsys.rpc.settings import ServerSettings
+from recsys.rpc.tls import server_credentials
+
+logger = logging.getLogger(__name__)
+
+Registrar = Callable[[grpc.aio.Server], None]
+
+
+class RpcServer:
+    """One service's gRPC server and metrics endpoint.
+
+    Health starts NOT_SERVING for the whole server ("") and for every service name; the owner
+    calls `set_serving(True)` once its models are loaded and warm. `stop()` turns health to
+    NOT_SERVING, waits `shutdown_delay_s` so that load balancers notice, then stops accepting calls
+    and lets calls in flight finish within the grace period.
+    """
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        *,
+        service_names: Iterable[str],
+        register: Registrar,
+        interceptors: list[grpc.aio.ServerInterceptor] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.service_names = list(service_names)
+        self.port = 0
+        self.metrics_port = 0
+        self._metrics_httpd: object | None = None
+        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        options = [
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ]
+        self.server = grpc.aio.server(
+            interceptors=default_interceptors() if interceptors is None else interceptors,
+            options=options,
+        )
+        register(self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)
+        if settings.reflection:
+            reflection.enable_server_reflection(
+                [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+            )
+
+    async def start(self) -> None:
+        """Bind the ports and start serving (health NOT_SERVING until set_serving(True))."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{self.settings.host}:{self.settings.port}"
+        credentials = server_credentials(self.settings)
+        if credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, credentials)
+        if self.port == 0:
+            raise OSError(f"could not bind gRPC port {address}")
+        await self.server.start()
+        httpd, _ = metrics.start_metrics_server(self.settings.metrics_port, self.settings.host)
+        self._metrics_httpd = httpd
+        self.metrics_port = httpd.server_port
+        logger.info(
+            "Serving %s on %s:%d (%s), metrics on port %d",
+            ", ".join(self.service_names),
+            self.settings.host,
+            self.port,
+            "TLS" if credentials else "plaintext",
+            self.metrics_port,
+        )
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        for name in ["", *self.service_names]:
+            await self._health.set(name, status)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self._set_health(status)
+        logger.info("Health: %s", health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, optional delay, refuse new calls, finish those in flight."""
+        grace = self.settings.grace_period_s if grace is None else grace
+        await self.set_serving(False)
+        if self.settings.shutdown_delay_s > 0:
+            await asyncio.sleep(self.settings.shutdown_delay_s)
+        logger.info("Stopping: calls in flight get up to %.1f s", grace)
+        await self.server.stop(grace)
+        httpd = self._metrics_httpd
+        if httpd is not None:
+            httpd.shutdown()  # type: ignore[attr-defined]
+            httpd.server_close()  # type: ignore[attr-defined]
+            self._metrics_httpd = None
+        logger.info("Stopped")
+
+
+async def serve_until_signal(
+    server: RpcServer,
+    *,
+    on_startup: Callable[[], Awaitable[None]] | None = None,
+    on_shutdown: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Start, run `on_startup` (load and warm models), go SERVING, and on SIGTERM or SIGINT drain
+    and return (the process then exits 0)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    startup = asyncio.ensure_future(on_startup()) if on_startup else None
+    try:
+        if startup is not None:
+            done, _ = await asyncio.wait(
+                {startup, asyncio.ensure_future(stop.wait())},
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if startup in done:
+                startup.result()
+                await server.set_serving(True)
+            else:
+                startup.cancel()
+        else:
+            await server.set_serving(True)
+        await stop.wait()
+        logger.info("Shutdown signal received")
+    finally:
+        await server.stop()
+        if on_shutdown is not None:
+            await on_shutdown()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,101 @@
+"""Typed service settings from environment variables and `--key=value` flags, validated at start."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+
+MIB = 1024 * 1024
+
+
+class ServerSettings(BaseSettings):
+    """Settings every gRPC service has. Subclasses set `env_prefix` (e.g. RANKING_)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RECSYS_",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_exit_on_error=False,
+        extra="ignore",
+    )
+
+    host: str = Field("0.0.0.0", description="Address the gRPC and metrics servers bind to.")
+    port: int = Field(8001, ge=0, le=65535, description="gRPC port (0 picks a free one).")
+    metrics_port: int = Field(
+        9001, ge=0, le=65535, description="Prometheus /metrics HTTP port (0 picks a free one)."
+    )
+    grace_period_s: float = Field(
+        10.0,
+        ge=0,
+        le=300,
+        description="On SIGTERM, seconds that calls in flight get to finish before exit.",
+    )
+    shutdown_delay_s: float = Field(
+        0.0,
+        ge=0,
+        le=60,
+        description="On SIGTERM, seconds to keep serving while NOT_SERVING so balancers notice.",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO")
+    log_format: Literal["text", "json"] = Field("text")
+    max_message_bytes: int = Field(
+        16 * MIB, ge=1024, le=1024 * MIB, description="Largest gRPC message sent or received."
+    )
+    reflection: bool = Field(True, description="Serve gRPC server reflection.")
+    tls_cert_file: Path | None = Field(None, description="Server certificate (PEM); enables TLS.")
+    tls_key_file: Path | None = Field(None, description="Private key of the server certificate.")
+    tls_client_ca_file: Path | None = Field(
+        None, description="CA bundle that client certificates must chain to (mutual TLS)."
+    )
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> ServerSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be given together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: {path} is not a readable file")
+        if self.port != 0 and self.port == self.metrics_port:
+            raise ValueError("port and metrics_port must differ")
+        return self
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+class SettingsInvalid(SystemExit):
+    """Raised (exit code 2) when settings fail validation; the message names every bad field."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+
+def format_validation_error(cls: type[BaseSettings], exc: ValidationError) -> str:
+    prefix = str(cls.model_config.get("env_prefix", ""))
+    lines = [f"invalid settings for {cls.__name__}:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        where = f"{loc} (env {prefix}{loc.upper()}, flag --{loc.replace('_', '-')})" if loc else ""
+        lines.append(f"  {where}: {err['msg']}".rstrip())
+    return "\n".join(lines)
+
+
+def load_settings(cls: type[S], argv: list[str] | None = None) -> S:
+    """Build settings from the environment and flags, or exit 2 with a clear message."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        return cls(_cli_parse_args=args)
+    except ValidationError as exc:
+        message = format_validation_error(cls, exc)
+    except SettingsError as exc:
+        message = f"invalid settings for {cls.__name__}: {exc}"
+    sys.stderr.write(message + "\n")
+    raise SettingsInvalid(message)

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The whole test suite under coverage.
+set -euo pipefail
+set -x
+bin=${1:-.venv/bin}
+"$bin/coverage" run -m pytest "${@:2}"
+"$bin/coverage" report --skip-empty | tail -n 1

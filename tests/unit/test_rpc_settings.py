@@ -1,0 +1,60 @@
+"""Settings: environment and flags, validated at start with a clear message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic_settings import SettingsConfigDict
+
+from recsys.rpc.settings import ServerSettings, SettingsInvalid, load_settings
+
+
+class DemoSettings(ServerSettings):
+    model_config = SettingsConfigDict(env_prefix="DEMO_")
+
+
+def test_env_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEMO_PORT", "7001")
+    monkeypatch.setenv("DEMO_GRACE_PERIOD_S", "2.5")
+    settings = load_settings(DemoSettings, ["--metrics-port=7002", "--no-reflection"])
+    assert settings.port == 7001
+    assert settings.metrics_port == 7002
+    assert settings.grace_period_s == 2.5
+    assert settings.reflection is False
+
+
+def test_flags_override_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEMO_PORT", "7001")
+    assert load_settings(DemoSettings, ["--port=7005"]).port == 7005
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--port=70000"], "port (env DEMO_PORT, flag --port)"),
+        (["--grace-period-s=-1"], "grace_period_s"),
+        (["--log-level=LOUD"], "log_level"),
+        (["--port=7000", "--metrics-port=7000"], "port and metrics_port must differ"),
+        (["--tls-cert-file=/nonexistent.pem"], "must be given together"),
+        (["--bogus=1"], "unrecognized arguments"),
+    ],
+)
+def test_invalid_settings_exit_2_with_message(
+    argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SettingsInvalid) as info:
+        load_settings(DemoSettings, argv)
+    assert info.value.code == 2
+    assert needle in info.value.message
+    assert needle in capsys.readouterr().err
+
+
+def test_tls_files_must_exist(tmp_path: Path) -> None:
+    key = tmp_path / "key.pem"
+    key.write_text("x")
+    with pytest.raises(SettingsInvalid) as info:
+        load_settings(
+            DemoSettings, [f"--tls-cert-file={tmp_path / 'missing.pem'}", f"--tls-key-file={key}"]
+        )
+    assert "is not a readable file" in info.value.message

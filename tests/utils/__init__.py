@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: background servers, service processes, tritonclient probes."""
