@@ -48,6 +48,12 @@ test-fast: $(STAMP) ## unit tests only
 
 bench: bench-quality bench-ranker bench-gateway ## every benchmark (slow)
 
+k8s-render: $(STAMP) ## render every kustomize overlay into build/k8s/
+	scripts/k8s-render.sh $(BIN)
+
+k8s-check: $(STAMP) tools ## render, validate and policy-check the manifests, promtool, Dockerfiles
+	$(BIN)/pytest -q tests/k8s
+
 clean: ## remove the virtualenv, caches and local run outputs
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache runs model_repository
 

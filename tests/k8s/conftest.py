@@ -11,6 +11,7 @@ from tests.k8s.k8s_utils import (
     OVERLAYS,
     PrometheusServer,
     Rendered,
+    StartPrometheus,
     ToolMissing,
     find_kubectl,
     find_tool,
@@ -44,9 +45,6 @@ def prometheus_binary() -> str:
 def rendered(kubectl: str) -> dict[str, Rendered]:
     """Every overlay, rendered once per session."""
     return {overlay: render(overlay, kubectl) for overlay in OVERLAYS}
-
-
-StartPrometheus = Callable[..., PrometheusServer]
 
 
 @pytest.fixture(scope="module")

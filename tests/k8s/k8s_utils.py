@@ -13,7 +13,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -273,6 +273,10 @@ class PrometheusServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+StartPrometheus = Callable[..., PrometheusServer]
+"""The `start_prometheus` fixture: (targets, rule_files=(), scrape_interval_s=1.0) -> server."""
 
 
 def iter_containers(obj: Mapping[str, Any]) -> Iterator[dict[str, Any]]:

@@ -17,8 +17,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
-from tests.k8s.conftest import StartPrometheus
-from tests.k8s.k8s_utils import DASHBOARD_FILE, PrometheusServer, rule_groups
+from tests.k8s.k8s_utils import DASHBOARD_FILE, PrometheusServer, StartPrometheus, rule_groups
 
 pytestmark = pytest.mark.integration
 
