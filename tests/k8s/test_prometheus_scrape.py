@@ -17,11 +17,15 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
+from recsys.rpc.metrics import LATENCY_BUCKETS
 from tests.k8s.k8s_utils import DASHBOARD_FILE, PrometheusServer, StartPrometheus, rule_groups
 
 pytestmark = pytest.mark.integration
 
-OBSERVED_S = 0.02  # every fake request takes 20 ms: inside the (0.01, 0.025] bucket
+# Every fake request takes 18 ms: inside the kit's (0.015, 0.02] latency bucket.
+OBSERVED_S = 0.018
+BUCKET = (0.015, 0.02)
+assert BUCKET[0] in LATENCY_BUCKETS and BUCKET[1] in LATENCY_BUCKETS
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +36,7 @@ def metrics_endpoint() -> Iterator[str]:
         "recsys_grpc_request_duration_seconds",
         "gRPC request duration",
         ["grpc_service", "grpc_method"],
+        buckets=LATENCY_BUCKETS,
         registry=registry,
     )
     requests = Counter(
@@ -95,7 +100,7 @@ def test_prometheus_scrapes_and_computes_p99(prom: PrometheusServer, metrics_end
     p99 = float(sample["value"][1])
     assert math.isfinite(p99)
     # Linear interpolation inside the bucket that holds every observation.
-    assert 0.01 < p99 <= 0.025, p99
+    assert BUCKET[0] < p99 <= BUCKET[1], p99
 
 
 def test_alert_rules_load_and_record(prom: PrometheusServer) -> None:
@@ -106,8 +111,8 @@ def test_alert_rules_load_and_record(prom: PrometheusServer) -> None:
     (recorded,) = prom.wait_for_samples(
         'job:recsys_grpc_request_duration_seconds:p99_5m{job="ranker"}'
     )
-    assert 0.01 < float(recorded["value"][1]) <= 0.025
-    # Healthy traffic (all OK, 20 ms) fires neither the latency nor the error-ratio alert.
+    assert BUCKET[0] < float(recorded["value"][1]) <= BUCKET[1]
+    # Healthy traffic (all OK, 18 ms) fires neither the latency nor the error-ratio alert.
     alerts = prom.api("alerts")["alerts"]
     firing = {a["labels"]["alertname"] for a in alerts if a["state"] != "inactive"}
     assert not firing & {"RecsysHighP99Latency", "RecsysHighErrorRatio"}, firing
