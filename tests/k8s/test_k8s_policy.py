@@ -4,6 +4,7 @@ network policy."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 
 from tests.k8s.k8s_utils import (
+    DASHBOARD_FILE,
     SERVING_OVERLAYS,
     TRAINING_OVERLAYS,
     Rendered,
@@ -518,3 +520,10 @@ def test_multinode_training_wiring(rendered: dict[str, Rendered], overlay: str) 
     rendezvous = int(flags["--master-port"])
     assert rendezvous == _container_port(container, "rendezvous")
     assert rendezvous in [p["port"] for p in service["spec"]["ports"]]
+
+
+def test_grafana_dashboard_ships_as_a_sidecar_configmap(serving: Rendered) -> None:
+    configmap = serving.get("ConfigMap", "recsys-grafana-dashboard")
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    (name,) = configmap["data"]
+    assert json.loads(configmap["data"][name]) == json.loads(DASHBOARD_FILE.read_text())
