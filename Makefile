@@ -48,6 +48,9 @@ test-fast: $(STAMP) ## unit tests only
 
 bench: bench-quality bench-ranker bench-gateway ## every benchmark (slow)
 
+bench-ranker: $(STAMP) ## the ranking service against the in-process ONNX Runtime ceiling (slow)
+	$(PY) bench/ranker.py
+
 clean: ## remove the virtualenv, caches and local run outputs
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache runs model_repository
 
