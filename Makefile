@@ -48,6 +48,9 @@ test-fast: $(STAMP) ## unit tests only
 
 bench: bench-quality bench-ranker bench-gateway ## every benchmark (slow)
 
+bench-ranker: $(STAMP) ## the ranking service against the in-process ONNX Runtime ceiling (slow)
+	$(PY) bench/ranker.py
+
 IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
 images: ## build the CPU and GPU images, tagged with the package version (needs a container engine)
