@@ -20,6 +20,11 @@ from serving.ranking.model import RankerModel
 
 logger = logging.getLogger(__name__)
 
+# Adaptive wait: hold batches open while waiting has recently gained this many requests...
+WAIT_GAIN_THRESHOLD = 0.25
+# ...and otherwise still wait on one batch in this many, to notice when load returns.
+PROBE_EVERY = 16
+
 
 @dataclass
 class BatchingOptions:
@@ -68,6 +73,8 @@ class Batcher:
         self._computing: set[asyncio.Task[None]] = set()
         self._collector: asyncio.Task[None] | None = None
         self._closed = False
+        self._wait_gain = 1.0  # moving average of requests gained per wait
+        self._batches_since_probe = 0
         self._depth = metrics.QUEUE_DEPTH.labels(model.name)
         self._queue_latency = metrics.QUEUE_DURATION.labels(model.name)
         self._compute_latency = metrics.COMPUTE_DURATION.labels(model.name, str(model.version))
@@ -131,11 +138,25 @@ class Batcher:
             return False
         return True
 
+    def _should_wait(self) -> bool:
+        """Whether to hold a batch open for the queue delay. Waiting only pays when more requests
+        arrive meanwhile; while recent waits gained nothing (say, one caller at a time), batches
+        go out at once, and every PROBE_EVERY-th batch waits again to notice when load returns."""
+        self._batches_since_probe += 1
+        if self._wait_gain >= WAIT_GAIN_THRESHOLD or self._batches_since_probe >= PROBE_EVERY:
+            self._batches_since_probe = 0
+            return True
+        return False
+
+    def _record_wait(self, gained: int) -> None:
+        self._wait_gain = 0.7 * self._wait_gain + 0.3 * gained
+
     async def _collect(self) -> list[_Pending]:
         loop = asyncio.get_running_loop()
         limit = self.options.max_batch_candidates
         batch: list[_Pending] = []
         size = 0
+        waiting_from: int | None = None  # batch length when the wait began
         while True:
             while self._queue:
                 head = self._queue[0]
@@ -144,26 +165,33 @@ class Batcher:
                     continue
                 n = len(head.items)
                 if batch and size + n > limit:
-                    return batch
+                    break
                 batch.append(self._take())
                 size += n
                 if not self.options.enabled or size >= limit:
-                    return batch
-            self._wakeup.clear()
-            if not batch:
-                await self._wakeup.wait()
-                continue
-            now = loop.time()
-            remaining = batch[0].enqueued + self.options.max_queue_delay_s - now
-            deadlines = [p.deadline for p in batch if p.deadline is not None]
-            if deadlines:  # a caller that gives up sooner is answered sooner
-                remaining = min(remaining, min(deadlines) - now)
-            if remaining <= 0:
-                return batch
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
-            if not self._queue:
-                return batch
+                    break
+            else:
+                self._wakeup.clear()
+                if not batch:
+                    await self._wakeup.wait()
+                    continue
+                if waiting_from is None:
+                    if not self._should_wait():
+                        return batch
+                    waiting_from = len(batch)
+                now = loop.time()
+                remaining = batch[0].enqueued + self.options.max_queue_delay_s - now
+                deadlines = [p.deadline for p in batch if p.deadline is not None]
+                if deadlines:  # a caller that gives up sooner is answered sooner
+                    remaining = min(remaining, min(deadlines) - now)
+                if remaining > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wakeup.wait(), remaining)
+                    if self._queue:
+                        continue
+            if waiting_from is not None:
+                self._record_wait(len(batch) - waiting_from)
+            return batch
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -5,6 +5,7 @@ requests are never computed."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +116,21 @@ def test_expired_requests_are_not_computed(model: RankerModel) -> None:
     assert isinstance(before_queue, DeadlineExceeded) and "before" in str(before_queue)
     assert isinstance(while_queued, DeadlineExceeded) and "queued" in str(while_queued)
     assert _runs()[0] == runs
+
+
+def test_one_caller_at_a_time_stops_paying_the_queue_delay(model: RankerModel) -> None:
+    """Waiting for companions that never come is skipped once waits stop gaining requests (with
+    an occasional probe): 20 sequential requests do not each wait the 0.25 s delay."""
+
+    async def sequential() -> float:
+        batcher = Batcher(model, BatchingOptions(max_queue_delay_s=0.25))
+        batcher.start()
+        users, items = _requests(model, 1, 10)[0]
+        start = time.perf_counter()
+        for _ in range(20):
+            await batcher.score(users, items, timeout=10)
+        elapsed = time.perf_counter() - start
+        await batcher.close()
+        return elapsed
+
+    assert asyncio.run(sequential()) < 3.5  # 20 waits would take at least 5 s
