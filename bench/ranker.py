@@ -339,12 +339,13 @@ def drive(
 
 def _table(rows: list[dict[str, Any]], ceiling: float) -> str:
     lines = [
-        "| batching | concurrency | client procs | req/s | candidates/s | % of ceiling | p50 ms | p95 ms | p99 ms | errors | mean batch (req / cand) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| batching | candidates/request | concurrency | client procs | req/s | candidates/s | % of ceiling | p50 ms | p95 ms | p99 ms | errors | mean batch (req / cand) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['batching']} | {r['concurrency']} | {r['processes']} | {r['requests_per_s']:.1f} | "
+            f"| {r['batching']} | {r['candidates']:,} | {r['concurrency']} | {r['processes']} | "
+            f"{r['requests_per_s']:.1f} | "
             f"{r['items_per_s']:,.0f} | {100 * r['items_per_s'] / ceiling:.0f}% | {r['p50_ms']:.1f} | "
             f"{r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | "
             f"{r['mean_batch_requests']:.1f} / {r['mean_batch_candidates']:,.0f} |"
@@ -362,6 +363,12 @@ def main() -> int:
     parser.add_argument("--items", type=int, default=50_000)
     parser.add_argument("--candidates", type=int, default=1000)
     parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument(
+        "--small-candidates",
+        type=int,
+        default=100,
+        help="also measure requests this small at the highest concurrency (0: skip)",
+    )
     parser.add_argument("--processes", type=int, default=2, help="client processes (at most)")
     parser.add_argument("--duration-s", type=float, default=8.0)
     parser.add_argument("--warmup-s", type=float, default=2.0)
@@ -420,6 +427,7 @@ def main() -> int:
         ceiling = max(c["candidates_per_s"] for c in ceilings if c["batch"] == args.candidates)
 
         payloads = rank_payloads(args.model, users, items, args.candidates)
+        small_payloads = rank_payloads(args.model, users, items, args.small_candidates or 1)
         rows = []
         for label, delay in (("on", 2000), ("off", 0)):
             service = Service(
@@ -432,11 +440,14 @@ def main() -> int:
             )
             try:
                 service.wait_ready()
-                for concurrency in levels:
+                points = [(args.candidates, c, payloads) for c in levels]
+                if args.small_candidates:
+                    points.append((args.small_candidates, max(levels), small_payloads))
+                for candidates, concurrency, pool in points:
                     point = drive(
                         service,
-                        payloads,
-                        args.candidates,
+                        pool,
+                        candidates,
                         concurrency,
                         model=args.model,
                         duration_s=args.duration_s,
@@ -444,26 +455,40 @@ def main() -> int:
                         processes=args.processes,
                     )
                     point["batching"] = label
+                    point["candidates"] = candidates
                     point["percent_of_ceiling"] = 100 * point["items_per_s"] / ceiling
                     rows.append(point)
                     print(
-                        f"batching {label} c={concurrency}: {point['items_per_s']:,.0f} cand/s, "
-                        f"p99 {point['p99_ms']:.1f} ms, errors {point['errors']}, "
-                        f"mean batch {point['mean_batch_requests']:.1f} req",
+                        f"batching {label} c={concurrency} x{candidates}: "
+                        f"{point['items_per_s']:,.0f} cand/s, p99 {point['p99_ms']:.1f} ms, "
+                        f"errors {point['errors']}, mean batch {point['mean_batch_requests']:.1f} req",
                         flush=True,
                     )
             finally:
                 service.stop()
 
-    def find(batching: str, c: int) -> dict[str, Any] | None:
-        return next((r for r in rows if r["batching"] == batching and r["concurrency"] == c), None)
+    def find(batching: str, c: int, n: int = args.candidates) -> dict[str, Any] | None:
+        return next(
+            (
+                r
+                for r in rows
+                if r["batching"] == batching and r["concurrency"] == c and r["candidates"] == n
+            ),
+            None,
+        )
 
     c8, on32, off32 = find("on", 8), find("on", 32), find("off", 32)
+    top = max(levels)
+    small_on = find("on", top, args.small_candidates)
+    small_off = find("off", top, args.small_candidates)
     checks = {
         "c8_percent_of_ceiling": c8["percent_of_ceiling"] if c8 else None,
         "c8_meets_70_percent": bool(c8 and c8["percent_of_ceiling"] >= 70),
         "c32_batching_gain": (on32["items_per_s"] / off32["items_per_s"])
         if on32 and off32
+        else None,
+        "small_requests_batching_gain": (small_on["items_per_s"] / small_off["items_per_s"])
+        if small_on and small_off
         else None,
         "zero_errors": all(r["errors"] == 0 for r in rows),
     }
@@ -517,6 +542,7 @@ rest of its settings at their defaults except `MAX_QUEUE_DELAY_US=0` for "batchi
 
 - concurrency 8, batching on: {checks["c8_percent_of_ceiling"] if checks["c8_percent_of_ceiling"] is None else f"{checks['c8_percent_of_ceiling']:.0f}%"} of the ceiling (target 70%): {"met" if checks["c8_meets_70_percent"] else "MISSED"}
 - concurrency 32, batching on vs off: {checks["c32_batching_gain"] if checks["c32_batching_gain"] is None else f"{checks['c32_batching_gain']:.2f}x"}
+- {args.small_candidates}-candidate requests at concurrency {max(levels)}, batching on vs off: {checks["small_requests_batching_gain"] if checks["small_requests_batching_gain"] is None else f"{checks['small_requests_batching_gain']:.2f}x"}
 - errors: {"none" if checks["zero_errors"] else "SOME (see the table)"}
 """
     args.out.with_suffix(".md").write_text(md)
