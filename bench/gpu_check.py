@@ -138,6 +138,9 @@ def main() -> int:
     parser.add_argument("--ceiling-s", type=float, default=2.0)
     parser.add_argument("--max-batch-candidates", type=int, default=65536)
     parser.add_argument("--session-concurrency", type=int, default=2)
+    parser.add_argument(
+        "--io-binding", action="store_true", help="serve through IO binding (RANKING_IO_BINDING)"
+    )
     parser.add_argument("--out", type=Path, help="output prefix (default bench/results/gpu)")
     args = parser.parse_args()
     if args.out is None:
@@ -153,7 +156,14 @@ def main() -> int:
 
     print(f"onnxruntime {ort.__version__}: {ort.get_available_providers()}", flush=True)
     model = "gpu-ranker"
-    result: dict[str, Any] = {"card": card, "provider": provider, "onnxruntime": ort.__version__}
+    result: dict[str, Any] = {
+        "card": card,
+        "provider": provider,
+        "onnxruntime": ort.__version__,
+        "io_binding": args.io_binding,
+        "max_batch_candidates": args.max_batch_candidates,
+        "session_concurrency": args.session_concurrency,
+    }
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         tmpdir = Path(tmp)
         repo = tmpdir / "repo"
@@ -190,6 +200,7 @@ def main() -> int:
             max_batch_candidates=args.max_batch_candidates,
             max_candidates_per_request=max(10_000, args.candidates),
             session_concurrency=args.session_concurrency,
+            io_binding="true" if args.io_binding else "false",
         )
         rows = []
         try:

@@ -17,6 +17,8 @@ from serving.ranking.model import UnknownIds
 
 @dataclass(frozen=True)
 class Scored:
+    """Scores of one request and the model version that computed all of them."""
+
     scores: np.ndarray
     model_name: str
     version: int
