@@ -135,6 +135,30 @@ def _index(ids: list[str], path: Path) -> dict[str, int]:
     return index
 
 
+class HashedVocabulary:
+    """Id -> index for many ids at once: the 64-bit string hashes of the vocabulary, sorted, and
+    a binary search per id. A dict lookup per id touches three scattered objects (slot, entry,
+    key string) and costs more than the model on large catalogues; the sorted hashes are one
+    compact array. Python's str hash is keyed per process (SipHash), so an unknown id matches a
+    known one's hash with probability ~len(vocabulary) / 2**64 per lookup."""
+
+    def __init__(self, ids: list[str]) -> None:
+        hashes = np.fromiter(map(hash, ids), np.int64, len(ids))
+        self.order = np.argsort(hashes, kind="stable")
+        self.sorted = hashes[self.order]
+        self.unique = bool(len(ids) < 2 or (np.diff(self.sorted) != 0).all())
+
+    def lookup(self, ids: list[str]) -> np.ndarray:
+        """Indices of `ids` (-1 for unknown ids)."""
+        query = np.fromiter(map(hash, ids), np.int64, len(ids))
+        pos = np.searchsorted(self.sorted, query)
+        np.minimum(pos, len(self.sorted) - 1, out=pos)
+        found = self.sorted[pos] == query
+        out = self.order[pos]
+        out[~found] = -1
+        return out
+
+
 def _check_signature(metadata: dict[str, Any], session: ort.InferenceSession, where: Path) -> None:
     """metadata.json and the graph must both follow the ranker contract."""
 
@@ -209,6 +233,9 @@ class RankerModel:
         self.item_ids = item_ids
         self.user_index = _index(user_ids, directory / "users.json")
         self.item_index = _index(item_ids, directory / "items.json")
+        hashed = HashedVocabulary(item_ids)
+        # Two ids with one hash (~n**2 / 2**65): keep to the exact dict lookups.
+        self._hashed_items = hashed if hashed.unique else None
         self.provider = session.get_providers()[0]
         self.io_binding = io_binding
         self._device = "cuda" if self.provider == CUDA else "cpu"
@@ -304,7 +331,10 @@ class RankerModel:
         # A list first: iterating a protobuf repeated field directly is several times slower.
         ids = item_ids if isinstance(item_ids, list) else list(item_ids)
         n = len(ids)
-        items = np.fromiter(map(self.item_index.get, ids, repeat(-1)), np.int64, n)
+        if self._hashed_items is not None:
+            items = self._hashed_items.lookup(ids)
+        else:
+            items = np.fromiter(map(self.item_index.get, ids, repeat(-1)), np.int64, n)
         if n and items.min() < 0:
             missing = np.flatnonzero(items < 0)
             raise UnknownIds("item", [ids[i] for i in missing[:5]], len(missing))
