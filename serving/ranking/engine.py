@@ -3,11 +3,13 @@ its batcher, and count every request by model, version, API and status."""
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from prometheus_client import Counter, Histogram
 
 from recsys.rpc.errors import InvalidRequest, NotFound, status_for
 from serving.ranking import metrics
@@ -44,9 +46,20 @@ class _Outcome:
             status = status_for(exc)[0].name
         else:
             status = "CANCELLED"
-        metrics.REQUESTS.labels(self.model, self.version, self.api, status).inc()
+        _requests_counter(self.model, self.version, self.api, status).inc()
         if self.model:
-            metrics.REQUEST_DURATION.labels(self.model).observe(time.perf_counter() - self.start)
+            _duration_histogram(self.model).observe(time.perf_counter() - self.start)
+
+
+# Label lookups cost more than the increments; the label sets are few and bounded.
+@functools.cache
+def _requests_counter(model: str, version: str, api: str, status: str) -> Counter:
+    return metrics.REQUESTS.labels(model, version, api, status)
+
+
+@functools.cache
+def _duration_histogram(model: str) -> Histogram:
+    return metrics.REQUEST_DURATION.labels(model)
 
 
 class RankingEngine:
