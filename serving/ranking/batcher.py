@@ -175,16 +175,16 @@ class Batcher:
                 if not batch:
                     await self._wakeup.wait()
                     continue
-                if waiting_from is None:
-                    if not self._should_wait():
-                        return batch
-                    waiting_from = len(batch)
                 now = loop.time()
                 remaining = batch[0].enqueued + self.options.max_queue_delay_s - now
                 deadlines = [p.deadline for p in batch if p.deadline is not None]
                 if deadlines:  # a caller that gives up sooner is answered sooner
                     remaining = min(remaining, min(deadlines) - now)
                 if remaining > 0:
+                    if waiting_from is None:
+                        if not self._should_wait():
+                            return batch
+                        waiting_from = len(batch)
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wakeup.wait(), remaining)
                     if self._queue:
