@@ -22,7 +22,12 @@ from recsys.rpc.errors import InvalidRequest, ModelNotReady, NotFound
 from serving.ranking import metrics
 from serving.ranking.batcher import Batcher, BatchingOptions
 from serving.ranking.config import VersionPolicy
-from serving.ranking.model import ModelLoadError, RankerModel, SessionOptions
+from serving.ranking.model import (
+    ModelLoadError,
+    ProviderUnavailable,
+    RankerModel,
+    SessionOptions,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -223,6 +228,8 @@ class ModelManager:
             return await loop.run_in_executor(
                 self._loader, RankerModel.load, name, version, directory, self.session_options
             )
+        except ProviderUnavailable:
+            raise  # the machine, not the version, is wrong: the service stops
         except Exception as exc:
             reason = str(exc) if isinstance(exc, ModelLoadError) else repr(exc)
             logger.error("Failed to load %s version %d: %s", name, version, reason)

@@ -112,6 +112,7 @@ class SessionOptions:
     io_binding: bool = False
     warmup_candidates: int = 1024
     allow_spinning: bool = True
+    require_provider: bool = False  # the first provider or nothing (RANKING_PROVIDER=cuda)
 
 
 def _read_vocabulary(path: Path) -> list[str]:
@@ -281,12 +282,14 @@ class RankerModel:
             ) from exc
         actual = session.get_providers()[0]
         if actual != options.providers[0]:
-            if options.providers[0] == CUDA and len(options.providers) > 1:
-                logger.warning("%s v%d: CUDA session failed, running on %s", name, version, actual)
-            else:
-                raise ModelLoadError(
-                    f"{name} v{version}: session runs on {actual}, not {options.providers[0]}"
+            if options.require_provider:
+                raise ProviderUnavailable(
+                    f"{name} v{version}: {options.providers[0]} is required but ONNX Runtime "
+                    f"created the session on {actual} (are the CUDA and cuDNN libraries present?)"
                 )
+            logger.warning(
+                "%s v%d: no %s session, running on %s", name, version, options.providers[0], actual
+            )
         _check_signature(metadata, session, directory)
         model = cls(
             name, version, directory, metadata, session, user_ids, item_ids, options.io_binding

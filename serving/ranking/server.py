@@ -39,6 +39,7 @@ def create_manager(settings: RankingSettings) -> ModelManager:
             inter_op_threads=settings.inter_op_threads,
             io_binding=settings.io_binding,
             allow_spinning=settings.allow_spinning,
+            require_provider=settings.provider == "cuda",
             warmup_candidates=settings.max_batch_candidates,
         ),
         batching=BatchingOptions(

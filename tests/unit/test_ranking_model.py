@@ -171,3 +171,21 @@ def test_hashed_vocabulary_agrees_with_exact_lookups() -> None:
     expected = [exact.get(item, -1) for item in query]
     assert hashed.lookup(query).tolist() == expected
     assert HashedVocabulary(["a"]).lookup(["a", "b"]).tolist() == [0, -1]
+
+
+@pytest.mark.skipif(CUDA in ort.get_available_providers(), reason="CUDA is present here")
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
+def test_a_session_without_the_required_provider(
+    published: tuple[Path, TinyModel], caplog: pytest.LogCaptureFixture
+) -> None:
+    """ONNX Runtime quietly falls back to CPU when CUDA cannot be used: 'cuda' refuses that,
+    'auto' accepts it with a warning."""
+    repo, tiny = published
+    directory = version_dir(repo, "unit-ranker", tiny.version)
+    required = SessionOptions(providers=(CUDA, CPU), require_provider=True, warmup_candidates=8)
+    with pytest.raises(ProviderUnavailable, match="CUDAExecutionProvider is required"):
+        RankerModel.load("unit-ranker", tiny.version, directory, required)
+    preferred = SessionOptions(providers=(CUDA, CPU), warmup_candidates=8)
+    with caplog.at_level(logging.WARNING):
+        model = RankerModel.load("unit-ranker", tiny.version, directory, preferred)
+    assert model.provider == CPU and "no CUDAExecutionProvider session" in caplog.text
