@@ -389,6 +389,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ranker")
     args = parser.parse_args()
 
+    load_before = os.getloadavg()
     levels = [int(c) for c in args.concurrency.split(",")]
     extra = dict(item.split("=", 1) for item in args.server_setting)
     with tempfile.TemporaryDirectory(prefix="bench-ranker-") as tmp:
@@ -499,6 +500,10 @@ def main() -> int:
             "platform": platform.platform(),
             "python": platform.python_version(),
             "onnxruntime": __import__("onnxruntime").__version__,
+            "load_average_1m_before_after": [
+                round(load_before[0], 2),
+                round(os.getloadavg()[0], 2),
+            ],
         },
         "candidates_per_request": args.candidates,
         "duration_s": args.duration_s,
@@ -521,7 +526,9 @@ def main() -> int:
 Model: {source}. Machine: {os.cpu_count()} CPUs ({platform.platform()}), ONNX Runtime
 {result["machine"]["onnxruntime"]}, CPU provider. Requests of {args.candidates:,} candidates from
 {args.processes} client processes (fewer for concurrency 1) on the same machine as the server;
-{args.duration_s:g} s measured per point after {args.warmup_s:g} s of warm-up.
+{args.duration_s:g} s measured per point after {args.warmup_s:g} s of warm-up. Other jobs shared the
+machine: 1-minute load average {load_before[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.
+Throughputs are totals over the measured window (preemption included), for the ceiling too.
 
 ## Ceiling: the same ONNX session in-process
 
