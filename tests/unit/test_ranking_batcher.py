@@ -69,8 +69,9 @@ async def _score_all(
         (BatchingOptions(max_batch_candidates=1000, max_queue_delay_s=0.05), 1),
         (BatchingOptions(max_batch_candidates=64, max_queue_delay_s=0.05), 3),
         (BatchingOptions(max_batch_candidates=1000, max_queue_delay_s=0.0), 5),
+        (BatchingOptions(max_batch_candidates=64, max_queue_delay_s=0.05, concurrency=2), 3),
     ],
-    ids=["one batch", "candidate budget", "batching off"],
+    ids=["one batch", "candidate budget", "batching off", "two runs at once"],
 )
 def test_concurrent_requests_share_runs_and_get_their_own_scores(
     model: RankerModel, options: BatchingOptions, expected_runs: int
