@@ -115,8 +115,14 @@ def test_tritonclient_reads_metadata_and_scores(tmp_path: Path) -> None:
     tiny = publish_tiny_model(tmp_path, make_tiny_model("tc"))
     proc = ServiceProcess(
         "serving.ranking",
-        [f"--model-repository={tmp_path}", "--provider=auto", "--poll-interval-s=0"],
+        [],
         log_path=tmp_path / "ranker.log",
+        # Settings from the environment this time (the other tests use flags).
+        env={
+            "RANKING_MODEL_REPOSITORY": str(tmp_path),
+            "RANKING_PROVIDER": "auto",
+            "RANKING_POLL_INTERVAL_S": "0",
+        },
     )
     try:
         proc.wait_serving(60)
