@@ -34,6 +34,7 @@ from tests.utils.tiny_models import (
 pytestmark = pytest.mark.integration
 
 BIG = 4000  # candidates in one slow request: a session run of roughly 0.1-0.5 s on one thread
+BLOCKERS = 5  # slow requests queued ahead of the one under test
 
 
 @pytest.fixture()
@@ -46,7 +47,7 @@ def slow(tmp_path: Path) -> Iterator[tuple[Ranker, TinyModel]]:
         tmp_path,
         "slow-ranker",
         max_batch_candidates=BIG,
-        max_queue_requests=3,
+        max_queue_requests=8,
         max_candidates_per_request=BIG,
     )
     yield server, tiny
@@ -69,7 +70,7 @@ def test_expired_requests_are_dropped_before_compute(slow: tuple[Ranker, TinyMod
         _computed_candidates(),
         sample("recsys_ranker_dropped_total", model="slow-ranker", reason="expired"),
     )
-    blockers = [server.rank.Rank.future(_big_request(tiny), timeout=60) for _ in range(3)]
+    blockers = [server.rank.Rank.future(_big_request(tiny), timeout=60) for _ in range(BLOCKERS)]
     time.sleep(0.02)
     short = server.rank.Rank.future(rank_request("slow-ranker", "u2", ["i1"] * 10), timeout=0.1)
     with pytest.raises(grpc.RpcError) as info:
@@ -77,8 +78,8 @@ def test_expired_requests_are_dropped_before_compute(slow: tuple[Ranker, TinyMod
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     for call in blockers:
         assert len(call.result().scores) == BIG
-    # Only the three blockers were computed; the expired request never reached the session.
-    assert _computed_candidates() - before == 3 * BIG
+    # Only the blockers were computed; the expired request never reached the session.
+    assert _computed_candidates() - before == BLOCKERS * BIG
     expired = sample("recsys_ranker_dropped_total", model="slow-ranker", reason="expired")
     assert expired - expired_before == 1
 
@@ -89,7 +90,7 @@ def test_cancelled_requests_are_dropped_before_compute(slow: tuple[Ranker, TinyM
     cancelled_before = sample(
         "recsys_ranker_dropped_total", model="slow-ranker", reason="cancelled"
     )
-    blockers = [server.rank.Rank.future(_big_request(tiny), timeout=60) for _ in range(3)]
+    blockers = [server.rank.Rank.future(_big_request(tiny), timeout=60) for _ in range(BLOCKERS)]
     time.sleep(0.02)
     doomed = server.rank.Rank.future(rank_request("slow-ranker", "u2", ["i1"] * 10), timeout=60)
     time.sleep(0.05)
@@ -103,13 +104,13 @@ def test_cancelled_requests_are_dropped_before_compute(slow: tuple[Ranker, TinyM
             break
         time.sleep(0.05)
     assert dropped - cancelled_before == 1
-    assert _computed_candidates() - before == 3 * BIG
+    assert _computed_candidates() - before == BLOCKERS * BIG
 
 
 def test_full_queue_answers_resource_exhausted(slow: tuple[Ranker, TinyModel]) -> None:
     server, tiny = slow
     full_before = sample("recsys_ranker_dropped_total", model="slow-ranker", reason="queue_full")
-    calls = [server.rank.Rank.future(_big_request(tiny), timeout=60) for _ in range(10)]
+    calls = [server.rank.Rank.future(_big_request(tiny), timeout=60) for _ in range(16)]
     codes = []
     for call in calls:
         try:
@@ -119,7 +120,7 @@ def test_full_queue_answers_resource_exhausted(slow: tuple[Ranker, TinyModel]) -
             codes.append(exc.code())
             assert "queue" in exc.details() and "full" in exc.details()
     refused = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
-    assert refused >= 1 and codes.count(grpc.StatusCode.OK) == 10 - refused, codes
+    assert refused >= 1 and codes.count(grpc.StatusCode.OK) == 16 - refused, codes
     full = sample("recsys_ranker_dropped_total", model="slow-ranker", reason="queue_full")
     assert full - full_before == refused
     # The queue drained: the service answers again.
