@@ -1,0 +1,217 @@
+"""The gateway over gRPC on loopback with a real retrieval server and no ranker listening:
+degradation, fallbacks, bad input, health and metrics."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from gateway.config import GatewaySettings
+from gateway.server import Gateway
+from recsys.v1 import (
+    common_pb2,
+    recommendation_pb2,
+    recommendation_pb2_grpc,
+    retrieval_pb2,
+    retrieval_pb2_grpc,
+)
+from serving.retrieval.config import RetrievalSettings
+from serving.retrieval.server import build_manager, build_server
+from tests.utils.processes import free_port, health_status
+from tests.utils.servers import BackgroundServer
+from tests.utils.tiny_models import TinyModel, make_tiny_model, publish_tiny_model
+
+pytestmark = pytest.mark.integration
+
+Reason = recommendation_pb2.DegradationReason
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("repo")
+
+
+@pytest.fixture(scope="module")
+def model(repo: Path) -> TinyModel:
+    return publish_tiny_model(repo, make_tiny_model())
+
+
+@pytest.fixture(scope="module")
+def retrieval(repo: Path, model: TinyModel) -> Iterator[BackgroundServer]:
+    settings = RetrievalSettings(host="127.0.0.1", port=0, metrics_port=0, model_repository=repo)
+    manager = build_manager(settings)
+    manager.refresh()
+
+    async def factory():  # type: ignore[no-untyped-def]
+        return build_server(settings, manager)
+
+    server = BackgroundServer(factory)
+    yield server
+    server.stop()
+
+
+class GatewayUnderTest:
+    def __init__(self, **overrides: object) -> None:
+        dead = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
+        fields: dict[str, object] = {
+            "host": "127.0.0.1",
+            "port": 0,
+            "metrics_port": 0,
+            "ranker_targets": dead,
+            "retrieval_candidates": 100,
+            "popular_candidates": 10,
+        }
+        fields.update(overrides)
+        settings = GatewaySettings(**fields)  # type: ignore[arg-type]
+
+        async def factory():  # type: ignore[no-untyped-def]
+            # Channels belong to the event loop that creates them: the server's.
+            self.gateway = Gateway(settings)
+            server = self.gateway.build_server()
+            await self.gateway.start()
+            return server
+
+        self.server = BackgroundServer(factory)
+        self.channel = grpc.insecure_channel(self.server.address)
+        self.stub = recommendation_pb2_grpc.RecommendationServiceStub(self.channel)
+
+    def recommend(
+        self, timeout: float = 10, **fields: object
+    ) -> recommendation_pb2.RecommendResponse:
+        fields.setdefault("domain", "books")
+        fields.setdefault("k", 10)
+        return self.stub.Recommend(recommendation_pb2.RecommendRequest(**fields), timeout=timeout)  # type: ignore[arg-type]
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.server.server.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return str(reply.read().decode())
+
+    def close(self) -> None:
+        self.channel.close()
+        self.server.run(self.gateway.close())
+        self.server.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(retrieval: BackgroundServer) -> Iterator[GatewayUnderTest]:
+    gw = GatewayUnderTest(retrieval_target=retrieval.address)
+    yield gw
+    gw.close()
+
+
+def retrieve_directly(address: str, user_id: str, k: int) -> list[str]:
+    with grpc.insecure_channel(address) as channel:
+        reply = retrieval_pb2_grpc.RetrievalServiceStub(channel).Retrieve(
+            retrieval_pb2.RetrieveRequest(
+                user_id=user_id,
+                domain="books",
+                k=k,
+                sources=[common_pb2.CANDIDATE_SOURCE_ANN, common_pb2.CANDIDATE_SOURCE_TRANSFER],
+            ),
+            timeout=10,
+        )
+    return [c.item_id for c in reply.candidates]
+
+
+def test_rankers_down_gives_retrieval_order_degraded_and_fast(
+    gateway: GatewayUnderTest, retrieval: BackgroundServer, model: TinyModel
+) -> None:
+    start = time.monotonic()
+    reply = gateway.recommend(user_id="u3", k=10, timeout=5)
+    elapsed = time.monotonic() - start
+    assert elapsed < 2
+    assert reply.degraded
+    assert [d.reason for d in reply.degradations] == [Reason.DEGRADATION_REASON_RANKING_UNAVAILABLE]
+    assert "UNAVAILABLE" in reply.degradations[0].detail
+    assert [i.item_id for i in reply.items] == retrieve_directly(retrieval.address, "u3", 10)
+    assert all(i.title for i in reply.items)
+    assert ("books-retrieval", str(model.version)) in {
+        (m.model_name, m.model_version) for m in reply.model_versions
+    }
+    text = gateway.metrics()
+    assert 'recsys_gateway_degraded_total{reason="ranking_unavailable"}' in text
+    assert 'recsys_gateway_upstream_errors_total{code="UNAVAILABLE",upstream="ranker"}' in text
+    assert (
+        'recsys_gateway_upstream_duration_seconds_count{method="Retrieve",upstream="retrieval"}'
+        in text
+    )
+    assert 'recsys_gateway_stage_duration_seconds_count{stage="retrieval"}' in text
+
+
+def test_unknown_user_gets_popular_items_without_degradation(
+    gateway: GatewayUnderTest, model: TinyModel
+) -> None:
+    reply = gateway.recommend(user_id="someone-new", k=5)
+    assert not reply.degraded
+    assert {i.source for i in reply.items} == {common_pb2.CANDIDATE_SOURCE_POPULAR}
+    assert reply.items[0].score == float(model.popularity.max())
+
+
+def test_seen_items_are_filtered(gateway: GatewayUnderTest, model: TinyModel) -> None:
+    row = model.user_ids.index("u4")
+    seen = {model.item_ids[j] for j in model.seen[row]}
+    first = [i.item_id for i in gateway.recommend(user_id="u4", k=20).items]
+    recent = first[:2]
+    reply = gateway.recommend(user_id="u4", k=20, exclude_seen=True, recent_item_ids=recent)
+    ids = [i.item_id for i in reply.items]
+    assert len(ids) == 20 == len(set(ids))
+    assert not set(ids) & (seen | set(recent))
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"user_id": ""},
+        {"domain": "music"},
+        {"domain": ""},
+        {"k": 0},
+        {"k": 101},
+        {"recent_item_ids": ["i1", ""]},
+    ],
+)
+def test_bad_input_is_invalid_argument(
+    gateway: GatewayUnderTest, fields: dict[str, object]
+) -> None:
+    fields.setdefault("user_id", "u1")
+    with pytest.raises(grpc.RpcError) as info:
+        gateway.recommend(**fields)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details()
+
+
+def test_everything_down_and_no_fallback_is_unavailable_quickly() -> None:
+    gw = GatewayUnderTest(retrieval_target=f"127.0.0.1:{free_port()}")
+    try:
+        assert health_status(gw.server.address) is not None
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            gw.recommend(user_id="u1", timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() - start < 1.0
+    finally:
+        gw.close()
+
+
+def test_retrieval_down_falls_back_to_popular_items_from_the_repository(
+    repo: Path, model: TinyModel
+) -> None:
+    gw = GatewayUnderTest(retrieval_target=f"127.0.0.1:{free_port()}", model_repository=repo)
+    try:
+        reply = gw.recommend(user_id="u1", k=5, timeout=5)
+        assert reply.degraded
+        assert {d.reason for d in reply.degradations} == {
+            Reason.DEGRADATION_REASON_RETRIEVAL_UNAVAILABLE,
+            Reason.DEGRADATION_REASON_RANKING_UNAVAILABLE,
+        }
+        order = sorted(range(len(model.item_ids)), key=lambda j: (-model.popularity[j], j))[:5]
+        assert [i.item_id for i in reply.items] == [model.item_ids[j] for j in order]
+        assert all(i.source == common_pb2.CANDIDATE_SOURCE_POPULAR for i in reply.items)
+        assert 'recsys_gateway_degraded_total{reason="retrieval_unavailable"} ' in gw.metrics()
+    finally:
+        gw.close()
