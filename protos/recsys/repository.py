@@ -193,8 +193,8 @@ class VersionPublisher:
         missing = [name for name in self.model_names if name not in self._staged]
         if missing:
             raise RepositoryError(f"nothing staged for {missing}")
-        for attempt in range(100):
-            version = self._next_version() + attempt
+        for _ in range(100):
+            version = self._next_version()
             targets = {name: version_dir(self.root, name, version) for name in self.model_names}
             if any(t.exists() for t in targets.values()):
                 continue
