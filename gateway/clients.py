@@ -20,7 +20,7 @@ from recsys.pipeline import (
     Source,
     UpstreamError,
 )
-from recsys.rpc.tls import create_aio_channel
+from recsys.rpc.tls import channel_options
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -93,13 +93,18 @@ class GrpcRankers:
         return len(self._channels)
 
     def _pick(self, replica: int) -> _RankerChannel:
+        """From the hinted channel on, the first that is connected (READY: some backend is up
+        and its health says SERVING) and not ejected; else the first not ejected; else the
+        hinted one."""
         n = len(self._channels)
         now = time.monotonic()
-        for step in range(n):
-            candidate = self._channels[(replica + step) % n]
-            if candidate.ejected_until <= now:
+        order = [self._channels[(replica + step) % n] for step in range(n)]
+        usable = [c for c in order if c.ejected_until <= now]
+        for candidate in usable:
+            state = candidate.channel.get_state(try_to_connect=True)
+            if state == grpc.ChannelConnectivity.READY:
                 return candidate
-        return self._channels[replica % n]  # every one was ejected: try the hinted one anyway
+        return usable[0] if usable else order[0]
 
     async def rank(self, query: RankQuery, *, replica: int, timeout: float) -> Ranked:
         chosen = self._pick(replica)
@@ -122,20 +127,33 @@ class GrpcRankers:
         return Ranked(list(reply.scores), reply.model_name, reply.model_version)
 
 
+def create_upstream_channel(target: str, settings: GatewaySettings) -> grpc.aio.Channel:
+    """The kit's channel (limits, keepalive, round robin over every resolved address with
+    client-side health checking, TLS) with a bounded reconnect backoff, so that a replica that
+    comes back on an address it had before is used again within about a second."""
+    tls = settings.upstream_tls
+    options = channel_options(
+        settings.max_message_bytes,
+        round_robin=True,
+        server_name=tls.server_name if tls else None,
+    )
+    options += [
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.min_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", int(settings.max_reconnect_backoff_ms)),
+    ]
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=options)
+    return grpc.aio.secure_channel(target, tls.credentials(), options=options)
+
+
 class Upstreams:
     """Every upstream channel of the gateway, created once at start."""
 
     def __init__(self, settings: GatewaySettings) -> None:
-        tls = settings.upstream_tls
-        limit = settings.max_message_bytes
-        self.retrieval_channel = create_aio_channel(
-            settings.retrieval_target, max_message_bytes=limit, tls=tls, round_robin=True
-        )
+        self.retrieval_channel = create_upstream_channel(settings.retrieval_target, settings)
         self.ranker_channels = [
-            (
-                target,
-                create_aio_channel(target, max_message_bytes=limit, tls=tls, round_robin=True),
-            )
+            (target, create_upstream_channel(target, settings))
             for target in settings.ranker_target_list
         ]
         self.retriever = GrpcRetriever(self.retrieval_channel)

@@ -63,6 +63,9 @@ class GatewaySettings(ServerSettings):
     ranker_eject_s: float = Field(
         1.0, ge=0, le=600, description="A ranker channel that refused a call is skipped this long."
     )
+    max_reconnect_backoff_ms: int = Field(
+        1000, ge=100, le=120_000, description="Longest wait between reconnects to an upstream."
+    )
     popular_refresh_s: float = Field(
         30.0, gt=0, le=86_400, description="Seconds between refreshes of the popular-items cache."
     )
