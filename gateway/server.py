@@ -70,7 +70,15 @@ class Gateway:
         )
 
     async def start(self) -> None:
-        """Fill the popular-items cache once (best effort), then keep it fresh."""
+        """Connect to the upstreams and fill the popular-items cache (both best effort, a few
+        seconds at most), then keep the cache fresh."""
+        channels = [self.upstreams.retrieval_channel] + [
+            channel for _, channel in self.upstreams.ranker_channels
+        ]
+        waits = [asyncio.ensure_future(c.channel_ready()) for c in channels]
+        _, pending = await asyncio.wait(waits, timeout=2.0)
+        for wait in pending:
+            wait.cancel()
         await self.refresher.refresh_once()
         self._tasks.append(
             asyncio.get_running_loop().create_task(
