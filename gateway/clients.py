@@ -12,6 +12,7 @@ import grpc
 from gateway import metrics
 from gateway.config import GatewaySettings
 from recsys.pipeline import (
+    SOURCE_BY_VALUE,
     Candidate,
     Ranked,
     RankQuery,
@@ -59,7 +60,12 @@ class GrpcRetriever:
         finally:
             self._duration.observe(time.perf_counter() - start)
         return Retrieval(
-            [Candidate(c.item_id, c.score, Source(c.source), c.title) for c in reply.candidates],
+            [
+                Candidate(
+                    c.item_id, c.score, SOURCE_BY_VALUE.get(c.source, Source.UNSPECIFIED), c.title
+                )
+                for c in reply.candidates
+            ],
             reply.model.model_name,
             reply.model.model_version,
         )

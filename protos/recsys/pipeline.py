@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 
 class Source(IntEnum):
@@ -40,6 +40,9 @@ class Source(IntEnum):
     POPULAR = 2
     TRANSFER = 3
     HISTORY = 4
+
+
+SOURCE_BY_VALUE = {int(s): s for s in Source}
 
 
 PERSONAL_SOURCES = (Source.ANN, Source.TRANSFER, Source.HISTORY)
@@ -75,8 +78,9 @@ class PipelineUnavailable(Exception):
     """Neither retrieval nor its fallback could produce candidates."""
 
 
-@dataclass(frozen=True)
-class Candidate:
+class Candidate(NamedTuple):
+    """An item proposed by a candidate source (a tuple: hundreds are made per request)."""
+
     item_id: str
     score: float
     source: Source

@@ -42,6 +42,9 @@ class RetrievalSettings(ServerSettings):
     search_threads: int = Field(
         1, ge=1, le=256, description="FAISS OpenMP threads per search (1 suits single queries)."
     )
+    search_workers: int = Field(
+        4, ge=1, le=256, description="Threads that run searches (requests searched at once)."
+    )
     onnx_threads: int = Field(
         1, ge=0, le=256, description="ONNX Runtime threads for the user tower at load (0: auto)."
     )

@@ -236,6 +236,7 @@ class RetrievalIndex:
             return []
         query = np.ascontiguousarray(vector.reshape(1, -1), dtype=np.float32)
         fetch = min(n, k + len(excluded))
+        dropped = np.fromiter(excluded, dtype=np.int64, count=len(excluded))
         while True:
             if self.index_kind == "hnsw":
                 params = faiss.SearchParametersHNSW(  # type: ignore[attr-defined]
@@ -244,13 +245,12 @@ class RetrievalIndex:
                 scores, rows = self.index.search(query, fetch, params=params)
             else:
                 scores, rows = self.index.search(query, fetch)
-            out = [
-                (int(r), float(s))
-                for r, s in zip(rows[0], scores[0], strict=True)
-                if r >= 0 and int(r) not in excluded
-            ]
-            if len(out) >= k or fetch >= n:
-                return out[:k]
+            keep = rows[0] >= 0
+            if len(dropped):
+                keep &= ~np.isin(rows[0], dropped)
+            found_rows, found_scores = rows[0][keep][:k], scores[0][keep][:k]
+            if len(found_rows) >= k or fetch >= n:
+                return list(zip(found_rows.tolist(), found_scores.tolist(), strict=True))
             fetch = min(n, fetch * 2)
 
     def popular(self, k: int, excluded: set[int] | frozenset[int] = frozenset()) -> list[int]:

@@ -30,7 +30,12 @@ def build_manager(settings: RetrievalSettings) -> IndexManager:
 
 def build_server(settings: RetrievalSettings, manager: IndexManager) -> RpcServer:
     """The server, not started (tests use port 0)."""
-    servicer = RetrievalServicer(manager, settings.max_k)
+    servicer = RetrievalServicer(
+        manager,
+        settings.max_k,
+        search_threads=settings.search_threads,
+        workers=settings.search_workers,
+    )
     return RpcServer(
         settings,
         service_names=[SERVICE_NAME],
@@ -41,9 +46,6 @@ def build_server(settings: RetrievalSettings, manager: IndexManager) -> RpcServe
 async def serve(settings: RetrievalSettings) -> None:
     """Serve until SIGTERM: SERVING once a model is loaded; poll for new versions (and reload on
     SIGHUP)."""
-    import faiss
-
-    faiss.omp_set_num_threads(settings.search_threads)
     manager = build_manager(settings)
     server = build_server(settings, manager)
     tasks: list[asyncio.Task[None]] = []

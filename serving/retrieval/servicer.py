@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import faiss
 import grpc
 
 from recsys.pipeline import Source
@@ -31,9 +34,20 @@ def validate(request: retrieval_pb2.RetrieveRequest, max_k: int) -> None:
 
 
 class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
-    def __init__(self, manager: IndexManager, max_k: int) -> None:
+    """Searches run on a small thread pool whose threads each use `search_threads` OpenMP
+    threads (the OpenMP setting is per thread, so it is set in every pool thread)."""
+
+    def __init__(
+        self, manager: IndexManager, max_k: int, *, search_threads: int = 1, workers: int = 4
+    ) -> None:
         self.manager = manager
         self.max_k = max_k
+        self.executor = ThreadPoolExecutor(
+            max_workers=workers,
+            thread_name_prefix="search",
+            initializer=faiss.omp_set_num_threads,
+            initargs=(search_threads,),
+        )
 
     async def Retrieve(
         self, request: retrieval_pb2.RetrieveRequest, context: grpc.aio.ServicerContext
@@ -46,7 +60,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
                 f"(serving {index.version})"
             )
         start = time.perf_counter()
-        result = await asyncio.to_thread(
+        search = functools.partial(
             index.retrieve,
             request.user_id,
             request.k,
@@ -55,6 +69,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
             history_item_ids=list(request.history_item_ids),
             sources=[Source(s) for s in request.sources],
         )
+        result = await asyncio.get_running_loop().run_in_executor(self.executor, search)
         metrics.SEARCH_DURATION.labels(index.domain).observe(time.perf_counter() - start)
         for source in result.sources:
             metrics.REQUESTS.labels(index.domain, source.name.lower()).inc()

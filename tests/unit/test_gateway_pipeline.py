@@ -230,7 +230,7 @@ def test_ranking_late_degrades_within_the_deadline() -> None:
         return loop.time() - start, result
 
     elapsed, result = asyncio.run(timed())
-    assert elapsed < 0.3
+    assert elapsed < 0.3 + 0.1  # the deadline, plus scheduling slack on a busy machine
     assert [d.reason for d in result.degradations] == [Reason.RANKING_DEADLINE]  # type: ignore[attr-defined]
     assert [c.item_id for c in result.items] == ITEMS[:5]  # type: ignore[attr-defined]
     assert rankers.cancelled == 4  # the late calls were cancelled, not left running
