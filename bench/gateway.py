@@ -13,7 +13,6 @@ histograms), and the recall of the approximate (HNSW) index against exact search
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import multiprocessing as mp
 import os
@@ -29,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "protos")]
 
 import numpy as np  # noqa: E402
+
+from tests.e2e.stack import recommend_load  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -91,76 +92,6 @@ def delta(before: dict, after: dict, name: str, **labels: str) -> float:
     return _sum(after, name, **labels) - _sum(before, name, **labels)
 
 
-# --- the load generator (separate processes) --------------------------------------------------
-
-
-def _loadgen(
-    address: str,
-    mode: str,
-    value: float,
-    duration_s: float,
-    users: list[str],
-    k: int,
-    timeout_s: float,
-    worker: int,
-    workers: int,
-    results: Any,
-) -> None:
-    """One load-generator process: `mode` "rate" sends `value` requests/s (evenly spaced, split
-    over the workers), "concurrency" keeps `value` requests in flight (split over the workers)."""
-    import grpc
-
-    from recsys.v1 import recommendation_pb2, recommendation_pb2_grpc
-
-    async def run() -> list[tuple[float, float, str, list[int]]]:
-        records: list[tuple[float, float, str, list[int]]] = []
-        async with grpc.aio.insecure_channel(address) as channel:
-            stub = recommendation_pb2_grpc.RecommendationServiceStub(channel)
-            await channel.channel_ready()
-
-            async def one(n: int) -> None:
-                request = recommendation_pb2.RecommendRequest(
-                    user_id=users[n % len(users)], domain="books", k=k, exclude_seen=True
-                )
-                start = time.perf_counter()
-                try:
-                    reply = await stub.Recommend(request, timeout=timeout_s)
-                    code, reasons = "OK", [int(d.reason) for d in reply.degradations]
-                except grpc.RpcError as exc:
-                    code, reasons = exc.code().name, []
-                records.append((start, time.perf_counter() - start, code, reasons))
-
-            loop = asyncio.get_running_loop()
-            t0 = loop.time()
-            end = t0 + duration_s
-            if mode == "rate":
-                interval = workers / value
-                tasks = []
-                n = worker
-                next_at = t0 + worker / value
-                while next_at < end:
-                    delay = next_at - loop.time()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                    tasks.append(asyncio.create_task(one(n)))
-                    n += workers
-                    next_at += interval
-                await asyncio.gather(*tasks)
-            else:
-                share = int(value) // workers + (1 if worker < int(value) % workers else 0)
-
-                async def closed(slot: int) -> None:
-                    n = worker + slot * workers
-                    while loop.time() < end:
-                        await one(n)
-                        n += workers * max(share, 1)
-
-                await asyncio.gather(*(closed(s) for s in range(share)))
-        return records
-
-    results.put(asyncio.run(run()))
-
-
 def run_phase(
     stack: Any,
     mode: str,
@@ -181,7 +112,7 @@ def run_phase(
     workers = max(1, min(processes, int(value))) if mode == "concurrency" else processes
     procs = [
         ctx.Process(
-            target=_loadgen,
+            target=recommend_load,
             args=(
                 stack.gateway.address,
                 mode,
@@ -199,7 +130,7 @@ def run_phase(
     ]
     for p in procs:
         p.start()
-    records: list[tuple[float, float, str, list[int]]] = []
+    records: list[tuple[float, float, str, list[int], list[str]]] = []
     for _ in procs:
         records += queue.get(timeout=duration_s + 120)
     for p in procs:
@@ -215,7 +146,7 @@ def run_phase(
         3: "ranking_partial",
         4: "retrieval_unavailable",
     }
-    for _, _, code, reasons in records:
+    for _, _, code, reasons, _ in records:
         if code != "OK":
             errors[code] = errors.get(code, 0) + 1
         for r in set(reasons):

@@ -9,11 +9,13 @@ and skipped, like an address that a headless Service no longer lists, so a rolli
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -222,3 +224,86 @@ class LoadGenerator:
     def count(self) -> int:
         with self._lock:
             return len(self.outcomes)
+
+
+# A record of one request: wall-clock start (time.time()), latency in seconds, status code name,
+# degradation reasons, ranker model versions named in the answer.
+Record = tuple[float, float, str, list[int], list[str]]
+
+
+def recommend_load(
+    address: str,
+    mode: str,
+    value: float,
+    duration_s: float,
+    users: list[str],
+    k: int,
+    timeout_s: float,
+    worker: int,
+    workers: int,
+    results: Any,
+    stop: Any = None,
+) -> None:
+    """One load-generator process (run it with multiprocessing): `mode` "rate" sends `value`
+    requests/s in all (evenly spaced, split over `workers` processes), "concurrency" keeps `value`
+    requests in flight in all. Runs `duration_s` or until the `stop` event is set, then puts its
+    list of Records on `results`."""
+
+    async def run() -> list[Record]:
+        records: list[Record] = []
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = recommendation_pb2_grpc.RecommendationServiceStub(channel)
+            await channel.channel_ready()
+
+            async def one(n: int) -> None:
+                request = recommendation_pb2.RecommendRequest(
+                    user_id=users[n % len(users)], domain="books", k=k, exclude_seen=True
+                )
+                wall = time.time()
+                start = time.perf_counter()
+                try:
+                    reply = await stub.Recommend(request, timeout=timeout_s)
+                    code = "OK"
+                    reasons = [int(d.reason) for d in reply.degradations]
+                    versions = [
+                        m.model_version
+                        for m in reply.model_versions
+                        if m.model_name.endswith("-ranker")
+                    ]
+                except grpc.RpcError as exc:
+                    code, reasons, versions = exc.code().name, [], []
+                records.append((wall, time.perf_counter() - start, code, reasons, versions))
+
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            end = t0 + duration_s
+
+            def running() -> bool:
+                return loop.time() < end and not (stop is not None and stop.is_set())
+
+            if mode == "rate":
+                interval = workers / value
+                tasks = []
+                n = worker
+                next_at = t0 + worker / value
+                while running():
+                    delay = next_at - loop.time()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    tasks.append(asyncio.create_task(one(n)))
+                    n += workers
+                    next_at += interval
+                await asyncio.gather(*tasks)
+            else:
+                share = int(value) // workers + (1 if worker < int(value) % workers else 0)
+
+                async def closed(slot: int) -> None:
+                    n = worker + slot * workers
+                    while running():
+                        await one(n)
+                        n += workers * max(share, 1)
+
+                await asyncio.gather(*(closed(s) for s in range(share)))
+        return records
+
+    results.put(asyncio.run(run()))
