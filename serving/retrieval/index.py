@@ -87,20 +87,28 @@ def _user_tower(path: Path, n_users: int, metadata: dict[str, Any], threads: int
     return np.ascontiguousarray(np.concatenate(chunks))
 
 
+def mips_to_l2(embeddings: np.ndarray) -> np.ndarray:
+    """Item vectors x -> [x, sqrt(M - |x|^2)] with M the largest squared norm, so that the
+    nearest items to [q, 0] in Euclidean distance are those with the largest inner product with q.
+    HNSW graphs built on raw inner products reach large-norm items well and the rest poorly."""
+    norms = np.einsum("ij,ij->i", embeddings, embeddings)
+    extra = np.sqrt(np.maximum(norms.max(initial=0.0) - norms, 0.0))
+    return np.ascontiguousarray(np.hstack([embeddings, extra[:, None]]), dtype=np.float32)
+
+
 def build_faiss_index(embeddings: np.ndarray, options: IndexOptions) -> tuple[faiss.Index, str]:
-    """Exact inner-product search up to `exact_search_max_items` items, HNSW above."""
+    """Exact inner-product search up to `exact_search_max_items` items; above, HNSW over the
+    items reduced to a Euclidean search (`mips_to_l2`): query it with [q, 0]."""
     n, dim = embeddings.shape
     if n <= options.exact_search_max_items:
         index: faiss.Index = faiss.IndexFlatIP(dim)
-        kind = "flat"
-    else:
-        hnsw = faiss.IndexHNSWFlat(dim, options.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        hnsw.hnsw.efConstruction = options.hnsw_ef_construction
-        hnsw.hnsw.efSearch = options.hnsw_ef_search
-        index = hnsw
-        kind = "hnsw"
-    index.add(embeddings)
-    return index, kind
+        index.add(embeddings)
+        return index, "flat"
+    hnsw = faiss.IndexHNSWFlat(dim + 1, options.hnsw_m, faiss.METRIC_L2)
+    hnsw.hnsw.efConstruction = options.hnsw_ef_construction
+    hnsw.hnsw.efSearch = options.hnsw_ef_search
+    hnsw.add(mips_to_l2(embeddings))
+    return hnsw, "hnsw"
 
 
 class RetrievalIndex:
@@ -242,13 +250,20 @@ class RetrievalIndex:
                 params = faiss.SearchParametersHNSW(  # type: ignore[attr-defined]
                     efSearch=max(self.options.hnsw_ef_search, fetch)
                 )
-                scores, rows = self.index.search(query, fetch, params=params)
+                augmented = np.hstack([query, np.zeros((1, 1), dtype=np.float32)])
+                _, rows = self.index.search(augmented, fetch, params=params)
+                found = rows[0][rows[0] >= 0]
+                # Exact inner products of what the graph found, best first.
+                exact = self.item_embeddings[found] @ query[0]
+                order = np.argsort(-exact, kind="stable")
+                found, scores = found[order], exact[order]
             else:
-                scores, rows = self.index.search(query, fetch)
-            keep = rows[0] >= 0
+                distances, rows = self.index.search(query, fetch)
+                found, scores = rows[0], distances[0]
+            keep = found >= 0
             if len(dropped):
-                keep &= ~np.isin(rows[0], dropped)
-            found_rows, found_scores = rows[0][keep][:k], scores[0][keep][:k]
+                keep &= ~np.isin(found, dropped)
+            found_rows, found_scores = found[keep][:k], scores[keep][:k]
             if len(found_rows) >= k or fetch >= n:
                 return list(zip(found_rows.tolist(), found_scores.tolist(), strict=True))
             fetch = min(n, fetch * 2)
