@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import logging
 
+import grpc
+
 from gateway.clients import Upstreams
 from gateway.config import GatewaySettings
 from gateway.popular import PopularRefresher
@@ -75,10 +77,13 @@ class Gateway:
         channels = [self.upstreams.retrieval_channel] + [
             channel for _, channel in self.upstreams.ranker_channels
         ]
-        waits = [asyncio.ensure_future(c.channel_ready()) for c in channels]
-        _, pending = await asyncio.wait(waits, timeout=2.0)
-        for wait in pending:
-            wait.cancel()
+        settled = (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + 2.0
+        while loop.time() < give_up:
+            if all(c.get_state(try_to_connect=True) in settled for c in channels):
+                break
+            await asyncio.sleep(0.02)
         await self.refresher.refresh_once()
         self._tasks.append(
             asyncio.get_running_loop().create_task(

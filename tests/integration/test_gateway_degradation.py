@@ -3,6 +3,7 @@ degradation, fallbacks, bad input, health and metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -13,8 +14,12 @@ import pytest
 
 from gateway.config import GatewaySettings
 from gateway.server import Gateway
+from recsys.rpc.server import RpcServer
+from recsys.rpc.settings import ServerSettings
 from recsys.v1 import (
     common_pb2,
+    ranking_pb2,
+    ranking_pb2_grpc,
     recommendation_pb2,
     recommendation_pb2_grpc,
     retrieval_pb2,
@@ -213,5 +218,87 @@ def test_retrieval_down_falls_back_to_popular_items_from_the_repository(
         assert [i.item_id for i in reply.items] == [model.item_ids[j] for j in order]
         assert all(i.source == common_pb2.CANDIDATE_SOURCE_POPULAR for i in reply.items)
         assert 'recsys_gateway_degraded_total{reason="retrieval_unavailable"} ' in gw.metrics()
+    finally:
+        gw.close()
+
+
+class SlowRanker(ranking_pb2_grpc.RankingServiceServicer):
+    """A ranker that takes `delay_s` to answer and counts the calls cancelled while it waits."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.started = 0
+        self.cancelled = 0
+
+    async def Rank(
+        self, request: ranking_pb2.RankRequest, context: grpc.aio.ServicerContext
+    ) -> ranking_pb2.RankResponse:
+        self.started += 1
+        try:
+            await asyncio.sleep(self.delay_s)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return ranking_pb2.RankResponse(
+            scores=[0.0] * len(request.item_ids), model_name=request.model_name, model_version="1"
+        )
+
+
+@pytest.fixture()
+def slow_ranker() -> Iterator[tuple[BackgroundServer, SlowRanker]]:
+    servicer = SlowRanker(delay_s=5.0)
+
+    async def factory():  # type: ignore[no-untyped-def]
+        return RpcServer(
+            ServerSettings(host="127.0.0.1", port=0, metrics_port=0),
+            service_names=["recsys.v1.RankingService"],
+            register=lambda s: ranking_pb2_grpc.add_RankingServiceServicer_to_server(servicer, s),
+        )
+
+    server = BackgroundServer(factory)
+    yield server, servicer
+    server.stop(grace=0)
+
+
+def test_late_rankers_give_retrieval_order_within_the_callers_deadline(
+    retrieval: BackgroundServer, slow_ranker: tuple[BackgroundServer, SlowRanker]
+) -> None:
+    server, servicer = slow_ranker
+    gw = GatewayUnderTest(retrieval_target=retrieval.address, ranker_targets=server.address)
+    try:
+        start = time.monotonic()
+        reply = gw.recommend(user_id="u3", k=10, timeout=0.5)
+        assert time.monotonic() - start < 0.5
+        assert [d.reason for d in reply.degradations] == [
+            Reason.DEGRADATION_REASON_RANKING_DEADLINE
+        ]
+        assert [i.item_id for i in reply.items] == retrieve_directly(retrieval.address, "u3", 10)
+        # ~110 candidates in shards of at least 32: 3 calls, all cancelled, not left running.
+        assert servicer.started == 3
+        deadline = time.monotonic() + 5
+        while servicer.cancelled < servicer.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert servicer.cancelled == servicer.started
+    finally:
+        gw.close()
+
+
+def test_caller_cancellation_cancels_the_fan_out(
+    retrieval: BackgroundServer, slow_ranker: tuple[BackgroundServer, SlowRanker]
+) -> None:
+    server, servicer = slow_ranker
+    gw = GatewayUnderTest(retrieval_target=retrieval.address, ranker_targets=server.address)
+    try:
+        call = gw.stub.Recommend.future(
+            recommendation_pb2.RecommendRequest(user_id="u3", domain="books", k=10), timeout=30
+        )
+        deadline = time.monotonic() + 10
+        while servicer.started < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert servicer.started == 3
+        call.cancel()
+        while servicer.cancelled < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert servicer.cancelled == 3
     finally:
         gw.close()
