@@ -18,9 +18,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import onnxruntime as ort
-
 from recsys.pipeline import (
     Pipeline,
     PipelineConfig,
@@ -33,7 +30,8 @@ from recsys.pipeline import (
     RetrieveQuery,
     UpstreamError,
 )
-from recsys.repository import RepositoryError, list_versions, verify_version, version_dir
+from recsys.repository import RepositoryError, list_versions, version_dir
+from serving.ranking.model import ModelLoadError, RankerModel, SessionOptions, UnknownIds
 from serving.retrieval.index import IndexOptions, RetrievalIndex
 
 logger = logging.getLogger(__name__)
@@ -70,68 +68,42 @@ class LocalRetriever:
         return Retrieval(result.candidates, index.model_name, str(index.version))
 
 
-class LocalRankerModel:
-    """One ranker version: its ONNX graph (user_index, item_index -> score) and id vocabularies."""
-
-    def __init__(self, directory: Path, model_name: str, threads: int = 1) -> None:
-        metadata = verify_version(directory)
-        self.model_name = model_name
-        self.version = str(int(directory.name))
-        users = json.loads((directory / "users.json").read_text(encoding="utf-8"))
-        items = json.loads((directory / "items.json").read_text(encoding="utf-8"))
-        self.user_rows = {str(u): i for i, u in enumerate(users["ids"])}
-        self.item_rows = {str(item): j for j, item in enumerate(items["ids"])}
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(
-            str(directory / "model.onnx"), options, providers=["CPUExecutionProvider"]
-        )
-        names = [i.name for i in self.session.get_inputs()]
-        declared = [spec["name"] for spec in metadata.get("inputs", [])]
-        if declared and names != declared:
-            raise RepositoryError(f"{directory}/model.onnx: inputs {names} != metadata {declared}")
-        self.user_input, self.item_input = names[0], names[1]
-
-    def score(self, user_id: str, item_ids: Sequence[str]) -> list[float]:
-        if user_id not in self.user_rows:
-            raise UpstreamError("NOT_FOUND", f"user {user_id!r} unknown to {self.model_name}")
-        unknown = [i for i in item_ids if i not in self.item_rows]
-        if unknown:
-            raise UpstreamError("NOT_FOUND", f"items unknown to {self.model_name}: {unknown[:5]}")
-        items = np.asarray([self.item_rows[i] for i in item_ids], dtype=np.int64)
-        users = np.full(len(items), self.user_rows[user_id], dtype=np.int64)
-        scores = self.session.run(None, {self.user_input: users, self.item_input: items})[0]
-        return [float(s) for s in np.asarray(scores, dtype=np.float32).reshape(-1)]
-
-
 class LocalRanker:
-    """Ranker over the latest ranker model version of each domain, in-process (one replica)."""
+    """Ranker over the latest ranker model version of each domain, in-process (one replica), with
+    the ranking service's own model loader (serving.ranking.model)."""
 
     def __init__(self, repository: Path, threads: int = 1) -> None:
         self.repository = Path(repository)
-        self.threads = threads
-        self._models: dict[str, LocalRankerModel] = {}
+        self.options = SessionOptions(intra_op_threads=threads, inter_op_threads=1)
+        self._models: dict[str, RankerModel] = {}
 
     @property
     def replicas(self) -> int:
         return 1
 
-    def model(self, name: str, version: str) -> LocalRankerModel:
+    def model(self, name: str, version: str) -> RankerModel:
         if name not in self._models:
             versions = list_versions(self.repository, name)
             if not versions:
                 raise UpstreamError("NOT_FOUND", f"no version of {name} in {self.repository}")
             directory = version_dir(self.repository, name, versions[-1])
-            self._models[name] = LocalRankerModel(directory, name, self.threads)
+            try:
+                self._models[name] = RankerModel.load(name, versions[-1], directory, self.options)
+            except ModelLoadError as exc:
+                raise UpstreamError("UNAVAILABLE", str(exc)) from exc
         model = self._models[name]
-        if version and version != model.version:
+        if version and version != str(model.version):
             raise UpstreamError("NOT_FOUND", f"version {version} of {name} is not loaded")
         return model
 
     async def rank(self, query: RankQuery, *, replica: int, timeout: float) -> Ranked:
         model = self.model(query.model_name, query.model_version)
-        return Ranked(model.score(query.user_id, query.item_ids), model.model_name, model.version)
+        try:
+            users, items = model.lookup(query.user_id, query.item_ids)
+        except UnknownIds as exc:
+            raise UpstreamError("NOT_FOUND", str(exc)) from exc
+        scores = model.score(users, items)
+        return Ranked(scores.tolist(), model.name, str(model.version))
 
 
 def local_pipeline(repository: Path, config: PipelineConfig | None = None) -> Pipeline:
@@ -200,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         shards=args.shards,
     )
     try:
-        pipeline = local_pipeline(args.repository, config)
+        retriever, ranker = LocalRetriever(args.repository), LocalRanker(args.repository)
+        retriever.index(args.domain)  # load both models now: a missing one is an error here
+        ranker.model(f"{args.domain}-ranker", "")
+        pipeline = Pipeline(retriever, ranker, config)
         results = asyncio.run(
             score_users(pipeline, args.domain, users, args.k, not args.include_seen)
         )
