@@ -72,9 +72,11 @@ class PopularRefresher:
             if answer.candidates:
                 self.cache.set(domain, answer.candidates)
 
-    async def run(self, interval_s: float) -> None:
+    async def run(self, interval_s: float, retry_s: float = 1.0) -> None:
+        """Refresh every `interval_s`, or every `retry_s` while a domain has no items yet."""
         while True:
-            await asyncio.sleep(interval_s)
+            complete = all(self.cache.has(domain) for domain in self.domains)
+            await asyncio.sleep(interval_s if complete else min(interval_s, retry_s))
             try:
                 await self.refresh_once()
             except Exception:
