@@ -92,6 +92,13 @@ def delta(before: dict, after: dict, name: str, **labels: str) -> float:
     return _sum(after, name, **labels) - _sum(before, name, **labels)
 
 
+def _cpu_seconds(pid: int) -> float:
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
 def run_phase(
     stack: Any,
     mode: str,
@@ -107,6 +114,12 @@ def run_phase(
         **{f"ranker{s}": p.metrics_port for s, p in stack.rankers.items()},
     }
     before = {name: scrape(port) for name, port in ports.items()}
+    pids = {
+        "gateway": stack.gateway.proc.pid,
+        "retrieval": stack.retrieval.proc.pid,
+        **{f"ranker{s}": p.proc.pid for s, p in stack.rankers.items()},
+    }
+    cpu_before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     workers = max(1, min(processes, int(value))) if mode == "concurrency" else processes
@@ -136,6 +149,11 @@ def run_phase(
     for p in procs:
         p.join(30)
     after = {name: scrape(port) for name, port in ports.items()}
+    cpu_after = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+    cpu_ms = {
+        name: round(1000 * (cpu_after[name] - cpu_before[name]) / max(1, len(records)), 3)
+        for name in pids
+    }
 
     latencies = np.asarray([r[1] for r in records if r[2] == "OK"]) * 1000
     errors: dict[str, int] = {}
@@ -219,6 +237,7 @@ def run_phase(
         "degraded": degraded,
         "rank_calls_per_request": round(rank_calls / max(1, len(records)), 2),
         "time_breakdown_ms": breakdown,
+        "cpu_ms_per_request": cpu_ms,
     }
 
 
@@ -324,6 +343,24 @@ def to_markdown(result: dict[str, Any]) -> str:
     for p in result["phases"]:
         row = [str(p["time_breakdown_ms"][k]) for k in keys]
         lines.append(f"| {p['mode']} {p['target']:g} | " + " | ".join(row) + " |")
+    lines += [
+        "",
+        "## CPU per request (ms of CPU time per Recommend, by process)",
+        "",
+        "User plus system CPU time of each service process over the phase, divided by the requests "
+        "of the phase; the machine has 2 cores for all of them and the load generator.",
+        "",
+    ]
+    names = list(result["phases"][0]["cpu_ms_per_request"]) if result["phases"] else []
+    lines.append("| phase | " + " | ".join(names) + " | total |")
+    lines.append("|---" * (len(names) + 2) + "|")
+    for p in result["phases"]:
+        cpu = p["cpu_ms_per_request"]
+        lines.append(
+            f"| {p['mode']} {p['target']:g} | "
+            + " | ".join(str(cpu[n]) for n in names)
+            + f" | {round(sum(cpu.values()), 3)} |"
+        )
     r = result.get("recall")
     if r:
         lines += [
