@@ -98,22 +98,23 @@ class GrpcRankers:
     def replicas(self) -> int:
         return len(self._channels)
 
-    def _pick(self, replica: int) -> _RankerChannel:
+    def _pick(self, replica: int) -> int:
         """From the hinted channel on, the first that is connected (READY: some backend is up
         and its health says SERVING) and not ejected; else the first not ejected; else the
         hinted one."""
         n = len(self._channels)
         now = time.monotonic()
-        order = [self._channels[(replica + step) % n] for step in range(n)]
-        usable = [c for c in order if c.ejected_until <= now]
-        for candidate in usable:
-            state = candidate.channel.get_state(try_to_connect=True)
+        order = [(replica + step) % n for step in range(n)]
+        usable = [i for i in order if self._channels[i].ejected_until <= now]
+        for i in usable:
+            state = self._channels[i].channel.get_state(try_to_connect=True)
             if state == grpc.ChannelConnectivity.READY:
-                return candidate
+                return i
         return usable[0] if usable else order[0]
 
     async def rank(self, query: RankQuery, *, replica: int, timeout: float) -> Ranked:
-        chosen = self._pick(replica)
+        index = self._pick(replica)
+        chosen = self._channels[index]
         request = ranking_pb2.RankRequest(
             model_name=query.model_name,
             model_version=query.model_version,
@@ -125,6 +126,7 @@ class GrpcRankers:
             reply = await chosen.stub.Rank(request, timeout=timeout)
         except grpc.RpcError as exc:
             error = upstream_error("ranker", exc)
+            error.replica = index
             if error.code in ("UNAVAILABLE", "RESOURCE_EXHAUSTED") and self.eject_s > 0:
                 chosen.ejected_until = time.monotonic() + self.eject_s
             raise error from None

@@ -66,12 +66,14 @@ DEADLINE_CODES = frozenset({"DEADLINE_EXCEEDED"})
 
 
 class UpstreamError(Exception):
-    """A retrieval or ranking call failed; `code` is the gRPC status code name."""
+    """A retrieval or ranking call failed; `code` is the gRPC status code name. A ranker sets
+    `replica` to the replica that failed, so that a retry goes to the next one."""
 
-    def __init__(self, code: str, detail: str = "") -> None:
+    def __init__(self, code: str, detail: str = "", *, replica: int | None = None) -> None:
         super().__init__(f"{code}: {detail}" if detail else code)
         self.code = code
         self.detail = detail
+        self.replica = replica
 
 
 class PipelineUnavailable(Exception):
@@ -453,7 +455,7 @@ class Pipeline:
                 )
                 if not retry or tried >= attempts or not self.budget.try_spend():
                     raise
-                replica += 1
+                replica = (replica if exc.replica is None else exc.replica) + 1
 
     async def _rank(
         self,
