@@ -306,7 +306,9 @@ def to_markdown(result: dict[str, Any]) -> str:
         "# Gateway benchmark",
         "",
         f"Run {result['started_at']} on {result['machine']['cpus']} CPUs ({result['machine']['platform']}); "
-        f"everything (load generator, gateway, retrieval, {cfg['rankers']} rankers) on this machine.",
+        f"everything (load generator, gateway, retrieval, {cfg['rankers']} rankers) on this machine, "
+        f"shared with other work (load average {result['machine']['load_average_1_5_15_before']} "
+        f"before, {result['machine']['load_average_1_5_15_after']} after: 1, 5, 15 min).",
         f"Catalogue: {cfg['n_items']} items, {cfg['n_users']} users, dim {cfg['dim']} (synthetic, planted tastes); "
         f"retrieval {cfg['retrieval_candidates']} candidates, all ranked in {cfg['ranker_shards']} shards; "
         f"k = 10, exclude_seen; client deadline {cfg['timeout_s']} s.",
@@ -408,6 +410,7 @@ def main() -> int:
     from tests.e2e.stack import Stack, StackOptions
 
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    load_before = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="bench-gateway-") as tmp:
         tmp_path = Path(tmp)
         repo = tmp_path / "repo"
@@ -499,6 +502,8 @@ def main() -> int:
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
             "python": platform.python_version(),
+            "load_average_1_5_15_before": load_before,
+            "load_average_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
         },
         "config": {
             "n_items": args.n_items,

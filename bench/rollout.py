@@ -92,7 +92,9 @@ def to_markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Rollout rehearsal",
         "",
-        f"Run {result['started_at']} on {result['machine']['cpus']} CPUs; everything on this machine. "
+        f"Run {result['started_at']} on {result['machine']['cpus']} CPUs; everything on this machine "
+        f"(load average {result['machine']['load_average_1_5_15_before']} before, "
+        f"{result['machine']['load_average_1_5_15_after']} after). "
         f"Constant load of {cfg['rate']} Recommend/s (k = 10, {cfg['retrieval_candidates']} candidates ranked "
         f"in {cfg['ranker_shards']} shards, client deadline {cfg['timeout_s']} s) from a separate process; "
         f"synthetic catalogue of {cfg['n_items']} items.",
@@ -132,6 +134,7 @@ def main() -> int:
     args = parser.parse_args()
 
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    load_before = [round(x, 2) for x in os.getloadavg()]
     events: list[tuple[float, str]] = []
     with tempfile.TemporaryDirectory(prefix="bench-rollout-") as tmp:
         repo, logs = Path(tmp) / "repo", Path(tmp) / "logs"
@@ -242,7 +245,12 @@ def main() -> int:
         "benchmark": "rollout",
         "started_at": started,
         "command": "python bench/rollout.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_average_1_5_15_before": load_before,
+            "load_average_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
+        },
         "config": {
             "rate": args.rate,
             "n_items": args.n_items,
