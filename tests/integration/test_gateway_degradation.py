@@ -266,9 +266,9 @@ def test_late_rankers_give_retrieval_order_within_the_callers_deadline(
     server, servicer = slow_ranker
     gw = GatewayUnderTest(retrieval_target=retrieval.address, ranker_targets=server.address)
     try:
-        start = time.monotonic()
+        # An answer at all (not DEADLINE_EXCEEDED) means it came within the caller's 0.5 s,
+        # while the rankers would have taken 5 s.
         reply = gw.recommend(user_id="u3", k=10, timeout=0.5)
-        assert time.monotonic() - start < 0.5
         assert [d.reason for d in reply.degradations] == [
             Reason.DEGRADATION_REASON_RANKING_DEADLINE
         ]
