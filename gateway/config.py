@@ -10,9 +10,25 @@ from pydantic_settings import SettingsConfigDict
 from recsys.rpc.settings import ServerSettings
 from recsys.rpc.tls import ClientTLS
 
+_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "xds:", "vsock:")
+
 
 def _split(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def split_targets(value: str) -> list[str]:
+    """A comma list of gRPC targets. An `ipv4:`/`ipv6:` target is itself a comma list of
+    addresses, so the entries after it that name no scheme belong to it:
+    "ipv4:10.0.0.1:8001,10.0.0.2:8001" is one target (one channel, round robin over both);
+    "10.0.0.1:8001,10.0.0.2:8001" is two."""
+    targets: list[str] = []
+    for part in _split(value):
+        if targets and targets[-1].startswith(("ipv4:", "ipv6:")) and not part.startswith(_SCHEMES):
+            targets[-1] += "," + part
+        else:
+            targets.append(part)
+    return targets
 
 
 class GatewaySettings(ServerSettings):
@@ -28,7 +44,8 @@ class GatewaySettings(ServerSettings):
     ranker_targets: str = Field(
         "dns:///localhost:8001",
         description="Comma list of ranker targets; one channel each, balanced round robin over "
-        "every address a target resolves to (a headless Service's pods).",
+        "every address a target resolves to (a headless Service's pods, or the addresses of an "
+        "ipv4: target).",
     )
     ranker_shards: int = Field(
         4, ge=1, le=64, description="A candidate list is split into at most this many shards."
@@ -104,7 +121,7 @@ class GatewaySettings(ServerSettings):
 
     @property
     def ranker_target_list(self) -> list[str]:
-        return _split(self.ranker_targets)
+        return split_targets(self.ranker_targets)
 
     @property
     def upstream_tls(self) -> ClientTLS | None:

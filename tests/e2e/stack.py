@@ -36,6 +36,9 @@ class StackOptions:
     ranker_args: list[str] = field(default_factory=list)
     retrieval_args: list[str] = field(default_factory=list)
     gateway_args: list[str] = field(default_factory=list)
+    # "list": one gateway channel per slot; "ipv4": one channel over every slot's address,
+    # balanced round robin like a headless Service's DNS name.
+    ranker_target_style: str = "list"
 
 
 class Stack:
@@ -64,6 +67,8 @@ class Stack:
         for slot in range(opts.initial_rankers):
             self.start_ranker(slot, wait=False)
         targets = ",".join(f"127.0.0.1:{p}" for p in self.slot_ports)
+        if opts.ranker_target_style == "ipv4":
+            targets = "ipv4:" + targets
         self.gateway = ServiceProcess(
             "gateway",
             [

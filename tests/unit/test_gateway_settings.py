@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.config import GatewaySettings
+from gateway.config import GatewaySettings, split_targets
 from recsys.rpc.settings import SettingsInvalid, load_settings
 from serving.retrieval.config import RetrievalSettings
 
@@ -42,3 +42,22 @@ def test_retrieval_defaults_and_models(monkeypatch: pytest.MonkeyPatch) -> None:
         "books-retrieval",
         "music-retrieval",
     ]
+
+
+@pytest.mark.parametrize(
+    ("value", "targets"),
+    [
+        (
+            "dns:///ranker-headless.recsys.svc.cluster.local:8001",
+            ["dns:///ranker-headless.recsys.svc.cluster.local:8001"],
+        ),
+        ("127.0.0.1:8001,127.0.0.1:8011", ["127.0.0.1:8001", "127.0.0.1:8011"]),
+        ("ipv4:127.0.0.1:8001,127.0.0.1:8011", ["ipv4:127.0.0.1:8001,127.0.0.1:8011"]),
+        (
+            "ipv4:10.0.0.1:1,10.0.0.2:1,dns:///r:1,localhost:2",
+            ["ipv4:10.0.0.1:1,10.0.0.2:1", "dns:///r:1", "localhost:2"],
+        ),
+    ],
+)
+def test_ranker_targets_split_into_channels(value: str, targets: list[str]) -> None:
+    assert split_targets(value) == targets
