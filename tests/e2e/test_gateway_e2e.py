@@ -239,3 +239,10 @@ def test_all_rankers_down_gives_degraded_answers_within_the_deadline(
             Reason.DEGRADATION_REASON_RANKING_DEADLINE,
         }
         assert len(reply.items) == 10
+
+
+def test_services_drain_and_exit_0_on_sigterm(stack: Stack) -> None:
+    assert stack.gateway.terminate(30) == 0
+    assert stack.retrieval.terminate(30) == 0
+    assert "Shutdown signal received" in stack.gateway.log()
+    assert "Shutdown signal received" in stack.retrieval.log()
