@@ -383,7 +383,8 @@ class Pipeline:
                 sources=sources,
             )
 
-        calls = [self._call_retriever(ask(cfg.retrieval_candidates, PERSONAL_SOURCES), timeout)]
+        personal_k = max(cfg.retrieval_candidates, query.k)
+        calls = [self._call_retriever(ask(personal_k, PERSONAL_SOURCES), timeout)]
         if cfg.popular_candidates > 0:
             calls.append(
                 self._call_retriever(ask(cfg.popular_candidates, (Source.POPULAR,)), timeout)

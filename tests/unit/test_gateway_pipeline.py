@@ -351,3 +351,11 @@ def test_cancelling_the_request_cancels_the_fan_out() -> None:
 
     asyncio.run(cancel_midway())
     assert len(rankers.calls) == 4 and rankers.cancelled == 4
+
+
+def test_retrieval_is_asked_for_at_least_k_candidates() -> None:
+    retriever = FakeRetriever()
+    config = PipelineConfig(retrieval_candidates=5, popular_candidates=0, min_shard_size=1)
+    result = run(Pipeline(retriever, FakeRankers(["1"]), config), RecommendQuery("u1", "books", 20))
+    assert retriever.calls[0].k == 20
+    assert len(result.items) == 20
