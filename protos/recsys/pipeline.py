@@ -11,7 +11,8 @@ the degradation rules live here once:
   (`RANKING_PARTIAL`);
 - retrieval unavailable or late: the domain's popular items from a cache (`RETRIEVAL_UNAVAILABLE`),
   still ranked when the rankers answer;
-- nothing to fall back on: `PipelineUnavailable`.
+- retrieval and ranking both down, or nothing to fall back on: `PipelineUnavailable` (the
+  gateway answers UNAVAILABLE at once rather than unranked popular items).
 
 Version skew: all scores of one answer come from one ranker model version. Shards are first sent
 with no version; if the answers name different versions, the version that answered most shards
@@ -323,7 +324,7 @@ class Pipeline:
 
         start = time.perf_counter()
         retrieval_timeout = max(0.0, (timeout - cfg.margin_s) * cfg.retrieval_fraction)
-        candidates, rank = await self._retrieve(query, retrieval_timeout, result)
+        candidates, rank, retrieved = await self._retrieve(query, retrieval_timeout, result)
         result.timings["retrieval"] = time.perf_counter() - start
 
         scores: list[float | None] = [None] * len(candidates)
@@ -332,6 +333,9 @@ class Pipeline:
             ranking_timeout = deadline - loop.time() - cfg.margin_s
             scores = await self._rank(query, candidates, ranking_timeout, result)
             result.timings["ranking"] = time.perf_counter() - start
+            if not retrieved and all(score is None for score in scores):
+                details = "; ".join(d.detail for d in result.degradations)
+                raise PipelineUnavailable(f"retrieval and ranking are both unavailable ({details})")
 
         start = time.perf_counter()
         result.items = top_k(candidates, scores, query.k)
@@ -361,8 +365,8 @@ class Pipeline:
 
     async def _retrieve(
         self, query: RecommendQuery, timeout: float, result: Recommendation
-    ) -> tuple[list[Candidate], bool]:
-        """Merged candidates, and whether to rank them.
+    ) -> tuple[list[Candidate], bool, bool]:
+        """Merged candidates, whether to rank them, and whether retrieval answered at all.
 
         Users the retrieval model knows (ANN or TRANSFER candidates) are ranked. Users it does not
         know (history neighbours or popular items only) are unknown to the ranker of the same
@@ -413,9 +417,9 @@ class Pipeline:
             lists = [fallback[: cfg.retrieval_candidates + cfg.popular_candidates]]
         candidates = merge_candidates(lists, exclude)
         if personal is None:
-            return candidates, True
+            return candidates, True, bool(ok)
         known = any(c.source in (Source.ANN, Source.TRANSFER) for c in personal.candidates)
-        return candidates, known
+        return candidates, known, True
 
     # -- ranking --------------------------------------------------------------------------------
 

@@ -25,6 +25,9 @@ from recsys.v1 import (
     retrieval_pb2,
     retrieval_pb2_grpc,
 )
+from serving.ranking.config import RankingSettings
+from serving.ranking.server import build_server as build_ranker
+from serving.ranking.server import create_manager
 from serving.retrieval.config import RetrievalSettings
 from serving.retrieval.server import build_manager, build_server
 from tests.utils.processes import free_port, health_status
@@ -203,23 +206,53 @@ def test_everything_down_and_no_fallback_is_unavailable_quickly() -> None:
         gw.close()
 
 
-def test_retrieval_down_falls_back_to_popular_items_from_the_repository(
+def test_retrieval_and_rankers_down_is_unavailable_quickly_despite_popular_items(
     repo: Path, model: TinyModel
 ) -> None:
+    # The repository gives the gateway popular items, but with no upstream at all it says
+    # UNAVAILABLE at once instead of answering unranked, unpersonalised items.
     gw = GatewayUnderTest(retrieval_target=f"127.0.0.1:{free_port()}", model_repository=repo)
+    try:
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            gw.recommend(user_id="u1", k=5, timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "both unavailable" in (info.value.details() or "")
+        assert time.monotonic() - start < 1.0
+    finally:
+        gw.close()
+
+
+def test_retrieval_down_falls_back_to_popular_items_ranked(repo: Path, model: TinyModel) -> None:
+    settings = RankingSettings(host="127.0.0.1", port=0, metrics_port=0, model_repository=repo)
+    manager = create_manager(settings)
+
+    async def factory():  # type: ignore[no-untyped-def]
+        await manager.start()
+        return build_ranker(settings, manager)
+
+    ranker = BackgroundServer(factory)
+    gw = GatewayUnderTest(
+        retrieval_target=f"127.0.0.1:{free_port()}",
+        model_repository=repo,
+        ranker_targets=ranker.address,
+    )
     try:
         reply = gw.recommend(user_id="u1", k=5, timeout=5)
         assert reply.degraded
-        assert {d.reason for d in reply.degradations} == {
-            Reason.DEGRADATION_REASON_RETRIEVAL_UNAVAILABLE,
-            Reason.DEGRADATION_REASON_RANKING_UNAVAILABLE,
-        }
-        order = sorted(range(len(model.item_ids)), key=lambda j: (-model.popularity[j], j))[:5]
-        assert [i.item_id for i in reply.items] == [model.item_ids[j] for j in order]
+        assert [d.reason for d in reply.degradations] == [
+            Reason.DEGRADATION_REASON_RETRIEVAL_UNAVAILABLE
+        ]
         assert all(i.source == common_pb2.CANDIDATE_SOURCE_POPULAR for i in reply.items)
+        # The popular items are ranked for the user: best model score first.
+        ids = [i.item_id for i in reply.items]
+        expected = model.scores("u1", ids)
+        assert list(expected) == sorted(expected, reverse=True)
         assert 'recsys_gateway_degraded_total{reason="retrieval_unavailable"} ' in gw.metrics()
     finally:
         gw.close()
+        ranker.run(manager.close())
+        ranker.stop()
 
 
 class SlowRanker(ranking_pb2_grpc.RankingServiceServicer):
