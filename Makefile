@@ -11,7 +11,7 @@ PROTO_SRC := $(wildcard protos/recsys/v1/*.proto protos/recsys/inference/*.proto
 PROTO_OUT := $(PROTO_SRC:.proto=_pb2.py)
 
 .PHONY: help setup tools protos check-protos lint fmt test test-fast e2e bench bench-quality \
-	bench-ranker bench-gateway demo train serve-ranking serve-retrieval serve-gateway \
+	bench-ranker bench-gateway bench-rollout demo train serve-ranking serve-retrieval serve-gateway \
 	images k8s-render k8s-check clean
 
 help: ## list the targets
@@ -50,6 +50,15 @@ bench: bench-quality bench-ranker bench-gateway ## every benchmark (slow)
 
 bench-ranker: $(STAMP) ## the ranking service against the in-process ONNX Runtime ceiling (slow)
 	$(PY) bench/ranker.py
+
+bench-gateway: $(STAMP) ## the whole stack under load: throughput, latency, where the time goes, HNSW recall (slow)
+	$(PY) bench/gateway.py
+
+bench-rollout: $(STAMP) ## rolling update of the rankers and a model version rollout under load (slow)
+	$(PY) bench/rollout.py
+
+e2e: $(STAMP) ## the end-to-end tests: every service as a process on loopback
+	$(BIN)/pytest -q tests/e2e
 
 IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 

@@ -539,7 +539,11 @@ def test_grafana_dashboard_ships_as_a_sidecar_configmap(serving: Rendered) -> No
 
 # Settings classes of the services that exist in this tree; retrieval and the gateway join this
 # list when their modules land ("serving.retrieval.config:...", "gateway.config:...").
-SETTINGS_CLASSES = {"ranker": "serving.ranking.config:RankingSettings"}
+SETTINGS_CLASSES = {
+    "ranker": "serving.ranking.config:RankingSettings",
+    "retrieval": "serving.retrieval.config:RetrievalSettings",
+    "gateway": "gateway.config:GatewaySettings",
+}
 
 
 @pytest.mark.parametrize("name", SETTINGS_CLASSES)

@@ -1,0 +1,131 @@
+"""Loaders: built-in layouts, the generic declared format, malformed, duplicate and missing input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.data.dataset import load_dataset, read_table
+from training.data.synthetic import make_synthetic
+from training.errors import DataError
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_douban_layout_reads_and_reports_malformed_line(tmp_path: Path) -> None:
+    root = tmp_path / "douban-book-music"
+    _write(root / "douban_book_ratings.dat", "1\t10\t4\n2\t11\t5\n")
+    _write(root / "douban_music_ratings.dat", "1\t7\t3\n2\t8\tfive\n")
+    with pytest.raises(DataError, match=r"douban_music_ratings\.dat:2: rating is not a number"):
+        load_dataset(root)
+    _write(root / "douban_music_ratings.dat", "1\t7\t3\n2\t8\n")
+    with pytest.raises(DataError, match=r"douban_music_ratings\.dat:2: expected 3 fields, got 2"):
+        load_dataset(root)
+    _write(root / "douban_music_ratings.dat", "1\t7\t3\n2\t8\t5")  # no trailing newline
+    ds = load_dataset(root)
+    assert sorted(ds.domains) == ["book", "music"]
+    assert ds.domain("music").items.tolist() == ["7", "8"]
+    assert ds.domain("music").ratings is not None
+    assert ds.domain("music").ratings.tolist() == [3.0, 5.0]
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    root = tmp_path / "amazon-books-movies"
+    _write(root / "Amazon-Books-Dense.inter", "user_id\titem_id\trating\na\tb\t5.0\n")
+    with pytest.raises(DataError, match=r"expected .*Amazon-Movies-Dense\.inter"):
+        load_dataset(root)
+    with pytest.raises(DataError, match="missing data set folder"):
+        load_dataset(tmp_path / "nowhere")
+    with pytest.raises(DataError, match="unknown data set layout"):
+        load_dataset(tmp_path)
+
+
+def test_duplicates_removed_deterministically_last_row_wins(tmp_path: Path) -> None:
+    f = _write(
+        tmp_path / "x.inter",
+        "user_id:token\titem_id:token\trating:float\n"
+        "u1\ti1\t5.0\nu1\ti1\t5.0\nu2\ti1\t1.0\nu1\ti2\t3.0\nu2\ti1\t4.0\n",
+    )
+    d = read_table(f, "x", rating="rating")
+    assert d.stats == {"rows": 5, "unique_pairs": 3, "duplicate_rows_removed": 2, "conflicting_pairs": 1}
+    got = sorted(zip(d.users.tolist(), d.items.tolist(), d.ratings.tolist(), strict=True))  # type: ignore[union-attr]
+    assert got == [("u1", "i1", 5.0), ("u1", "i2", 3.0), ("u2", "i1", 4.0)]
+
+
+def test_declared_folder_with_csv_and_inter(tmp_path: Path) -> None:
+    _write(tmp_path / "a.csv", "user,item,stars,ts\nx,1,5,100\ny,2,3,200\n")
+    _write(tmp_path / "b.inter", "user_id:token\titem_id:token\nx\tp\nz\tq\n")
+    _write(tmp_path / "titles.csv", "item,title\n1,One\n2,Two\n")
+    _write(
+        tmp_path / "dataset.toml",
+        'name = "mine"\n[domains.alpha]\nfile = "a.csv"\nuser = "user"\nitem = "item"\n'
+        'rating = "stars"\ntimestamp = "ts"\ntitles = "titles.csv"\n'
+        '[domains.beta]\nfile = "b.inter"\n',
+    )
+    ds = load_dataset(tmp_path)
+    assert ds.name == "mine"
+    assert ds.domain("alpha").timestamps is not None
+    assert ds.domain("alpha").titles == {"1": "One", "2": "Two"}
+    assert ds.domain("beta").users.tolist() == ["x", "z"]
+    _write(tmp_path / "a.csv", "user,item,stars,ts\nx,1,5,100\ny,2,3\n")
+    with pytest.raises(DataError, match=r"a\.csv:3: expected 4 fields, got 3"):
+        load_dataset(tmp_path)
+    _write(tmp_path / "dataset.toml", '[domains.alpha]\nfile = "a.csv"\nuser = "who"\n')
+    with pytest.raises(DataError, match=r"a\.csv:1: no user column 'who'"):
+        load_dataset(tmp_path)
+
+
+def test_movielens_100k_layout(tmp_path: Path) -> None:
+    root = tmp_path / "movielens-100k"
+    _write(root / "u.data", "1\t1\t5\t881250949\n2\t1\t3\t881250950\n")
+    _write(root / "u.genre", "unknown|0\nAction|1\nComedy|2\n\n")
+    _write(root / "u.item", "1|Toy Story (1995)|01-Jan-1995||http://x|0|0|1\n")
+    _write(root / "u.user", "1|24|M|technician|85711\n2|53|F|other|94043\n")
+    ds = load_dataset(root)
+    movies = ds.domain("movies")
+    assert movies.titles["1"] == "Toy Story (1995) [Comedy]"
+    assert movies.timestamps is not None and movies.timestamps.tolist() == [881250949, 881250950]
+    assert movies.stats["user_profiles"] == 2
+    _write(root / "u.user", "1|24|M\n")
+    with pytest.raises(DataError, match=r"u\.user:1: expected 5"):
+        load_dataset(root)
+
+
+def test_movielens_1m_and_sport_cloth_layouts(tmp_path: Path) -> None:
+    ml = tmp_path / "movielens-1m-implicit"
+    _write(ml / "train.txt", "0 1 2 3\n1 2 3\n")
+    _write(ml / "valid.txt", "0 4\n")
+    _write(ml / "test.txt", "0 5\n1 x\n")
+    with pytest.raises(DataError, match=r"test\.txt:2: id is not a non-negative integer"):
+        load_dataset(ml)
+    _write(ml / "test.txt", "0 5\n1 4\n")
+    d = load_dataset(ml).domain("movies")
+    assert len(d) == 8 and np.bincount(d.given_split).tolist() == [5, 1, 2]  # type: ignore[arg-type]
+    sc = tmp_path / "amazon-sport-cloth"
+    for folder in ("sport_cloth", "cloth_sport"):
+        _write(sc / folder / "train.txt", "0\t1\t1\n0\t2\t1\n1\t1\t1\n")
+        _write(sc / folder / "test.txt", "0\t3\t1\n")
+    ds = load_dataset(sc)
+    assert ds.domain("cloth").given_split.tolist() == [0, 0, 0, 2]  # type: ignore[union-attr]
+
+
+def test_synthetic_is_deterministic() -> None:
+    a, b = make_synthetic(seed=3), make_synthetic(seed=3)
+    for name in ("source", "target"):
+        assert a.domain(name).users.tolist() == b.domain(name).users.tolist()
+        assert a.domain(name).items.tolist() == b.domain(name).items.tolist()
+    assert make_synthetic(seed=4).domain("target").items.tolist() != a.domain("target").items.tolist()
+
+
+def test_real_amazon_duplicates_match_source_notes(shared_data_dir: Path) -> None:
+    """SOURCE.txt: Books 31,504 unique pairs (919 conflicting), Movies 62,084 (276 conflicting)."""
+    ds = load_dataset(shared_data_dir / "amazon-books-movies")
+    books, movies = ds.domain("books").stats, ds.domain("movies").stats
+    assert (books["rows"], books["unique_pairs"], books["conflicting_pairs"]) == (38149, 31504, 919)
+    assert (movies["rows"], movies["unique_pairs"], movies["conflicting_pairs"]) == (68023, 62084, 276)

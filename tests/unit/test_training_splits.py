@@ -1,0 +1,89 @@
+"""Protocols: disjoint train/test per user, RecBole's 8:1:1 sizes, cold-start users, negatives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.data.dataset import Dataset, DomainData
+from training.data.splits import Split, _ratio_counts, make_split
+from training.data.synthetic import make_synthetic
+from training.errors import ConfigError
+
+
+def _pairs(a: np.ndarray) -> set[tuple[int, int]]:
+    return {(int(u), int(i)) for u, i in a}
+
+
+@pytest.fixture(scope="module")
+def synth() -> Dataset:
+    return make_synthetic(n_users=300, seed=1)
+
+
+def test_ratio_counts_follow_recbole() -> None:
+    assert _ratio_counts(10, (0.8, 0.1, 0.1)) == (8, 1, 1)
+    assert _ratio_counts(5, (0.8, 0.1, 0.1)) == (3, 1, 1)
+    assert _ratio_counts(2, (0.8, 0.1, 0.1)) == (1, 0, 1)
+    assert _ratio_counts(1, (0.8, 0.1, 0.1)) == (1, 0, 0)
+
+
+def test_ratio_split_is_disjoint_complete_and_deterministic(synth: Dataset, tmp_path: Path) -> None:
+    s = make_split(synth, "target", "source", "ratio", cold_share=0.0, seed=5)
+    train, valid, test = _pairs(s.train), _pairs(s.valid), _pairs(s.test)
+    assert not train & test and not train & valid and not valid & test
+    assert len(train) + len(valid) + len(test) == len(synth.domain("target"))
+    for u in np.unique(s.train[:, 0])[:50]:
+        sizes = tuple(int((a[:, 0] == u).sum()) for a in (s.train, s.valid, s.test))
+        assert sizes == _ratio_counts(sum(sizes), (0.8, 0.1, 0.1))
+    again = make_split(synth, "target", "source", "ratio", cold_share=0.0, seed=5)
+    assert np.array_equal(again.test, s.test)
+    other = make_split(synth, "target", "source", "ratio", cold_share=0.0, seed=6)
+    assert not np.array_equal(other.test, s.test)
+    s.save(tmp_path)
+    loaded = Split.load(tmp_path)
+    assert np.array_equal(loaded.train, s.train) and loaded.users == s.users
+
+
+@pytest.mark.parametrize("share", [0.2, 0.5])
+def test_cold_users_absent_from_target_training(synth: Dataset, share: float) -> None:
+    s = make_split(synth, "target", "source", "ratio", cold_share=share, seed=0)
+    assert s.cold_users.size > 0
+    assert not np.isin(s.train[:, 0], s.cold_users).any()
+    assert not np.isin(s.valid[:, 0], s.cold_users).any()
+    assert np.isin(s.cold_users, s.source_users).all()  # cold users are overlapping users
+    overlap = np.intersect1d(s.source_users, np.unique(np.r_[s.train[:, 0], s.test[:, 0]]))
+    assert s.cold_users.size == pytest.approx(share * overlap.size, abs=1)
+    # they are tested on all their target interactions
+    tgt = synth.domain("target")
+    cold_ids = {s.users[u] for u in s.cold_users}
+    n_cold_rows = int(np.isin(tgt.users, list(cold_ids)).sum())
+    assert int(np.isin(s.test[:, 0], s.cold_users).sum()) == n_cold_rows
+    # the source domain keeps them
+    assert np.isin(s.cold_users, s.source_train[:, 0]).all()
+
+
+def test_loo_with_given_test_and_sampled_negatives() -> None:
+    users = np.array(["a", "a", "a", "a", "b", "b", "b"])
+    items = np.array(["1", "2", "3", "4", "1", "2", "5"])
+    given = np.array([0, 0, 0, 2, 0, 0, 2], dtype=np.int8)
+    dom = DomainData("t", users, items, given_split=given)
+    src = DomainData("s", np.array(["a", "b"]), np.array(["x", "y"]))
+    ds = Dataset("d", Path("d"), {"t": dom, "s": src})
+    s = make_split(ds, "t", "s", "loo", n_negatives=2, seed=0)
+    assert sorted(_pairs(s.test)) == [(0, 3), (1, 4)]  # the given test items
+    assert s.negatives is not None and s.negatives.shape == (2, 2)
+    for (u, _), negs in zip(s.test, s.negatives, strict=True):
+        seen = {i for uu, i in np.r_[s.train, s.valid, s.test] if uu == u}
+        assert not set(negs.tolist()) & seen
+        assert len(set(negs.tolist())) == 2
+    with pytest.raises(ConfigError, match="n_negatives"):
+        make_split(ds, "t", "s", "loo", n_negatives=5)
+
+
+def test_bad_protocol_and_share_are_config_errors(synth: Dataset) -> None:
+    with pytest.raises(ConfigError, match="protocol"):
+        make_split(synth, "target", "source", "nope")
+    with pytest.raises(ConfigError, match="cold_share"):
+        make_split(synth, "target", None, "ratio", cold_share=0.2)

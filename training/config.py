@@ -1,0 +1,146 @@
+"""Training configuration: every default in one visible block, TOML override files per
+experiment (``training/configs/*.toml``) and ``--key=value`` command-line overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from training.errors import ConfigError
+
+STRATEGIES = ("finetune", "freeze_unfreeze", "lora", "emcdr")
+
+
+@dataclass
+class Config:
+    # --- data -----------------------------------------------------------------------------
+    dataset: str = "amazon-books-movies"  # folder under data_dir (built-in or with dataset.toml)
+    data_dir: str = ""  # "" = ../shared/data next to the repository root, when present
+    source: str = "movies"  # source domain; "" trains the target domain alone
+    target: str = "books"  # target domain (names the published models: <target>-ranker)
+    protocol: str = "ratio"  # "ratio" (RecBole 8:1:1, full ranking) or "loo" (sampled negatives)
+    rating_threshold: float = 4.0  # ratings >= this are positives; ignored for implicit data
+    k_core: int = 0  # iterative k-core filter on the target domain (0 = off)
+    use_given_split: bool = True  # keep train/test files the data set ships (DisenCDR)
+    cold_shares: list[float] = field(default_factory=lambda: [0.2, 0.5])  # one run per share;
+    # the first share's models are the ones exported
+    n_negatives: int = 999  # sampled negatives per test item under "loo"
+    # --- model ----------------------------------------------------------------------------
+    dim: int = 64  # embedding size of both towers
+    tower_hidden: int = 0  # hidden width of a residual MLP on each tower (0 = plain embeddings)
+    init_std: float = 0.1  # std of the embedding initialisation
+    loss: str = "softmax"  # "softmax" (full softmax over items) or "bpr"
+    temperature: float = 1.0  # softmax temperature
+    reg: float = 1e-4  # L2 on the embeddings of each batch (per row)
+    # --- optimisation ---------------------------------------------------------------------
+    epochs: int = 40  # maximum epochs for target-domain training
+    source_epochs: int = 40  # maximum epochs for source pretraining
+    batch_size: int = 1024  # global batch size (split across DDP processes)
+    lr: float = 0.005  # Adam learning rate
+    patience: int = 5  # stop after this many validations without improvement
+    eval_every: int = 1  # validate every N epochs; the best validated epoch is kept
+    # --- transfer -------------------------------------------------------------------------
+    strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
+    freeze_epochs: int = 10  # freeze_unfreeze: epochs with the shared user side frozen
+    unfreeze_lr_scale: float = 0.3  # freeze_unfreeze: learning-rate factor after unfreezing
+    adapter_rank: int = 8  # lora: rank of the user-side adapter
+    mapping_hidden: int = 128  # emcdr: hidden width of the source->target mapping MLP
+    mapping_epochs: int = 300  # emcdr: full-batch epochs fitting the mapping
+    export_strategy: str = "best"  # strategy to publish: "best" (on validation) or a name
+    # --- run ------------------------------------------------------------------------------
+    seed: int = 0  # seeds the split, initialisation and batch order
+    device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
+    threads: int = 0  # torch CPU threads (0 = torch's default)
+    progress: bool = True  # tqdm progress bars
+
+    def validate(self) -> None:
+        if self.protocol not in ("ratio", "loo"):
+            raise ConfigError(f"protocol: expected 'ratio' or 'loo', got {self.protocol!r}")
+        if self.loss not in ("softmax", "bpr"):
+            raise ConfigError(f"loss: expected 'softmax' or 'bpr', got {self.loss!r}")
+        for s in self.strategies:
+            if s not in STRATEGIES:
+                raise ConfigError(f"strategies: unknown strategy {s!r}; known: {', '.join(STRATEGIES)}")
+        if self.export_strategy not in ("best", "target_only", *STRATEGIES):
+            raise ConfigError(f"export_strategy: unknown strategy {self.export_strategy!r}")
+        if not self.target:
+            raise ConfigError("target: a target domain is required")
+        if not self.cold_shares:
+            raise ConfigError("cold_shares: at least one share (0 for none) is required")
+        for share in self.cold_shares:
+            if not 0 <= share < 1 or (share > 0 and not self.source):
+                raise ConfigError(f"cold_shares: {share} must be in [0, 1) and needs a source domain")
+        for name in ("dim", "epochs", "batch_size", "eval_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be positive")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device: expected auto, cpu or cuda, got {self.device!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], origin: str = "config") -> Config:
+        cfg = cls()
+        cfg.update(values, origin)
+        return cfg
+
+    def update(self, values: dict[str, Any], origin: str) -> None:
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        for key, value in values.items():
+            if key not in fields:
+                raise ConfigError(f"{origin}: unknown field {key!r}")
+            setattr(self, key, _coerce(key, value, getattr(self, key), origin))
+
+
+def _coerce(key: str, value: Any, current: Any, origin: str) -> Any:
+    try:
+        if isinstance(current, bool):
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if isinstance(current, list):
+            if isinstance(value, str):
+                parts = [p.strip() for p in value.split(",") if p.strip()]
+            else:
+                parts = list(value)
+            kind = type(current[0]) if current else str
+            return [kind(p) for p in parts]
+        if isinstance(current, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if isinstance(current, float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{origin}: field {key!r}: cannot read {value!r} as {type(current).__name__}"
+        ) from None
+
+
+def load_config(path: Path | None, overrides: list[str]) -> Config:
+    """Defaults, then the TOML file (if any), then ``key=value`` overrides."""
+    cfg = Config()
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            values = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        cfg.update(values, str(path))
+    pairs: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, value = item.removeprefix("--").partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r}: expected --key=value")
+        pairs[key.replace("-", "_")] = value
+    cfg.update(pairs, "command line")
+    cfg.validate()
+    return cfg

@@ -1,0 +1,319 @@
+"""Evaluation protocols: how a data set becomes index arrays for training, validation and test.
+
+Protocols (every one driven by a fixed seed, and saved with the run):
+
+* ``ratio``: RecBole's. Positives are ratings at or above a threshold, optional k-core, a random
+  8:1:1 split of each user's target interactions, full ranking over every item the user has not
+  seen in training.
+* ``loo``: leave-one-out against ``n_negatives`` sampled items. The test item is the one the data
+  set gives (DisenCDR's ``test.txt``) or one drawn at random; a validation item is drawn from the
+  rest.
+
+On top of either, ``cold_share`` of the users present in both domains lose all their target
+interactions from training and are tested on them (cold-start users).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from training.data.dataset import TEST, TRAIN, VALID, Dataset, DomainData
+from training.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Split:
+    """Index arrays of one run. User indices are global (shared by both domains)."""
+
+    protocol: str
+    users: list[str]
+    target_items: list[str]
+    source_items: list[str]
+    train: np.ndarray  # [n, 2] (user, item) target-domain training pairs
+    valid: np.ndarray  # [n, 2]
+    test: np.ndarray  # [n, 2]
+    source_train: np.ndarray  # [n, 2] source-domain pairs for pretraining
+    source_valid: np.ndarray  # [n, 2]
+    cold_users: np.ndarray  # user indices whose target interactions were all moved to test
+    negatives: np.ndarray | None = None  # [n_test, n_neg] sampled items (loo protocol)
+    target_titles: list[str | None] = field(default_factory=list)
+    source_users: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    @property
+    def n_users(self) -> int:
+        return len(self.users)
+
+    @property
+    def n_target_items(self) -> int:
+        return len(self.target_items)
+
+    @property
+    def n_source_items(self) -> int:
+        return len(self.source_items)
+
+    def target_train_users(self) -> np.ndarray:
+        return np.unique(self.train[:, 0])
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        arrays = {
+            "train": self.train,
+            "valid": self.valid,
+            "test": self.test,
+            "source_train": self.source_train,
+            "source_valid": self.source_valid,
+            "cold_users": self.cold_users,
+            "source_users": self.source_users,
+        }
+        if self.negatives is not None:
+            arrays["negatives"] = self.negatives
+        np.savez_compressed(folder / "split.npz", **arrays)  # type: ignore[arg-type]
+        (folder / "split_vocab.json").write_text(
+            json.dumps(
+                {
+                    "protocol": self.protocol,
+                    "users": self.users,
+                    "target_items": self.target_items,
+                    "source_items": self.source_items,
+                    "target_titles": self.target_titles,
+                }
+            )
+        )
+
+    @classmethod
+    def load(cls, folder: Path) -> Split:
+        vocab = json.loads((folder / "split_vocab.json").read_text())
+        z = np.load(folder / "split.npz")
+        return cls(
+            protocol=vocab["protocol"],
+            users=vocab["users"],
+            target_items=vocab["target_items"],
+            source_items=vocab["source_items"],
+            target_titles=vocab["target_titles"],
+            train=z["train"],
+            valid=z["valid"],
+            test=z["test"],
+            source_train=z["source_train"],
+            source_valid=z["source_valid"],
+            cold_users=z["cold_users"],
+            source_users=z["source_users"],
+            negatives=z["negatives"] if "negatives" in z.files else None,
+        )
+
+
+def kcore(domain: DomainData, k: int) -> DomainData:
+    """Iteratively drop users and items with fewer than ``k`` interactions."""
+    if k <= 1:
+        return domain
+    keep = np.ones(len(domain), dtype=bool)
+    while True:
+        _, uinv, ucnt = np.unique(domain.users[keep], return_inverse=True, return_counts=True)
+        _, iinv, icnt = np.unique(domain.items[keep], return_inverse=True, return_counts=True)
+        ok = (ucnt[uinv] >= k) & (icnt[iinv] >= k)
+        if ok.all():
+            break
+        idx = np.flatnonzero(keep)
+        keep[idx[~ok]] = False
+    return DomainData(
+        name=domain.name,
+        users=domain.users[keep],
+        items=domain.items[keep],
+        ratings=None if domain.ratings is None else domain.ratings[keep],
+        given_split=None if domain.given_split is None else domain.given_split[keep],
+        titles=domain.titles,
+        stats=dict(domain.stats, kcore_kept=int(keep.sum())),
+    )
+
+
+def _ratio_counts(tot: int, ratios: tuple[float, float, float]) -> tuple[int, int, int]:
+    """RecBole's ``_calcu_split_ids``: sizes of the train/valid/test parts of ``tot`` rows."""
+    cnt = [int(r * tot) for r in ratios]
+    cnt[0] = tot - sum(cnt[1:])
+    for i in range(1, len(ratios)):
+        if cnt[0] <= 1:
+            break
+        if 0 < ratios[-i] * tot < 1:
+            cnt[-i] += 1
+            cnt[0] -= 1
+    return cnt[0], cnt[1], cnt[2]
+
+
+def _groups(user_idx: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+    """Row indices grouped by user, in a random order within each user."""
+    order = np.lexsort((rng.random(user_idx.size), user_idx))
+    su = user_idx[order]
+    bounds = np.flatnonzero(np.r_[True, su[1:] != su[:-1], True])
+    return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def make_split(
+    dataset: Dataset,
+    target: str,
+    source: str | None,
+    protocol: str = "ratio",
+    rating_threshold: float | None = None,
+    k_core: int = 0,
+    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    cold_share: float = 0.0,
+    n_negatives: int = 999,
+    use_given_split: bool = True,
+    seed: int = 0,
+) -> Split:
+    """Build the split of one run (target domain, optional source domain)."""
+    if protocol not in ("ratio", "loo"):
+        raise ConfigError(f"protocol: expected 'ratio' or 'loo', got {protocol!r}")
+    if not 0.0 <= cold_share < 1.0:
+        raise ConfigError(f"cold_share: expected a share in [0, 1), got {cold_share}")
+    rng = np.random.default_rng(seed)
+    tgt = kcore(dataset.domain(target).positives(rating_threshold), k_core)
+    src = dataset.domain(source).positives(rating_threshold) if source else None
+    if len(tgt) == 0:
+        raise DataError(f"{dataset.path}: domain {target!r} has no positive interactions")
+
+    users = sorted(set(tgt.users.tolist()) | (set(src.users.tolist()) if src is not None else set()))
+    uindex = {u: i for i, u in enumerate(users)}
+    titems = sorted(set(tgt.items.tolist()))
+    tindex = {it: i for i, it in enumerate(titems)}
+    t_u = np.fromiter((uindex[u] for u in tgt.users), np.int64, len(tgt))
+    t_i = np.fromiter((tindex[i] for i in tgt.items), np.int64, len(tgt))
+
+    part = np.full(len(tgt), TRAIN, dtype=np.int8)
+    given = tgt.given_split if use_given_split else None
+    if protocol == "ratio":
+        if given is not None and (given == VALID).any():
+            part = given.copy()
+        else:
+            for rows in _groups(t_u, rng):
+                if given is not None:  # a given test set: keep it, split the rest into train/valid
+                    rows = rows[given[rows] != TEST]
+                    part[rows[given[rows] == TEST]] = TEST
+                    n_tr, n_va, _ = _ratio_counts(rows.size, (0.9, 0.1, 0.0))
+                    part[rows[n_tr:]] = VALID
+                    continue
+                n_tr, n_va, _ = _ratio_counts(rows.size, ratios)
+                part[rows[n_tr : n_tr + n_va]] = VALID
+                part[rows[n_tr + n_va :]] = TEST
+            if given is not None:
+                part[given == TEST] = TEST
+    else:  # loo
+        for rows in _groups(t_u, rng):
+            if given is not None:
+                tests = rows[given[rows] == TEST]
+                rest = rows[given[rows] != TEST]
+                part[tests] = TEST
+            else:
+                rest = rows[1:]
+                if rows.size >= 2:
+                    part[rows[0]] = TEST
+                else:
+                    rest = rows
+            if rest.size >= 3:
+                part[rest[0]] = VALID
+
+    # cold-start users: a share of the users with interactions in both domains
+    cold = np.zeros(0, dtype=np.int64)
+    source_users = np.zeros(0, dtype=np.int64)
+    if src is not None:
+        source_users = np.unique(np.fromiter((uindex[u] for u in src.users), np.int64, len(src)))
+    if cold_share > 0:
+        if src is None:
+            raise ConfigError("cold_share > 0 needs a source domain")
+        overlap = np.intersect1d(source_users, np.unique(t_u[part == TEST]))
+        n_cold = int(round(cold_share * overlap.size))
+        cold = np.sort(rng.choice(overlap, size=n_cold, replace=False))
+        is_cold = np.isin(t_u, cold)
+        if protocol == "ratio":
+            part[is_cold] = TEST  # tested on all their target interactions
+        else:
+            part[is_cold & (part != TEST)] = -1  # removed from training; keep their test item
+
+    def pairs(mask: np.ndarray) -> np.ndarray:
+        return np.stack([t_u[mask], t_i[mask]], axis=1).astype(np.int64)
+
+    train, valid, test = pairs(part == TRAIN), pairs(part == VALID), pairs(part == TEST)
+
+    negatives = None
+    if protocol == "loo":
+        negatives = _sample_negatives(t_u, t_i, test, len(titems), n_negatives, rng)
+
+    # source domain: a 9:1 per-user split for early stopping of pretraining
+    sitems: list[str] = []
+    s_train = s_valid = np.zeros((0, 2), dtype=np.int64)
+    if src is not None:
+        sitems = sorted(set(src.items.tolist()))
+        sindex = {it: i for i, it in enumerate(sitems)}
+        s_u = np.fromiter((uindex[u] for u in src.users), np.int64, len(src))
+        s_i = np.fromiter((sindex[i] for i in src.items), np.int64, len(src))
+        s_part = np.zeros(len(src), dtype=np.int8)
+        s_rng = np.random.default_rng(seed + 1)  # independent of the target split and cold share
+        for rows in _groups(s_u, s_rng):
+            n_tr, _, _ = _ratio_counts(rows.size, (0.9, 0.1, 0.0))
+            s_part[rows[n_tr:]] = VALID
+        s_train = np.stack([s_u[s_part == TRAIN], s_i[s_part == TRAIN]], 1)
+        s_valid = np.stack([s_u[s_part == VALID], s_i[s_part == VALID]], 1)
+
+    split = Split(
+        protocol=protocol,
+        users=users,
+        target_items=titems,
+        source_items=sitems,
+        train=train,
+        valid=valid,
+        test=test,
+        source_train=s_train.astype(np.int64),
+        source_valid=s_valid.astype(np.int64),
+        cold_users=cold,
+        negatives=negatives,
+        target_titles=[tgt.titles.get(it) for it in titems],
+        source_users=source_users,
+    )
+    logger.info(
+        "split %s/%s<-%s: users %d, target items %d, train %d, valid %d, test %d, cold users %d",
+        protocol,
+        target,
+        source,
+        split.n_users,
+        split.n_target_items,
+        len(train),
+        len(valid),
+        len(test),
+        cold.size,
+    )
+    return split
+
+
+def _sample_negatives(
+    t_u: np.ndarray,
+    t_i: np.ndarray,
+    test: np.ndarray,
+    n_items: int,
+    n_neg: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """For each test pair, ``n_neg`` items the user never interacted with (without replacement)."""
+    if n_neg >= n_items:
+        raise ConfigError(f"n_negatives={n_neg} must be below the number of items ({n_items})")
+    order = np.argsort(t_u, kind="stable")
+    su, si = t_u[order], t_i[order]
+    out = np.empty((len(test), n_neg), dtype=np.int64)
+    for row, (u, _) in enumerate(test):
+        a, b = np.searchsorted(su, [u, u + 1])
+        seen = set(si[a:b].tolist())
+        chosen: list[int] = []
+        while len(chosen) < n_neg:
+            cand = rng.integers(0, n_items, size=2 * n_neg)
+            for c in cand.tolist():
+                if c not in seen:
+                    seen.add(c)
+                    chosen.append(c)
+                    if len(chosen) == n_neg:
+                        break
+        out[row] = chosen
+    return out

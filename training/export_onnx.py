@@ -1,0 +1,245 @@
+"""ONNX export of a trained run and publication into the model repository.
+
+Graphs (opset 17, dynamic batch dimension):
+
+* ``<domain>-ranker/model.onnx``: ``user_index`` INT64 [-1], ``item_index`` INT64 [-1] ->
+  ``score`` FP32 [-1], row i scores user_index[i] with item_index[i] (dot product of the towers).
+* ``<domain>-retrieval/model.onnx``: user tower ``user_index`` -> ``user_embedding`` FP32 [-1, D];
+  ``item_tower.onnx``: ``item_index`` -> ``item_embedding``; ``item_embeddings.npy`` for the index.
+
+The towers are table lookups: users without target history ("mapped") hold their EMCDR-mapped
+vector. Each graph is checked with ``onnx.checker`` and against torch under ONNX Runtime (relative
+error at most 1e-5) before anything is published; a failed check publishes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from recsys.repository import VersionPublisher
+from training.errors import TrainingError
+
+logger = logging.getLogger(__name__)
+
+OPSET = 17
+MAX_REL_ERR = 1e-5
+
+
+class ExportError(TrainingError):
+    """An exported graph failed its check; nothing was published."""
+
+
+class TableTower(nn.Module):
+    """index -> row of a fixed table."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("table", table.detach().float().contiguous())
+
+    def forward(self, index: torch.Tensor) -> torch.Tensor:
+        return F.embedding(index, self.table)
+
+
+class DotRanker(nn.Module):
+    """(user_index[i], item_index[i]) -> <user row, item row>."""
+
+    def __init__(self, users: torch.Tensor, items: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("users", users.detach().float().contiguous())
+        self.register_buffer("items", items.detach().float().contiguous())
+
+    def forward(self, user_index: torch.Tensor, item_index: torch.Tensor) -> torch.Tensor:
+        return (F.embedding(user_index, self.users) * F.embedding(item_index, self.items)).sum(-1)
+
+
+def _export(module: nn.Module, args: tuple[torch.Tensor, ...], inputs: list[str],
+            outputs: list[str], path: Path) -> None:
+    dynamic = {name: {0: "batch"} for name in inputs + outputs}
+    torch.onnx.export(
+        module,
+        args,
+        str(path),
+        input_names=inputs,
+        output_names=outputs,
+        dynamic_axes=dynamic,
+        opset_version=OPSET,
+        dynamo=False,
+    )
+
+
+def check_graph(path: Path, module: nn.Module, feeds: dict[str, np.ndarray]) -> float:
+    """onnx.checker plus ONNX Runtime vs torch; returns the max relative error or raises."""
+    model = onnx.load(str(path))
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"{path.name}: onnx.checker failed: {exc}") from exc
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, feeds)[0]
+    with torch.no_grad():
+        want = module(*(torch.from_numpy(v) for v in feeds.values())).numpy()
+    if got.shape != want.shape:
+        raise ExportError(f"{path.name}: ONNX Runtime shape {got.shape} != torch {want.shape}")
+    if not (np.isfinite(got).all() and np.isfinite(want).all()):
+        raise ExportError(f"{path.name}: non-finite outputs")
+    denom = np.maximum(np.abs(want), 1e-6)
+    err = float(np.max(np.abs(got - want) / denom)) if want.size else 0.0
+    if not err <= MAX_REL_ERR:
+        raise ExportError(f"{path.name}: relative error {err:.2e} > {MAX_REL_ERR:.0e}")
+    return err
+
+
+def code_version() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent, check=True,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("recsys-transfer")
+        except PackageNotFoundError:
+            return "unknown"
+
+
+def _config_pbtxt(name: str, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> str:
+    def tensor(t: dict[str, Any]) -> str:
+        dims = ", ".join(str(d) for d in t["shape"][1:]) or ""
+        dims_line = f"dims: [ {dims} ]" if dims else "dims: [ 1 ]\n    reshape: { shape: [ ] }"
+        return (
+            "  {\n"
+            f'    name: "{t["name"]}"\n'
+            f"    data_type: TYPE_{t['datatype']}\n"
+            f"    {dims_line}\n"
+            "  }"
+        )
+
+    return (
+        f'name: "{name}"\n'
+        'backend: "onnxruntime"\n'
+        "max_batch_size: 65536\n"
+        "input [\n" + ",\n".join(tensor(t) for t in inputs) + "\n]\n"
+        "output [\n" + ",\n".join(tensor(t) for t in outputs) + "\n]\n"
+        "dynamic_batching { }\n"
+        "instance_group [ { kind: KIND_CPU } ]\n"
+    )
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=1, sort_keys=False))
+
+
+def publish(checkpoint: dict[str, Any], repository: Path, seed: int = 0) -> int:
+    """Export, check and publish the two models of a checkpoint; returns the new version."""
+    domain = checkpoint["target"]
+    users = checkpoint["user_table"]
+    items = checkpoint["item_table"]
+    dim = int(users.shape[1])
+    n_users, n_items = int(users.shape[0]), int(items.shape[0])
+    for label, table in (("user", users), ("item", items)):
+        if not torch.isfinite(table).all():
+            raise ExportError(f"non-finite values in the {label} table; nothing published")
+    rng = np.random.default_rng(seed)
+    batch = 257
+    u_idx = rng.integers(0, n_users, batch).astype(np.int64)
+    i_idx = rng.integers(0, n_items, batch).astype(np.int64)
+    u_idx[:2], i_idx[:2] = (0, n_users - 1), (0, n_items - 1)  # the edges of both tables
+
+    ranker = DotRanker(users, items).eval()
+    user_tower = TableTower(users).eval()
+    item_tower = TableTower(items).eval()
+    base_meta = {
+        "domain": domain,
+        "source_domain": checkpoint["source"] or None,
+        "opset": OPSET,
+        "embedding_dim": dim,
+        "dataset": {"name": checkpoint["dataset"], "fingerprint": checkpoint["fingerprint"]},
+        "strategy": checkpoint["strategy"],
+        "metrics": checkpoint["metrics"],
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "code_version": code_version(),
+        "config": checkpoint["config"],
+        "n_users": n_users,
+        "n_items": n_items,
+    }
+    users_json = {"ids": checkpoint["users"], "kinds": checkpoint["user_kinds"]}
+    items_json = {
+        "ids": checkpoint["items"],
+        "titles": checkpoint["titles"],
+        "popularity": [int(c) for c in checkpoint["popularity"]],
+    }
+    seen = checkpoint["seen"]  # (indptr, indices)
+
+    ranker_io = (
+        [{"name": "user_index", "datatype": "INT64", "shape": [-1]},
+         {"name": "item_index", "datatype": "INT64", "shape": [-1]}],
+        [{"name": "score", "datatype": "FP32", "shape": [-1]}],
+    )
+    user_io = (
+        [{"name": "user_index", "datatype": "INT64", "shape": [-1]}],
+        [{"name": "user_embedding", "datatype": "FP32", "shape": [-1, dim]}],
+    )
+    item_io = (
+        [{"name": "item_index", "datatype": "INT64", "shape": [-1]}],
+        [{"name": "item_embedding", "datatype": "FP32", "shape": [-1, dim]}],
+    )
+    # export and check everything before staging anything
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        _export(ranker, (torch.from_numpy(u_idx[:3]), torch.from_numpy(i_idx[:3])),
+                ["user_index", "item_index"], ["score"], tmp / "ranker.onnx")
+        _export(user_tower, (torch.from_numpy(u_idx[:3]),), ["user_index"], ["user_embedding"],
+                tmp / "user.onnx")
+        _export(item_tower, (torch.from_numpy(i_idx[:3]),), ["item_index"], ["item_embedding"],
+                tmp / "item.onnx")
+        errors = {
+            "ranker": check_graph(tmp / "ranker.onnx", ranker,
+                                  {"user_index": u_idx, "item_index": i_idx}),
+            "user_tower": check_graph(tmp / "user.onnx", user_tower, {"user_index": u_idx}),
+            "item_tower": check_graph(tmp / "item.onnx", item_tower, {"item_index": i_idx}),
+        }
+        logger.info("export checks passed, max relative errors %s", errors)
+        ranker_name, retrieval_name = f"{domain}-ranker", f"{domain}-retrieval"
+        with VersionPublisher(repository, [ranker_name, retrieval_name]) as pub:
+            d = pub.stage(ranker_name)
+            (d / "model.onnx").write_bytes((tmp / "ranker.onnx").read_bytes())
+            _write_json(d / "metadata.json", base_meta | {
+                "kind": "ranker", "inputs": ranker_io[0], "outputs": ranker_io[1],
+                "export_check": {"max_relative_error": errors["ranker"]}})
+            (d / "config.pbtxt").write_text(_config_pbtxt(ranker_name, *ranker_io))
+            _write_json(d / "users.json", users_json)
+            _write_json(d / "items.json", items_json)
+
+            d = pub.stage(retrieval_name)
+            (d / "model.onnx").write_bytes((tmp / "user.onnx").read_bytes())
+            (d / "item_tower.onnx").write_bytes((tmp / "item.onnx").read_bytes())
+            np.save(d / "item_embeddings.npy", items.detach().float().numpy())
+            np.savez(d / "seen.npz", indptr=seen[0], indices=seen[1])
+            _write_json(d / "metadata.json", base_meta | {
+                "kind": "retrieval", "inputs": user_io[0], "outputs": user_io[1],
+                "item_tower": {"inputs": item_io[0], "outputs": item_io[1]},
+                "export_check": {"max_relative_error": max(errors["user_tower"],
+                                                           errors["item_tower"])}})
+            (d / "config.pbtxt").write_text(_config_pbtxt(retrieval_name, *user_io))
+            _write_json(d / "users.json", users_json)
+            _write_json(d / "items.json", items_json)
+        version = pub.version
+    logger.info("published %s and %s version %d to %s", ranker_name, retrieval_name, version,
+                repository)
+    return version

@@ -1,0 +1,109 @@
+"""Two-tower model: user tower and item tower (embedding tables, optional residual MLP and a
+low-rank user adapter) scored by a dot product, and the losses it is trained with."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class ResidualMLP(nn.Module):
+    """x + W2 relu(W1 x); W2 starts at zero so the tower starts as the identity."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.relu(self.fc1(x)))
+
+
+class LowRankAdapter(nn.Module):
+    """x + B A x with rank r (LoRA-style); B starts at zero."""
+
+    def __init__(self, dim: int, rank: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(dim, rank, bias=False)
+        self.up = nn.Linear(rank, dim, bias=False)
+        nn.init.normal_(self.down.weight, std=dim**-0.5)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.up(self.down(x))
+
+
+class TwoTower(nn.Module):
+    """score(u, i) = <user_tower(u), item_tower(i)>; ``forward`` returns the training loss."""
+
+    def __init__(
+        self,
+        n_users: int,
+        n_items: int,
+        dim: int,
+        tower_hidden: int = 0,
+        adapter_rank: int = 0,
+        init_std: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.user_emb = nn.Embedding(n_users, dim)
+        self.item_emb = nn.Embedding(n_items, dim)
+        nn.init.normal_(self.user_emb.weight, std=init_std)
+        nn.init.normal_(self.item_emb.weight, std=init_std)
+        self.user_mlp: nn.Module = ResidualMLP(dim, tower_hidden) if tower_hidden else nn.Identity()
+        self.item_mlp: nn.Module = ResidualMLP(dim, tower_hidden) if tower_hidden else nn.Identity()
+        self.adapter: nn.Module = LowRankAdapter(dim, adapter_rank) if adapter_rank else nn.Identity()
+        self.dim = dim
+
+    def user_vectors(self, users: torch.Tensor | None = None) -> torch.Tensor:
+        e = self.user_emb.weight if users is None else self.user_emb(users)
+        out: torch.Tensor = self.adapter(self.user_mlp(e))
+        return out
+
+    def item_vectors(self, items: torch.Tensor | None = None) -> torch.Tensor:
+        e = self.item_emb.weight if items is None else self.item_emb(items)
+        out: torch.Tensor = self.item_mlp(e)
+        return out
+
+    def forward(
+        self,
+        users: torch.Tensor,
+        items: torch.Tensor,
+        negatives: torch.Tensor | None,
+        loss: str,
+        reg: float,
+        temperature: float,
+        scale: float,
+    ) -> torch.Tensor:
+        """Sum of losses times ``scale`` (1/global number of pairs, times world size).
+
+        ``softmax``: ``users`` is a batch of distinct users and ``items`` their multi-hot targets
+        [batch, n_items]; the loss is the full softmax cross-entropy of every (user, item) pair,
+        computed once per user. ``bpr``: ``users``/``items``/``negatives`` are aligned pairs.
+        """
+        u = self.user_vectors(users)
+        if loss == "softmax":
+            targets = items
+            counts = targets.sum(1)
+            logp = torch.log_softmax(u @ self.item_vectors().T / temperature, dim=1)
+            rows = -(logp * targets).sum()
+            reg_term = reg * (
+                (self.user_emb(users).pow(2).sum(1) * counts).sum()
+                + (targets.sum(0) * self.item_emb.weight.pow(2).sum(1)).sum()
+            )
+        elif loss == "bpr":
+            assert negatives is not None
+            pos = (u * self.item_vectors(items)).sum(-1)
+            neg = (u * self.item_vectors(negatives)).sum(-1)
+            rows = -F.logsigmoid(pos - neg).sum()
+            reg_term = reg * (
+                self.user_emb(users).pow(2).sum()
+                + self.item_emb(items).pow(2).sum()
+                + self.item_emb(negatives).pow(2).sum()
+            )
+        else:
+            raise ValueError(f"unknown loss {loss!r}")
+        return (rows + reg_term) * scale

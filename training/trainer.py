@@ -1,0 +1,163 @@
+"""The training loop: mini-batches of (user, item) pairs, Adam, validation with early stopping,
+and DistributedDataParallel when started under ``torchrun`` (gloo on CPU, NCCL on CUDA)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from training.model import TwoTower
+
+logger = logging.getLogger(__name__)
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Join the process group when started by torchrun; returns (rank, world size)."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+@dataclass
+class FitResult:
+    best_score: float
+    best_epoch: int
+    epochs_run: int
+    history: list[tuple[int, float, float]]  # (epoch, mean loss, validation score)
+
+
+def fit(
+    model: TwoTower,
+    train: np.ndarray,
+    validate: Callable[[TwoTower], float],
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    loss: str,
+    reg: float,
+    temperature: float,
+    patience: int,
+    eval_every: int,
+    seed: int,
+    device: torch.device,
+    desc: str,
+    progress: bool = True,
+    grad_masks: dict[str, torch.Tensor] | None = None,
+) -> FitResult:
+    """Train ``model`` in place on the (user, item) pairs ``train``; restore the best validation.
+
+    Under DDP every process draws the same shuffled order, takes its slice of each global batch,
+    and scales its loss so that the averaged gradient equals the single-process gradient.
+    ``grad_masks`` maps a parameter name to a row mask: rows with mask 0 are not updated.
+    """
+    rank, world_size = world()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    hooks = []
+    for name, p in model.named_parameters():
+        if grad_masks and name in grad_masks and p.requires_grad:
+            mask = grad_masks[name].to(device).unsqueeze(1)
+            hooks.append(p.register_hook(lambda g, m=mask: g * m))
+    net: nn.Module = model
+    if world_size > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    n_items = model.item_emb.num_embeddings
+    if loss == "softmax":
+        # one row per user: the multi-hot of its training items
+        order_u = np.argsort(train[:, 0], kind="stable")
+        pairs = train[order_u]
+        batch_users_np, starts = np.unique(pairs[:, 0], return_index=True)
+        ends = np.r_[starts[1:], len(pairs)]
+        indptr = torch.from_numpy(np.r_[starts, len(pairs)].astype(np.int64))
+        pair_items = torch.from_numpy(pairs[:, 1].copy())
+        unit_users = torch.from_numpy(batch_users_np)
+        counts = torch.from_numpy((ends - starts).astype(np.int64))
+        # users per batch so that a batch holds about batch_size pairs
+        step = max(1, int(round(batch_size / max(1.0, float(counts.float().mean())))))
+    else:
+        unit_users = torch.from_numpy(train[:, 0])
+        unit_items = torch.from_numpy(train[:, 1])
+        step = batch_size
+    n = unit_users.numel()
+    best_score, best_epoch = -float("inf"), 0
+    best_state = copy.deepcopy(model.state_dict())
+    history: list[tuple[int, float, float]] = []
+    bad = 0
+    epoch = 0
+    for epoch in range(1, epochs + 1):
+        net.train()
+        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=gen)
+        total = 0.0
+        steps = range(0, n, step)
+        bar = tqdm(steps, desc=f"{desc} epoch {epoch}", leave=False, disable=not progress or rank > 0)
+        for start in bar:
+            idx = order[start : start + step]
+            local = idx[rank::world_size]
+            negs = None
+            if loss == "softmax":
+                n_pairs = int(counts[idx].sum())
+                u = unit_users[local]
+                targets = torch.zeros(local.numel(), n_items)
+                row_of = torch.repeat_interleave(torch.arange(local.numel()), counts[local])
+                cols = torch.cat([pair_items[indptr[j] : indptr[j + 1]] for j in local.tolist()])
+                targets[row_of, cols] = 1.0
+                u, it = u.to(device), targets.to(device)
+            else:
+                n_pairs = idx.numel()
+                negs_all = torch.randint(0, n_items, (idx.numel(),), generator=gen)
+                u, it = unit_users[local].to(device), unit_items[local].to(device)
+                negs = negs_all[rank::world_size].to(device)
+            scale = world_size / n_pairs
+            out = net(u, it, negs, loss, reg, temperature, scale)
+            opt.zero_grad(set_to_none=True)
+            out.backward()
+            opt.step()
+            total += float(out.detach()) / world_size
+        mean_loss = total / max(1, len(steps))
+        if epoch % eval_every == 0 or epoch == epochs:
+            model.eval()
+            score = validate(model)
+            history.append((epoch, mean_loss, score))
+            logger.info("%s epoch %d loss %.4f valid %.4f", desc, epoch, mean_loss, score)
+            if score > best_score:
+                best_score, best_epoch, bad = score, epoch, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                bad += 1
+                if bad >= patience:
+                    break
+    for h in hooks:
+        h.remove()
+    model.load_state_dict(best_state)
+    model.eval()
+    return FitResult(best_score, best_epoch, epoch, history)

@@ -1,0 +1,261 @@
+"""Source pretraining, the transfer strategies, the EMCDR mapping and the baselines.
+
+Every model ends as a pair of tables (user vectors, item vectors) so that all of them are
+evaluated and exported the same way: score(u, i) = <users[u], items[i]>.
+
+Strategies (the shared user embedding comes from the source model; target item embeddings are
+new; tower weights are transferred):
+
+* ``target_only``: the same architecture trained from scratch on the target domain (baseline).
+* ``finetune``: start from the source model, train everything.
+* ``freeze_unfreeze``: shared user side frozen for ``freeze_epochs``, then everything trained.
+* ``lora``: shared user side frozen, a low-rank user adapter and the new item side trained.
+* ``emcdr``: for every strategy above, users with no target history get ``f(source vector)``
+  where f is an MLP fitted on overlapping warm users (source vector -> target vector).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from training.config import Config
+from training.data.splits import Split
+from training.evaluate import full_ranking
+from training.model import TwoTower
+from training.trainer import FitResult, fit
+
+logger = logging.getLogger(__name__)
+
+VALID_USERS_MAX = 3000  # validation ranks at most this many users (sampled once, fixed seed)
+
+
+@dataclass
+class Tables:
+    """A trained model as tables: score(u, i) = users[u] . items[i]."""
+
+    users: torch.Tensor
+    items: torch.Tensor
+    cold_users: torch.Tensor | None = None  # rows for users without target history (mapped)
+    info: dict[str, object] = field(default_factory=dict)
+
+    def with_cold(self, mask: np.ndarray) -> torch.Tensor:
+        """User table where rows in ``mask`` take the cold-start representation."""
+        if self.cold_users is None:
+            return self.users
+        out = self.users.clone()
+        m = torch.from_numpy(mask)
+        out[m] = self.cold_users[m]
+        return out
+
+
+def _validator(
+    pairs: np.ndarray, exclude: list[np.ndarray], seed: int
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    users = np.unique(pairs[:, 0])
+    if users.size > VALID_USERS_MAX:
+        users = np.sort(np.random.default_rng(seed).choice(users, VALID_USERS_MAX, replace=False))
+    return users, exclude
+
+
+def _make_validate(pairs: np.ndarray, exclude: list[np.ndarray], seed: int):  # type: ignore[no-untyped-def]
+    users, excl = _validator(pairs, exclude, seed)
+
+    def validate(model: TwoTower) -> float:
+        with torch.no_grad():
+            u = model.user_vectors().detach().cpu()
+            v = model.item_vectors().detach().cpu()
+        return full_ranking(u, v, pairs, excl, users=users, ks=(10,))["ndcg@10"]
+
+    return validate
+
+
+def _fit(model: TwoTower, train: np.ndarray, valid: np.ndarray, cfg: Config, desc: str,
+         device: torch.device, epochs: int, lr: float | None = None,
+         grad_masks: dict[str, torch.Tensor] | None = None) -> FitResult:
+    validate = _make_validate(valid, [train], cfg.seed)
+    result = fit(
+        model,
+        train,
+        validate,
+        epochs=epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr if lr is None else lr,
+        loss=cfg.loss,
+        reg=cfg.reg,
+        temperature=cfg.temperature,
+        patience=cfg.patience,
+        eval_every=cfg.eval_every,
+        seed=cfg.seed,
+        device=device,
+        desc=desc,
+        progress=cfg.progress,
+        grad_masks=grad_masks,
+    )
+    logger.info("%s: best valid NDCG@10 %.4f at epoch %d", desc, result.best_score, result.best_epoch)
+    return result
+
+
+def new_model(cfg: Config, n_users: int, n_items: int, adapter_rank: int = 0) -> TwoTower:
+    return TwoTower(n_users, n_items, cfg.dim, cfg.tower_hidden, adapter_rank, cfg.init_std)
+
+
+def pretrain_source(split: Split, cfg: Config, device: torch.device) -> TwoTower:
+    torch.manual_seed(cfg.seed)
+    model = new_model(cfg, split.n_users, split.n_source_items).to(device)
+    _fit(model, split.source_train, split.source_valid, cfg, "source", device, cfg.source_epochs)
+    return model
+
+
+def _from_source(source: TwoTower, split: Split, cfg: Config, device: torch.device,
+                 adapter_rank: int = 0) -> TwoTower:
+    """Target model: shared user embeddings and tower weights from the source, new items."""
+    torch.manual_seed(cfg.seed + 7)
+    model = new_model(cfg, split.n_users, split.n_target_items, adapter_rank).to(device)
+    model.user_emb.weight.data.copy_(source.user_emb.weight.data)
+    model.user_mlp.load_state_dict(source.user_mlp.state_dict())
+    model.item_mlp.load_state_dict(source.item_mlp.state_dict())
+    return model
+
+
+def _shared_mask(split: Split, n_users: int) -> torch.Tensor:
+    """1 for user rows that may train while the shared user side is frozen (non-source users)."""
+    mask = torch.ones(n_users)
+    mask[torch.from_numpy(split.source_users)] = 0.0
+    return mask
+
+
+def train_strategy(
+    name: str, split: Split, cfg: Config, device: torch.device, source: TwoTower | None
+) -> tuple[TwoTower, dict[str, object]]:
+    """Train the target model of one strategy; returns it and its training summary."""
+    train, valid = split.train, split.valid
+    if name == "target_only" or source is None:
+        torch.manual_seed(cfg.seed + 7)
+        model = new_model(cfg, split.n_users, split.n_target_items).to(device)
+        r = _fit(model, train, valid, cfg, name, device, cfg.epochs)
+        return model, {"best_epoch": r.best_epoch, "valid_ndcg@10": r.best_score}
+    if name == "finetune":
+        model = _from_source(source, split, cfg, device)
+        r = _fit(model, train, valid, cfg, name, device, cfg.epochs)
+        return model, {"best_epoch": r.best_epoch, "valid_ndcg@10": r.best_score}
+    mask = {"user_emb.weight": _shared_mask(split, split.n_users)}
+    if name == "freeze_unfreeze":
+        model = _from_source(source, split, cfg, device)
+        for p in model.user_mlp.parameters():
+            p.requires_grad_(False)
+        r1 = _fit(model, train, valid, cfg, f"{name}/frozen", device, cfg.freeze_epochs,
+                  grad_masks=mask)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        r2 = _fit(model, train, valid, cfg, f"{name}/unfrozen", device, cfg.epochs,
+                  lr=cfg.lr * cfg.unfreeze_lr_scale)
+        if r1.best_score > r2.best_score:  # unfreezing did not help on validation: refit phase 1
+            model = _from_source(source, split, cfg, device)
+            for p in model.user_mlp.parameters():
+                p.requires_grad_(False)
+            r1 = _fit(model, train, valid, cfg, f"{name}/frozen", device, cfg.freeze_epochs,
+                      grad_masks=mask)
+            return model, {"best_epoch": r1.best_epoch, "valid_ndcg@10": r1.best_score,
+                           "unfrozen": False}
+        return model, {"best_epoch": cfg.freeze_epochs + r2.best_epoch,
+                       "valid_ndcg@10": r2.best_score, "unfrozen": True}
+    if name == "lora":
+        model = _from_source(source, split, cfg, device, adapter_rank=cfg.adapter_rank)
+        for p in model.user_mlp.parameters():
+            p.requires_grad_(False)
+        r = _fit(model, train, valid, cfg, name, device, cfg.epochs, grad_masks=mask)
+        return model, {"best_epoch": r.best_epoch, "valid_ndcg@10": r.best_score}
+    raise ValueError(f"unknown strategy {name!r}")
+
+
+class Mapping(nn.Module):
+    """EMCDR's mapping: an MLP from a user's source vector to the target space."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, dim))
+        self.skip = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.net(x) + self.skip(x)
+        return out
+
+
+def fit_mapping(src: torch.Tensor, tgt: torch.Tensor, cfg: Config) -> Mapping:
+    """Fit the mapping on (source vector, target vector) pairs of overlapping warm users.
+
+    A tenth of the users is held out; the epoch with the lowest held-out error is kept.
+    """
+    torch.manual_seed(cfg.seed + 11)
+    mapping = Mapping(src.shape[1], cfg.mapping_hidden)
+    n = src.shape[0]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 13))
+    n_hold = max(1, n // 10) if n >= 10 else 0
+    hold, fit_idx = perm[:n_hold], perm[n_hold:]
+    opt = torch.optim.Adam(mapping.parameters(), lr=0.01, weight_decay=1e-4)
+    best, best_state, bad = float("inf"), copy.deepcopy(mapping.state_dict()), 0
+    for _ in range(cfg.mapping_epochs):
+        opt.zero_grad()
+        loss = (mapping(src[fit_idx]) - tgt[fit_idx]).pow(2).sum(1).mean()
+        loss.backward()
+        opt.step()
+        if n_hold:
+            with torch.no_grad():
+                err = float((mapping(src[hold]) - tgt[hold]).pow(2).sum(1).mean())
+            if err < best:
+                best, best_state, bad = err, copy.deepcopy(mapping.state_dict()), 0
+            else:
+                bad += 1
+                if bad >= 20:
+                    break
+    if n_hold:
+        mapping.load_state_dict(best_state)
+    logger.info("EMCDR mapping fitted on %d users, held-out squared error %.4f", n, best)
+    mapping.eval()
+    return mapping
+
+
+def to_tables(
+    model: TwoTower, split: Split, cfg: Config, source: TwoTower | None, native_cold: bool
+) -> Tables:
+    """Bake a trained model into tables and add the EMCDR rows for users without target history.
+
+    Users with no target training history and no source history get the mean warm user vector.
+    With ``native_cold`` false (target_only), source users without target history also get it.
+    """
+    with torch.no_grad():
+        users = model.user_vectors().detach().cpu().clone()
+        items = model.item_vectors().detach().cpu().clone()
+    warm = split.target_train_users()
+    has_target = np.zeros(split.n_users, dtype=bool)
+    has_target[warm] = True
+    has_source = np.zeros(split.n_users, dtype=bool)
+    has_source[split.source_users] = True
+    mean = users[torch.from_numpy(warm)].mean(0)
+    unknown = ~has_target & (~has_source | (not native_cold))
+    users[torch.from_numpy(unknown)] = mean
+    tables = Tables(users=users, items=items)
+    if source is not None:
+        with torch.no_grad():
+            src_vec = source.user_vectors().detach().cpu()
+        fit_users = torch.from_numpy(np.flatnonzero(has_target & has_source))
+        mapping = fit_mapping(src_vec[fit_users], users[fit_users], cfg)
+        with torch.no_grad():
+            mapped = mapping(src_vec)
+        cold = torch.from_numpy(~has_target & has_source)
+        cold_rows = users.clone()
+        cold_rows[cold] = mapped[cold]
+        tables.cold_users = cold_rows
+    return tables
+
+
+def popularity_tables(split: Split) -> Tables:
+    """Popularity as a rank-1 table: every user scores items by their training count."""
+    counts = np.bincount(split.train[:, 1], minlength=split.n_target_items).astype(np.float32)
+    return Tables(users=torch.ones(split.n_users, 1), items=torch.from_numpy(counts)[:, None])
