@@ -13,9 +13,17 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ARGS = [
-    "train", "--config", str(REPO_ROOT / "training" / "configs" / "synthetic.toml"),
-    "--threads=1", "--strategies=finetune", "--cold_shares=0.2", "--epochs=6",
-    "--source_epochs=6", "--patience=100", "--log-level", "WARNING",
+    "train",
+    "--config",
+    str(REPO_ROOT / "training" / "configs" / "synthetic.toml"),
+    "--threads=1",
+    "--strategies=finetune",
+    "--cold_shares=0.2",
+    "--epochs=6",
+    "--source_epochs=6",
+    "--patience=100",
+    "--log-level",
+    "WARNING",
 ]
 
 
@@ -31,12 +39,30 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
     single, double = tmp_path / "one", tmp_path / "two"
     subprocess.run(
         [sys.executable, "-m", "training", *ARGS, "--run-dir", str(single)],
-        check=True, env=_env(), cwd=REPO_ROOT, timeout=120, capture_output=True,
+        check=True,
+        env=_env(),
+        cwd=REPO_ROOT,
+        timeout=120,
+        capture_output=True,
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         "-m", "training", *ARGS, "--run-dir", str(double)],
-        env=_env(), cwd=REPO_ROOT, timeout=120, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "training",
+            *ARGS,
+            "--run-dir",
+            str(double),
+        ],
+        env=_env(),
+        cwd=REPO_ROOT,
+        timeout=120,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = torch.load(single / "checkpoint.pt", weights_only=False)

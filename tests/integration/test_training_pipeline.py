@@ -62,9 +62,23 @@ def test_published_models_match_the_checkpoint(synthetic_run: dict[str, Any]) ->
     ranker_dir, retrieval_dir = repo / "target-ranker" / "1", repo / "target-retrieval" / "1"
     for d in (ranker_dir, retrieval_dir):
         meta = verify_version(d)
-        for key in ("name", "version", "kind", "domain", "source_domain", "inputs", "outputs",
-                    "opset", "embedding_dim", "dataset", "strategy", "metrics", "created_at",
-                    "code_version", "files"):
+        for key in (
+            "name",
+            "version",
+            "kind",
+            "domain",
+            "source_domain",
+            "inputs",
+            "outputs",
+            "opset",
+            "embedding_dim",
+            "dataset",
+            "strategy",
+            "metrics",
+            "created_at",
+            "code_version",
+            "files",
+        ):
             assert key in meta, key
         assert (d.parent / "config.pbtxt").is_file()
     meta = read_metadata(retrieval_dir)
@@ -83,13 +97,15 @@ def test_published_models_match_the_checkpoint(synthetic_run: dict[str, Any]) ->
     mapped = np.array([k == "mapped" for k in users["kinds"]])
     u[:10] = np.flatnonzero(mapped)[:10]  # include mapped (cold-start) users
     score = ort.InferenceSession(str(ranker_dir / "model.onnx")).run(
-        None, {"user_index": u, "item_index": i})[0]
+        None, {"user_index": u, "item_index": i}
+    )[0]
     want = (user_table[u] * item_table[i]).sum(1)
     np.testing.assert_allclose(score, want, rtol=1e-5, atol=1e-6)
     emb = ort.InferenceSession(str(retrieval_dir / "model.onnx")).run(None, {"user_index": u})[0]
     np.testing.assert_allclose(emb, user_table[u], rtol=1e-6)
     item_emb = ort.InferenceSession(str(retrieval_dir / "item_tower.onnx")).run(
-        None, {"item_index": i})[0]
+        None, {"item_index": i}
+    )[0]
     np.testing.assert_allclose(item_emb, item_table[i], rtol=1e-6)
     np.testing.assert_array_equal(np.load(retrieval_dir / "item_embeddings.npy"), item_table)
     seen = np.load(retrieval_dir / "seen.npz")
@@ -100,15 +116,17 @@ def test_published_models_match_the_checkpoint(synthetic_run: dict[str, Any]) ->
     full = item_table @ user_table[top_user]
     ranker_all = ort.InferenceSession(str(ranker_dir / "model.onnx")).run(
         None,
-        {"user_index": np.full(item_table.shape[0], top_user, dtype=np.int64),
-         "item_index": np.arange(item_table.shape[0], dtype=np.int64)},
+        {
+            "user_index": np.full(item_table.shape[0], top_user, dtype=np.int64),
+            "item_index": np.arange(item_table.shape[0], dtype=np.int64),
+        },
     )[0]
     assert np.argmax(full) == np.argmax(ranker_all)
 
 
-def test_export_from_checkpoint_alone_adds_a_version(synthetic_run: dict[str, Any],
-                                                      tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_from_checkpoint_alone_adds_a_version(
+    synthetic_run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ckpt = synthetic_run["run_dir"] / "checkpoint.pt"
     repo = tmp_path / "repo"
     assert main(["export", str(ckpt), "--repository", str(repo)]) == 0
@@ -139,7 +157,9 @@ def test_parity_check_rejects_a_graph_that_differs(tmp_path: Path) -> None:
         check_graph(path, TableTower(other), feeds)
 
 
-def test_cli_errors_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_errors_exit_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('dataset = "synthetic"\nlearning_rate = 1\n')
     assert main(["train", "--config", str(bad)]) == 2
@@ -147,8 +167,19 @@ def test_cli_errors_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureF
     assert err == f"error: {bad}: unknown field 'learning_rate'"
     assert main(["train", "--config", str(SYNTHETIC), "--epochs=many"]) == 2
     assert "field 'epochs'" in capsys.readouterr().err
-    assert main(["train", "--config", str(SYNTHETIC), "--dataset=movielens-100k",
-                 "--data-dir", str(tmp_path)]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(SYNTHETIC),
+                "--dataset=movielens-100k",
+                "--data-dir",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     assert "missing data set folder" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "none.pt"), "--repository", str(tmp_path)]) == 2
     with pytest.raises(SystemExit) as exc:

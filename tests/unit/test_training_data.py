@@ -53,7 +53,12 @@ def test_duplicates_removed_deterministically_last_row_wins(tmp_path: Path) -> N
         "u1\ti1\t5.0\nu1\ti1\t5.0\nu2\ti1\t1.0\nu1\ti2\t3.0\nu2\ti1\t4.0\n",
     )
     d = read_table(f, "x", rating="rating")
-    assert d.stats == {"rows": 5, "unique_pairs": 3, "duplicate_rows_removed": 2, "conflicting_pairs": 1}
+    assert d.stats == {
+        "rows": 5,
+        "unique_pairs": 3,
+        "duplicate_rows_removed": 2,
+        "conflicting_pairs": 1,
+    }
     got = sorted(zip(d.users.tolist(), d.items.tolist(), d.ratings.tolist(), strict=True))  # type: ignore[union-attr]
     assert got == [("u1", "i1", 5.0), ("u1", "i2", 3.0), ("u2", "i1", 4.0)]
 
@@ -120,7 +125,9 @@ def test_synthetic_is_deterministic() -> None:
     for name in ("source", "target"):
         assert a.domain(name).users.tolist() == b.domain(name).users.tolist()
         assert a.domain(name).items.tolist() == b.domain(name).items.tolist()
-    assert make_synthetic(seed=4).domain("target").items.tolist() != a.domain("target").items.tolist()
+    assert (
+        make_synthetic(seed=4).domain("target").items.tolist() != a.domain("target").items.tolist()
+    )
 
 
 def test_real_amazon_duplicates_match_source_notes(shared_data_dir: Path) -> None:
@@ -128,4 +135,8 @@ def test_real_amazon_duplicates_match_source_notes(shared_data_dir: Path) -> Non
     ds = load_dataset(shared_data_dir / "amazon-books-movies")
     books, movies = ds.domain("books").stats, ds.domain("movies").stats
     assert (books["rows"], books["unique_pairs"], books["conflicting_pairs"]) == (38149, 31504, 919)
-    assert (movies["rows"], movies["unique_pairs"], movies["conflicting_pairs"]) == (68023, 62084, 276)
+    assert (movies["rows"], movies["unique_pairs"], movies["conflicting_pairs"]) == (
+        68023,
+        62084,
+        276,
+    )
