@@ -55,12 +55,15 @@ def create_manager(settings: RankingSettings) -> ModelManager:
 def build_server(settings: RankingSettings, manager: ModelManager) -> RpcServer:
     """The ranker's RpcServer: RankingService and the Open Inference Protocol on one port."""
     engine = RankingEngine(manager, max_candidates_per_request=settings.max_candidates_per_request)
+    built: list[RpcServer] = []
+    inference = InferenceServicer(engine, serving=lambda: built[0].serving)
 
     def register(server: grpc.aio.Server) -> None:
         ranking_pb2_grpc.add_RankingServiceServicer_to_server(RankingServicer(engine), server)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(engine), server)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
 
-    return RpcServer(settings, service_names=SERVICE_NAMES, register=register)
+    built.append(RpcServer(settings, service_names=SERVICE_NAMES, register=register))
+    return built[0]
 
 
 async def serve(settings: RankingSettings) -> None:

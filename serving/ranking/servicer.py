@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib import metadata as importlib_metadata
 
 import grpc
@@ -52,10 +53,12 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """The Open Inference Protocol over the same models (tritonclient and KServe clients)."""
 
-    def __init__(self, engine: RankingEngine) -> None:
+    def __init__(self, engine: RankingEngine, serving: Callable[[], bool] | None = None) -> None:
         self.engine = engine
         self.manager = engine.manager
         self.version = _package_version()
+        # Whether the server is SERVING (false while it drains at shutdown).
+        self._serving = serving or (lambda: True)
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -65,7 +68,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.manager.ready())
+        return pb.ServerReadyResponse(ready=self.manager.ready() and self._serving())
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext

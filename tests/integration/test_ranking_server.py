@@ -257,6 +257,17 @@ def test_model_infer_scores_equal_onnx_runtime(
     assert_close(decode_scores(reply), ort_scores(repo, "rk-ranker", tiny.version, users, items))
 
 
+def test_server_ready_is_false_while_draining(ranker: Ranker) -> None:
+    assert ranker.oip.ServerReady(pb.ServerReadyRequest(), timeout=5).ready
+    # What shutdown does first (then SHUTDOWN_DELAY_S while calls are still accepted).
+    ranker.bg.run(ranker.bg.server.set_serving(False))
+    try:
+        assert not ranker.oip.ServerReady(pb.ServerReadyRequest(), timeout=5).ready
+        assert ranker.oip.ServerLive(pb.ServerLiveRequest(), timeout=5).live
+    finally:
+        ranker.bg.run(ranker.bg.server.set_serving(True))
+
+
 def test_metadata_and_readiness(ranker: Ranker, tiny_repo: tuple[Path, TinyModel]) -> None:
     _, tiny = tiny_repo
     meta = ranker.oip.ModelMetadata(pb.ModelMetadataRequest(name="rk-ranker"), timeout=5)
