@@ -11,8 +11,8 @@ PROTO_SRC := $(wildcard protos/recsys/v1/*.proto protos/recsys/inference/*.proto
 PROTO_OUT := $(PROTO_SRC:.proto=_pb2.py)
 
 .PHONY: help setup tools protos check-protos lint fmt test test-fast e2e bench bench-quality \
-	bench-ranker bench-gateway demo train serve-ranking serve-retrieval serve-gateway \
-	k8s-render k8s-check clean
+	bench-ranker bench-gateway bench-rollout demo train serve-ranking serve-retrieval serve-gateway \
+	images k8s-render k8s-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -47,6 +47,29 @@ test-fast: $(STAMP) ## unit tests only
 	$(BIN)/pytest -q tests/unit
 
 bench: bench-quality bench-ranker bench-gateway ## every benchmark (slow)
+
+bench-ranker: $(STAMP) ## the ranking service against the in-process ONNX Runtime ceiling (slow)
+	$(PY) bench/ranker.py
+
+bench-gateway: $(STAMP) ## the whole stack under load: throughput, latency, where the time goes, HNSW recall (slow)
+	$(PY) bench/gateway.py
+
+bench-rollout: $(STAMP) ## rolling update of the rankers and a model version rollout under load (slow)
+	$(PY) bench/rollout.py
+
+e2e: $(STAMP) ## the end-to-end tests: every service as a process on loopback
+	$(BIN)/pytest -q tests/e2e
+
+IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+
+images: ## build the CPU and GPU images, tagged with the package version (needs a container engine)
+	docker build -f docker/Dockerfile -t recsys-transfer:$(IMAGE_TAG) . && docker build -f docker/Dockerfile.gpu -t recsys-transfer-gpu:$(IMAGE_TAG) .
+
+k8s-render: $(STAMP) ## render every kustomize overlay into build/k8s/
+	scripts/k8s-render.sh $(BIN)
+
+k8s-check: $(STAMP) tools ## render, validate and policy-check the manifests, promtool, Dockerfiles
+	$(BIN)/pytest -q tests/k8s
 
 clean: ## remove the virtualenv, caches and local run outputs
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache runs model_repository

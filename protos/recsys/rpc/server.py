@@ -43,6 +43,7 @@ class RpcServer:
         self.service_names = list(service_names)
         self.port = 0
         self.metrics_port = 0
+        self.serving = False  # what health says: SERVING between start-up and shutdown
         self._metrics_httpd: object | None = None
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         options = [
@@ -98,6 +99,7 @@ class RpcServer:
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         await self._set_health(status)
+        self.serving = serving
         logger.info("Health: %s", health_pb2.HealthCheckResponse.ServingStatus.Name(status))
 
     async def stop(self, grace: float | None = None) -> None:

@@ -56,7 +56,8 @@ class RecommendationServiceServicer:
         degraded is set when a part of the pipeline failed.
         INVALID_ARGUMENT    empty user id; unknown domain; k is 0 or above the gateway's limit
         (GATEWAY_MAX_K, default 100); an empty id in recent_item_ids.
-        UNAVAILABLE         retrieval and ranking are both down and no fallback is available.
+        UNAVAILABLE         retrieval and ranking are both down, or retrieval is down and no
+        popular items are cached for the domain.
         DEADLINE_EXCEEDED   the caller's deadline passed.
         CANCELLED           the caller cancelled; upstream calls are cancelled too.
         """

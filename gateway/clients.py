@@ -1,0 +1,178 @@
+"""gRPC clients of the upstream services, one channel per upstream target created at start; they
+implement the pipeline's Retriever and Ranker and turn failures into UpstreamError."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from gateway import metrics
+from gateway.config import GatewaySettings
+from recsys.pipeline import (
+    SOURCE_BY_VALUE,
+    Candidate,
+    Ranked,
+    RankQuery,
+    Retrieval,
+    RetrieveQuery,
+    Source,
+    UpstreamError,
+)
+from recsys.rpc.tls import channel_options
+from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+
+def upstream_error(upstream: str, exc: grpc.RpcError) -> UpstreamError:
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    detail = exc.details() if hasattr(exc, "details") else str(exc)
+    metrics.UPSTREAM_ERRORS.labels(upstream, code.name).inc()
+    return UpstreamError(code.name, f"{upstream}: {detail or ''}".rstrip(": "))
+
+
+class GrpcRetriever:
+    """Retriever over the retrieval service's channel."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+        self.stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+        self._duration = metrics.UPSTREAM_DURATION.labels("retrieval", "Retrieve")
+
+    async def retrieve(self, query: RetrieveQuery, *, timeout: float) -> Retrieval:
+        request = retrieval_pb2.RetrieveRequest(
+            user_id=query.user_id,
+            domain=query.domain,
+            k=query.k,
+            exclude_item_ids=query.exclude_item_ids,
+            exclude_seen=query.exclude_seen,
+            history_item_ids=query.history_item_ids,
+            sources=[int(s) for s in query.sources],  # type: ignore[misc]
+        )
+        start = time.perf_counter()
+        try:
+            reply = await self.stub.Retrieve(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise upstream_error("retrieval", exc) from None
+        finally:
+            self._duration.observe(time.perf_counter() - start)
+        return Retrieval(
+            [
+                Candidate(
+                    c.item_id, c.score, SOURCE_BY_VALUE.get(c.source, Source.UNSPECIFIED), c.title
+                )
+                for c in reply.candidates
+            ],
+            reply.model.model_name,
+            reply.model.model_version,
+        )
+
+
+@dataclass
+class _RankerChannel:
+    target: str
+    channel: grpc.aio.Channel
+    stub: ranking_pb2_grpc.RankingServiceStub
+    ejected_until: float = 0.0
+
+
+class GrpcRankers:
+    """Ranker over one channel per configured target. A target that resolves to several
+    addresses (a headless Service) is balanced round robin by its channel; several targets are
+    spread by the `replica` hint, skipping for a while a channel that refused a call."""
+
+    def __init__(self, channels: list[tuple[str, grpc.aio.Channel]], eject_s: float = 1.0) -> None:
+        if not channels:
+            raise ValueError("at least one ranker channel is required")
+        self._channels = [
+            _RankerChannel(target, channel, ranking_pb2_grpc.RankingServiceStub(channel))
+            for target, channel in channels
+        ]
+        self.eject_s = eject_s
+        self._duration = metrics.UPSTREAM_DURATION.labels("ranker", "Rank")
+
+    @property
+    def replicas(self) -> int:
+        return len(self._channels)
+
+    def _pick(self, replica: int) -> int:
+        """From the hinted channel on, the first that is connected (READY: some backend is up
+        and its health says SERVING) and not ejected; else the first not ejected; else the
+        hinted one."""
+        n = len(self._channels)
+        now = time.monotonic()
+        order = [(replica + step) % n for step in range(n)]
+        usable = [i for i in order if self._channels[i].ejected_until <= now]
+        for i in usable:
+            state = self._channels[i].channel.get_state(try_to_connect=True)
+            if state == grpc.ChannelConnectivity.READY:
+                return i
+        return usable[0] if usable else order[0]
+
+    async def rank(self, query: RankQuery, *, replica: int, timeout: float) -> Ranked:
+        index = self._pick(replica)
+        chosen = self._channels[index]
+        request = ranking_pb2.RankRequest(
+            model_name=query.model_name,
+            model_version=query.model_version,
+            user_id=query.user_id,
+            item_ids=query.item_ids,
+        )
+        start = time.perf_counter()
+        try:
+            reply = await chosen.stub.Rank(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            error = upstream_error("ranker", exc)
+            error.replica = index
+            if error.code in ("UNAVAILABLE", "RESOURCE_EXHAUSTED") and self.eject_s > 0:
+                chosen.ejected_until = time.monotonic() + self.eject_s
+            raise error from None
+        finally:
+            self._duration.observe(time.perf_counter() - start)
+        return Ranked(list(reply.scores), reply.model_name, reply.model_version)
+
+
+def create_upstream_channel(target: str, settings: GatewaySettings) -> grpc.aio.Channel:
+    """The kit's channel (limits, keepalive, round robin over every resolved address with
+    client-side health checking, TLS) with a bounded reconnect backoff, so that a replica that
+    comes back on an address it had before is used again within about a second."""
+    tls = settings.upstream_tls
+    options = channel_options(
+        settings.max_message_bytes,
+        round_robin=True,
+        server_name=tls.server_name if tls else None,
+    )
+    options += [
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.min_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", int(settings.max_reconnect_backoff_ms)),
+    ]
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=options)
+    return grpc.aio.secure_channel(target, tls.credentials(), options=options)
+
+
+class Upstreams:
+    """Every upstream channel of the gateway, created once at start."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.retrieval_channel = create_upstream_channel(settings.retrieval_target, settings)
+        self.ranker_channels = [
+            (target, create_upstream_channel(target, settings))
+            for target in settings.ranker_target_list
+        ]
+        self.retriever = GrpcRetriever(self.retrieval_channel)
+        self.rankers = GrpcRankers(self.ranker_channels, settings.ranker_eject_s)
+        logger.info(
+            "Upstreams: retrieval %s, rankers %s",
+            settings.retrieval_target,
+            ", ".join(settings.ranker_target_list),
+        )
+
+    async def close(self) -> None:
+        await self.retrieval_channel.close(None)
+        for _, channel in self.ranker_channels:
+            await channel.close(None)

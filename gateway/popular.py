@@ -1,0 +1,83 @@
+"""The gateway's cache of each domain's popular items, the fallback when retrieval is down:
+refreshed from retrieval, or read from the model repository before retrieval first answers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from recsys.pipeline import Candidate, PopularItems, RetrieveQuery, Retriever, Source, UpstreamError
+from recsys.repository import list_versions, version_dir
+
+logger = logging.getLogger(__name__)
+
+
+def popular_from_repository(repository: Path, domain: str, size: int) -> list[Candidate]:
+    """The most popular items of the latest version of the domain's retrieval (or ranker) model,
+    from its items.json; empty when there is none."""
+    for model in (f"{domain}-retrieval", f"{domain}-ranker"):
+        for version in reversed(list_versions(repository, model)):
+            path = version_dir(repository, model, version) / "items.json"
+            try:
+                items = json.loads(path.read_text(encoding="utf-8"))
+                ids = [str(i) for i in items["ids"]]
+                titles = [t or "" for t in items.get("titles") or [None] * len(ids)]
+                popularity = np.asarray(items.get("popularity") or [0] * len(ids), dtype=float)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                logger.warning("Cannot read popular items from %s: %s", path, exc)
+                continue
+            order = np.lexsort((np.arange(len(ids)), -popularity))[:size]
+            return [
+                Candidate(ids[j], float(popularity[j]), Source.POPULAR, titles[j]) for j in order
+            ]
+    return []
+
+
+class PopularRefresher:
+    """Keeps `cache` filled for every domain."""
+
+    def __init__(
+        self,
+        retriever: Retriever,
+        cache: PopularItems,
+        domains: list[str],
+        size: int,
+        repository: Path | None = None,
+    ) -> None:
+        self.retriever = retriever
+        self.cache = cache
+        self.domains = domains
+        self.size = size
+        self.repository = repository
+
+    async def refresh_once(self, timeout: float = 2.0) -> None:
+        for domain in self.domains:
+            query = RetrieveQuery(user_id="", domain=domain, k=self.size, sources=(Source.POPULAR,))
+            try:
+                answer = await self.retriever.retrieve(query, timeout=timeout)
+            except UpstreamError as exc:
+                logger.warning("Popular items of %s not refreshed: %s", domain, exc)
+                if not self.cache.has(domain) and self.repository is not None:
+                    items = await asyncio.to_thread(
+                        popular_from_repository, self.repository, domain, self.size
+                    )
+                    if items:
+                        self.cache.set(domain, items)
+                        logger.info("Popular items of %s read from %s", domain, self.repository)
+                continue
+            if answer.candidates:
+                self.cache.set(domain, answer.candidates)
+
+    async def run(self, interval_s: float, retry_s: float = 1.0) -> None:
+        """Refresh every `interval_s`, or every `retry_s` while a domain has no items yet."""
+        while True:
+            complete = all(self.cache.has(domain) for domain in self.domains)
+            await asyncio.sleep(interval_s if complete else min(interval_s, retry_s))
+            try:
+                await self.refresh_once()
+            except Exception:
+                logger.exception("Refreshing popular items failed")

@@ -1,0 +1,107 @@
+"""The gateway server: upstream channels, the pipeline, the popular-items cache and the kit
+server, run until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import grpc
+
+from gateway.clients import Upstreams
+from gateway.config import GatewaySettings
+from gateway.popular import PopularRefresher
+from gateway.servicer import SERVICE_NAME, RecommendationServicer
+from recsys.pipeline import Pipeline, PipelineConfig, PopularItems, RetryBudget
+from recsys.rpc.server import RpcServer, serve_until_signal
+from recsys.v1 import recommendation_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+
+def pipeline_config(settings: GatewaySettings) -> PipelineConfig:
+    return PipelineConfig(
+        retrieval_candidates=settings.retrieval_candidates,
+        popular_candidates=settings.popular_candidates,
+        shards=settings.ranker_shards,
+        min_shard_size=settings.min_shard_size,
+        max_rank_attempts=settings.max_rank_attempts,
+        margin_s=settings.deadline_margin_ms / 1000,
+        retrieval_fraction=settings.retrieval_deadline_fraction,
+    )
+
+
+class Gateway:
+    """Everything the gateway holds for its lifetime."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.upstreams = Upstreams(settings)
+        self.popular = PopularItems()
+        self.pipeline = Pipeline(
+            self.upstreams.retriever,
+            self.upstreams.rankers,
+            pipeline_config(settings),
+            popular=self.popular,
+            budget=RetryBudget(settings.retry_budget_ratio, settings.retry_budget_burst),
+        )
+        self.refresher = PopularRefresher(
+            self.upstreams.retriever,
+            self.popular,
+            settings.domain_list,
+            settings.popular_cache_size,
+            settings.model_repository,
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def build_server(self) -> RpcServer:
+        servicer = RecommendationServicer(
+            self.pipeline,
+            domains=self.settings.domain_list,
+            max_k=self.settings.max_k,
+            default_deadline_s=self.settings.default_deadline_ms / 1000,
+            margin_s=self.settings.deadline_margin_ms / 1000,
+        )
+        return RpcServer(
+            self.settings,
+            service_names=[SERVICE_NAME],
+            register=lambda s: recommendation_pb2_grpc.add_RecommendationServiceServicer_to_server(
+                servicer, s
+            ),
+        )
+
+    async def start(self) -> None:
+        """Connect to the upstreams and fill the popular-items cache (both best effort, a few
+        seconds at most), then keep the cache fresh."""
+        channels = [self.upstreams.retrieval_channel] + [
+            channel for _, channel in self.upstreams.ranker_channels
+        ]
+        settled = (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + 2.0
+        while loop.time() < give_up:
+            if all(c.get_state(try_to_connect=True) in settled for c in channels):
+                break
+            await asyncio.sleep(0.02)
+        await self.refresher.refresh_once()
+        self._tasks.append(
+            asyncio.get_running_loop().create_task(
+                self.refresher.run(self.settings.popular_refresh_s)
+            )
+        )
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        await self.upstreams.close()
+
+
+async def serve(settings: GatewaySettings) -> None:
+    gateway = Gateway(settings)
+    server = gateway.build_server()
+    await serve_until_signal(server, on_startup=gateway.start, on_shutdown=gateway.close)

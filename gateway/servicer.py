@@ -1,0 +1,100 @@
+"""RecommendationService over gRPC: validate, derive the deadline, run the pipeline, convert."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from gateway import metrics
+from recsys.pipeline import Pipeline, PipelineUnavailable, Recommendation, RecommendQuery
+from recsys.rpc.errors import DeadlineExceeded, InvalidRequest, UpstreamUnavailable
+from recsys.v1 import common_pb2, recommendation_pb2, recommendation_pb2_grpc
+
+SERVICE_NAME = "recsys.v1.RecommendationService"
+
+
+def validate(request: recommendation_pb2.RecommendRequest, domains: set[str], max_k: int) -> None:
+    if not request.user_id:
+        raise InvalidRequest("user_id is required")
+    if not request.domain:
+        raise InvalidRequest("domain is required")
+    if request.domain not in domains:
+        raise InvalidRequest(
+            f"unknown domain {request.domain!r}; served: {', '.join(sorted(domains))}"
+        )
+    if request.k < 1 or request.k > max_k:
+        raise InvalidRequest(f"k must be between 1 and {max_k}, got {request.k}")
+    if any(not i for i in request.recent_item_ids):
+        raise InvalidRequest("recent_item_ids must not contain empty ids")
+
+
+def to_response(result: Recommendation) -> recommendation_pb2.RecommendResponse:
+    return recommendation_pb2.RecommendResponse(
+        items=[
+            recommendation_pb2.RecommendedItem(
+                item_id=c.item_id,
+                score=c.score,
+                title=c.title,
+                source=int(c.source),  # type: ignore[arg-type]
+            )
+            for c in result.items
+        ],
+        model_versions=[
+            common_pb2.ModelVersion(model_name=name, model_version=version)
+            for name, version in result.model_versions
+        ],
+        degraded=result.degraded,
+        degradations=[
+            recommendation_pb2.Degradation(reason=int(d.reason), detail=d.detail)  # type: ignore[arg-type]
+            for d in result.degradations
+        ],
+    )
+
+
+class RecommendationServicer(recommendation_pb2_grpc.RecommendationServiceServicer):
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        *,
+        domains: list[str],
+        max_k: int,
+        default_deadline_s: float,
+        margin_s: float,
+    ) -> None:
+        self.pipeline = pipeline
+        self.domains = set(domains)
+        self.max_k = max_k
+        self.default_deadline_s = default_deadline_s
+        self.margin_s = margin_s
+
+    async def Recommend(
+        self, request: recommendation_pb2.RecommendRequest, context: grpc.aio.ServicerContext
+    ) -> recommendation_pb2.RecommendResponse:
+        start = time.perf_counter()
+        validate(request, self.domains, self.max_k)
+        remaining = context.time_remaining()
+        timeout = self.default_deadline_s if remaining is None else float(remaining)
+        if timeout <= self.margin_s:
+            raise DeadlineExceeded("the deadline is too short to answer")
+        query = RecommendQuery(
+            user_id=request.user_id,
+            domain=request.domain,
+            k=request.k,
+            exclude_seen=request.exclude_seen,
+            recent_item_ids=tuple(request.recent_item_ids),
+        )
+        try:
+            result = await self.pipeline.recommend(query, timeout=timeout)
+        except PipelineUnavailable as exc:
+            raise UpstreamUnavailable(str(exc)) from None
+        for stage, seconds in result.timings.items():
+            metrics.STAGE_DURATION.labels(stage).observe(seconds)
+        for degradation in result.degradations:
+            metrics.DEGRADED.labels(degradation.reason.name.lower()).inc()
+        convert = time.perf_counter()
+        response = to_response(result)
+        now = time.perf_counter()
+        metrics.STAGE_DURATION.labels("response").observe(now - convert)
+        metrics.STAGE_DURATION.labels("total").observe(now - start)
+        return response

@@ -1,0 +1,537 @@
+"""The recommendation pipeline, independent of the transport: retrieve candidates from several
+sources in parallel, merge and de-duplicate them, filter seen items, rank them in shards on the
+ranking replicas, merge the shards and keep the top k.
+
+The gateway runs it over gRPC clients and `serving.offline` runs it over in-process objects; both
+implement the `Retriever` and `Ranker` protocols below and raise `UpstreamError` for failures, so
+the degradation rules live here once:
+
+- ranking unavailable or late: candidates in retrieval order (`RANKING_UNAVAILABLE`,
+  `RANKING_DEADLINE`); some shards unranked: ranked ones first, the rest after in retrieval order
+  (`RANKING_PARTIAL`);
+- retrieval unavailable or late: the domain's popular items from a cache (`RETRIEVAL_UNAVAILABLE`),
+  still ranked when the rankers answer;
+- retrieval and ranking both down, or nothing to fall back on: `PipelineUnavailable` (the
+  gateway answers UNAVAILABLE at once rather than unranked popular items).
+
+Version skew: all scores of one answer come from one ranker model version. Shards are first sent
+with no version; if the answers name different versions, the version that answered most shards
+(the newer one on a tie) is chosen and the other shards are re-sent pinned to it, on other
+replicas if needed. A shard that cannot be scored with the chosen version stays unranked. Item ids
+travel as strings and every ranker maps them with its own version's vocabulary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import NamedTuple, Protocol
+
+
+class Source(IntEnum):
+    """Candidate sources; the values are those of recsys.v1.CandidateSource."""
+
+    UNSPECIFIED = 0
+    ANN = 1
+    POPULAR = 2
+    TRANSFER = 3
+    HISTORY = 4
+
+
+SOURCE_BY_VALUE = {int(s): s for s in Source}
+
+
+PERSONAL_SOURCES = (Source.ANN, Source.TRANSFER, Source.HISTORY)
+
+
+class Reason(IntEnum):
+    """Why an answer is degraded; the values are those of recsys.v1.DegradationReason."""
+
+    UNSPECIFIED = 0
+    RANKING_UNAVAILABLE = 1
+    RANKING_DEADLINE = 2
+    RANKING_PARTIAL = 3
+    RETRIEVAL_UNAVAILABLE = 4
+
+
+# Status codes (grpc.StatusCode names) on which a call can be sent again, to another replica:
+# the call was refused before any work (UNAVAILABLE, RESOURCE_EXHAUSTED). Both calls the pipeline
+# makes are reads, so a repeat is harmless; the retry budget keeps repeats from piling up.
+RETRYABLE_CODES = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
+DEADLINE_CODES = frozenset({"DEADLINE_EXCEEDED"})
+
+
+class UpstreamError(Exception):
+    """A retrieval or ranking call failed; `code` is the gRPC status code name. A ranker sets
+    `replica` to the replica that failed, so that a retry goes to the next one."""
+
+    def __init__(self, code: str, detail: str = "", *, replica: int | None = None) -> None:
+        super().__init__(f"{code}: {detail}" if detail else code)
+        self.code = code
+        self.detail = detail
+        self.replica = replica
+
+
+class PipelineUnavailable(Exception):
+    """Neither retrieval nor its fallback could produce candidates."""
+
+
+class Candidate(NamedTuple):
+    """An item proposed by a candidate source (a tuple: hundreds are made per request)."""
+
+    item_id: str
+    score: float
+    source: Source
+    title: str = ""
+
+
+@dataclass(frozen=True)
+class RetrieveQuery:
+    user_id: str
+    domain: str
+    k: int
+    exclude_item_ids: tuple[str, ...] = ()
+    exclude_seen: bool = False
+    history_item_ids: tuple[str, ...] = ()
+    sources: tuple[Source, ...] = ()
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    candidates: list[Candidate]
+    model_name: str
+    model_version: str
+
+
+@dataclass(frozen=True)
+class RankQuery:
+    model_name: str
+    model_version: str
+    user_id: str
+    item_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Ranked:
+    scores: list[float]
+    model_name: str
+    model_version: str
+
+
+class Retriever(Protocol):
+    async def retrieve(self, query: RetrieveQuery, *, timeout: float) -> Retrieval:
+        """Candidates best first; raises UpstreamError."""
+        ...
+
+
+class Ranker(Protocol):
+    @property
+    def replicas(self) -> int:
+        """How many replicas (or channels) `replica` can address; at least 1."""
+        ...
+
+    async def rank(self, query: RankQuery, *, replica: int, timeout: float) -> Ranked:
+        """One score per item, in order, from the version the answer names. `replica` is a hint
+        (taken modulo `replicas`) that spreads shards and sends a retry elsewhere; raises
+        UpstreamError."""
+        ...
+
+
+class RetryBudget:
+    """A token bucket that bounds retries to a fraction of calls: every first attempt adds
+    `ratio` tokens (up to `burst`), every retry takes one."""
+
+    def __init__(self, ratio: float = 0.1, burst: float = 50.0) -> None:
+        self.ratio = ratio
+        self.burst = burst
+        self._tokens = burst
+
+    @property
+    def tokens(self) -> float:
+        return self._tokens
+
+    def record_call(self) -> None:
+        self._tokens = min(self.burst, self._tokens + self.ratio)
+
+    def try_spend(self) -> bool:
+        if self._tokens >= 1.0 - 1e-9:
+            self._tokens -= 1.0
+            return True
+        return False
+
+
+class PopularItems:
+    """Each domain's popular items, kept by the caller (refreshed from retrieval or read from the
+    model repository) for when retrieval is down."""
+
+    def __init__(self) -> None:
+        self._items: dict[str, list[Candidate]] = {}
+        self.updated_at: dict[str, float] = {}
+
+    def set(self, domain: str, items: Sequence[Candidate]) -> None:
+        self._items[domain] = [
+            Candidate(c.item_id, c.score, Source.POPULAR, c.title) for c in items
+        ]
+        self.updated_at[domain] = time.monotonic()
+
+    def get(self, domain: str) -> list[Candidate]:
+        return self._items.get(domain, [])
+
+    def has(self, domain: str) -> bool:
+        return bool(self._items.get(domain))
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    retrieval_candidates: int = 500  # personalised candidates asked of retrieval
+    popular_candidates: int = 50  # popular candidates merged in (0: none)
+    shards: int = 4  # a candidate list is split into at most this many ranking calls
+    min_shard_size: int = 32  # ... each with at least this many candidates
+    max_rank_attempts: int = 3  # attempts per shard (first try and retries on other replicas)
+    margin_s: float = 0.005  # kept back from the caller's deadline to merge and answer
+    retrieval_fraction: float = 0.4  # share of the remaining time retrieval may take
+
+
+@dataclass(frozen=True)
+class RecommendQuery:
+    user_id: str
+    domain: str
+    k: int
+    exclude_seen: bool = False
+    recent_item_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Degradation:
+    reason: Reason
+    detail: str
+
+
+@dataclass
+class Recommendation:
+    items: list[Candidate]
+    model_versions: list[tuple[str, str]] = field(default_factory=list)
+    degradations: list[Degradation] = field(default_factory=list)
+    ranked: bool = False
+    # Seconds spent per stage: "retrieval", "ranking", "merge".
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def degraded(self) -> bool:
+        return bool(self.degradations)
+
+
+# --- pure helpers -----------------------------------------------------------------------------
+
+
+def merge_candidates(
+    lists: Sequence[Sequence[Candidate]], exclude: frozenset[str] = frozenset()
+) -> list[Candidate]:
+    """Concatenate candidate lists in priority order, keeping each item's first (best-source)
+    occurrence and dropping excluded ids."""
+    seen: set[str] = set(exclude)
+    merged: list[Candidate] = []
+    for candidates in lists:
+        for candidate in candidates:
+            if candidate.item_id in seen:
+                continue
+            seen.add(candidate.item_id)
+            merged.append(candidate)
+    return merged
+
+
+def split_shards(n: int, shards: int, min_shard_size: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges that cover 0..n in at most `shards` near-equal contiguous pieces of at
+    least `min_shard_size` items (except when n itself is smaller)."""
+    if n <= 0:
+        return []
+    count = max(1, min(shards, n // max(1, min_shard_size)))
+    size = math.ceil(n / count)
+    return [(start, min(n, start + size)) for start in range(0, n, size)]
+
+
+def top_k(
+    candidates: Sequence[Candidate], scores: Sequence[float | None], k: int
+) -> list[Candidate]:
+    """Ranked candidates by score (best first, ties in retrieval order), then the unranked ones
+    (score None) in retrieval order; the first k, each carrying the score used to order it."""
+    ranked = [(s, i) for i, s in enumerate(scores) if s is not None]
+    ranked.sort(key=lambda pair: (-pair[0], pair[1]))
+    out = [
+        Candidate(candidates[i].item_id, float(s), candidates[i].source, candidates[i].title)
+        for s, i in ranked[:k]
+    ]
+    if len(out) < k:
+        out.extend(c for c, s in zip(candidates, scores, strict=True) if s is None)
+    return out[:k]
+
+
+def choose_version(versions: Sequence[str]) -> str:
+    """The version that answered most shards; the newer one on a tie."""
+    counts = Counter(versions)
+
+    def key(v: str) -> tuple[int, int, str]:
+        return (counts[v], int(v) if v.isdigit() else -1, v)
+
+    return max(counts, key=key)
+
+
+def _ranking_reason(errors: Sequence[UpstreamError]) -> Reason:
+    if errors and all(e.code in DEADLINE_CODES for e in errors):
+        return Reason.RANKING_DEADLINE
+    return Reason.RANKING_UNAVAILABLE
+
+
+def _describe(errors: Sequence[UpstreamError]) -> str:
+    codes = Counter(e.code for e in errors)
+    first = errors[0].detail if errors else ""
+    summary = ", ".join(f"{code} x{n}" for code, n in sorted(codes.items()))
+    return f"{summary}: {first}" if first else summary
+
+
+# --- the pipeline -----------------------------------------------------------------------------
+
+
+class Pipeline:
+    """Recommend k items for a user: retrieval, merge, ranking in shards, top k."""
+
+    def __init__(
+        self,
+        retriever: Retriever,
+        ranker: Ranker,
+        config: PipelineConfig | None = None,
+        *,
+        popular: PopularItems | None = None,
+        budget: RetryBudget | None = None,
+    ) -> None:
+        self.retriever = retriever
+        self.ranker = ranker
+        self.config = config or PipelineConfig()
+        self.popular = popular or PopularItems()
+        self.budget = budget or RetryBudget()
+
+    async def recommend(self, query: RecommendQuery, *, timeout: float) -> Recommendation:
+        """Raises PipelineUnavailable when there are no candidates to return at all."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        cfg = self.config
+        result = Recommendation(items=[])
+
+        start = time.perf_counter()
+        retrieval_timeout = max(0.0, (timeout - cfg.margin_s) * cfg.retrieval_fraction)
+        candidates, rank, retrieved = await self._retrieve(query, retrieval_timeout, result)
+        result.timings["retrieval"] = time.perf_counter() - start
+
+        scores: list[float | None] = [None] * len(candidates)
+        if candidates and rank:
+            start = time.perf_counter()
+            ranking_timeout = deadline - loop.time() - cfg.margin_s
+            scores = await self._rank(query, candidates, ranking_timeout, result)
+            result.timings["ranking"] = time.perf_counter() - start
+            if not retrieved and all(score is None for score in scores):
+                details = "; ".join(d.detail for d in result.degradations)
+                raise PipelineUnavailable(f"retrieval and ranking are both unavailable ({details})")
+
+        start = time.perf_counter()
+        result.items = top_k(candidates, scores, query.k)
+        result.timings["merge"] = time.perf_counter() - start
+        return result
+
+    # -- retrieval ------------------------------------------------------------------------------
+
+    async def _call_retriever(self, query: RetrieveQuery, timeout: float) -> Retrieval:
+        self.budget.record_call()
+        attempt = 0
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while True:
+            remaining = end - loop.time()
+            if remaining <= 0:
+                raise UpstreamError("DEADLINE_EXCEEDED", "no time left for retrieval")
+            try:
+                async with asyncio.timeout(remaining):
+                    return await self.retriever.retrieve(query, timeout=remaining)
+            except TimeoutError:
+                raise UpstreamError("DEADLINE_EXCEEDED", "retrieval timed out") from None
+            except UpstreamError as exc:
+                attempt += 1
+                if exc.code not in RETRYABLE_CODES or attempt >= 2 or not self.budget.try_spend():
+                    raise
+
+    async def _retrieve(
+        self, query: RecommendQuery, timeout: float, result: Recommendation
+    ) -> tuple[list[Candidate], bool, bool]:
+        """Merged candidates, whether to rank them, and whether retrieval answered at all.
+
+        Users the retrieval model knows (ANN or TRANSFER candidates) are ranked. Users it does not
+        know (history neighbours or popular items only) are unknown to the ranker of the same
+        training run too, so their candidates keep retrieval order. When retrieval failed the
+        user is unknown here, so ranking is tried.
+        """
+        cfg = self.config
+        exclude = frozenset(query.recent_item_ids) if query.exclude_seen else frozenset()
+
+        def ask(k: int, sources: tuple[Source, ...]) -> RetrieveQuery:
+            return RetrieveQuery(
+                user_id=query.user_id,
+                domain=query.domain,
+                k=k,
+                exclude_item_ids=tuple(sorted(exclude)),
+                exclude_seen=query.exclude_seen,
+                history_item_ids=query.recent_item_ids,
+                sources=sources,
+            )
+
+        personal_k = max(cfg.retrieval_candidates, query.k)
+        calls = [self._call_retriever(ask(personal_k, PERSONAL_SOURCES), timeout)]
+        if cfg.popular_candidates > 0:
+            calls.append(
+                self._call_retriever(ask(cfg.popular_candidates, (Source.POPULAR,)), timeout)
+            )
+        answers = await asyncio.gather(*calls, return_exceptions=True)
+        for answer in answers:
+            if isinstance(answer, BaseException) and not isinstance(answer, UpstreamError):
+                raise answer
+        ok = [a for a in answers if isinstance(a, Retrieval)]
+        errors = [a for a in answers if isinstance(a, UpstreamError)]
+        if ok:
+            result.model_versions.append((ok[0].model_name, ok[0].model_version))
+        personal = answers[0] if isinstance(answers[0], Retrieval) else None
+        if errors:
+            result.degradations.append(
+                Degradation(Reason.RETRIEVAL_UNAVAILABLE, f"retrieval: {_describe(errors)}")
+            )
+        lists = [r.candidates for r in ok]
+        if not ok:
+            fallback = self.popular.get(query.domain)
+            if not fallback:
+                raise PipelineUnavailable(
+                    f"retrieval failed ({_describe(errors)}) and no popular items are cached "
+                    f"for domain {query.domain!r}"
+                )
+            lists = [fallback[: cfg.retrieval_candidates + cfg.popular_candidates]]
+        candidates = merge_candidates(lists, exclude)
+        if personal is None:
+            return candidates, True, bool(ok)
+        known = any(c.source in (Source.ANN, Source.TRANSFER) for c in personal.candidates)
+        return candidates, known, True
+
+    # -- ranking --------------------------------------------------------------------------------
+
+    async def _rank_shard(
+        self, query: RankQuery, first_replica: int, end: float, attempts: int
+    ) -> Ranked:
+        """One shard, retried on other replicas when refused (and, for a pinned version, when
+        the replica does not have that version)."""
+        loop = asyncio.get_running_loop()
+        self.budget.record_call()
+        replica = first_replica
+        tried = 0
+        while True:
+            remaining = end - loop.time()
+            if remaining <= 0:
+                raise UpstreamError("DEADLINE_EXCEEDED", "no time left for ranking")
+            try:
+                async with asyncio.timeout(remaining):
+                    ranked = await self.ranker.rank(query, replica=replica, timeout=remaining)
+                if len(ranked.scores) != len(query.item_ids):
+                    raise UpstreamError(
+                        "INTERNAL",
+                        f"ranker returned {len(ranked.scores)} scores for "
+                        f"{len(query.item_ids)} items",
+                    )
+                if query.model_version and ranked.model_version != query.model_version:
+                    raise UpstreamError(
+                        "FAILED_PRECONDITION",
+                        f"asked for version {query.model_version}, got {ranked.model_version}",
+                    )
+                return ranked
+            except TimeoutError:
+                raise UpstreamError("DEADLINE_EXCEEDED", "ranking timed out") from None
+            except UpstreamError as exc:
+                tried += 1
+                retry = exc.code in RETRYABLE_CODES or (
+                    bool(query.model_version) and exc.code == "NOT_FOUND"
+                )
+                if not retry or tried >= attempts or not self.budget.try_spend():
+                    raise
+                replica = (replica if exc.replica is None else exc.replica) + 1
+
+    async def _rank(
+        self,
+        query: RecommendQuery,
+        candidates: list[Candidate],
+        timeout: float,
+        result: Recommendation,
+    ) -> list[float | None]:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        end = loop.time() + max(0.0, timeout)
+        model = f"{query.domain}-ranker"
+        ranges = split_shards(len(candidates), cfg.shards, cfg.min_shard_size)
+        attempts = max(cfg.max_rank_attempts, 1)
+
+        def shard_query(lo: int, hi: int, version: str) -> RankQuery:
+            ids = tuple(c.item_id for c in candidates[lo:hi])
+            return RankQuery(model, version, query.user_id, ids)
+
+        first = await asyncio.gather(
+            *(
+                self._rank_shard(shard_query(lo, hi, ""), i, end, attempts)
+                for i, (lo, hi) in enumerate(ranges)
+            ),
+            return_exceptions=True,
+        )
+        answers: list[Ranked | UpstreamError] = []
+        for answer in first:
+            if isinstance(answer, BaseException) and not isinstance(answer, UpstreamError):
+                raise answer
+            answers.append(answer)
+
+        ok_versions = [a.model_version for a in answers if isinstance(a, Ranked)]
+        if ok_versions:
+            chosen = choose_version(ok_versions)
+            stale = [
+                i
+                for i, a in enumerate(answers)
+                if isinstance(a, Ranked) and a.model_version != chosen
+            ]
+            if stale:
+                # Another version answered these shards: score them again with the chosen one.
+                again = await asyncio.gather(
+                    *(
+                        self._rank_shard(shard_query(*ranges[i], chosen), i + 1, end, attempts)
+                        for i in stale
+                    ),
+                    return_exceptions=True,
+                )
+                for i, answer in zip(stale, again, strict=True):
+                    if isinstance(answer, BaseException) and not isinstance(answer, UpstreamError):
+                        raise answer
+                    answers[i] = answer
+            result.model_versions.append((model, chosen))
+
+        scores: list[float | None] = [None] * len(candidates)
+        errors = [a for a in answers if isinstance(a, UpstreamError)]
+        for (lo, _hi), answer in zip(ranges, answers, strict=True):
+            if isinstance(answer, Ranked):
+                scores[lo : lo + len(answer.scores)] = answer.scores
+        if errors and len(errors) == len(answers):
+            result.degradations.append(
+                Degradation(_ranking_reason(errors), f"ranking: {_describe(errors)}")
+            )
+        elif errors:
+            result.degradations.append(
+                Degradation(
+                    Reason.RANKING_PARTIAL,
+                    f"ranking: {len(errors)} of {len(answers)} shards unranked: "
+                    f"{_describe(errors)}",
+                )
+            )
+        result.ranked = len(errors) < len(answers)
+        return scores

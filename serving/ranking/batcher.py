@@ -1,0 +1,264 @@
+"""Dynamic batching for one model version: requests that arrive together are scored in one
+session run, within a candidate budget and a queue delay; expired or cancelled requests are
+dropped before compute; a bounded queue refuses work instead of growing without end."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from recsys.rpc.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from serving.ranking import metrics
+from serving.ranking.model import RankerModel
+
+logger = logging.getLogger(__name__)
+
+# Adaptive wait: hold batches open while waiting has recently gained this many requests...
+WAIT_GAIN_THRESHOLD = 0.25
+# ...and otherwise still wait on one batch in this many, to notice when load returns.
+PROBE_EVERY = 16
+
+
+@dataclass
+class BatchingOptions:
+    """Limits of one batcher (from RankingSettings)."""
+
+    max_batch_candidates: int = 16384
+    max_queue_delay_s: float = 0.002
+    max_queue_requests: int = 256
+    concurrency: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_queue_delay_s > 0 and self.max_batch_candidates > 1
+
+
+@dataclass
+class _Pending:
+    users: np.ndarray
+    items: np.ndarray
+    future: asyncio.Future[np.ndarray]
+    enqueued: float  # loop.time()
+    deadline: float | None  # loop.time() after which the caller no longer waits
+    enqueued_wall: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """Queues scoring requests for one RankerModel and runs them in batches on a worker thread.
+
+    One collector task forms a batch as soon as a session-run slot is free: it takes the oldest
+    request, then every request that arrives until the batch holds `max_batch_candidates`, or the
+    oldest request has waited `max_queue_delay_s`. While a batch computes, the next one gathers,
+    so under load batches fill without any added delay.
+    """
+
+    def __init__(self, model: RankerModel, options: BatchingOptions) -> None:
+        self.model = model
+        self.options = options
+        self._label = model.name
+        self._queue: deque[_Pending] = deque()
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(options.concurrency)
+        self._executor = ThreadPoolExecutor(
+            max_workers=options.concurrency,
+            thread_name_prefix=f"ort-{model.name}-v{model.version}",
+        )
+        self._computing: set[asyncio.Task[None]] = set()
+        self._collector: asyncio.Task[None] | None = None
+        self._closed = False
+        self._wait_gain = 1.0  # moving average of requests gained per wait
+        self._batches_since_probe = 0
+        self._depth = metrics.QUEUE_DEPTH.labels(model.name)
+        self._queue_latency = metrics.QUEUE_DURATION.labels(model.name)
+        self._compute_latency = metrics.COMPUTE_DURATION.labels(model.name, str(model.version))
+        self._batch_requests = metrics.BATCH_REQUESTS.labels(model.name)
+        self._batch_candidates = metrics.BATCH_CANDIDATES.labels(model.name)
+
+    def start(self) -> None:
+        if self._collector is None:
+            self._collector = asyncio.get_running_loop().create_task(self._run())
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    async def score(
+        self, users: np.ndarray, items: np.ndarray, timeout: float | None
+    ) -> np.ndarray:
+        """Scores for one request, computed in some batch. `timeout` is the caller's remaining
+        time in seconds (None: no deadline)."""
+        if self._closed:
+            raise Unavailable(f"{self.model.name} v{self.model.version} is unloading; retry")
+        if len(self._queue) >= self.options.max_queue_requests:
+            metrics.DROPPED.labels(self._label, "queue_full").inc()
+            raise ResourceExhausted(
+                f"the batching queue of {self.model.name} v{self.model.version} is full "
+                f"({self.options.max_queue_requests} requests); retry later or elsewhere"
+            )
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if timeout is not None and timeout <= 0:
+            metrics.DROPPED.labels(self._label, "expired").inc()
+            raise DeadlineExceeded("the deadline passed before the request was queued")
+        pending = _Pending(
+            users,
+            items,
+            loop.create_future(),
+            now,
+            None if timeout is None else now + timeout,
+        )
+        self._queue.append(pending)
+        self._depth.inc()
+        self._wakeup.set()
+        return await pending.future
+
+    def _take(self) -> _Pending:
+        pending = self._queue.popleft()
+        self._depth.dec()
+        return pending
+
+    def _alive(self, pending: _Pending, now: float) -> bool:
+        """False (and the request is answered) if it was cancelled or its deadline passed."""
+        if pending.deadline is not None and now >= pending.deadline:
+            metrics.DROPPED.labels(self._label, "expired").inc()
+            if not pending.future.done():
+                pending.future.set_exception(
+                    DeadlineExceeded("the deadline passed while the request was queued")
+                )
+            return False
+        if pending.future.done():
+            metrics.DROPPED.labels(self._label, "cancelled").inc()
+            return False
+        return True
+
+    def _should_wait(self) -> bool:
+        """Whether to hold a batch open for the queue delay. Waiting only pays when more requests
+        arrive meanwhile; while recent waits gained nothing (say, one caller at a time), batches
+        go out at once, and every PROBE_EVERY-th batch waits again to notice when load returns."""
+        self._batches_since_probe += 1
+        if self._wait_gain >= WAIT_GAIN_THRESHOLD or self._batches_since_probe >= PROBE_EVERY:
+            self._batches_since_probe = 0
+            return True
+        return False
+
+    def _record_wait(self, gained: int) -> None:
+        self._wait_gain = 0.7 * self._wait_gain + 0.3 * gained
+
+    async def _collect(self) -> list[_Pending]:
+        loop = asyncio.get_running_loop()
+        limit = self.options.max_batch_candidates
+        batch: list[_Pending] = []
+        size = 0
+        waiting_from: int | None = None  # batch length when the wait began
+        while True:
+            while self._queue:
+                head = self._queue[0]
+                if not self._alive(head, loop.time()):
+                    self._take()
+                    continue
+                n = len(head.items)
+                if batch and size + n > limit:
+                    break
+                batch.append(self._take())
+                size += n
+                if not self.options.enabled or size >= limit:
+                    break
+            else:
+                self._wakeup.clear()
+                if not batch:
+                    await self._wakeup.wait()
+                    continue
+                now = loop.time()
+                remaining = batch[0].enqueued + self.options.max_queue_delay_s - now
+                deadlines = [p.deadline for p in batch if p.deadline is not None]
+                if deadlines:  # a caller that gives up sooner is answered sooner
+                    remaining = min(remaining, min(deadlines) - now)
+                if remaining > 0:
+                    if waiting_from is None:
+                        if not self._should_wait():
+                            return batch
+                        waiting_from = len(batch)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wakeup.wait(), remaining)
+                    if self._queue:
+                        continue
+            if waiting_from is not None:
+                self._record_wait(len(batch) - waiting_from)
+            return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._slots.acquire()
+            try:
+                batch = await self._collect()
+                now = loop.time()
+                # The delay may have outlived a deadline or a caller: check once more.
+                batch = [p for p in batch if self._alive(p, now)]
+            except BaseException:
+                self._slots.release()
+                raise
+            if not batch:
+                self._slots.release()
+                continue
+            task = loop.create_task(self._compute(batch))
+            self._computing.add(task)
+            task.add_done_callback(self._computing.discard)
+
+    async def _compute(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            start = time.perf_counter()
+            for pending in batch:
+                self._queue_latency.observe(start - pending.enqueued_wall)
+            if len(batch) == 1:
+                users, items = batch[0].users, batch[0].items
+            else:
+                users = np.concatenate([p.users for p in batch])
+                items = np.concatenate([p.items for p in batch])
+            scores = await loop.run_in_executor(self._executor, self.model.score, users, items)
+            self._compute_latency.observe(time.perf_counter() - start)
+            self._batch_requests.observe(len(batch))
+            self._batch_candidates.observe(len(items))
+            offset = 0
+            for pending in batch:
+                n = len(pending.items)
+                if not pending.future.done():
+                    pending.future.set_result(scores[offset : offset + n])
+                offset += n
+        except Exception as exc:
+            logger.exception(
+                "Session run of %s v%d failed for %d requests",
+                self.model.name,
+                self.model.version,
+                len(batch),
+            )
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
+        finally:
+            self._slots.release()
+
+    async def close(self) -> None:
+        """Stop collecting, fail whatever is still queued, wait for runs in flight."""
+        self._closed = True
+        if self._collector is not None:
+            self._collector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._collector
+        while self._queue:
+            pending = self._take()
+            if not pending.future.done():
+                pending.future.set_exception(
+                    Unavailable(f"{self.model.name} v{self.model.version} was unloaded; retry")
+                )
+        if self._computing:
+            await asyncio.gather(*self._computing, return_exceptions=True)
+        self._executor.shutdown(wait=False)

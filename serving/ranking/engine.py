@@ -1,0 +1,133 @@
+"""The scoring operations both APIs share: validate against the served version, score through
+its batcher, and count every request by model, version, API and status."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from prometheus_client import Counter, Histogram
+
+from recsys.rpc.errors import InvalidRequest, NotFound, status_for
+from serving.ranking import metrics
+from serving.ranking.manager import ModelManager
+from serving.ranking.model import UnknownIds
+
+
+@dataclass(frozen=True)
+class Scored:
+    """Scores of one request and the model version that computed all of them."""
+
+    scores: np.ndarray
+    model_name: str
+    version: int
+
+
+class _Outcome:
+    """Records one request's metrics when it ends, whatever the outcome."""
+
+    def __init__(self, manager: ModelManager, model: str, api: str) -> None:
+        # Only names the server knows become label values: clients cannot grow the label set.
+        self.model = model if manager.is_known(model) else ""
+        self.api = api
+        self.version = ""
+        self.start = time.perf_counter()
+
+    def __enter__(self) -> _Outcome:
+        return self
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        if exc is None:
+            status = "OK"
+        elif isinstance(exc, Exception):
+            status = status_for(exc)[0].name
+        else:
+            status = "CANCELLED"
+        _requests_counter(self.model, self.version, self.api, status).inc()
+        if self.model:
+            _duration_histogram(self.model).observe(time.perf_counter() - self.start)
+
+
+# Label lookups cost more than the increments; the label sets are few and bounded.
+@functools.cache
+def _requests_counter(model: str, version: str, api: str, status: str) -> Counter:
+    return metrics.REQUESTS.labels(model, version, api, status)
+
+
+@functools.cache
+def _duration_histogram(model: str) -> Histogram:
+    return metrics.REQUEST_DURATION.labels(model)
+
+
+class RankingEngine:
+    """Rank (wire ids) and Infer (model indices) over the versions a ModelManager serves."""
+
+    def __init__(self, manager: ModelManager, *, max_candidates_per_request: int) -> None:
+        self.manager = manager
+        self.max_candidates = max_candidates_per_request
+
+    def _check_count(self, n: int, what: str) -> None:
+        if n == 0:
+            raise InvalidRequest(f"no {what}: send at least one")
+        if n > self.max_candidates:
+            raise InvalidRequest(
+                f"{n} {what} is more than this server's limit of {self.max_candidates} per "
+                "request; split the list"
+            )
+
+    async def rank(
+        self,
+        model_name: str,
+        version: str,
+        user_id: str,
+        item_ids: Sequence[str],
+        timeout: float | None,
+    ) -> Scored:
+        with _Outcome(self.manager, model_name, "rank") as outcome:
+            if not model_name:
+                raise InvalidRequest("model_name is required")
+            if not user_id:
+                raise InvalidRequest("user_id is required")
+            self._check_count(len(item_ids), "candidates (item_ids)")
+            with self.manager.use(model_name, version) as served:
+                outcome.version = str(served.version)
+                model = served.model
+                try:
+                    users, items = model.lookup(user_id, item_ids)
+                except UnknownIds as exc:
+                    if exc.kind == "item" and "" in item_ids:
+                        raise InvalidRequest("item_ids must not contain empty ids") from None
+                    raise NotFound(f"{exc} (model {model.name} version {model.version})") from None
+                scores = await served.batcher.score(users, items, timeout)
+                return Scored(scores, model.name, model.version)
+
+    async def infer(
+        self,
+        model_name: str,
+        version: str,
+        users: np.ndarray,
+        items: np.ndarray,
+        timeout: float | None,
+    ) -> Scored:
+        """Score index pairs (already checked for names, dtypes and shapes)."""
+        with _Outcome(self.manager, model_name, "oip") as outcome:
+            self._check_count(len(items), "candidates (elements of item_index)")
+            with self.manager.use(model_name, version) as served:
+                outcome.version = str(served.version)
+                model = served.model
+                for name, array, bound in (
+                    ("user_index", users, model.n_users),
+                    ("item_index", items, model.n_items),
+                ):
+                    bad = np.flatnonzero((array < 0) | (array >= bound))
+                    if bad.size:
+                        raise InvalidRequest(
+                            f"input {name!r}: {bad.size} values out of range [0, {bound}) for "
+                            f"{model.name} version {model.version}, e.g. element {bad[0]} = "
+                            f"{int(array[bad[0]])}"
+                        )
+                scores = await served.batcher.score(users, items, timeout)
+                return Scored(scores, model.name, model.version)

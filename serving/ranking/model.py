@@ -1,0 +1,378 @@
+"""One version of a ranker model: its id vocabularies and one ONNX Runtime session, checked
+against the ranker contract and warmed before it takes traffic. No gRPC here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import repeat
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from recsys.repository import RepositoryError, verify_version
+
+logger = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+PLATFORM = "onnxruntime_onnx"
+MODEL_FILE = "model.onnx"
+
+# The ranker contract (docs/model-repository.md): two index vectors in, one score per pair out.
+USER_INPUT = "user_index"
+ITEM_INPUT = "item_index"
+SCORE_OUTPUT = "score"
+CONTRACT_INPUTS = {USER_INPUT: "INT64", ITEM_INPUT: "INT64"}
+CONTRACT_OUTPUTS = {SCORE_OUTPUT: "FP32"}
+_ORT_TYPES = {"INT64": "tensor(int64)", "FP32": "tensor(float)"}
+
+
+class ModelLoadError(Exception):
+    """A version could not be loaded: missing or corrupt files, wrong signature, bad vocabulary."""
+
+
+class ProviderUnavailable(RuntimeError):
+    """The execution provider that the settings demand is not available on this machine."""
+
+
+class UnknownIds(LookupError):
+    """Ids that the version's vocabulary does not contain."""
+
+    def __init__(self, kind: str, ids: Sequence[str], total: int) -> None:
+        self.kind = kind
+        self.ids = list(ids)
+        self.total = total
+        shown = ", ".join(repr(i) for i in self.ids[:5])
+        more = f" and {total - len(self.ids[:5])} more" if total > 5 else ""
+        super().__init__(f"unknown {kind} id{'s' if total > 1 else ''}: {shown}{more}")
+
+
+_preload_lock = threading.Lock()
+_preloaded = False
+
+
+def _preload_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries that onnxruntime-gpu needs (from the nvidia-* wheels or
+    torch), when this onnxruntime offers it; once per process."""
+    global _preloaded
+    with _preload_lock:
+        if _preloaded:
+            return
+        _preloaded = True
+        preload = getattr(ort, "preload_dlls", None)
+        if preload is None:
+            return
+        try:
+            preload()
+        except Exception:  # a failed preload shows up below as a session without CUDA
+            logger.warning("onnxruntime.preload_dlls() failed", exc_info=True)
+
+
+def resolve_providers(requested: str) -> list[str]:
+    """The ONNX Runtime providers to ask for: 'cpu'; 'cuda' (fails if unavailable); 'auto' (CUDA
+    when onnxruntime-gpu sees it, else CPU with a warning)."""
+    if requested == "cpu":
+        return [CPU]
+    available = ort.get_available_providers()
+    if CUDA in available:
+        _preload_cuda_libraries()
+        return [CUDA, CPU]
+    if requested == "cuda":
+        raise ProviderUnavailable(
+            f"provider 'cuda' was requested but this onnxruntime ({ort.__version__}) offers only "
+            f"{available}: install onnxruntime-gpu (pip install '.[gpu]') on a machine with a GPU"
+        )
+    logger.warning(
+        "CUDAExecutionProvider is not available (onnxruntime %s offers %s); using CPU",
+        ort.__version__,
+        available,
+    )
+    return [CPU]
+
+
+def provider_label(provider: str) -> str:
+    """'CUDAExecutionProvider' -> 'cuda' (the metric label and the log's short name)."""
+    return provider.removesuffix("ExecutionProvider").lower()
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """How sessions are created: providers, thread counts, IO binding, warm-up size."""
+
+    providers: tuple[str, ...] = (CPU,)
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    io_binding: bool = False
+    warmup_candidates: int = 1024
+    allow_spinning: bool = True
+    require_provider: bool = False  # the first provider or nothing (RANKING_PROVIDER=cuda)
+
+
+def _read_vocabulary(path: Path) -> list[str]:
+    try:
+        with path.open(encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError as exc:
+        raise ModelLoadError(f"{path} is missing") from exc
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from exc
+    ids = data.get("ids") if isinstance(data, dict) else None
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+        raise ModelLoadError(f"{path} must hold a non-empty list of string 'ids'")
+    return ids
+
+
+def _index(ids: list[str], path: Path) -> dict[str, int]:
+    index = {item: i for i, item in enumerate(ids)}
+    if len(index) != len(ids):
+        raise ModelLoadError(f"{path} has duplicate ids")
+    return index
+
+
+class HashedVocabulary:
+    """Id -> index for many ids at once: the 64-bit string hashes of the vocabulary, sorted, and
+    a binary search per id. A dict lookup per id touches three scattered objects (slot, entry,
+    key string) and costs more than the model on large catalogues; the sorted hashes are one
+    compact array. Python's str hash is keyed per process (SipHash), so an unknown id matches a
+    known one's hash with probability ~len(vocabulary) / 2**64 per lookup."""
+
+    def __init__(self, ids: list[str]) -> None:
+        hashes = np.fromiter(map(hash, ids), np.int64, len(ids))
+        self.order = np.argsort(hashes, kind="stable")
+        self.sorted = hashes[self.order]
+        self.unique = bool(len(ids) < 2 or (np.diff(self.sorted) != 0).all())
+
+    def lookup(self, ids: list[str]) -> np.ndarray:
+        """Indices of `ids` (-1 for unknown ids)."""
+        query = np.fromiter(map(hash, ids), np.int64, len(ids))
+        pos = np.searchsorted(self.sorted, query)
+        np.minimum(pos, len(self.sorted) - 1, out=pos)
+        found = self.sorted[pos] == query
+        out = self.order[pos]
+        out[~found] = -1
+        return out
+
+
+def _check_signature(metadata: dict[str, Any], session: ort.InferenceSession, where: Path) -> None:
+    """metadata.json and the graph must both follow the ranker contract."""
+
+    def spec(items: Any, what: str) -> dict[str, str]:
+        if not isinstance(items, list):
+            raise ModelLoadError(f"{where}/metadata.json: '{what}' must be a list")
+        out = {}
+        for item in items:
+            shape = item.get("shape") if isinstance(item, dict) else None
+            if not isinstance(shape, list) or len(shape) != 1:
+                raise ModelLoadError(
+                    f"{where}/metadata.json: {what} {item!r} must be a 1-D tensor [-1]"
+                )
+            out[str(item.get("name"))] = str(item.get("datatype"))
+        return out
+
+    if metadata.get("kind", "ranker") != "ranker":
+        raise ModelLoadError(f"{where}: metadata kind is {metadata.get('kind')!r}, not 'ranker'")
+    for what, contract, declared, actual in (
+        ("inputs", CONTRACT_INPUTS, spec(metadata.get("inputs"), "inputs"), session.get_inputs()),
+        (
+            "outputs",
+            CONTRACT_OUTPUTS,
+            spec(metadata.get("outputs"), "outputs"),
+            session.get_outputs(),
+        ),
+    ):
+        if declared != contract:
+            raise ModelLoadError(
+                f"{where}/metadata.json declares {what} {declared}; a ranker needs {contract}"
+            )
+        graph = {a.name: a for a in actual}
+        if set(graph) != set(contract):
+            raise ModelLoadError(
+                f"{where}/{MODEL_FILE} has {what} {sorted(graph)}; metadata.json and the ranker "
+                f"contract say {sorted(contract)}"
+            )
+        for name, datatype in contract.items():
+            arg = graph[name]
+            if arg.type != _ORT_TYPES[datatype]:
+                raise ModelLoadError(
+                    f"{where}/{MODEL_FILE}: {what[:-1]} {name!r} is {arg.type}, expected "
+                    f"{_ORT_TYPES[datatype]} ({datatype})"
+                )
+            if len(arg.shape) != 1:
+                raise ModelLoadError(
+                    f"{where}/{MODEL_FILE}: {what[:-1]} {name!r} has shape {arg.shape}, "
+                    "expected one dimension [N]"
+                )
+
+
+class RankerModel:
+    """A loaded, checked and warmed ranker version. `score` is thread-safe (one shared session)."""
+
+    def __init__(
+        self,
+        name: str,
+        version: int,
+        directory: Path,
+        metadata: dict[str, Any],
+        session: ort.InferenceSession,
+        user_ids: list[str],
+        item_ids: list[str],
+        io_binding: bool,
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.directory = directory
+        self.metadata = metadata
+        self.session = session
+        self.user_ids = user_ids
+        self.item_ids = item_ids
+        self.user_index = _index(user_ids, directory / "users.json")
+        self.item_index = _index(item_ids, directory / "items.json")
+        hashed = HashedVocabulary(item_ids)
+        # Two ids with one hash (~n**2 / 2**65): keep to the exact dict lookups.
+        self._hashed_items = hashed if hashed.unique else None
+        self.provider = session.get_providers()[0]
+        self.io_binding = io_binding
+        self._device = "cuda" if self.provider == CUDA else "cpu"
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def provider_label(self) -> str:
+        return provider_label(self.provider)
+
+    @classmethod
+    def load(cls, name: str, version: int, directory: Path, options: SessionOptions) -> RankerModel:
+        """Verify the files, read the vocabularies, create the session, check it, warm it."""
+        start = time.perf_counter()
+        try:
+            metadata = verify_version(directory)
+        except RepositoryError as exc:
+            raise ModelLoadError(str(exc)) from exc
+        user_ids = _read_vocabulary(directory / "users.json")
+        item_ids = _read_vocabulary(directory / "items.json")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = options.intra_op_threads
+        so.inter_op_num_threads = options.inter_op_threads
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        if not options.allow_spinning:
+            # Idle ONNX Runtime threads sleep instead of spinning, leaving the cores to gRPC.
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        try:
+            session = ort.InferenceSession(
+                str(directory / MODEL_FILE), sess_options=so, providers=list(options.providers)
+            )
+        except Exception as exc:  # ORT raises several exception types for unreadable graphs
+            raise ModelLoadError(
+                f"{directory / MODEL_FILE}: ONNX Runtime cannot load it: {exc}"
+            ) from exc
+        actual = session.get_providers()[0]
+        if actual != options.providers[0]:
+            if options.require_provider:
+                raise ProviderUnavailable(
+                    f"{name} v{version}: {options.providers[0]} is required but ONNX Runtime "
+                    f"created the session on {actual} (are the CUDA and cuDNN libraries present?)"
+                )
+            logger.warning(
+                "%s v%d: no %s session, running on %s", name, version, options.providers[0], actual
+            )
+        _check_signature(metadata, session, directory)
+        model = cls(
+            name, version, directory, metadata, session, user_ids, item_ids, options.io_binding
+        )
+        model.warm_up(options.warmup_candidates)
+        logger.info(
+            "Loaded %s version %d from %s on %s (%d users, %d items) in %.2f s",
+            name,
+            version,
+            directory,
+            model.provider,
+            model.n_users,
+            model.n_items,
+            time.perf_counter() - start,
+        )
+        return model
+
+    def warm_up(self, max_candidates: int) -> None:
+        """Run the sizes the service will see (one pair, a typical request, the largest batch) so
+        that allocations and kernel choices happen before traffic; check the output shape."""
+        sizes = sorted({1, 7, min(1000, max_candidates), max(1, max_candidates)})
+        for n in sizes:
+            users = np.arange(n, dtype=np.int64) % self.n_users
+            items = np.arange(n, dtype=np.int64) % self.n_items
+            try:
+                scores = self.score(users, items)
+            except Exception as exc:
+                raise ModelLoadError(
+                    f"{self.name} v{self.version}: warm-up with {n} candidates failed: {exc}"
+                ) from exc
+            if scores.shape != (n,) or not np.isfinite(scores).all():
+                raise ModelLoadError(
+                    f"{self.name} v{self.version}: warm-up with {n} candidates gave "
+                    f"{scores.shape} scores (finite: {bool(np.isfinite(scores).all())})"
+                )
+
+    def lookup(self, user_id: str, item_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Map wire ids to this version's indices; raises UnknownIds naming the first few."""
+        user = self.user_index.get(user_id)
+        if user is None:
+            raise UnknownIds("user", [user_id], 1)
+        # A list first: iterating a protobuf repeated field directly is several times slower.
+        ids = item_ids if isinstance(item_ids, list) else list(item_ids)
+        n = len(ids)
+        if self._hashed_items is not None:
+            items = self._hashed_items.lookup(ids)
+        else:
+            items = np.fromiter(map(self.item_index.get, ids, repeat(-1)), np.int64, n)
+        if n and items.min() < 0:
+            missing = np.flatnonzero(items < 0)
+            raise UnknownIds("item", [ids[i] for i in missing[:5]], len(missing))
+        return np.full(n, user, dtype=np.int64), items
+
+    def score(self, user_index: np.ndarray, item_index: np.ndarray) -> np.ndarray:
+        """Scores (float32, one per pair) from one session run; thread-safe."""
+        feeds = {USER_INPUT: user_index, ITEM_INPUT: item_index}
+        if self.io_binding:
+            binding = self.session.io_binding()
+            for name, array in feeds.items():
+                if self._device == "cpu":
+                    binding.bind_cpu_input(name, array)
+                else:
+                    binding.bind_ortvalue_input(
+                        name, ort.OrtValue.ortvalue_from_numpy(array, self._device, 0)
+                    )
+            binding.bind_output(SCORE_OUTPUT, self._device)
+            self.session.run_with_iobinding(binding)
+            out = binding.copy_outputs_to_cpu()[0]
+        else:
+            out = self.session.run([SCORE_OUTPUT], feeds)[0]
+        scores = np.asarray(out, dtype=np.float32).reshape(-1)
+        if scores.shape[0] != user_index.shape[0]:
+            raise RuntimeError(
+                f"{self.name} v{self.version} returned {scores.shape[0]} scores for "
+                f"{user_index.shape[0]} candidates"
+            )
+        return scores
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "provider": self.provider,
+            "users": self.n_users,
+            "items": self.n_items,
+        }

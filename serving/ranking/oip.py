@@ -1,0 +1,136 @@
+"""Open Inference Protocol tensors <-> numpy for the ranker contract: input checks that name the
+problem (tensor names, datatypes, shapes, contents, NaN), and raw FP32 outputs as Triton sends."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from recsys.inference import grpc_service_pb2 as pb
+from recsys.rpc.errors import InvalidRequest
+from serving.ranking.model import (
+    CONTRACT_INPUTS,
+    ITEM_INPUT,
+    SCORE_OUTPUT,
+    USER_INPUT,
+)
+
+# datatype -> (numpy dtype, InferTensorContents field)
+_DATATYPES: dict[str, tuple[np.dtype[Any], str]] = {
+    "INT64": (np.dtype("<i8"), "int64_contents"),
+    "INT32": (np.dtype("<i4"), "int_contents"),
+    "UINT64": (np.dtype("<u8"), "uint64_contents"),
+    "UINT32": (np.dtype("<u4"), "uint_contents"),
+    "FP32": (np.dtype("<f4"), "fp32_contents"),
+    "FP64": (np.dtype("<f8"), "fp64_contents"),
+    "BOOL": (np.dtype("?"), "bool_contents"),
+}
+
+
+def _decode(
+    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, max_elements: int
+) -> np.ndarray:
+    name = tensor.name
+    if tensor.datatype not in _DATATYPES:
+        raise InvalidRequest(
+            f"input {name!r}: datatype {tensor.datatype!r} is not supported; "
+            f"expected {CONTRACT_INPUTS.get(name, 'INT64')}"
+        )
+    dtype, field = _DATATYPES[tensor.datatype]
+    shape = list(tensor.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidRequest(f"input {name!r}: shape {shape} has a negative dimension")
+    count = int(np.prod(shape)) if shape else 1
+    if count > max_elements:
+        raise InvalidRequest(
+            f"input {name!r}: {count} elements is more than this server's limit of "
+            f"{max_elements} per request"
+        )
+    if raw is not None:
+        if len(raw) != count * dtype.itemsize:
+            raise InvalidRequest(
+                f"input {name!r}: raw_input_contents holds {len(raw)} bytes; shape {shape} of "
+                f"{tensor.datatype} needs {count * dtype.itemsize}"
+            )
+        array = np.frombuffer(raw, dtype=dtype)
+    else:
+        values = getattr(tensor.contents, field)
+        if len(values) != count:
+            raise InvalidRequest(
+                f"input {name!r}: contents.{field} holds {len(values)} values; shape {shape} "
+                f"needs {count}"
+            )
+        array = np.asarray(values, dtype=dtype)
+    if array.dtype.kind == "f" and np.isnan(array).any():
+        raise InvalidRequest(
+            f"input {name!r}: contains NaN at element {int(np.flatnonzero(np.isnan(array))[0])}"
+        )
+    return array.reshape(shape)
+
+
+def decode_inputs(
+    request: pb.ModelInferRequest, max_elements: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The user_index and item_index vectors of a ModelInfer request, checked against the ranker
+    contract: exactly these two INT64 inputs, 1-D, of equal length."""
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidRequest(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs"
+        )
+    names = [t.name for t in request.inputs]
+    unknown = sorted(set(names) - set(CONTRACT_INPUTS))
+    if unknown:
+        raise InvalidRequest(
+            f"unknown input {', '.join(repr(n) for n in unknown)}; the model takes "
+            f"{sorted(CONTRACT_INPUTS)}"
+        )
+    if len(set(names)) != len(names):
+        raise InvalidRequest(f"inputs {names} name a tensor twice")
+    missing = sorted(set(CONTRACT_INPUTS) - set(names))
+    if missing:
+        raise InvalidRequest(f"missing input {', '.join(repr(n) for n in missing)}")
+    arrays: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(request.inputs):
+        if raw and tensor.HasField("contents"):
+            raise InvalidRequest(
+                f"input {tensor.name!r} has contents while the request also uses "
+                "raw_input_contents; use one or the other"
+            )
+        array = _decode(tensor, raw[i] if raw else None, max_elements)
+        expected = CONTRACT_INPUTS[tensor.name]
+        if tensor.datatype != expected:
+            raise InvalidRequest(
+                f"input {tensor.name!r}: datatype {tensor.datatype} does not match the model's "
+                f"{expected}"
+            )
+        if array.ndim != 1:
+            raise InvalidRequest(
+                f"input {tensor.name!r}: shape {list(array.shape)} must be one-dimensional [N]"
+            )
+        arrays[tensor.name] = array
+    users, items = arrays[USER_INPUT], arrays[ITEM_INPUT]
+    if users.shape != items.shape:
+        raise InvalidRequest(
+            f"inputs {USER_INPUT!r} {list(users.shape)} and {ITEM_INPUT!r} "
+            f"{list(items.shape)} must have the same length"
+        )
+    for requested in request.outputs:
+        if requested.name != SCORE_OUTPUT:
+            raise InvalidRequest(
+                f"unknown output {requested.name!r}; the model produces [{SCORE_OUTPUT!r}]"
+            )
+    return users.astype(np.int64, copy=False), items.astype(np.int64, copy=False)
+
+
+def encode_scores(
+    request: pb.ModelInferRequest, scores: np.ndarray, model_name: str, version: int
+) -> pb.ModelInferResponse:
+    """A ModelInfer response with the scores as one raw FP32 output, like Triton's."""
+    response = pb.ModelInferResponse(
+        model_name=model_name, model_version=str(version), id=request.id
+    )
+    response.outputs.add(name=SCORE_OUTPUT, datatype="FP32", shape=[int(scores.shape[0])])
+    response.raw_output_contents.append(scores.astype("<f4", copy=False).tobytes())
+    return response

@@ -1,0 +1,127 @@
+"""gRPC servicers of the ranker: recsys.v1.RankingService and the Open Inference Protocol
+(inference.GRPCInferenceService), both thin: validate, call the engine, build the reply."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib import metadata as importlib_metadata
+
+import grpc
+
+from recsys.inference import grpc_service_pb2 as pb
+from recsys.inference import grpc_service_pb2_grpc as pb_grpc
+from recsys.rpc.errors import InvalidRequest, ModelNotReady, NotFound
+from recsys.v1 import ranking_pb2, ranking_pb2_grpc
+from serving.ranking import oip
+from serving.ranking.engine import RankingEngine
+from serving.ranking.manager import ServedVersion, parse_version
+from serving.ranking.model import PLATFORM
+
+SERVER_NAME = "recsys-ranker"
+
+
+def _package_version() -> str:
+    try:
+        return importlib_metadata.version("recsys-transfer")
+    except importlib_metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
+    """recsys.v1.RankingService: scores candidate item ids for one user id."""
+
+    def __init__(self, engine: RankingEngine) -> None:
+        self.engine = engine
+
+    async def Rank(
+        self, request: ranking_pb2.RankRequest, context: grpc.aio.ServicerContext
+    ) -> ranking_pb2.RankResponse:
+        scored = await self.engine.rank(
+            request.model_name,
+            request.model_version,
+            request.user_id,
+            request.item_ids,
+            context.time_remaining(),
+        )
+        return ranking_pb2.RankResponse(
+            scores=scored.scores.tolist(),
+            model_name=scored.model_name,
+            model_version=str(scored.version),
+        )
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """The Open Inference Protocol over the same models (tritonclient and KServe clients)."""
+
+    def __init__(self, engine: RankingEngine, serving: Callable[[], bool] | None = None) -> None:
+        self.engine = engine
+        self.manager = engine.manager
+        self.version = _package_version()
+        # Whether the server is SERVING (false while it drains at shutdown).
+        self._serving = serving or (lambda: True)
+
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.manager.ready() and self._serving())
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=self.version, extensions=[])
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        if not request.name:
+            raise InvalidRequest("name is required")
+        wanted = parse_version(request.version)
+        versions = self.manager.versions(request.name)
+        ready = bool(versions) and (wanted is None or wanted in versions)
+        return pb.ModelReadyResponse(ready=ready)
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        served = self._resolve(request.name, request.version)
+        model = served.model
+        response = pb.ModelMetadataResponse(
+            name=model.name,
+            versions=[str(v) for v in self.manager.versions(model.name)],
+            platform=PLATFORM,
+        )
+        for spec in model.metadata["inputs"]:
+            response.inputs.add(name=spec["name"], datatype=spec["datatype"], shape=spec["shape"])
+        for spec in model.metadata["outputs"]:
+            response.outputs.add(name=spec["name"], datatype=spec["datatype"], shape=spec["shape"])
+        params = response.parameters
+        params["execution_provider"].string_param = model.provider
+        params["version"].string_param = str(model.version)
+        params["max_batch_candidates"].int64_param = self.manager.batching.max_batch_candidates
+        params["max_candidates_per_request"].int64_param = self.engine.max_candidates
+        return response
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        users, items = oip.decode_inputs(request, self.engine.max_candidates)
+        scored = await self.engine.infer(
+            request.model_name, request.model_version, users, items, context.time_remaining()
+        )
+        return oip.encode_scores(request, scored.scores, scored.model_name, scored.version)
+
+    def _resolve(self, name: str, version: str) -> ServedVersion:
+        if not name:
+            raise InvalidRequest("name is required")
+        if not self.manager.is_known(name):
+            raise NotFound(
+                f"model {name!r} is not served here (models: {self.manager.model_names})"
+            )
+        if not self.manager.versions(name):
+            raise ModelNotReady(f"model {name!r} has no version loaded yet")
+        return self.manager.resolve(name, version)

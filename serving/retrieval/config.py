@@ -1,0 +1,54 @@
+"""Settings of the retrieval service (environment variables with the RETRIEVAL_ prefix, or flags)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from recsys.rpc.settings import ServerSettings
+
+
+class RetrievalSettings(ServerSettings):
+    """Retrieval service settings; see README "Retrieval service"."""
+
+    model_config = SettingsConfigDict(env_prefix="RETRIEVAL_")
+
+    port: int = Field(8002, ge=0, le=65535, description="gRPC port (0 picks a free one).")
+    metrics_port: int = Field(9002, ge=0, le=65535, description="Prometheus /metrics port.")
+    model_repository: Path = Field(Path("/models"), description="Root of the model repository.")
+    models: str = Field(
+        "",
+        description='Comma list of retrieval models ("books-retrieval"); empty: every model '
+        'whose name ends in "-retrieval".',
+    )
+    poll_interval_s: float = Field(
+        5.0, ge=0, le=3600, description="Seconds between repository polls; 0 disables polling."
+    )
+    exact_search_max_items: int = Field(
+        50_000,
+        ge=0,
+        description="Exact inner-product search up to this many items, HNSW above.",
+    )
+    max_k: int = Field(1000, ge=1, le=100_000, description="Largest k a request may ask for.")
+    hnsw_m: int = Field(32, ge=4, le=256, description="HNSW graph degree (approximate index).")
+    hnsw_ef_construction: int = Field(
+        80, ge=8, le=2048, description="HNSW build-time beam width (higher: better graph)."
+    )
+    hnsw_ef_search: int = Field(
+        128, ge=8, le=8192, description="HNSW search beam width; raised to k when k is larger."
+    )
+    search_threads: int = Field(
+        1, ge=1, le=256, description="FAISS OpenMP threads per search (1 suits single queries)."
+    )
+    search_workers: int = Field(
+        4, ge=1, le=256, description="Threads that run searches (requests searched at once)."
+    )
+    onnx_threads: int = Field(
+        1, ge=0, le=256, description="ONNX Runtime threads for the user tower at load (0: auto)."
+    )
+
+    @property
+    def model_names(self) -> list[str]:
+        return [m.strip() for m in self.models.split(",") if m.strip()]

@@ -1,0 +1,338 @@
+"""One version of a domain's retrieval model in memory: id maps, item embeddings in a FAISS index,
+user representations, seen items and popularity, and the candidate sources built on them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import onnxruntime as ort
+
+from recsys.pipeline import Candidate, Source
+from recsys.repository import RepositoryError, verify_version
+
+logger = logging.getLogger(__name__)
+
+RETRIEVAL_SUFFIX = "-retrieval"
+_USER_TOWER_CHUNK = 65_536
+
+
+def domain_of(model_name: str) -> str:
+    """'books-retrieval' -> 'books'."""
+    if not model_name.endswith(RETRIEVAL_SUFFIX) or len(model_name) == len(RETRIEVAL_SUFFIX):
+        raise ValueError(f"{model_name!r} is not a retrieval model name (<domain>-retrieval)")
+    return model_name[: -len(RETRIEVAL_SUFFIX)]
+
+
+@dataclass(frozen=True)
+class IndexOptions:
+    exact_search_max_items: int = 50_000
+    hnsw_m: int = 32
+    hnsw_ef_construction: int = 80
+    hnsw_ef_search: int = 128
+    onnx_threads: int = 1
+
+
+@dataclass(frozen=True)
+class RetrieveResult:
+    candidates: list[Candidate]
+    sources: tuple[Source, ...]  # sources that contributed, in order
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise RepositoryError(f"{path} is missing") from exc
+    except json.JSONDecodeError as exc:
+        raise RepositoryError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise RepositoryError(f"{path} must hold a JSON object")
+    return data
+
+
+def _check_signature(session: ort.InferenceSession, metadata: dict[str, Any], path: Path) -> None:
+    """The graph's input and output names must be those metadata.json declares."""
+    declared_in = [spec["name"] for spec in metadata.get("inputs", [])]
+    declared_out = [spec["name"] for spec in metadata.get("outputs", [])]
+    actual_in = [i.name for i in session.get_inputs()]
+    actual_out = [o.name for o in session.get_outputs()]
+    if declared_in and declared_in != actual_in:
+        raise RepositoryError(f"{path}: inputs {actual_in} differ from metadata {declared_in}")
+    if declared_out and declared_out != actual_out:
+        raise RepositoryError(f"{path}: outputs {actual_out} differ from metadata {declared_out}")
+
+
+def _user_tower(path: Path, n_users: int, metadata: dict[str, Any], threads: int) -> np.ndarray:
+    """Every user's representation: the user tower run once over all user indices."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    _check_signature(session, metadata, path)
+    input_name = session.get_inputs()[0].name
+    chunks = []
+    for start in range(0, n_users, _USER_TOWER_CHUNK):
+        index = np.arange(start, min(n_users, start + _USER_TOWER_CHUNK), dtype=np.int64)
+        chunks.append(np.asarray(session.run(None, {input_name: index})[0], dtype=np.float32))
+    if not chunks:
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.ascontiguousarray(np.concatenate(chunks))
+
+
+def mips_to_l2(embeddings: np.ndarray) -> np.ndarray:
+    """Item vectors x -> [x, sqrt(M - |x|^2)] with M the largest squared norm, so that the
+    nearest items to [q, 0] in Euclidean distance are those with the largest inner product with q.
+    HNSW graphs built on raw inner products reach large-norm items well and the rest poorly."""
+    norms = np.einsum("ij,ij->i", embeddings, embeddings)
+    extra = np.sqrt(np.maximum(norms.max(initial=0.0) - norms, 0.0))
+    return np.ascontiguousarray(np.hstack([embeddings, extra[:, None]]), dtype=np.float32)
+
+
+def build_faiss_index(embeddings: np.ndarray, options: IndexOptions) -> tuple[faiss.Index, str]:
+    """Exact inner-product search up to `exact_search_max_items` items; above, HNSW over the
+    items reduced to a Euclidean search (`mips_to_l2`): query it with [q, 0]."""
+    n, dim = embeddings.shape
+    if n <= options.exact_search_max_items:
+        index: faiss.Index = faiss.IndexFlatIP(dim)
+        index.add(embeddings)
+        return index, "flat"
+    hnsw = faiss.IndexHNSWFlat(dim + 1, options.hnsw_m, faiss.METRIC_L2)
+    hnsw.hnsw.efConstruction = options.hnsw_ef_construction
+    hnsw.hnsw.efSearch = options.hnsw_ef_search
+    hnsw.add(mips_to_l2(embeddings))
+    return hnsw, "hnsw"
+
+
+class RetrievalIndex:
+    """A loaded, verified retrieval model version. Thread-safe for concurrent reads."""
+
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        version: int,
+        user_ids: list[str],
+        user_kinds: list[str],
+        item_ids: list[str],
+        titles: list[str],
+        popularity: np.ndarray,
+        item_embeddings: np.ndarray,
+        user_embeddings: np.ndarray,
+        seen_indptr: np.ndarray,
+        seen_indices: np.ndarray,
+        options: IndexOptions,
+    ) -> None:
+        self.model_name = model_name
+        self.domain = domain_of(model_name)
+        self.version = version
+        self.user_ids = user_ids
+        self.user_rows = {u: i for i, u in enumerate(user_ids)}
+        self.mapped = np.asarray([k == "mapped" for k in user_kinds], dtype=bool)
+        self.item_ids = item_ids
+        self.item_rows = {item: j for j, item in enumerate(item_ids)}
+        self.titles = titles
+        self.popularity = popularity.astype(np.float32)
+        # Most popular first; ties by item index, so the order is deterministic.
+        self.popular_order = np.lexsort((np.arange(len(item_ids)), -self.popularity))
+        self.item_embeddings = item_embeddings
+        self.user_embeddings = user_embeddings
+        self.seen_indptr = seen_indptr
+        self.seen_indices = seen_indices
+        self.options = options
+        self.index, self.index_kind = build_faiss_index(item_embeddings, options)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    @classmethod
+    def load(cls, directory: Path, model_name: str, options: IndexOptions) -> RetrievalIndex:
+        """Verify and load a version directory (docs/model-repository.md); raises RepositoryError."""
+        start = time.perf_counter()
+        metadata = verify_version(directory)
+        kind = metadata.get("kind")
+        if kind is not None and kind != "retrieval":
+            raise RepositoryError(f"{directory}: metadata kind is {kind!r}, not 'retrieval'")
+        version = int(directory.name)
+        users = _read_json(directory / "users.json")
+        items = _read_json(directory / "items.json")
+        user_ids = [str(u) for u in users.get("ids", [])]
+        user_kinds = [str(k) for k in users.get("kinds", ["target"] * len(user_ids))]
+        item_ids = [str(i) for i in items.get("ids", [])]
+        titles = [t or "" for t in items.get("titles") or [None] * len(item_ids)]
+        popularity = np.asarray(items.get("popularity") or [0] * len(item_ids), dtype=np.float32)
+        if len(user_kinds) != len(user_ids):
+            raise RepositoryError(f"{directory}/users.json: ids and kinds differ in length")
+        if not (len(titles) == len(popularity) == len(item_ids)) or not item_ids:
+            raise RepositoryError(f"{directory}/items.json: ids, titles, popularity mismatch")
+        try:
+            item_embeddings = np.ascontiguousarray(
+                np.load(directory / "item_embeddings.npy"), dtype=np.float32
+            )
+            seen = np.load(directory / "seen.npz")
+            seen_indptr = np.asarray(seen["indptr"], dtype=np.int64)
+            seen_indices = np.asarray(seen["indices"], dtype=np.int64)
+        except (OSError, ValueError, KeyError) as exc:
+            raise RepositoryError(
+                f"{directory}: cannot read embeddings or seen items: {exc}"
+            ) from exc
+        if item_embeddings.ndim != 2 or item_embeddings.shape[0] != len(item_ids):
+            raise RepositoryError(
+                f"{directory}/item_embeddings.npy has shape {item_embeddings.shape}, "
+                f"expected [{len(item_ids)}, D]"
+            )
+        if len(seen_indptr) != len(user_ids) + 1:
+            raise RepositoryError(f"{directory}/seen.npz: indptr must have n_users + 1 entries")
+        try:
+            user_embeddings = _user_tower(
+                directory / "model.onnx", len(user_ids), metadata, options.onnx_threads
+            )
+        except RepositoryError:
+            raise
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise RepositoryError(f"{directory}/model.onnx cannot be run: {exc}") from exc
+        if user_ids and user_embeddings.shape != (len(user_ids), item_embeddings.shape[1]):
+            raise RepositoryError(
+                f"{directory}/model.onnx gives user embeddings of shape "
+                f"{user_embeddings.shape}, expected ({len(user_ids)}, {item_embeddings.shape[1]})"
+            )
+        loaded = cls(
+            model_name=model_name,
+            version=version,
+            user_ids=user_ids,
+            user_kinds=user_kinds,
+            item_ids=item_ids,
+            titles=titles,
+            popularity=popularity,
+            item_embeddings=item_embeddings,
+            user_embeddings=user_embeddings,
+            seen_indptr=seen_indptr,
+            seen_indices=seen_indices,
+            options=options,
+        )
+        logger.info(
+            "Loaded %s version %d: %d users, %d items, dim %d, %s index, in %.2f s",
+            model_name,
+            version,
+            len(user_ids),
+            len(item_ids),
+            item_embeddings.shape[1],
+            loaded.index_kind,
+            time.perf_counter() - start,
+        )
+        return loaded
+
+    # -- searching ------------------------------------------------------------------------------
+
+    def search(
+        self, vector: np.ndarray, k: int, excluded: set[int] | frozenset[int] = frozenset()
+    ) -> list[tuple[int, float]]:
+        """The k items with the largest inner product with `vector`, best first, leaving out
+        `excluded` item rows (over-fetching as many more as are excluded, then more if the
+        approximate index returns too few)."""
+        n = self.n_items
+        k = min(k, n - len(excluded)) if len(excluded) < n else 0
+        if k <= 0:
+            return []
+        query = np.ascontiguousarray(vector.reshape(1, -1), dtype=np.float32)
+        fetch = min(n, k + len(excluded))
+        dropped = np.fromiter(excluded, dtype=np.int64, count=len(excluded))
+        while True:
+            if self.index_kind == "hnsw":
+                params = faiss.SearchParametersHNSW(  # type: ignore[attr-defined]
+                    efSearch=max(self.options.hnsw_ef_search, fetch)
+                )
+                augmented = np.hstack([query, np.zeros((1, 1), dtype=np.float32)])
+                _, rows = self.index.search(augmented, fetch, params=params)
+                found = rows[0][rows[0] >= 0]
+                # Exact inner products of what the graph found, best first.
+                exact = self.item_embeddings[found] @ query[0]
+                order = np.argsort(-exact, kind="stable")
+                found, scores = found[order], exact[order]
+            else:
+                distances, rows = self.index.search(query, fetch)
+                found, scores = rows[0], distances[0]
+            keep = found >= 0
+            if len(dropped):
+                keep &= ~np.isin(found, dropped)
+            found_rows, found_scores = found[keep][:k], scores[keep][:k]
+            if len(found_rows) >= k or fetch >= n:
+                return list(zip(found_rows.tolist(), found_scores.tolist(), strict=True))
+            fetch = min(n, fetch * 2)
+
+    def popular(self, k: int, excluded: set[int] | frozenset[int] = frozenset()) -> list[int]:
+        """The k most popular item rows not in `excluded`."""
+        if k <= 0:
+            return []
+        head = self.popular_order[: k + len(excluded)]
+        return [int(j) for j in head if int(j) not in excluded][:k]
+
+    def seen_rows(self, user_row: int) -> np.ndarray:
+        return self.seen_indices[self.seen_indptr[user_row] : self.seen_indptr[user_row + 1]]
+
+    def _rows(self, item_ids: Iterable[str]) -> list[int]:
+        return [self.item_rows[i] for i in item_ids if i in self.item_rows]
+
+    def retrieve(
+        self,
+        user_id: str,
+        k: int,
+        *,
+        exclude_item_ids: Sequence[str] = (),
+        exclude_seen: bool = False,
+        history_item_ids: Sequence[str] = (),
+        sources: Sequence[Source] = (),
+    ) -> RetrieveResult:
+        """Up to k candidates, best first, no duplicates.
+
+        The personalised source depends on the user: ANN for users with target-domain history,
+        TRANSFER for users known only from the source domain (their row holds the mapped
+        representation), HISTORY (the mean of the embeddings of `history_item_ids`) for users the
+        model does not know; POPULAR fills the rest. `sources` limits which are used (empty:
+        all). Unknown item ids in the exclusions and history are ignored.
+        """
+        wanted = set(sources) or {Source.ANN, Source.TRANSFER, Source.HISTORY, Source.POPULAR}
+        row = self.user_rows.get(user_id) if user_id else None
+        history_rows = self._rows(history_item_ids)
+        excluded: set[int] = set(self._rows(exclude_item_ids))
+        if exclude_seen:
+            excluded.update(history_rows)
+            if row is not None:
+                excluded.update(int(j) for j in self.seen_rows(row))
+
+        vector: np.ndarray | None = None
+        personal: Source | None = None
+        if row is not None:
+            personal = Source.TRANSFER if self.mapped[row] else Source.ANN
+            vector = self.user_embeddings[row]
+        elif history_rows:
+            personal = Source.HISTORY
+            vector = self.item_embeddings[history_rows].mean(axis=0)
+
+        candidates: list[Candidate] = []
+        used: list[Source] = []
+        if personal is not None and personal in wanted and vector is not None:
+            for j, score in self.search(vector, k, excluded):
+                candidates.append(Candidate(self.item_ids[j], score, personal, self.titles[j]))
+            if candidates:
+                used.append(personal)
+        if Source.POPULAR in wanted and len(candidates) < k:
+            taken = excluded | {self.item_rows[c.item_id] for c in candidates}
+            rows = self.popular(k - len(candidates), taken)
+            candidates.extend(
+                Candidate(
+                    self.item_ids[j], float(self.popularity[j]), Source.POPULAR, self.titles[j]
+                )
+                for j in rows
+            )
+            if rows:
+                used.append(Source.POPULAR)
+        return RetrieveResult(candidates, tuple(used))

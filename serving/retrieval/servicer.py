@@ -1,0 +1,91 @@
+"""RetrievalService over gRPC: validate, call the domain's index, convert the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import faiss
+import grpc
+
+from recsys.pipeline import Source
+from recsys.rpc.errors import InvalidRequest, NotFound
+from recsys.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
+from serving.retrieval import metrics
+from serving.retrieval.manager import IndexManager
+
+SERVICE_NAME = "recsys.v1.RetrievalService"
+
+
+def validate(request: retrieval_pb2.RetrieveRequest, max_k: int) -> None:
+    if not request.domain:
+        raise InvalidRequest("domain is required")
+    if request.k < 1 or request.k > max_k:
+        raise InvalidRequest(f"k must be between 1 and {max_k}, got {request.k}")
+    if any(not i for i in request.exclude_item_ids):
+        raise InvalidRequest("exclude_item_ids must not contain empty ids")
+    if any(not i for i in request.history_item_ids):
+        raise InvalidRequest("history_item_ids must not contain empty ids")
+    for source in request.sources:
+        if source not in Source._value2member_map_ or source == Source.UNSPECIFIED:
+            raise InvalidRequest(f"unknown candidate source {source}")
+
+
+class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
+    """Searches run on a small thread pool whose threads each use `search_threads` OpenMP
+    threads (the OpenMP setting is per thread, so it is set in every pool thread)."""
+
+    def __init__(
+        self, manager: IndexManager, max_k: int, *, search_threads: int = 1, workers: int = 4
+    ) -> None:
+        self.manager = manager
+        self.max_k = max_k
+        self.executor = ThreadPoolExecutor(
+            max_workers=workers,
+            thread_name_prefix="search",
+            initializer=faiss.omp_set_num_threads,
+            initargs=(search_threads,),
+        )
+
+    async def Retrieve(
+        self, request: retrieval_pb2.RetrieveRequest, context: grpc.aio.ServicerContext
+    ) -> retrieval_pb2.RetrieveResponse:
+        validate(request, self.max_k)
+        index = self.manager.get(request.domain)
+        if request.model_version and request.model_version != str(index.version):
+            raise NotFound(
+                f"version {request.model_version} of {index.model_name} is not served "
+                f"(serving {index.version})"
+            )
+        start = time.perf_counter()
+        search = functools.partial(
+            index.retrieve,
+            request.user_id,
+            request.k,
+            exclude_item_ids=list(request.exclude_item_ids),
+            exclude_seen=request.exclude_seen,
+            history_item_ids=list(request.history_item_ids),
+            sources=[Source(s) for s in request.sources],
+        )
+        result = await asyncio.get_running_loop().run_in_executor(self.executor, search)
+        metrics.SEARCH_DURATION.labels(index.domain).observe(time.perf_counter() - start)
+        for source in result.sources:
+            metrics.REQUESTS.labels(index.domain, source.name.lower()).inc()
+        if not result.sources:
+            metrics.REQUESTS.labels(index.domain, "none").inc()
+        return retrieval_pb2.RetrieveResponse(
+            candidates=[
+                retrieval_pb2.Candidate(
+                    item_id=c.item_id,
+                    score=c.score,
+                    source=int(c.source),  # type: ignore[arg-type]
+                    title=c.title,
+                )
+                for c in result.candidates
+            ],
+            model=common_pb2.ModelVersion(
+                model_name=index.model_name, model_version=str(index.version)
+            ),
+        )

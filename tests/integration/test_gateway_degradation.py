@@ -1,0 +1,337 @@
+"""The gateway over gRPC on loopback with a real retrieval server and no ranker listening:
+degradation, fallbacks, bad input, health and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from gateway.config import GatewaySettings
+from gateway.server import Gateway
+from recsys.rpc.server import RpcServer
+from recsys.rpc.settings import ServerSettings
+from recsys.v1 import (
+    common_pb2,
+    ranking_pb2,
+    ranking_pb2_grpc,
+    recommendation_pb2,
+    recommendation_pb2_grpc,
+    retrieval_pb2,
+    retrieval_pb2_grpc,
+)
+from serving.ranking.config import RankingSettings
+from serving.ranking.server import build_server as build_ranker
+from serving.ranking.server import create_manager
+from serving.retrieval.config import RetrievalSettings
+from serving.retrieval.server import build_manager, build_server
+from tests.utils.processes import free_port, health_status
+from tests.utils.servers import BackgroundServer
+from tests.utils.tiny_models import TinyModel, make_tiny_model, publish_tiny_model
+
+pytestmark = pytest.mark.integration
+
+Reason = recommendation_pb2.DegradationReason
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("repo")
+
+
+@pytest.fixture(scope="module")
+def model(repo: Path) -> TinyModel:
+    return publish_tiny_model(repo, make_tiny_model())
+
+
+@pytest.fixture(scope="module")
+def retrieval(repo: Path, model: TinyModel) -> Iterator[BackgroundServer]:
+    settings = RetrievalSettings(host="127.0.0.1", port=0, metrics_port=0, model_repository=repo)
+    manager = build_manager(settings)
+    manager.refresh()
+
+    async def factory():  # type: ignore[no-untyped-def]
+        return build_server(settings, manager)
+
+    server = BackgroundServer(factory)
+    yield server
+    server.stop()
+
+
+class GatewayUnderTest:
+    def __init__(self, **overrides: object) -> None:
+        dead = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
+        fields: dict[str, object] = {
+            "host": "127.0.0.1",
+            "port": 0,
+            "metrics_port": 0,
+            "ranker_targets": dead,
+            "retrieval_candidates": 100,
+            "popular_candidates": 10,
+        }
+        fields.update(overrides)
+        settings = GatewaySettings(**fields)  # type: ignore[arg-type]
+
+        async def factory():  # type: ignore[no-untyped-def]
+            # Channels belong to the event loop that creates them: the server's.
+            self.gateway = Gateway(settings)
+            server = self.gateway.build_server()
+            await self.gateway.start()
+            return server
+
+        self.server = BackgroundServer(factory)
+        self.channel = grpc.insecure_channel(self.server.address)
+        self.stub = recommendation_pb2_grpc.RecommendationServiceStub(self.channel)
+
+    def recommend(
+        self, timeout: float = 10, **fields: object
+    ) -> recommendation_pb2.RecommendResponse:
+        fields.setdefault("domain", "books")
+        fields.setdefault("k", 10)
+        return self.stub.Recommend(recommendation_pb2.RecommendRequest(**fields), timeout=timeout)  # type: ignore[arg-type]
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.server.server.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return str(reply.read().decode())
+
+    def close(self) -> None:
+        self.channel.close()
+        self.server.run(self.gateway.close())
+        self.server.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(retrieval: BackgroundServer) -> Iterator[GatewayUnderTest]:
+    gw = GatewayUnderTest(retrieval_target=retrieval.address)
+    yield gw
+    gw.close()
+
+
+def retrieve_directly(address: str, user_id: str, k: int) -> list[str]:
+    with grpc.insecure_channel(address) as channel:
+        reply = retrieval_pb2_grpc.RetrievalServiceStub(channel).Retrieve(
+            retrieval_pb2.RetrieveRequest(
+                user_id=user_id,
+                domain="books",
+                k=k,
+                sources=[common_pb2.CANDIDATE_SOURCE_ANN, common_pb2.CANDIDATE_SOURCE_TRANSFER],
+            ),
+            timeout=10,
+        )
+    return [c.item_id for c in reply.candidates]
+
+
+def test_rankers_down_gives_retrieval_order_degraded_and_fast(
+    gateway: GatewayUnderTest, retrieval: BackgroundServer, model: TinyModel
+) -> None:
+    start = time.monotonic()
+    reply = gateway.recommend(user_id="u3", k=10, timeout=5)
+    elapsed = time.monotonic() - start
+    assert elapsed < 2
+    assert reply.degraded
+    assert [d.reason for d in reply.degradations] == [Reason.DEGRADATION_REASON_RANKING_UNAVAILABLE]
+    assert "UNAVAILABLE" in reply.degradations[0].detail
+    assert [i.item_id for i in reply.items] == retrieve_directly(retrieval.address, "u3", 10)
+    assert all(i.title for i in reply.items)
+    assert ("books-retrieval", str(model.version)) in {
+        (m.model_name, m.model_version) for m in reply.model_versions
+    }
+    text = gateway.metrics()
+    assert 'recsys_gateway_degraded_total{reason="ranking_unavailable"}' in text
+    assert 'recsys_gateway_upstream_errors_total{code="UNAVAILABLE",upstream="ranker"}' in text
+    assert (
+        'recsys_gateway_upstream_duration_seconds_count{method="Retrieve",upstream="retrieval"}'
+        in text
+    )
+    assert 'recsys_gateway_stage_duration_seconds_count{stage="retrieval"}' in text
+
+
+def test_unknown_user_gets_popular_items_without_degradation(
+    gateway: GatewayUnderTest, model: TinyModel
+) -> None:
+    reply = gateway.recommend(user_id="someone-new", k=5)
+    assert not reply.degraded
+    assert {i.source for i in reply.items} == {common_pb2.CANDIDATE_SOURCE_POPULAR}
+    assert reply.items[0].score == float(model.popularity.max())
+
+
+def test_seen_items_are_filtered(gateway: GatewayUnderTest, model: TinyModel) -> None:
+    row = model.user_ids.index("u4")
+    seen = {model.item_ids[j] for j in model.seen[row]}
+    first = [i.item_id for i in gateway.recommend(user_id="u4", k=20).items]
+    recent = first[:2]
+    reply = gateway.recommend(user_id="u4", k=20, exclude_seen=True, recent_item_ids=recent)
+    ids = [i.item_id for i in reply.items]
+    assert len(ids) == 20 == len(set(ids))
+    assert not set(ids) & (seen | set(recent))
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"user_id": ""},
+        {"domain": "music"},
+        {"domain": ""},
+        {"k": 0},
+        {"k": 101},
+        {"recent_item_ids": ["i1", ""]},
+    ],
+)
+def test_bad_input_is_invalid_argument(
+    gateway: GatewayUnderTest, fields: dict[str, object]
+) -> None:
+    fields.setdefault("user_id", "u1")
+    with pytest.raises(grpc.RpcError) as info:
+        gateway.recommend(**fields)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details()
+
+
+def test_everything_down_and_no_fallback_is_unavailable_quickly() -> None:
+    gw = GatewayUnderTest(retrieval_target=f"127.0.0.1:{free_port()}")
+    try:
+        assert health_status(gw.server.address) is not None
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            gw.recommend(user_id="u1", timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() - start < 1.0
+    finally:
+        gw.close()
+
+
+def test_retrieval_and_rankers_down_is_unavailable_quickly_despite_popular_items(
+    repo: Path, model: TinyModel
+) -> None:
+    # The repository gives the gateway popular items, but with no upstream at all it says
+    # UNAVAILABLE at once instead of answering unranked, unpersonalised items.
+    gw = GatewayUnderTest(retrieval_target=f"127.0.0.1:{free_port()}", model_repository=repo)
+    try:
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            gw.recommend(user_id="u1", k=5, timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "both unavailable" in (info.value.details() or "")
+        assert time.monotonic() - start < 1.0
+    finally:
+        gw.close()
+
+
+def test_retrieval_down_falls_back_to_popular_items_ranked(repo: Path, model: TinyModel) -> None:
+    settings = RankingSettings(host="127.0.0.1", port=0, metrics_port=0, model_repository=repo)
+    manager = create_manager(settings)
+
+    async def factory():  # type: ignore[no-untyped-def]
+        await manager.start()
+        return build_ranker(settings, manager)
+
+    ranker = BackgroundServer(factory)
+    gw = GatewayUnderTest(
+        retrieval_target=f"127.0.0.1:{free_port()}",
+        model_repository=repo,
+        ranker_targets=ranker.address,
+    )
+    try:
+        reply = gw.recommend(user_id="u1", k=5, timeout=5)
+        assert reply.degraded
+        assert [d.reason for d in reply.degradations] == [
+            Reason.DEGRADATION_REASON_RETRIEVAL_UNAVAILABLE
+        ]
+        assert all(i.source == common_pb2.CANDIDATE_SOURCE_POPULAR for i in reply.items)
+        # The popular items are ranked for the user: best model score first.
+        ids = [i.item_id for i in reply.items]
+        expected = model.scores("u1", ids)
+        assert list(expected) == sorted(expected, reverse=True)
+        assert 'recsys_gateway_degraded_total{reason="retrieval_unavailable"} ' in gw.metrics()
+    finally:
+        gw.close()
+        ranker.run(manager.close())
+        ranker.stop()
+
+
+class SlowRanker(ranking_pb2_grpc.RankingServiceServicer):
+    """A ranker that takes `delay_s` to answer and counts the calls cancelled while it waits."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.started = 0
+        self.cancelled = 0
+
+    async def Rank(
+        self, request: ranking_pb2.RankRequest, context: grpc.aio.ServicerContext
+    ) -> ranking_pb2.RankResponse:
+        self.started += 1
+        try:
+            await asyncio.sleep(self.delay_s)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return ranking_pb2.RankResponse(
+            scores=[0.0] * len(request.item_ids), model_name=request.model_name, model_version="1"
+        )
+
+
+@pytest.fixture()
+def slow_ranker() -> Iterator[tuple[BackgroundServer, SlowRanker]]:
+    servicer = SlowRanker(delay_s=5.0)
+
+    async def factory():  # type: ignore[no-untyped-def]
+        return RpcServer(
+            ServerSettings(host="127.0.0.1", port=0, metrics_port=0),
+            service_names=["recsys.v1.RankingService"],
+            register=lambda s: ranking_pb2_grpc.add_RankingServiceServicer_to_server(servicer, s),
+        )
+
+    server = BackgroundServer(factory)
+    yield server, servicer
+    server.stop(grace=0)
+
+
+def test_late_rankers_give_retrieval_order_within_the_callers_deadline(
+    retrieval: BackgroundServer, slow_ranker: tuple[BackgroundServer, SlowRanker]
+) -> None:
+    server, servicer = slow_ranker
+    gw = GatewayUnderTest(retrieval_target=retrieval.address, ranker_targets=server.address)
+    try:
+        # An answer at all (not DEADLINE_EXCEEDED) means it came within the caller's 0.5 s,
+        # while the rankers would have taken 5 s.
+        reply = gw.recommend(user_id="u3", k=10, timeout=0.5)
+        assert [d.reason for d in reply.degradations] == [
+            Reason.DEGRADATION_REASON_RANKING_DEADLINE
+        ]
+        assert [i.item_id for i in reply.items] == retrieve_directly(retrieval.address, "u3", 10)
+        # ~110 candidates in shards of at least 32: 3 calls, all cancelled, not left running.
+        assert servicer.started == 3
+        deadline = time.monotonic() + 5
+        while servicer.cancelled < servicer.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert servicer.cancelled == servicer.started
+    finally:
+        gw.close()
+
+
+def test_caller_cancellation_cancels_the_fan_out(
+    retrieval: BackgroundServer, slow_ranker: tuple[BackgroundServer, SlowRanker]
+) -> None:
+    server, servicer = slow_ranker
+    gw = GatewayUnderTest(retrieval_target=retrieval.address, ranker_targets=server.address)
+    try:
+        call = gw.stub.Recommend.future(
+            recommendation_pb2.RecommendRequest(user_id="u3", domain="books", k=10), timeout=30
+        )
+        deadline = time.monotonic() + 10
+        while servicer.started < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert servicer.started == 3
+        call.cancel()
+        while servicer.cancelled < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert servicer.cancelled == 3
+    finally:
+        gw.close()

@@ -1,0 +1,189 @@
+"""The ranking service as a real process (`python -m serving`): health transitions (NOT_SERVING
+until a model loads, SERVING after, NOT_SERVING while draining), reload on SIGHUP, the real
+tritonclient reading metadata and scoring, and a clear failure when CUDA is demanded but absent."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import onnxruntime as ort
+import pytest
+from grpc_health.v1 import health_pb2
+
+from recsys.v1 import ranking_pb2_grpc
+from tests.integration.test_ranking_server import (
+    assert_close,
+    ort_scores,
+    publish_graph,
+    rank_request,
+    slow_ranker_graph,
+)
+from tests.utils.processes import REPO_ROOT, ServiceProcess, health_status, project_env
+from tests.utils.tiny_models import make_tiny_model, publish_corrupt_version, publish_tiny_model
+
+pytestmark = pytest.mark.integration
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _wait_health(address: str, wanted: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if health_status(address) == wanted:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"health of {address} never became {wanted}")
+
+
+def test_health_follows_loading_reload_on_sighup_and_drain_on_sigterm(tmp_path: Path) -> None:
+    publish_corrupt_version(tmp_path, "hp-ranker")
+    proc = ServiceProcess(
+        "serving",
+        [
+            f"--model-repository={tmp_path}",
+            "--models=hp-ranker",
+            "--poll-interval-s=0",
+            "--provider=cpu",
+            "--intra-op-threads=1",
+            "--max-batch-candidates=4000",
+            "--max-candidates-per-request=4000",
+            "--grace-period-s=20",
+        ],
+        log_path=tmp_path / "ranker.log",
+    )
+    try:
+        # Up, but no loadable version: NOT_SERVING, and Rank says UNAVAILABLE.
+        _wait_health(proc.address, NOT_SERVING)
+        time.sleep(0.5)
+        assert health_status(proc.address) == NOT_SERVING
+        with grpc.insecure_channel(proc.address) as channel:
+            stub = ranking_pb2_grpc.RankingServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Rank(rank_request("hp-ranker", "u1", ["i1"]), timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        # A good version is published; SIGHUP loads it and the service turns SERVING.
+        tiny = make_tiny_model("hp")
+        version = publish_graph(
+            tmp_path, "hp-ranker", slow_ranker_graph(tiny.user_emb, tiny.item_emb), tiny
+        )
+        proc.proc.send_signal(signal.SIGHUP)
+        proc.wait_serving(30)
+        # SIGTERM while a slow call is in flight: NOT_SERVING, the call finishes, exit 0.
+        result: dict[str, object] = {}
+
+        def slow_call() -> None:
+            with grpc.insecure_channel(proc.address) as channel:
+                stub = ranking_pb2_grpc.RankingServiceStub(channel)
+                items = [tiny.item_ids[j % 120] for j in range(4000)]
+                try:
+                    calls = [
+                        stub.Rank.future(rank_request("hp-ranker", "u1", items), timeout=30)
+                        for _ in range(4)
+                    ]
+                    result["replies"] = [c.result() for c in calls]
+                except grpc.RpcError as exc:
+                    result["error"] = exc
+
+        thread = threading.Thread(target=slow_call)
+        thread.start()
+        time.sleep(0.15)
+        proc.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.1)
+        assert health_status(proc.address) in (NOT_SERVING, None)
+        thread.join(60)
+        assert proc.proc.wait(30) == 0
+        assert "error" not in result, result.get("error")
+        replies = result["replies"]
+        assert [r.model_version for r in replies] == [str(version)] * 4  # type: ignore[attr-defined]
+        log = proc.log()
+        assert "Failed to load hp-ranker version 1" in log
+        assert "Shutdown signal received" in log
+    finally:
+        proc.kill()
+
+
+def test_tritonclient_reads_metadata_and_scores(tmp_path: Path) -> None:
+    tiny = publish_tiny_model(tmp_path, make_tiny_model("tc"))
+    proc = ServiceProcess(
+        "serving.ranking",
+        [],
+        log_path=tmp_path / "ranker.log",
+        # Settings from the environment this time (the other tests use flags).
+        env={
+            "RANKING_MODEL_REPOSITORY": str(tmp_path),
+            "RANKING_PROVIDER": "auto",
+            "RANKING_POLL_INTERVAL_S": "0",
+        },
+    )
+    try:
+        proc.wait_serving(60)
+        users, items = [0, 3, 3, 44], [7, 7, 100, 0]
+        out = subprocess.run(
+            [
+                sys.executable,
+                str(REPO_ROOT / "tests/utils/triton_probe.py"),
+                "--url",
+                proc.address,
+                "--model",
+                "tc-ranker",
+                "--infer",
+                json.dumps({"user_index": users, "item_index": items}),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=project_env(),
+            check=True,
+        )
+        answer = json.loads(out.stdout)
+        assert answer["live"] is True and answer["ready"] is True
+        assert answer["server_metadata"]["name"] == "recsys-ranker"
+        assert answer["model_ready"] is True
+        meta = answer["model_metadata"]
+        assert meta["name"] == "tc-ranker" and meta["platform"] == "onnxruntime_onnx"
+        assert {i["name"] for i in meta["inputs"]} == {"user_index", "item_index"}
+        assert meta["outputs"][0]["name"] == "score"
+        assert answer["infer"]["model_version"] == str(tiny.version)
+        expected = ort_scores(tmp_path, "tc-ranker", tiny.version, users, items)
+        assert_close(answer["infer"]["outputs"]["score"], expected)
+        # MODELS unset: every ranker in the repository is served (not the retrieval model).
+        body = (
+            urllib.request.urlopen(f"http://127.0.0.1:{proc.metrics_port}/metrics", timeout=5)
+            .read()
+            .decode()
+        )
+        provider = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+        assert (
+            f'recsys_ranker_model_loaded{{model="tc-ranker",provider="{provider}",'
+            f'version="{tiny.version}"}} 1.0' in body
+        )
+        assert "using CPU" in proc.log() or provider == "cuda"
+        assert "tc-retrieval" not in body
+    finally:
+        proc.terminate()
+
+
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA is present here"
+)
+def test_cuda_provider_demanded_but_absent_fails_at_start(tmp_path: Path) -> None:
+    publish_tiny_model(tmp_path, make_tiny_model("gpu"))
+    proc = ServiceProcess(
+        "serving.ranking",
+        [f"--model-repository={tmp_path}", "--provider=cuda"],
+        log_path=tmp_path / "ranker.log",
+    )
+    try:
+        assert proc.proc.wait(60) == 2
+        assert "provider 'cuda' was requested" in proc.log()
+    finally:
+        proc.kill()
