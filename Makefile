@@ -48,6 +48,9 @@ test-fast: $(STAMP) ## unit tests only
 
 bench: bench-quality bench-ranker bench-gateway ## every benchmark (slow)
 
+bench-quality: $(STAMP) ## model quality: ML-1M vs RecBole, every cross-domain pair both ways, demo time (slow)
+	$(PY) bench/quality.py
+
 bench-ranker: $(STAMP) ## the ranking service against the in-process ONNX Runtime ceiling (slow)
 	$(PY) bench/ranker.py
 
