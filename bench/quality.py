@@ -195,6 +195,7 @@ def main() -> int:
     )
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--only", default="", help="comma-separated jobs: ml1m, demo, or pair names")
+    p.add_argument("--cold-shares", default="0.2,0.5", help="cold-start shares of the pair jobs")
     args = p.parse_args()
     jobs = ["demo", "ml1m", *PAIRS]
     if args.only:
@@ -206,7 +207,7 @@ def main() -> int:
         work = Path(tmp)
         for job in jobs:
             config = CONFIGS / f"{DEMO if job == 'demo' else job}.toml"
-            extra = ["--cold_shares=0.2,0.5"] if job in PAIRS else []
+            extra = [f"--cold_shares={args.cold_shares}"] if job in PAIRS else []
             print(f"running {job} ...", flush=True)
             res = run_job(job, config, args.data_dir, work, extra, publish=job == "demo")
             if "error" not in res and job in PAIRS:
