@@ -165,7 +165,7 @@ def markdown(all_results: dict[str, Any]) -> str:
             )
     lines += ["", "| job | wall s | peak MB |", "|---|---|---|"]
     for name, res in all_results.items():
-        if isinstance(res, dict) and "wall_s" in res:
+        if isinstance(res, dict) and "wall_s" in res and name != "notes":
             lines.append(
                 f"| {name} | {res['wall_s']:.0f} | {res.get('peak_memory_mb', float('nan')):.0f} |"
             )
