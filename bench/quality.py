@@ -178,6 +178,9 @@ def markdown(all_results: dict[str, Any]) -> str:
             f"{demo.get('published', {}).get('models')} version "
             f"{demo.get('published', {}).get('version')}.",
         ]
+    notes = all_results.get("notes") or []
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     lines += [
         "",
         "Full per-strategy tables (HR, Recall, MRR, all users) are in quality.json "
