@@ -4,4 +4,4 @@ set -euo pipefail
 set -x
 bin=${1:-.venv/bin}
 "$bin/coverage" run -m pytest "${@:2}"
-"$bin/coverage" report --skip-empty | tail -n 1
+echo "coverage: $("$bin/coverage" report --format=total)% of lines"
