@@ -92,7 +92,11 @@ def version_dir(root: Path, model: str, version: int) -> Path:
 
 def read_metadata(directory: Path) -> dict[str, Any]:
     """The parsed metadata.json of a version directory."""
-    path = directory / METADATA_FILE
+    return read_json(directory / METADATA_FILE)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from one file of a version (metadata.json, users.json, items.json)."""
     try:
         with path.open(encoding="utf-8") as f:
             data = json.load(f)

@@ -3,7 +3,6 @@ against the ranker contract and warmed before it takes traffic. No gRPC here."""
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -16,7 +15,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from recsys.repository import RepositoryError, verify_version
+from recsys.repository import RepositoryError, read_json, verify_version
 
 logger = logging.getLogger(__name__)
 
@@ -117,13 +116,10 @@ class SessionOptions:
 
 def _read_vocabulary(path: Path) -> list[str]:
     try:
-        with path.open(encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError as exc:
-        raise ModelLoadError(f"{path} is missing") from exc
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from exc
-    ids = data.get("ids") if isinstance(data, dict) else None
+        data = read_json(path)
+    except RepositoryError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    ids = data.get("ids")
     if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
         raise ModelLoadError(f"{path} must hold a non-empty list of string 'ids'")
     return ids

@@ -3,7 +3,6 @@ user representations, seen items and popularity, and the candidate sources built
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -16,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from recsys.pipeline import Candidate, Source
-from recsys.repository import RepositoryError, verify_version
+from recsys.repository import RepositoryError, read_json, verify_version
 
 logger = logging.getLogger(__name__)
 
@@ -44,18 +43,6 @@ class IndexOptions:
 class RetrieveResult:
     candidates: list[Candidate]
     sources: tuple[Source, ...]  # sources that contributed, in order
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise RepositoryError(f"{path} is missing") from exc
-    except json.JSONDecodeError as exc:
-        raise RepositoryError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise RepositoryError(f"{path} must hold a JSON object")
-    return data
 
 
 def _check_signature(session: ort.InferenceSession, metadata: dict[str, Any], path: Path) -> None:
@@ -162,8 +149,8 @@ class RetrievalIndex:
         if kind is not None and kind != "retrieval":
             raise RepositoryError(f"{directory}: metadata kind is {kind!r}, not 'retrieval'")
         version = int(directory.name)
-        users = _read_json(directory / "users.json")
-        items = _read_json(directory / "items.json")
+        users = read_json(directory / "users.json")
+        items = read_json(directory / "items.json")
         user_ids = [str(u) for u in users.get("ids", [])]
         user_kinds = [str(k) for k in users.get("kinds", ["target"] * len(user_ids))]
         item_ids = [str(i) for i in items.get("ids", [])]
