@@ -4,7 +4,7 @@ Subcommands:
   train     load, split, pretrain, transfer, baselines, evaluate, report, export and publish
   export    publish a run's checkpoint (it carries its config) to a model repository
   report    print the evaluation table of a run directory
-  download  fetch MovieLens from GroupLens and verify its SHA-256
+  download  fetch MovieLens from GroupLens and verify its published MD5 (and a given SHA-256)
 
 Exit codes: 0 success, 2 bad usage, configuration or data (one line on stderr naming the file,
 line or field).
@@ -41,11 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     r.add_argument("run_dir", type=Path)
     d = sub.add_parser(
-        "download", parents=[common], help="download MovieLens from GroupLens (SHA-256 checked)"
+        "download", parents=[common], help="download MovieLens from GroupLens (checksums verified)"
     )
     d.add_argument("name", choices=["ml-100k", "ml-1m"])
     d.add_argument("--dest", type=Path, required=True)
-    d.add_argument("--sha256", help="expected SHA-256 of the archive (overrides the recorded one)")
+    d.add_argument("--sha256", help="also require this SHA-256 of the archive")
     return p
 
 
