@@ -133,7 +133,9 @@ def _int(value: str, path: Path, lineno: int, what: str) -> int:
 def deduplicate(domain: DomainData) -> DomainData:
     """Keep the last row of every (user, item) pair; record how many rows went and conflicted."""
     n = len(domain)
-    pairs = np.char.add(np.char.add(domain.users.astype(str), "\x00"), domain.items.astype(str))
+    # "\x1f" (unit separator) keeps ("1", "23") and ("12", "3") apart; NUL would not, since
+    # numpy's fixed-width strings drop trailing NULs before the concatenation.
+    pairs = np.char.add(np.char.add(domain.users.astype(str), "\x1f"), domain.items.astype(str))
     # last occurrence: unique over the reversed array
     _, rev_first = np.unique(pairs[::-1], return_index=True)
     keep = np.sort(n - 1 - rev_first)
@@ -323,6 +325,7 @@ def load_movielens_100k(path: Path) -> Dataset:
     data = path / "u.data"
     u, i, r, t = read_triples(data, "movies", 4, has_rating=True)
     titles: dict[str, str] = {}
+    item_genres: dict[str, set[str]] = {}
     genres: list[str] = []
     genre_file = path / "u.genre"
     if genre_file.is_file():
@@ -337,6 +340,7 @@ def load_movielens_100k(path: Path) -> Dataset:
         flags = parts[5:]
         names = [g for g, flag in zip(genres, flags, strict=False) if flag == "1"]
         titles[parts[0]] = parts[1] + (f" [{'|'.join(names)}]" if names else "")
+        item_genres[parts[0]] = set(names)
     user_file = path / "u.user"
     n_users = 0
     for lineno, line in _lines(user_file):
@@ -347,9 +351,24 @@ def load_movielens_100k(path: Path) -> Dataset:
         n_users += 1
     domain = _make("movies", u, i, r, t, titles=titles)
     domain.stats["user_profiles"] = n_users
-    return Dataset(
-        "movielens-100k", path, {"movies": domain}, _fingerprint([data, item_file, user_file])
-    )
+    domains = {"movies": domain}
+    # Two genre domains with disjoint items and shared users, for a cross-domain pair that can be
+    # downloaded: comedies that are not dramas, and dramas that are not comedies.
+    for name, keep, drop in (("comedy", "Comedy", "Drama"), ("drama", "Drama", "Comedy")):
+        rows = [
+            n
+            for n, item in enumerate(i)
+            if keep in item_genres.get(item, ()) and drop not in item_genres.get(item, ())
+        ]
+        domains[name] = _make(
+            name,
+            [u[n] for n in rows],
+            [i[n] for n in rows],
+            [r[n] for n in rows],
+            [t[n] for n in rows],
+            titles={item: titles[item] for item in {i[n] for n in rows}},
+        )
+    return Dataset("movielens-100k", path, domains, _fingerprint([data, item_file, user_file]))
 
 
 def load_movielens_1m_implicit(path: Path) -> Dataset:
