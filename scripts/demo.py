@@ -27,6 +27,7 @@ from recsys.v1 import common_pb2, recommendation_pb2, recommendation_pb2_grpc  #
 
 DEFAULT_CONFIG = "training/configs/amazon_movies_to_books.toml"
 SYNTHETIC_CONFIG = "training/configs/synthetic.toml"
+MOVIELENS_CONFIG = "training/configs/ml100k_comedy_to_drama.toml"
 SHOWN_METRICS = (
     "recsys_grpc_requests_total",
     "recsys_ranker_batch_candidates_count",
@@ -40,17 +41,32 @@ def step(n: int, text: str) -> None:
     print(f"\n==> [{n}/6] {text}", flush=True)
 
 
-def choose_data(args: argparse.Namespace) -> tuple[str, list[str]]:
-    """The training config and data flags: the real Amazon pair where it is, else synthetic."""
+def choose_data(args: argparse.Namespace, workdir: Path) -> tuple[str, list[str]]:
+    """The training config and data flags: the Amazon pair where it is; else MovieLens-100K's
+    comedy -> drama genre pair, from the data folder or downloaded from GroupLens; else the
+    synthetic generator."""
     data_dir = Path(args.data_dir) if args.data_dir else ROOT.parent / "shared" / "data"
     if args.config:
         return args.config, [f"--data-dir={data_dir}"] if data_dir.is_dir() else []
     if (data_dir / "amazon-books-movies").is_dir():
         print(f"Data: Amazon movies -> books from {data_dir / 'amazon-books-movies'}")
         return DEFAULT_CONFIG, [f"--data-dir={data_dir}"]
+    if (data_dir / "movielens-100k").is_dir():
+        print(f"Data: MovieLens-100K comedy -> drama from {data_dir / 'movielens-100k'}")
+        return MOVIELENS_CONFIG, [f"--data-dir={data_dir}"]
+    downloads = workdir / "data"
+    print(f"No data at {data_dir}: downloading MovieLens-100K from GroupLens into {downloads}")
+    fetched = subprocess.run(
+        [sys.executable, "-m", "training", "download", "ml-100k", f"--dest={downloads}"],
+        cwd=ROOT,
+        env=project_env(),
+    )
+    if fetched.returncode == 0:
+        (downloads / "ml-100k").replace(downloads / "movielens-100k")
+        return MOVIELENS_CONFIG, [f"--data-dir={downloads}"]
     print(
-        f"NOTICE: no data at {data_dir} (pass --data-dir). The demo trains on the synthetic "
-        "cross-domain generator instead; its figures say nothing about real data."
+        f"NOTICE: no data at {data_dir} (pass --data-dir) and no download. The demo trains on "
+        "the synthetic cross-domain generator instead; its figures say nothing about real data."
     )
     return SYNTHETIC_CONFIG, []
 
@@ -67,7 +83,7 @@ def train(config: str, data_flags: list[str], workdir: Path) -> Path:
         f"--run-dir={workdir / 'run'}",
         *data_flags,
     ]
-    print("$ " + " ".join(cmd[1:]), flush=True)
+    print("$ python " + " ".join(cmd[1:]), flush=True)
     result = subprocess.run(cmd, cwd=ROOT, env=project_env())
     if result.returncode != 0:
         raise SystemExit(f"training failed with exit code {result.returncode}")
@@ -184,7 +200,7 @@ def main() -> int:
     started = time.monotonic()
 
     step(1, "Training: pretrain on the source domain, transfer, evaluate against baselines")
-    config, data_flags = choose_data(args)
+    config, data_flags = choose_data(args, workdir)
     repo = train(config, data_flags, workdir)
 
     step(2, "Published model versions")
