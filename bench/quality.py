@@ -33,6 +33,7 @@ PAIRS = [
     "douban_music_to_book",
     "sport_to_cloth",
     "cloth_to_sport",
+    "ml100k_comedy_to_drama",
 ]
 DEMO = "amazon_movies_to_books"
 TRANSFER = ("finetune", "freeze_unfreeze", "lora")
