@@ -8,7 +8,7 @@ PY := $(BIN)/python
 STAMP := $(VENV)/.installed
 
 PROTO_SRC := $(wildcard protos/recsys/v1/*.proto protos/recsys/inference/*.proto)
-PROTO_OUT := $(PROTO_SRC:.proto=_pb2.py)
+PROTO_OUT := $(patsubst protos/%.proto,%_pb2.py,$(PROTO_SRC))
 
 .PHONY: help setup tools protos check-protos lint fmt test test-fast e2e bench bench-quality \
 	bench-ranker bench-gateway bench-rollout demo train serve-ranking serve-retrieval serve-gateway \
@@ -26,15 +26,15 @@ setup: $(STAMP) ## create the virtualenv and install the project with its pinned
 tools: ## install the system tools the tests use (Prometheus server and promtool)
 	scripts/install-tools.sh
 
-protos/recsys/%_pb2.py: protos/recsys/%.proto | $(STAMP)
-	$(PY) -m grpc_tools.protoc -I protos --python_out=protos --grpc_python_out=protos --pyi_out=protos $<
+recsys/%_pb2.py: protos/recsys/%.proto | $(STAMP)
+	$(PY) -m grpc_tools.protoc -I protos --python_out=. --grpc_python_out=. --pyi_out=. $<
 
-protos: $(PROTO_OUT) ## regenerate the gRPC stubs from protos/ (only what changed)
+protos: $(PROTO_OUT) ## regenerate the gRPC stubs in recsys/ from protos/ (only what changed)
 
 check-protos: $(STAMP) ## regenerate every stub and fail if the committed ones differ
 	scripts/check-protos.sh $(PY)
 
-lint: $(STAMP) ## ruff (lint and format check) and mypy on hand-written code
+lint: $(STAMP) ## ruff (lint and format check), mypy and the import contracts
 	scripts/lint.sh $(BIN)
 
 fmt: $(STAMP) ## format the code
@@ -49,16 +49,16 @@ test-fast: $(STAMP) ## unit tests only
 bench: bench-quality bench-ranker bench-gateway bench-rollout ## every benchmark (slow)
 
 bench-quality: $(STAMP) ## model quality: ML-1M vs RecBole, every cross-domain pair both ways, demo time (slow)
-	$(PY) bench/quality.py
+	$(PY) -m bench.quality
 
 bench-ranker: $(STAMP) ## the ranking service against the in-process ONNX Runtime ceiling (slow)
-	$(PY) bench/ranker.py
+	$(PY) -m bench.ranker
 
 bench-gateway: $(STAMP) ## the whole stack under load: throughput, latency, where the time goes, HNSW recall (slow)
-	$(PY) bench/gateway.py
+	$(PY) -m bench.gateway
 
 bench-rollout: $(STAMP) ## rolling update of the rankers and a model version rollout under load (slow)
-	$(PY) bench/rollout.py
+	$(PY) -m bench.rollout
 
 e2e: $(STAMP) ## the end-to-end tests: every service as a process on loopback
 	$(BIN)/pytest -q tests/e2e
@@ -78,7 +78,7 @@ clean: ## remove the virtualenv, caches and local run outputs
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache runs model_repository
 
 demo: $(STAMP) ## train, publish, start every service, recommend for a warm and a cold-start user
-	$(PY) scripts/demo.py
+	$(PY) -m devtools.demo
 
 train: $(STAMP) ## train on the default pair (Amazon movies -> books) and publish to ./model_repository
 	$(PY) -m training train --config=training/configs/amazon_movies_to_books.toml --repository=model_repository --run-dir=runs/latest

@@ -6,8 +6,8 @@ Reports throughput, p50/p95/p99 latency, errors and degradations per phase, wher
 (retrieval, ranking, merging, response building and transport, from the services' own
 histograms), and the recall of the approximate (HNSW) index against exact search.
 
-    python bench/gateway.py                    # results in bench/results/gateway.{json,md}
-    python bench/gateway.py --quick            # a short smoke run
+    python -m bench.gateway                    # results in bench/results/gateway.{json,md}
+    python -m bench.gateway --quick            # a short smoke run
 """
 
 from __future__ import annotations
@@ -25,11 +25,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "protos")]
 
 import numpy as np  # noqa: E402
 
-from tests.e2e.stack import recommend_load  # noqa: E402
+from devtools.stack import recommend_load  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -39,7 +38,7 @@ RESULTS = ROOT / "bench" / "results"
 
 def build_repository(path: Path, n_users: int, n_items: int, dim: int, seed: int) -> Any:
     """A synthetic model with planted tastes, published in the training layout."""
-    from tests.utils.tiny_models import make_tiny_model, publish_tiny_model
+    from devtools.tiny_models import make_tiny_model, publish_tiny_model
 
     model = make_tiny_model(
         n_users=n_users,
@@ -277,7 +276,7 @@ def recall_benchmark(n_items: int, dim: int, queries: int, seed: int) -> dict[st
         _, truth = exact.search(users, k)
         exact_ms = 1000 * (time.perf_counter() - t) / queries
         for ef in sorted({max(128, k), 2 * max(128, k), 4 * max(128, k)}):
-            params = faiss.SearchParametersHNSW(efSearch=ef)
+            params = faiss.SearchParametersHNSW(efSearch=ef)  # type: ignore[attr-defined]
             t = time.perf_counter()
             _, got = hnsw.search(augmented, k, params=params)
             hnsw_ms = 1000 * (time.perf_counter() - t) / queries
@@ -407,7 +406,7 @@ def main() -> int:
     if args.quick:
         args.duration, args.rates, args.concurrency, args.recall_items = 3.0, "50", "8", 20_000
 
-    from tests.e2e.stack import Stack, StackOptions
+    from devtools.stack import Stack, StackOptions
 
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     load_before = [round(x, 2) for x in os.getloadavg()]
@@ -497,7 +496,7 @@ def main() -> int:
     result = {
         "benchmark": "gateway",
         "started_at": started,
-        "command": "python bench/gateway.py " + " ".join(sys.argv[1:]),
+        "command": "python -m bench.gateway " + " ".join(sys.argv[1:]),
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),

@@ -32,9 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from ranker import (  # noqa: E402
+from bench.ranker import (
     ROOT,
     Service,
     drive,

@@ -22,5 +22,5 @@ if [ -d "$WHEELS" ]; then
     grpcio-health-checking grpcio-reflection
 fi
 nvidia-smi || true
-export PYTHONPATH="$PWD:$PWD/protos${PYTHONPATH:+:$PYTHONPATH}"
-exec "$PYTHON" bench/gpu_check.py "$@"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+exec "$PYTHON" -m bench.gpu_check "$@"

@@ -197,7 +197,7 @@ class UnaryBytesCall:
                 ("grpc.use_local_subchannel_pool", 1),
             ],
         )
-        stub = channel.unary_unary(self.method)
+        stub = channel.unary_unary(self.method, request_serializer=None, response_deserializer=None)
         payloads, items, timeout = self.payloads, self.items, self.timeout_s
         state = {"i": int.from_bytes(os.urandom(2), "little") % len(payloads)}
 

@@ -62,7 +62,7 @@ def run_job(
     ]
     if publish:
         cmd += ["--repository", str(work / "repository")]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "protos")]))
+    env = dict(os.environ)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0

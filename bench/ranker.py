@@ -11,7 +11,7 @@ Builds a DLRM-sized ranker (64-dim user and item embeddings, an MLP over [u, v, 
 
 Writes bench/results/ranker.json and ranker.md and prints the table.
 
-    python bench/ranker.py [--duration-s=8] [--repository=model_repository --model=books-ranker]
+    python -m bench.ranker [--duration-s=8] [--repository=model_repository --model=books-ranker]
 """
 
 from __future__ import annotations
@@ -31,11 +31,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT / "protos", ROOT, Path(__file__).resolve().parent):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
-
-from loadgen import LoadResult, UnaryBytesCall, run_load  # noqa: E402
+from bench.loadgen import LoadResult, UnaryBytesCall, run_load  # noqa: E402
 
 RANK_METHOD = "/recsys.v1.RankingService/Rank"
 
@@ -228,9 +224,6 @@ class Service:
             *[_flag(k, v) for k, v in settings.items()],
         ]
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(ROOT), str(ROOT / "protos"), env.get("PYTHONPATH", "")]
-        )
         self._log = log.open("wb")
         self.proc = subprocess.Popen(
             args, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT

@@ -8,7 +8,7 @@
 Reports failed requests (the target is zero), degraded answers, and latency percentiles per
 window, and checks that no answer mixed ranker versions.
 
-    python bench/rollout.py          # results in bench/results/rollout.{json,md}
+    python -m bench.rollout          # results in bench/results/rollout.{json,md}
 """
 
 from __future__ import annotations
@@ -26,12 +26,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "protos")]
 
 import numpy as np  # noqa: E402
 
-from tests.e2e.stack import Stack, StackOptions, recommend_load  # noqa: E402
-from tests.utils.tiny_models import make_tiny_model, publish_tiny_model  # noqa: E402
+from devtools.stack import Stack, StackOptions, recommend_load  # noqa: E402
+from devtools.tiny_models import make_tiny_model, publish_tiny_model  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 REASONS = {
@@ -244,7 +243,7 @@ def main() -> int:
     result = {
         "benchmark": "rollout",
         "started_at": started,
-        "command": "python bench/rollout.py " + " ".join(sys.argv[1:]),
+        "command": "python -m bench.rollout " + " ".join(sys.argv[1:]),
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),

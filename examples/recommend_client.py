@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import grpc
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "protos"))
 
 from recsys.v1 import common_pb2, recommendation_pb2, recommendation_pb2_grpc  # noqa: E402
 

@@ -11,16 +11,8 @@ import grpc
 
 from gateway import metrics
 from gateway.config import GatewaySettings
-from recsys.pipeline import (
-    SOURCE_BY_VALUE,
-    Candidate,
-    Ranked,
-    RankQuery,
-    Retrieval,
-    RetrieveQuery,
-    Source,
-    UpstreamError,
-)
+from gateway.pipeline import Ranked, RankQuery, Retrieval, RetrieveQuery, UpstreamError
+from recsys.candidates import SOURCE_BY_VALUE, Candidate, Source
 from recsys.rpc.tls import channel_options
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 

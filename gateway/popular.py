@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from recsys.pipeline import Candidate, PopularItems, RetrieveQuery, Retriever, Source, UpstreamError
+from gateway.pipeline import PopularItems, RetrieveQuery, Retriever, UpstreamError
+from recsys.candidates import Candidate, Source
 from recsys.repository import list_versions, version_dir
 
 logger = logging.getLogger(__name__)

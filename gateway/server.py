@@ -11,9 +11,9 @@ import grpc
 
 from gateway.clients import Upstreams
 from gateway.config import GatewaySettings
+from gateway.pipeline import Pipeline, PipelineConfig, PopularItems, RetryBudget
 from gateway.popular import PopularRefresher
 from gateway.servicer import SERVICE_NAME, RecommendationServicer
-from recsys.pipeline import Pipeline, PipelineConfig, PopularItems, RetryBudget
 from recsys.rpc.server import RpcServer, serve_until_signal
 from recsys.v1 import recommendation_pb2_grpc
 

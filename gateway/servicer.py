@@ -7,7 +7,7 @@ import time
 import grpc
 
 from gateway import metrics
-from recsys.pipeline import Pipeline, PipelineUnavailable, Recommendation, RecommendQuery
+from gateway.pipeline import Pipeline, PipelineUnavailable, Recommendation, RecommendQuery
 from recsys.rpc.errors import DeadlineExceeded, InvalidRequest, UpstreamUnavailable
 from recsys.v1 import common_pb2, recommendation_pb2, recommendation_pb2_grpc
 

@@ -1,1 +1,2 @@
-"""serving package."""
+"""The serving applications: the ranking service (serving.ranking) and the retrieval service
+(serving.retrieval)."""

@@ -1,1 +1,1 @@
-"""training package."""
+"""Training: source-domain pre-training, transfer to the target domain, evaluation and ONNX export."""

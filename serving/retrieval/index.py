@@ -14,7 +14,7 @@ import faiss
 import numpy as np
 import onnxruntime as ort
 
-from recsys.pipeline import Candidate, Source
+from recsys.candidates import Candidate, Source
 from recsys.repository import RepositoryError, read_json, verify_version
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import faiss
 import grpc
 
-from recsys.pipeline import Source
+from recsys.candidates import Source
 from recsys.rpc.errors import InvalidRequest, NotFound
 from recsys.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
 from serving.retrieval import metrics

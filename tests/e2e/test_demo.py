@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.utils.processes import REPO_ROOT, project_env
+from devtools.processes import REPO_ROOT, project_env
 
 pytestmark = pytest.mark.e2e
 
@@ -19,7 +19,8 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     result = subprocess.run(
         [
             sys.executable,
-            "scripts/demo.py",
+            "-m",
+            "devtools.demo",
             "--config=training/configs/synthetic.toml",
             f"--workdir={tmp_path / 'demo'}",
             "--k=5",

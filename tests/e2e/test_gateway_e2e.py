@@ -16,7 +16,10 @@ import grpc
 import numpy as np
 import pytest
 
-from recsys.pipeline import PipelineConfig, RecommendQuery
+from devtools.stack import LoadGenerator, Stack, StackOptions
+from devtools.tiny_models import TinyModel, make_tiny_model, publish_tiny_model
+from gateway.pipeline import PipelineConfig, RecommendQuery
+from offline.local import local_pipeline
 from recsys.v1 import (
     common_pb2,
     ranking_pb2,
@@ -26,9 +29,6 @@ from recsys.v1 import (
     retrieval_pb2,
     retrieval_pb2_grpc,
 )
-from serving.offline import local_pipeline
-from tests.e2e.stack import LoadGenerator, Stack, StackOptions
-from tests.utils.tiny_models import TinyModel, make_tiny_model, publish_tiny_model
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 

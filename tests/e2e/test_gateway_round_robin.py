@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.stack import LoadGenerator, Stack, StackOptions
-from tests.utils.tiny_models import make_tiny_model, publish_tiny_model
+from devtools.stack import LoadGenerator, Stack, StackOptions
+from devtools.tiny_models import make_tiny_model, publish_tiny_model
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from devtools.processes import free_port, health_status
+from devtools.tiny_models import TinyModel, make_tiny_model, publish_tiny_model
 from gateway.config import GatewaySettings
 from gateway.server import Gateway
 from recsys.rpc.server import RpcServer
@@ -30,9 +32,7 @@ from serving.ranking.server import build_server as build_ranker
 from serving.ranking.server import create_manager
 from serving.retrieval.config import RetrievalSettings
 from serving.retrieval.server import build_manager, build_server
-from tests.utils.processes import free_port, health_status
 from tests.utils.servers import BackgroundServer
-from tests.utils.tiny_models import TinyModel, make_tiny_model, publish_tiny_model
 
 pytestmark = pytest.mark.integration
 

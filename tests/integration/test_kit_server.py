@@ -15,12 +15,12 @@ import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from devtools.processes import REPO_ROOT, ServiceProcess, health_status, project_env
 from recsys.inference import grpc_service_pb2 as pb
 from recsys.inference import grpc_service_pb2_grpc as pb_grpc
 from recsys.rpc.settings import ServerSettings
 from recsys.rpc.tls import ClientTLS, create_channel
 from tests.utils.kit_server import SERVICE_NAME, build_server
-from tests.utils.processes import REPO_ROOT, ServiceProcess, health_status, project_env
 from tests.utils.servers import BackgroundServer
 
 pytestmark = pytest.mark.integration

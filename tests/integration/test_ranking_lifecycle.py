@@ -14,6 +14,13 @@ import grpc
 import numpy as np
 import pytest
 
+from devtools.tiny_models import (
+    TinyModel,
+    make_tiny_model,
+    publish_corrupt_version,
+    publish_tiny_model,
+    ranker_graph,
+)
 from tests.integration.test_ranking_server import (
     Ranker,
     assert_close,
@@ -22,13 +29,6 @@ from tests.integration.test_ranking_server import (
     rank_request,
     sample,
     slow_ranker_graph,
-)
-from tests.utils.tiny_models import (
-    TinyModel,
-    make_tiny_model,
-    publish_corrupt_version,
-    publish_tiny_model,
-    ranker_graph,
 )
 
 pytestmark = pytest.mark.integration

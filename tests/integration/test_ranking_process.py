@@ -1,4 +1,4 @@
-"""The ranking service as a real process (`python -m serving`): health transitions (NOT_SERVING
+"""The ranking service as a real process (`python -m serving.ranking`): health transitions (NOT_SERVING
 until a model loads, SERVING after, NOT_SERVING while draining), reload on SIGHUP, the real
 tritonclient reading metadata and scoring, and a clear failure when CUDA is demanded but absent."""
 
@@ -18,6 +18,8 @@ import onnxruntime as ort
 import pytest
 from grpc_health.v1 import health_pb2
 
+from devtools.processes import REPO_ROOT, ServiceProcess, health_status, project_env
+from devtools.tiny_models import make_tiny_model, publish_corrupt_version, publish_tiny_model
 from recsys.v1 import ranking_pb2_grpc
 from tests.integration.test_ranking_server import (
     assert_close,
@@ -26,8 +28,6 @@ from tests.integration.test_ranking_server import (
     rank_request,
     slow_ranker_graph,
 )
-from tests.utils.processes import REPO_ROOT, ServiceProcess, health_status, project_env
-from tests.utils.tiny_models import make_tiny_model, publish_corrupt_version, publish_tiny_model
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +47,7 @@ def _wait_health(address: str, wanted: int, timeout: float = 30) -> None:
 def test_health_follows_loading_reload_on_sighup_and_drain_on_sigterm(tmp_path: Path) -> None:
     publish_corrupt_version(tmp_path, "hp-ranker")
     proc = ServiceProcess(
-        "serving",
+        "serving.ranking",
         [
             f"--model-repository={tmp_path}",
             "--models=hp-ranker",

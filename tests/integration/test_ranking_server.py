@@ -19,6 +19,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from prometheus_client import REGISTRY
 
+from devtools.tiny_models import (
+    OPSET,
+    RANKER_INPUTS,
+    RANKER_OUTPUTS,
+    TinyModel,
+    make_tiny_model,
+    publish_tiny_model,
+)
 from recsys.inference import grpc_service_pb2 as pb
 from recsys.inference import grpc_service_pb2_grpc as pb_grpc
 from recsys.repository import VersionPublisher
@@ -27,14 +35,6 @@ from serving.ranking.config import RankingSettings
 from serving.ranking.manager import ModelManager
 from serving.ranking.server import build_server, create_manager
 from tests.utils.servers import BackgroundServer
-from tests.utils.tiny_models import (
-    OPSET,
-    RANKER_INPUTS,
-    RANKER_OUTPUTS,
-    TinyModel,
-    make_tiny_model,
-    publish_tiny_model,
-)
 
 pytestmark = pytest.mark.integration
 

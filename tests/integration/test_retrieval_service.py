@@ -13,17 +13,17 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 
-from recsys.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
-from serving.retrieval.config import RetrievalSettings
-from serving.retrieval.server import build_manager, build_server
-from tests.utils.processes import ServiceProcess, health_status
-from tests.utils.servers import BackgroundServer
-from tests.utils.tiny_models import (
+from devtools.processes import ServiceProcess, health_status
+from devtools.tiny_models import (
     TinyModel,
     make_tiny_model,
     publish_corrupt_version,
     publish_tiny_model,
 )
+from recsys.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
+from serving.retrieval.config import RetrievalSettings
+from serving.retrieval.server import build_manager, build_server
+from tests.utils.servers import BackgroundServer
 
 pytestmark = pytest.mark.integration
 

@@ -29,7 +29,6 @@ ARGS = [
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "protos")])
     env["OMP_NUM_THREADS"] = "1"
     return env
 

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.stack import LoadGenerator, Stack, StackOptions
+from devtools.stack import LoadGenerator, Stack, StackOptions
+from devtools.tiny_models import make_tiny_model, publish_tiny_model
 from tests.k8s.k8s_utils import PrometheusServer, StartPrometheus
-from tests.utils.tiny_models import make_tiny_model, publish_tiny_model
 
 pytestmark = pytest.mark.e2e
 

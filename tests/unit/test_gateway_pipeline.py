@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from recsys.pipeline import (
+from gateway.pipeline import (
     Candidate,
     Pipeline,
     PipelineConfig,

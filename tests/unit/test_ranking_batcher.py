@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
+from devtools.tiny_models import make_tiny_model, publish_tiny_model
 from recsys.repository import version_dir
 from recsys.rpc.errors import DeadlineExceeded, ResourceExhausted
 from serving.ranking.batcher import Batcher, BatchingOptions
 from serving.ranking.model import CPU, RankerModel, SessionOptions
-from tests.utils.tiny_models import make_tiny_model, publish_tiny_model
 
 
 @pytest.fixture(scope="module")

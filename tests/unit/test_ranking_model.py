@@ -13,6 +13,14 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from devtools.tiny_models import (
+    RANKER_INPUTS,
+    RANKER_OUTPUTS,
+    TinyModel,
+    make_tiny_model,
+    publish_tiny_model,
+    ranker_graph,
+)
 from recsys.repository import VersionPublisher, version_dir
 from serving.ranking.model import (
     CPU,
@@ -24,14 +32,6 @@ from serving.ranking.model import (
     SessionOptions,
     UnknownIds,
     resolve_providers,
-)
-from tests.utils.tiny_models import (
-    RANKER_INPUTS,
-    RANKER_OUTPUTS,
-    TinyModel,
-    make_tiny_model,
-    publish_tiny_model,
-    ranker_graph,
 )
 
 OPTIONS = SessionOptions(providers=(CPU,), intra_op_threads=1, warmup_candidates=64)

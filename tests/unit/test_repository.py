@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from devtools.tiny_models import make_tiny_model, publish_tiny_model
 from recsys.repository import (
     RepositoryError,
     VersionPublisher,
@@ -18,7 +19,6 @@ from recsys.repository import (
     verify_version,
     version_dir,
 )
-from tests.utils.tiny_models import make_tiny_model, publish_tiny_model
 
 
 def _stage(pub: VersionPublisher, name: str) -> None:

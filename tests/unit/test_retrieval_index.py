@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recsys.pipeline import Source
+from devtools.tiny_models import TinyModel, make_tiny_model, publish_tiny_model
+from recsys.candidates import Source
 from recsys.repository import RepositoryError, version_dir
 from serving.retrieval.index import IndexOptions, RetrievalIndex, domain_of
-from tests.utils.tiny_models import TinyModel, make_tiny_model, publish_tiny_model
 
 
 @pytest.fixture(scope="module")

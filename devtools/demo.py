@@ -1,7 +1,7 @@
 """The end-to-end demo: train with transfer, publish, start retrieval, ranking and the gateway as
 processes, recommend for a warm and a cold-start user, show a few metrics, stop everything.
 
-    python scripts/demo.py [--config=training/configs/amazon_movies_to_books.toml]
+    python -m devtools.demo [--config=training/configs/amazon_movies_to_books.toml]
                            [--data-dir=../shared/data] [--workdir=runs/demo] [--k=10]
 """
 
@@ -19,9 +19,8 @@ from pathlib import Path
 import grpc
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "protos")]
 
-from recsys.local import ServiceProcess, project_env  # noqa: E402
+from devtools.processes import ServiceProcess, project_env  # noqa: E402
 from recsys.repository import list_versions, read_metadata, version_dir  # noqa: E402
 from recsys.v1 import common_pb2, recommendation_pb2, recommendation_pb2_grpc  # noqa: E402
 

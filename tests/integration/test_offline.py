@@ -1,4 +1,4 @@
-"""Offline batch scoring (`python -m serving.offline`): the pipeline in-process over a model
+"""Offline batch scoring (`python -m offline`): the pipeline in-process over a model
 repository, printing one JSON object per user."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from serving.offline import main
-from tests.utils.tiny_models import make_tiny_model, publish_tiny_model
+from devtools.tiny_models import make_tiny_model, publish_tiny_model
+from offline.__main__ import main
 
 pytestmark = pytest.mark.integration
 

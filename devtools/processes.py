@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-REPO_ROOT = Path(__file__).resolve().parents[2]  # protos/recsys/local.py -> checkout root
+REPO_ROOT = Path(__file__).resolve().parents[1]  # devtools/processes.py -> checkout root
 
 
 def free_port() -> int:
@@ -27,7 +27,7 @@ def free_port() -> int:
 def project_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for a child process that imports this checkout's code."""
     env = dict(os.environ)
-    paths = [str(REPO_ROOT), str(REPO_ROOT / "protos")]
+    paths = [str(REPO_ROOT)]
     if env.get("PYTHONPATH"):
         paths.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(paths)

@@ -2,7 +2,7 @@
 ranking as local objects over the model repository, so that its answers equal the networked
 service's.
 
-    python -m serving.offline --repository=model_repository --domain=books --users=u1,u2 --k=10
+    python -m offline --repository=model_repository --domain=books --users=u1,u2 --k=10
 
 prints one JSON object per user.
 """
@@ -18,96 +18,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from recsys.pipeline import (
+from gateway.pipeline import (
     Pipeline,
     PipelineConfig,
     PipelineUnavailable,
-    Ranked,
-    RankQuery,
     Recommendation,
     RecommendQuery,
-    Retrieval,
-    RetrieveQuery,
     UpstreamError,
 )
-from recsys.repository import RepositoryError, list_versions, version_dir
-from serving.ranking.model import ModelLoadError, RankerModel, SessionOptions, UnknownIds
-from serving.retrieval.index import IndexOptions, RetrievalIndex
+from offline.local import LocalRanker, LocalRetriever
+from recsys.repository import RepositoryError
 
 logger = logging.getLogger(__name__)
-
-
-class LocalRetriever:
-    """Retriever over the latest retrieval model version of each domain, loaded in-process."""
-
-    def __init__(self, repository: Path, options: IndexOptions | None = None) -> None:
-        self.repository = Path(repository)
-        self.options = options or IndexOptions()
-        self._indexes: dict[str, RetrievalIndex] = {}
-
-    def index(self, domain: str) -> RetrievalIndex:
-        if domain not in self._indexes:
-            name = f"{domain}-retrieval"
-            versions = list_versions(self.repository, name)
-            if not versions:
-                raise UpstreamError("NOT_FOUND", f"no version of {name} in {self.repository}")
-            directory = version_dir(self.repository, name, versions[-1])
-            self._indexes[domain] = RetrievalIndex.load(directory, name, self.options)
-        return self._indexes[domain]
-
-    async def retrieve(self, query: RetrieveQuery, *, timeout: float) -> Retrieval:
-        index = self.index(query.domain)
-        result = index.retrieve(
-            query.user_id,
-            query.k,
-            exclude_item_ids=query.exclude_item_ids,
-            exclude_seen=query.exclude_seen,
-            history_item_ids=query.history_item_ids,
-            sources=query.sources,
-        )
-        return Retrieval(result.candidates, index.model_name, str(index.version))
-
-
-class LocalRanker:
-    """Ranker over the latest ranker model version of each domain, in-process (one replica), with
-    the ranking service's own model loader (serving.ranking.model)."""
-
-    def __init__(self, repository: Path, threads: int = 1) -> None:
-        self.repository = Path(repository)
-        self.options = SessionOptions(intra_op_threads=threads, inter_op_threads=1)
-        self._models: dict[str, RankerModel] = {}
-
-    @property
-    def replicas(self) -> int:
-        return 1
-
-    def model(self, name: str, version: str) -> RankerModel:
-        if name not in self._models:
-            versions = list_versions(self.repository, name)
-            if not versions:
-                raise UpstreamError("NOT_FOUND", f"no version of {name} in {self.repository}")
-            directory = version_dir(self.repository, name, versions[-1])
-            try:
-                self._models[name] = RankerModel.load(name, versions[-1], directory, self.options)
-            except ModelLoadError as exc:
-                raise UpstreamError("UNAVAILABLE", str(exc)) from exc
-        model = self._models[name]
-        if version and version != str(model.version):
-            raise UpstreamError("NOT_FOUND", f"version {version} of {name} is not loaded")
-        return model
-
-    async def rank(self, query: RankQuery, *, replica: int, timeout: float) -> Ranked:
-        model = self.model(query.model_name, query.model_version)
-        try:
-            users, items = model.lookup(query.user_id, query.item_ids)
-        except UnknownIds as exc:
-            raise UpstreamError("NOT_FOUND", str(exc)) from exc
-        scores = model.score(users, items)
-        return Ranked(scores.tolist(), model.name, str(model.version))
-
-
-def local_pipeline(repository: Path, config: PipelineConfig | None = None) -> Pipeline:
-    return Pipeline(LocalRetriever(repository), LocalRanker(repository), config)
 
 
 def to_json(user_id: str, result: Recommendation) -> dict[str, Any]:
@@ -147,7 +69,7 @@ async def score_users(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m serving.offline", description="Recommend k items per user, in-process."
+        prog="python -m offline", description="Recommend k items per user, in-process."
     )
     parser.add_argument("--repository", type=Path, required=True, help="model repository")
     parser.add_argument("--domain", required=True, help="target domain, e.g. books")

@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from recsys.local import ServiceProcess, free_port
+from devtools.processes import ServiceProcess, free_port
 from recsys.v1 import recommendation_pb2, recommendation_pb2_grpc
 
 

@@ -2,7 +2,7 @@
 sources in parallel, merge and de-duplicate them, filter seen items, rank them in shards on the
 ranking replicas, merge the shards and keep the top k.
 
-The gateway runs it over gRPC clients and `serving.offline` runs it over in-process objects; both
+The gateway runs it over gRPC clients and `offline` runs it over in-process objects; both
 implement the `Retriever` and `Ranker` protocols below and raise `UpstreamError` for failures, so
 the degradation rules live here once:
 
@@ -30,23 +30,9 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
-
-class Source(IntEnum):
-    """Candidate sources; the values are those of recsys.v1.CandidateSource."""
-
-    UNSPECIFIED = 0
-    ANN = 1
-    POPULAR = 2
-    TRANSFER = 3
-    HISTORY = 4
-
-
-SOURCE_BY_VALUE = {int(s): s for s in Source}
-
-
-PERSONAL_SOURCES = (Source.ANN, Source.TRANSFER, Source.HISTORY)
+from recsys.candidates import PERSONAL_SOURCES, Candidate, Source
 
 
 class Reason(IntEnum):
@@ -79,15 +65,6 @@ class UpstreamError(Exception):
 
 class PipelineUnavailable(Exception):
     """Neither retrieval nor its fallback could produce candidates."""
-
-
-class Candidate(NamedTuple):
-    """An item proposed by a candidate source (a tuple: hundreds are made per request)."""
-
-    item_id: str
-    score: float
-    source: Source
-    title: str = ""
 
 
 @dataclass(frozen=True)

@@ -1,1 +1,0 @@
-"""recsys package."""
