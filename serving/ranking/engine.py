@@ -13,6 +13,7 @@ from prometheus_client import Counter, Histogram
 
 from recsys.rpc.errors import InvalidRequest, NotFound, status_for
 from serving.ranking import metrics
+from serving.ranking.checks import check_ids, check_length, parse_version, quote
 from serving.ranking.manager import ModelManager
 from serving.ranking.model import UnknownIds
 
@@ -65,9 +66,29 @@ def _duration_histogram(model: str) -> Histogram:
 class RankingEngine:
     """Rank (wire ids) and Infer (model indices) over the versions a ModelManager serves."""
 
-    def __init__(self, manager: ModelManager, *, max_candidates_per_request: int) -> None:
+    def __init__(
+        self,
+        manager: ModelManager,
+        *,
+        max_candidates_per_request: int,
+        max_id_length: int = 512,
+    ) -> None:
         self.manager = manager
         self.max_candidates = max_candidates_per_request
+        self.max_id_length = max_id_length
+
+    def check_model(self, name: str, version: str) -> str:
+        """The version a request names, normalised ('' for the latest), after checking the model
+        name (required, bounded, served here) and the version (a positive ASCII integer)."""
+        if not name:
+            raise InvalidRequest("model_name is required")
+        check_length("model_name", name, self.max_id_length)
+        if not self.manager.is_known(name):
+            raise NotFound(
+                f"model {quote(name)} is not served here (models: {self.manager.model_names})"
+            )
+        wanted = parse_version(version)
+        return "" if wanted is None else str(wanted)
 
     def _check_count(self, n: int, what: str) -> None:
         if n == 0:
@@ -87,18 +108,20 @@ class RankingEngine:
         timeout: float | None,
     ) -> Scored:
         with _Outcome(self.manager, model_name, "rank") as outcome:
-            if not model_name:
-                raise InvalidRequest("model_name is required")
+            version = self.check_model(model_name, version)
             if not user_id:
                 raise InvalidRequest("user_id is required")
+            check_length("user_id", user_id, self.max_id_length)
             self._check_count(len(item_ids), "candidates (item_ids)")
+            ids = item_ids if isinstance(item_ids, list) else list(item_ids)
+            check_ids("item_ids", ids, self.max_id_length)
             with self.manager.use(model_name, version) as served:
                 outcome.version = str(served.version)
                 model = served.model
                 try:
-                    users, items = model.lookup(user_id, item_ids)
+                    users, items = model.lookup(user_id, ids)
                 except UnknownIds as exc:
-                    if exc.kind == "item" and "" in item_ids:
+                    if exc.kind == "item" and "" in ids:
                         raise InvalidRequest("item_ids must not contain empty ids") from None
                     raise NotFound(f"{exc} (model {model.name} version {model.version})") from None
                 scores = await served.batcher.score(users, items, timeout)
@@ -114,6 +137,7 @@ class RankingEngine:
     ) -> Scored:
         """Score index pairs (already checked for names, dtypes and shapes)."""
         with _Outcome(self.manager, model_name, "oip") as outcome:
+            version = self.check_model(model_name, version)
             self._check_count(len(items), "candidates (elements of item_index)")
             with self.manager.use(model_name, version) as served:
                 outcome.version = str(served.version)

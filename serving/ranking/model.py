@@ -16,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from recsys.repository import RepositoryError, read_json, verify_version
+from serving.ranking.checks import quote
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class UnknownIds(LookupError):
         self.kind = kind
         self.ids = list(ids)
         self.total = total
-        shown = ", ".join(repr(i) for i in self.ids[:5])
+        shown = ", ".join(quote(i) for i in self.ids[:5])
         more = f" and {total - len(self.ids[:5])} more" if total > 5 else ""
         super().__init__(f"unknown {kind} id{'s' if total > 1 else ''}: {shown}{more}")
 

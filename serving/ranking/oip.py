@@ -3,18 +3,23 @@ problem (tensor names, datatypes, shapes, contents, NaN), and raw FP32 outputs a
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 
 from recsys.inference import grpc_service_pb2 as pb
 from recsys.rpc.errors import InvalidRequest
+from serving.ranking.checks import quote
 from serving.ranking.model import (
     CONTRACT_INPUTS,
     ITEM_INPUT,
     SCORE_OUTPUT,
     USER_INPUT,
 )
+
+# Dimensions an input shape may have ([N] or [N, 1]; more is refused before any arithmetic).
+MAX_DIMS = 8
 
 # datatype -> (numpy dtype, InferTensorContents field)
 _DATATYPES: dict[str, tuple[np.dtype[Any], str]] = {
@@ -34,14 +39,17 @@ def _decode(
     name = tensor.name
     if tensor.datatype not in _DATATYPES:
         raise InvalidRequest(
-            f"input {name!r}: datatype {tensor.datatype!r} is not supported; "
+            f"input {name!r}: datatype {quote(tensor.datatype)} is not supported; "
             f"expected {CONTRACT_INPUTS.get(name, 'INT64')}"
         )
     dtype, field = _DATATYPES[tensor.datatype]
     shape = list(tensor.shape)
     if any(d < 0 for d in shape):
         raise InvalidRequest(f"input {name!r}: shape {shape} has a negative dimension")
-    count = int(np.prod(shape)) if shape else 1
+    if len(shape) > MAX_DIMS:
+        raise InvalidRequest(f"input {name!r}: shape {shape} has more than {MAX_DIMS} dimensions")
+    # Python integers: a product such as 2**32 * 2**32 must not wrap around as int64 does.
+    count = math.prod(shape)
     if count > max_elements:
         raise InvalidRequest(
             f"input {name!r}: {count} elements is more than this server's limit of "
@@ -83,7 +91,7 @@ def decode_inputs(
     unknown = sorted(set(names) - set(CONTRACT_INPUTS))
     if unknown:
         raise InvalidRequest(
-            f"unknown input {', '.join(repr(n) for n in unknown)}; the model takes "
+            f"unknown input {', '.join(quote(n) for n in unknown[:5])}; the model takes "
             f"{sorted(CONTRACT_INPUTS)}"
         )
     if len(set(names)) != len(names):
@@ -119,7 +127,7 @@ def decode_inputs(
     for requested in request.outputs:
         if requested.name != SCORE_OUTPUT:
             raise InvalidRequest(
-                f"unknown output {requested.name!r}; the model produces [{SCORE_OUTPUT!r}]"
+                f"unknown output {quote(requested.name)}; the model produces [{SCORE_OUTPUT!r}]"
             )
     return users.astype(np.int64, copy=False), items.astype(np.int64, copy=False)
 

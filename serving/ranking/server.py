@@ -54,7 +54,11 @@ def create_manager(settings: RankingSettings) -> ModelManager:
 
 def build_server(settings: RankingSettings, manager: ModelManager) -> RpcServer:
     """The ranker's RpcServer: RankingService and the Open Inference Protocol on one port."""
-    engine = RankingEngine(manager, max_candidates_per_request=settings.max_candidates_per_request)
+    engine = RankingEngine(
+        manager,
+        max_candidates_per_request=settings.max_candidates_per_request,
+        max_id_length=settings.max_id_length,
+    )
     built: list[RpcServer] = []
     inference = InferenceServicer(engine, serving=lambda: built[0].serving)
 

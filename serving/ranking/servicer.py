@@ -10,11 +10,12 @@ import grpc
 
 from recsys.inference import grpc_service_pb2 as pb
 from recsys.inference import grpc_service_pb2_grpc as pb_grpc
-from recsys.rpc.errors import InvalidRequest, ModelNotReady, NotFound
+from recsys.rpc.errors import InvalidRequest, ModelNotReady
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc
 from serving.ranking import oip
+from serving.ranking.checks import check_length, parse_version
 from serving.ranking.engine import RankingEngine
-from serving.ranking.manager import ServedVersion, parse_version
+from serving.ranking.manager import ServedVersion
 from serving.ranking.model import PLATFORM
 
 SERVER_NAME = "recsys-ranker"
@@ -80,7 +81,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelReadyResponse:
         if not request.name:
             raise InvalidRequest("name is required")
-        wanted = parse_version(request.version)
+        check_length("name", request.name, self.engine.max_id_length)
+        try:
+            wanted = parse_version(request.version)
+        except InvalidRequest:
+            # The protocol answers readiness, not errors: no such version is ready.
+            return pb.ModelReadyResponse(ready=False)
         versions = self.manager.versions(request.name)
         ready = bool(versions) and (wanted is None or wanted in versions)
         return pb.ModelReadyResponse(ready=ready)
@@ -118,10 +124,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _resolve(self, name: str, version: str) -> ServedVersion:
         if not name:
             raise InvalidRequest("name is required")
-        if not self.manager.is_known(name):
-            raise NotFound(
-                f"model {name!r} is not served here (models: {self.manager.model_names})"
-            )
+        version = self.engine.check_model(name, version)
         if not self.manager.versions(name):
             raise ModelNotReady(f"model {name!r} has no version loaded yet")
         return self.manager.resolve(name, version)

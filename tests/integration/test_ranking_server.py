@@ -5,6 +5,7 @@ versions, and every bad-input case."""
 from __future__ import annotations
 
 import json
+import math
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -402,6 +403,11 @@ def test_rank_bad_input(
         ("99", grpc.StatusCode.NOT_FOUND, "version 99"),
         ("latest", grpc.StatusCode.INVALID_ARGUMENT, "not a positive integer"),
         ("-1", grpc.StatusCode.INVALID_ARGUMENT, "not a positive integer"),
+        # Unicode digits: str.isdigit() accepts them, int() does not.
+        ("\u00b2", grpc.StatusCode.INVALID_ARGUMENT, "'\\xb2' is not a positive integer"),
+        ("\uff13", grpc.StatusCode.INVALID_ARGUMENT, "not a positive integer"),
+        ("\u0663", grpc.StatusCode.INVALID_ARGUMENT, "not a positive integer"),
+        ("9" * 30, grpc.StatusCode.INVALID_ARGUMENT, "not a positive integer"),
     ],
 )
 def test_unknown_or_malformed_version(
@@ -413,6 +419,61 @@ def test_unknown_or_malformed_version(
         ranker.oip.ModelInfer, infer_request("rk-ranker", [1], [1], version=version)
     )
     assert got == code and needle in details, details
+    got, details = _code(
+        ranker.oip.ModelMetadata, pb.ModelMetadataRequest(name="rk-ranker", version=version)
+    )
+    assert got == code and needle in details, details
+    # Readiness is an answer, not an error: a version that cannot exist is not ready.
+    ready = ranker.oip.ModelReady(
+        pb.ModelReadyRequest(name="rk-ranker", version=version), timeout=5
+    )
+    assert ready.ready is False
+
+
+@pytest.mark.parametrize("shape", [[2**32, 2**32], [2**62, 4], [2**63 - 1, 2], [4, 2**62]])
+def test_model_infer_shape_whose_product_overflows_int64(ranker: Ranker, shape: list[int]) -> None:
+    request = infer_request("rk-ranker", [1], [1])
+    request.inputs[1].shape[:] = shape
+    code, details = _code(ranker.oip.ModelInfer, request)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
+    assert f"{math.prod(shape)} elements is more than this server's limit of 500" in details
+
+
+LONG = "x" * 20_000 + "\n\x00"
+
+
+def _short_escaped(details: str) -> None:
+    assert len(details) < 400, len(details)
+    assert "20002 characters" in details and "\n" not in details and "\x00" not in details
+
+
+@pytest.mark.parametrize(
+    "request_args",
+    [
+        (LONG, "u1", ["i1"]),
+        ("rk-ranker", LONG, ["i1"]),
+        ("rk-ranker", "u1", ["i1", LONG]),
+    ],
+)
+def test_rank_long_names_and_ids(ranker: Ranker, request_args: tuple[str, str, list[str]]) -> None:
+    code, details = _code(ranker.rank.Rank, rank_request(*request_args))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details[:200])
+    assert "limit of 512 characters" in details
+    _short_escaped(details)
+
+
+def test_long_model_name_on_the_inference_protocol(ranker: Ranker) -> None:
+    for call, request in (
+        (ranker.oip.ModelInfer, infer_request(LONG, [1], [1])),
+        (ranker.oip.ModelMetadata, pb.ModelMetadataRequest(name=LONG)),
+        (ranker.oip.ModelReady, pb.ModelReadyRequest(name=LONG)),
+    ):
+        code, details = _code(call, request)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details[:200])
+        _short_escaped(details)
+    # An unknown item id within the limit is quoted escaped, never raw.
+    code, details = _code(ranker.rank.Rank, rank_request("rk-ranker", "u1", ["i1", "a\nb"]))
+    assert code == grpc.StatusCode.NOT_FOUND and "'a\\nb'" in details, details
 
 
 def _mutate(change: str) -> pb.ModelInferRequest:
