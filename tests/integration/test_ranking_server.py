@@ -303,6 +303,8 @@ def test_metadata_and_readiness(ranker: Ranker, tiny_repo: tuple[Path, TinyModel
         f'recsys_ranker_model_loaded{{model="rk-ranker",provider="cpu",version="{tiny.version}"}} 1.0'
         in body
     )
+    assert "recsys_grpc_requests_total{" in body and "_bucket{" in body
+    assert "_created" not in body
 
 
 # -- batching ------------------------------------------------------------------------------------
