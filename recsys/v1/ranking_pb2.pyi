@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RankRequest(_message.Message):
-    __slots__ = ("model_name", "model_version", "user_id", "item_ids", "context")
+    __slots__ = ("model_name", "model_version", "user_id", "item_ids", "context", "allow_unknown_items")
     class ContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -20,19 +20,23 @@ class RankRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_UNKNOWN_ITEMS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     user_id: str
     item_ids: _containers.RepeatedScalarFieldContainer[str]
     context: _containers.ScalarMap[str, str]
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., user_id: _Optional[str] = ..., item_ids: _Optional[_Iterable[str]] = ..., context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    allow_unknown_items: bool
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., user_id: _Optional[str] = ..., item_ids: _Optional[_Iterable[str]] = ..., context: _Optional[_Mapping[str, str]] = ..., allow_unknown_items: _Optional[bool] = ...) -> None: ...
 
 class RankResponse(_message.Message):
-    __slots__ = ("scores", "model_name", "model_version")
+    __slots__ = ("scores", "model_name", "model_version", "missing")
     SCORES_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
     scores: _containers.RepeatedScalarFieldContainer[float]
     model_name: str
     model_version: str
-    def __init__(self, scores: _Optional[_Iterable[float]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+    missing: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, scores: _Optional[_Iterable[float]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., missing: _Optional[_Iterable[bool]] = ...) -> None: ...

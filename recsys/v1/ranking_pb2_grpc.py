@@ -55,9 +55,11 @@ class RankingServiceServicer:
         OK                  one score per candidate, in request order.
         INVALID_ARGUMENT    empty model name or user id; no candidates; more candidates than the
         server's limit (RANKING_MAX_CANDIDATES_PER_REQUEST, default 10,000);
-        an empty item id; a malformed model_version.
+        an empty item id; a malformed model_version; a model name, user id
+        or item id longer than RANKING_MAX_ID_LENGTH (default 512 characters).
         NOT_FOUND           unknown model or version; user id or item ids unknown to the version
-        that would score them (the message names the first few).
+        that would score them (the message names the first few); unknown
+        item ids are scored as missing instead with allow_unknown_items.
         RESOURCE_EXHAUSTED  the batching queue is full; retry later or on another replica.
         DEADLINE_EXCEEDED   the deadline passed before the request was computed (never computed).
         CANCELLED           the caller cancelled (dropped before compute if still queued).

@@ -25,6 +25,8 @@ class Scored:
     scores: np.ndarray
     model_name: str
     version: int
+    # Where the version does not know the item (Rank with allow_unknown_items); None otherwise.
+    missing: np.ndarray | None = None
 
 
 class _Outcome:
@@ -106,7 +108,11 @@ class RankingEngine:
         user_id: str,
         item_ids: Sequence[str],
         timeout: float | None,
+        *,
+        allow_unknown_items: bool = False,
     ) -> Scored:
+        """Scores of item ids for a user id. With `allow_unknown_items`, ids the version does not
+        know are scored -inf and flagged in `missing` instead of failing the request."""
         with _Outcome(self.manager, model_name, "rank") as outcome:
             version = self.check_model(model_name, version)
             if not user_id:
@@ -119,13 +125,31 @@ class RankingEngine:
                 outcome.version = str(served.version)
                 model = served.model
                 try:
-                    users, items = model.lookup(user_id, ids)
+                    user = model.user_index_of(user_id)
                 except UnknownIds as exc:
-                    if exc.kind == "item" and "" in ids:
-                        raise InvalidRequest("item_ids must not contain empty ids") from None
                     raise NotFound(f"{exc} (model {model.name} version {model.version})") from None
-                scores = await served.batcher.score(users, items, timeout)
-                return Scored(scores, model.name, model.version)
+                items = model.item_indices(ids)
+                unknown = items < 0
+                if not unknown.any():
+                    users = np.full(len(ids), user, dtype=np.int64)
+                    scores = await served.batcher.score(users, items, timeout)
+                    missing = np.zeros(len(ids), bool) if allow_unknown_items else None
+                    return Scored(scores, model.name, model.version, missing)
+                if "" in ids:
+                    raise InvalidRequest("item_ids must not contain empty ids")
+                if not allow_unknown_items:
+                    where = np.flatnonzero(unknown)
+                    exc = UnknownIds("item", [ids[i] for i in where[:5]], len(where))
+                    raise NotFound(
+                        f"{exc} (model {model.name} version {model.version}); "
+                        "allow_unknown_items scores them as missing instead"
+                    )
+                scores = np.full(len(ids), -np.inf, dtype=np.float32)
+                known = np.flatnonzero(~unknown)
+                if known.size:
+                    users = np.full(known.size, user, dtype=np.int64)
+                    scores[known] = await served.batcher.score(users, items[known], timeout)
+                return Scored(scores, model.name, model.version, unknown)
 
     async def infer(
         self,

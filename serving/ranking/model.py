@@ -325,20 +325,28 @@ class RankerModel:
 
     def lookup(self, user_id: str, item_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Map wire ids to this version's indices; raises UnknownIds naming the first few."""
+        user = self.user_index_of(user_id)
+        ids = item_ids if isinstance(item_ids, list) else list(item_ids)
+        items = self.item_indices(ids)
+        if len(ids) and items.min() < 0:
+            missing = np.flatnonzero(items < 0)
+            raise UnknownIds("item", [ids[i] for i in missing[:5]], len(missing))
+        return np.full(len(ids), user, dtype=np.int64), items
+
+    def user_index_of(self, user_id: str) -> int:
+        """The user's index; raises UnknownIds for a user this version does not know."""
         user = self.user_index.get(user_id)
         if user is None:
             raise UnknownIds("user", [user_id], 1)
+        return user
+
+    def item_indices(self, item_ids: Sequence[str]) -> np.ndarray:
+        """The items' indices, -1 for ids this version does not know."""
         # A list first: iterating a protobuf repeated field directly is several times slower.
         ids = item_ids if isinstance(item_ids, list) else list(item_ids)
-        n = len(ids)
         if self._hashed_items is not None:
-            items = self._hashed_items.lookup(ids)
-        else:
-            items = np.fromiter(map(self.item_index.get, ids, repeat(-1)), np.int64, n)
-        if n and items.min() < 0:
-            missing = np.flatnonzero(items < 0)
-            raise UnknownIds("item", [ids[i] for i in missing[:5]], len(missing))
-        return np.full(n, user, dtype=np.int64), items
+            return self._hashed_items.lookup(ids)
+        return np.fromiter(map(self.item_index.get, ids, repeat(-1)), np.int64, len(ids))
 
     def score(self, user_index: np.ndarray, item_index: np.ndarray) -> np.ndarray:
         """Scores (float32, one per pair) from one session run; thread-safe."""

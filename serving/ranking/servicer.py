@@ -43,11 +43,13 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             request.user_id,
             request.item_ids,
             context.time_remaining(),
+            allow_unknown_items=request.allow_unknown_items,
         )
         return ranking_pb2.RankResponse(
             scores=scored.scores.tolist(),
             model_name=scored.model_name,
             model_version=str(scored.version),
+            missing=[] if scored.missing is None else scored.missing.tolist(),
         )
 
 

@@ -565,3 +565,43 @@ def test_model_infer_and_metadata_unknown_model(ranker: Ranker) -> None:
         sample("recsys_ranker_requests_total", model="", version="", api="oip", status="NOT_FOUND")
         > 0
     )
+
+
+# -- unknown items scored as missing -------------------------------------------------------------
+
+
+def test_allow_unknown_items_scores_the_known_and_flags_the_rest(
+    ranker: Ranker, tiny_repo: tuple[Path, TinyModel]
+) -> None:
+    repo, tiny = tiny_repo
+    items = ["i3", "stale-1", "i17", "stale-2", "i3"]
+    request = rank_request("rk-ranker", "u5", items)
+    # Without the option one unknown id fails the whole call.
+    code, details = _code(ranker.rank.Rank, request)
+    assert code == grpc.StatusCode.NOT_FOUND and "'stale-1', 'stale-2'" in details, details
+    request.allow_unknown_items = True
+    reply = ranker.rank.Rank(request, timeout=10)
+    assert list(reply.missing) == [False, True, False, True, False]
+    scores = np.asarray(reply.scores)
+    assert np.isneginf(scores[[1, 3]]).all()
+    expected = ort_scores(repo, "rk-ranker", tiny.version, [5] * 3, [3, 17, 3])
+    assert_close(scores[[0, 2, 4]], expected)
+    # Every id unknown: still an answer, all missing, from the version that was asked.
+    request.item_ids[:] = ["gone"]
+    reply = ranker.rank.Rank(request, timeout=10)
+    assert list(reply.missing) == [True] and reply.model_version == str(tiny.version)
+    # All known: flags all false; without the option the reply carries no flags.
+    request.item_ids[:] = ["i1", "i2"]
+    assert list(ranker.rank.Rank(request, timeout=10).missing) == [False, False]
+    assert list(ranker.rank.Rank(rank_request("rk-ranker", "u5", ["i1"]), timeout=10).missing) == []
+
+
+def test_allow_unknown_items_keeps_unknown_users_and_empty_ids_errors(ranker: Ranker) -> None:
+    request = rank_request("rk-ranker", "nobody", ["i1", "stale"])
+    request.allow_unknown_items = True
+    code, details = _code(ranker.rank.Rank, request)
+    assert code == grpc.StatusCode.NOT_FOUND and "unknown user id: 'nobody'" in details
+    request = rank_request("rk-ranker", "u1", ["i1", ""])
+    request.allow_unknown_items = True
+    code, details = _code(ranker.rank.Rank, request)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "empty ids" in details
