@@ -139,9 +139,9 @@ class RankingEngine:
                     raise InvalidRequest("item_ids must not contain empty ids")
                 if not allow_unknown_items:
                     where = np.flatnonzero(unknown)
-                    exc = UnknownIds("item", [ids[i] for i in where[:5]], len(where))
+                    unknown_ids = UnknownIds("item", [ids[i] for i in where[:5]], len(where))
                     raise NotFound(
-                        f"{exc} (model {model.name} version {model.version}); "
+                        f"{unknown_ids} (model {model.name} version {model.version}); "
                         "allow_unknown_items scores them as missing instead"
                     )
                 scores = np.full(len(ids), -np.inf, dtype=np.float32)
