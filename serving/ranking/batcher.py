@@ -17,6 +17,7 @@ import numpy as np
 from recsys.rpc.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from serving.ranking import metrics
 from serving.ranking.model import RankerModel
+from serving.ranking.stats import VersionStats
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class Batcher:
         self._compute_latency = metrics.COMPUTE_DURATION.labels(model.name, str(model.version))
         self._batch_requests = metrics.BATCH_REQUESTS.labels(model.name)
         self._batch_candidates = metrics.BATCH_CANDIDATES.labels(model.name)
+        self.stats = VersionStats()
 
     def start(self) -> None:
         if self._collector is None:
@@ -218,13 +220,16 @@ class Batcher:
             start = time.perf_counter()
             for pending in batch:
                 self._queue_latency.observe(start - pending.enqueued_wall)
+                self.stats.queue.add(start - pending.enqueued_wall)
             if len(batch) == 1:
                 users, items = batch[0].users, batch[0].items
             else:
                 users = np.concatenate([p.users for p in batch])
                 items = np.concatenate([p.items for p in batch])
             scores = await loop.run_in_executor(self._executor, self.model.score, users, items)
-            self._compute_latency.observe(time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            self._compute_latency.observe(elapsed)
+            self.stats.record_run(len(batch), len(items), elapsed)
             self._batch_requests.observe(len(batch))
             self._batch_candidates.observe(len(items))
             offset = 0

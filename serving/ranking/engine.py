@@ -16,6 +16,7 @@ from serving.ranking import metrics
 from serving.ranking.checks import check_ids, check_length, parse_version, quote
 from serving.ranking.manager import ModelManager
 from serving.ranking.model import UnknownIds
+from serving.ranking.stats import VersionStats
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class _Outcome:
         self.model = model if manager.is_known(model) else ""
         self.api = api
         self.version = ""
+        self.stats: VersionStats | None = None  # of the version that took the request
         self.start = time.perf_counter()
 
     def __enter__(self) -> _Outcome:
@@ -50,8 +52,11 @@ class _Outcome:
         else:
             status = "CANCELLED"
         _requests_counter(self.model, self.version, self.api, status).inc()
+        elapsed = time.perf_counter() - self.start
         if self.model:
-            _duration_histogram(self.model).observe(time.perf_counter() - self.start)
+            _duration_histogram(self.model).observe(elapsed)
+        if self.stats is not None:
+            self.stats.record_request(status == "OK", elapsed)
 
 
 # Label lookups cost more than the increments; the label sets are few and bounded.
@@ -123,6 +128,7 @@ class RankingEngine:
             check_ids("item_ids", ids, self.max_id_length)
             with self.manager.use(model_name, version) as served:
                 outcome.version = str(served.version)
+                outcome.stats = served.batcher.stats
                 model = served.model
                 try:
                     user = model.user_index_of(user_id)
@@ -165,6 +171,7 @@ class RankingEngine:
             self._check_count(len(items), "candidates (elements of item_index)")
             with self.manager.use(model_name, version) as served:
                 outcome.version = str(served.version)
+                outcome.stats = served.batcher.stats
                 model = served.model
                 for name, array, bound in (
                     ("user_index", users, model.n_users),

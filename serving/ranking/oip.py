@@ -3,20 +3,29 @@ problem (tensor names, datatypes, shapes, contents, NaN), and raw FP32 outputs a
 
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from google.protobuf import text_format
 
 from recsys.inference import grpc_service_pb2 as pb
+from recsys.repository import CONFIG_FILE
 from recsys.rpc.errors import InvalidRequest
 from serving.ranking.checks import quote
 from serving.ranking.model import (
     CONTRACT_INPUTS,
     ITEM_INPUT,
+    PLATFORM,
     SCORE_OUTPUT,
     USER_INPUT,
+    RankerModel,
 )
+
+logger = logging.getLogger(__name__)
 
 # Dimensions an input shape may have ([N] or [N, 1]; more is refused before any arithmetic).
 MAX_DIMS = 8
@@ -77,11 +86,18 @@ def _decode(
     return array.reshape(shape)
 
 
-def decode_inputs(
-    request: pb.ModelInferRequest, max_elements: int
-) -> tuple[np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class Decoded:
+    """The inputs of a ModelInfer request as vectors, and the shape the output takes."""
+
+    users: np.ndarray
+    items: np.ndarray
+    shape: list[int]  # item_index's shape on the wire: [N] or [N, 1]
+
+
+def decode_inputs(request: pb.ModelInferRequest, max_elements: int) -> Decoded:
     """The user_index and item_index vectors of a ModelInfer request, checked against the ranker
-    contract: exactly these two INT64 inputs, 1-D, of equal length."""
+    contract: exactly these two INT64 inputs, [N] or [N, 1], of equal length."""
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
         raise InvalidRequest(
@@ -100,6 +116,7 @@ def decode_inputs(
     if missing:
         raise InvalidRequest(f"missing input {', '.join(repr(n) for n in missing)}")
     arrays: dict[str, np.ndarray] = {}
+    shapes: dict[str, list[int]] = {}
     for i, tensor in enumerate(request.inputs):
         if raw and tensor.HasField("contents"):
             raise InvalidRequest(
@@ -113,32 +130,78 @@ def decode_inputs(
                 f"input {tensor.name!r}: datatype {tensor.datatype} does not match the model's "
                 f"{expected}"
             )
-        if array.ndim != 1:
+        if array.ndim == 2 and array.shape[1] == 1:
+            # [N, 1]: what a Triton client sends for max_batch_size > 0 with dims [1].
+            array = array.reshape(-1)
+        elif array.ndim != 1:
             raise InvalidRequest(
-                f"input {tensor.name!r}: shape {list(array.shape)} must be one-dimensional [N]"
+                f"input {tensor.name!r}: shape {list(array.shape)} must be one-dimensional [N] "
+                "or [N, 1]"
             )
+        shapes[tensor.name] = list(tensor.shape)
         arrays[tensor.name] = array
     users, items = arrays[USER_INPUT], arrays[ITEM_INPUT]
     if users.shape != items.shape:
         raise InvalidRequest(
-            f"inputs {USER_INPUT!r} {list(users.shape)} and {ITEM_INPUT!r} "
-            f"{list(items.shape)} must have the same length"
+            f"inputs {USER_INPUT!r} {shapes[USER_INPUT]} and {ITEM_INPUT!r} "
+            f"{shapes[ITEM_INPUT]} must have the same length"
         )
     for requested in request.outputs:
         if requested.name != SCORE_OUTPUT:
             raise InvalidRequest(
                 f"unknown output {quote(requested.name)}; the model produces [{SCORE_OUTPUT!r}]"
             )
-    return users.astype(np.int64, copy=False), items.astype(np.int64, copy=False)
+    return Decoded(
+        users.astype(np.int64, copy=False), items.astype(np.int64, copy=False), shapes[ITEM_INPUT]
+    )
 
 
 def encode_scores(
-    request: pb.ModelInferRequest, scores: np.ndarray, model_name: str, version: int
+    request: pb.ModelInferRequest,
+    scores: np.ndarray,
+    model_name: str,
+    version: int,
+    shape: list[int] | None = None,
 ) -> pb.ModelInferResponse:
-    """A ModelInfer response with the scores as one raw FP32 output, like Triton's."""
+    """A ModelInfer response with the scores as one raw FP32 output, like Triton's, shaped like
+    the item_index input ([N] or [N, 1])."""
     response = pb.ModelInferResponse(
         model_name=model_name, model_version=str(version), id=request.id
     )
-    response.outputs.add(name=SCORE_OUTPUT, datatype="FP32", shape=[int(scores.shape[0])])
+    response.outputs.add(name=SCORE_OUTPUT, datatype="FP32", shape=shape or [int(scores.shape[0])])
     response.raw_output_contents.append(scores.astype("<f4", copy=False).tobytes())
     return response
+
+
+def _config_from_metadata(model: RankerModel) -> pb.ModelConfig:
+    """The configuration a version's metadata.json implies (no batch dimension: [N] tensors)."""
+    config = pb.ModelConfig(name=model.name, platform=PLATFORM, max_batch_size=0)
+    for specs, add in (
+        (model.metadata["inputs"], config.input.add),
+        (model.metadata["outputs"], config.output.add),
+    ):
+        for spec in specs:
+            add(
+                name=spec["name"],
+                data_type=pb.DataType.Value(f"TYPE_{spec['datatype']}"),
+                dims=spec["shape"],
+            )
+    return config
+
+
+def model_config(model: RankerModel) -> pb.ModelConfig:
+    """The Triton model configuration of a served version: its published config.pbtxt (fields
+    this server does not model are skipped), or, if the version has none or it does not parse,
+    the configuration its metadata implies."""
+    path: Path = model.directory / CONFIG_FILE
+    config = pb.ModelConfig()
+    try:
+        text_format.Parse(path.read_text(encoding="utf-8"), config, allow_unknown_field=True)
+    except (OSError, UnicodeDecodeError, text_format.ParseError) as exc:
+        logger.warning("%s: %s; answering the configuration of metadata.json", path, exc)
+        return _config_from_metadata(model)
+    if not config.name:
+        config.name = model.name
+    if not config.platform and not config.backend:
+        config.platform = PLATFORM
+    return config

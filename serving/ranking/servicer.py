@@ -10,13 +10,15 @@ import grpc
 
 from recsys.inference import grpc_service_pb2 as pb
 from recsys.inference import grpc_service_pb2_grpc as pb_grpc
-from recsys.rpc.errors import InvalidRequest, ModelNotReady
+from recsys.repository import list_versions
+from recsys.rpc.errors import InvalidRequest, ModelNotReady, NotFound
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc
 from serving.ranking import oip
 from serving.ranking.checks import check_length, parse_version
 from serving.ranking.engine import RankingEngine
 from serving.ranking.manager import ServedVersion
 from serving.ranking.model import PLATFORM
+from serving.ranking.stats import Duration, VersionStats
 
 SERVER_NAME = "recsys-ranker"
 
@@ -117,11 +119,64 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        users, items = oip.decode_inputs(request, self.engine.max_candidates)
+        decoded = oip.decode_inputs(request, self.engine.max_candidates)
         scored = await self.engine.infer(
-            request.model_name, request.model_version, users, items, context.time_remaining()
+            request.model_name,
+            request.model_version,
+            decoded.users,
+            decoded.items,
+            context.time_remaining(),
         )
-        return oip.encode_scores(request, scored.scores, scored.model_name, scored.version)
+        return oip.encode_scores(
+            request, scored.scores, scored.model_name, scored.version, decoded.shape
+        )
+
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        served = self._resolve(request.name, request.version)
+        return pb.ModelConfigResponse(config=oip.model_config(served.model))
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        response = pb.ModelStatisticsResponse()
+        if request.name:
+            pinned = self.engine.check_model(request.name, request.version)
+            wanted = [(request.name, [int(pinned)] if pinned else None)]
+        else:
+            wanted = [(name, None) for name in self.manager.model_names]
+        for name, versions in wanted:
+            served_versions = self.manager.versions(name)
+            if versions and versions[0] not in served_versions:
+                raise NotFound(
+                    f"version {versions[0]} of model {name!r} is not served "
+                    f"(served: {served_versions})"
+                )
+            for version in versions or served_versions:
+                stats = self.manager.resolve(name, str(version)).batcher.stats
+                response.model_stats.append(_model_statistics(name, version, stats))
+        return response
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        response = pb.RepositoryIndexResponse()
+        for name in self.manager.model_names:
+            served = set(self.manager.versions(name))
+            published = set(list_versions(self.manager.root, name))
+            for version in sorted(served | published):
+                if version in served:
+                    response.models.add(name=name, version=str(version), state="READY")
+                elif not request.ready:
+                    response.models.add(
+                        name=name,
+                        version=str(version),
+                        state="UNAVAILABLE",
+                        reason="published but not served: outside the version policy, or it "
+                        "failed to load (see the server log)",
+                    )
+        return response
 
     def _resolve(self, name: str, version: str) -> ServedVersion:
         if not name:
@@ -130,3 +185,29 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if not self.manager.versions(name):
             raise ModelNotReady(f"model {name!r} has no version loaded yet")
         return self.manager.resolve(name, version)
+
+
+def _duration(source: Duration) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=source.count, ns=source.ns)
+
+
+def _model_statistics(name: str, version: int, stats: VersionStats) -> pb.ModelStatistics:
+    """One version's statistics in the protocol's terms: an execution is a session run, an
+    inference one candidate, a batch size the number of requests scored in one run."""
+    return pb.ModelStatistics(
+        name=name,
+        version=str(version),
+        last_inference=stats.last_inference_ms,
+        inference_count=stats.inferences,
+        execution_count=stats.compute.count,
+        inference_stats=pb.InferStatistics(
+            success=_duration(stats.success),
+            fail=_duration(stats.fail),
+            queue=_duration(stats.queue),
+            compute_infer=_duration(stats.compute),
+        ),
+        batch_stats=[
+            pb.InferBatchStatistics(batch_size=size, compute_infer=_duration(runs))
+            for size, runs in sorted(stats.batches.items())
+        ],
+    )

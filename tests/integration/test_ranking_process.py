@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import grpc
 import onnxruntime as ort
@@ -19,7 +20,12 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from devtools.processes import REPO_ROOT, ServiceProcess, health_status, project_env
-from devtools.tiny_models import make_tiny_model, publish_corrupt_version, publish_tiny_model
+from devtools.tiny_models import (
+    make_tiny_model,
+    publish_corrupt_version,
+    publish_tiny_model,
+    ranker_graph,
+)
 from recsys.v1 import ranking_pb2_grpc
 from tests.integration.test_ranking_server import (
     assert_close,
@@ -171,6 +177,100 @@ def test_tritonclient_reads_metadata_and_scores(tmp_path: Path) -> None:
         # Counters and histograms without their `_created` series (issue 18).
         assert "recsys_ranker_requests_total{" in body and "_bucket{" in body
         assert "_created" not in body
+    finally:
+        proc.terminate()
+
+
+# A Triton configuration with a batch dimension: clients send [N, 1]; Triton would reshape to
+# the graph's [N] (reshape: { shape: [] }); the ranking service accepts [N, 1] directly.
+BATCHED_CONFIG = """
+name: "tb-ranker"
+platform: "onnxruntime_onnx"
+max_batch_size: 4096
+input [
+  { name: "user_index" data_type: TYPE_INT64 dims: [ 1 ] reshape: { shape: [ ] } },
+  { name: "item_index" data_type: TYPE_INT64 dims: [ 1 ] reshape: { shape: [ ] } }
+]
+output [ { name: "score" data_type: TYPE_FP32 dims: [ 1 ] reshape: { shape: [ ] } } ]
+dynamic_batching { max_queue_delay_microseconds: 2000 }
+instance_group [ { kind: KIND_CPU count: 1 } ]
+model_warmup { name: "a field this server does not model" }
+"""
+
+
+def _triton_probe(address: str, model: str, *extra: str) -> dict[str, Any]:
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "tests/utils/triton_probe.py"),
+            "--url",
+            address,
+            "--model",
+            model,
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=project_env(),
+        check=True,
+    )
+    answer: dict[str, Any] = json.loads(out.stdout)
+    return answer
+
+
+def test_tritonclient_model_config_statistics_index_and_a_stock_request(tmp_path: Path) -> None:
+    """Issue 18: get_model_config, get_inference_statistics and the repository index answer,
+    and a request built from nothing but get_model_config succeeds, for a published config
+    without a batch dimension ([N]) and one with ([N, 1])."""
+    tiny = publish_tiny_model(tmp_path, make_tiny_model("tc"))
+    batched = publish_graph(
+        tmp_path,
+        "tb-ranker",
+        ranker_graph(tiny.user_emb, tiny.item_emb),
+        tiny,
+        config=BATCHED_CONFIG,
+    )
+    proc = ServiceProcess(
+        "serving.ranking",
+        [f"--model-repository={tmp_path}", "--poll-interval-s=0", "--provider=cpu"],
+        log_path=tmp_path / "ranker.log",
+    )
+    try:
+        proc.wait_serving(60)
+        n = 12
+        for model, version, shape in (
+            ("tc-ranker", tiny.version, [n]),
+            ("tb-ranker", batched, [n, 1]),
+        ):
+            answer = _triton_probe(proc.address, model, "--stock", str(n))
+            assert "stock_error" not in answer, answer["stock_error"]
+            config = answer["config"]
+            assert config["name"] == model and config["platform"] == "onnxruntime_onnx"
+            assert {i["name"] for i in config["input"]} == {"user_index", "item_index"}
+            stock = answer["stock"]
+            assert stock["sent"]["item_index"]["shape"] == shape and stock["shape"] == shape
+            users = stock["sent"]["user_index"]["values"]
+            items = stock["sent"]["item_index"]["values"]
+            expected = ort_scores(tmp_path, model, version, users, items)
+            assert_close(stock["scores"], expected)
+            # Statistics of that version: the one request, n candidates, at least one run.
+            (stats,) = answer["statistics"]["model_stats"]
+            assert stats["name"] == model and stats["version"] == str(version)
+            assert int(stats["inference_count"]) == n
+            assert int(stats["execution_count"]) >= 1
+            assert int(stats["inference_stats"]["success"]["count"]) == 1
+            assert int(stats["inference_stats"]["compute_infer"]["ns"]) > 0
+            assert int(stats["last_inference"]) > 0
+            every = {(s["name"], s["version"]) for s in answer["all_statistics"]["model_stats"]}
+            assert every == {("tc-ranker", str(tiny.version)), ("tb-ranker", str(batched))}
+            index = {(m["name"], m["version"], m["state"]) for m in answer["index"]["models"]}
+            assert index == {
+                ("tc-ranker", str(tiny.version), "READY"),
+                ("tb-ranker", str(batched), "READY"),
+            }
+        assert "tb-ranker" in config["name"]
+        assert config["dynamic_batching"]["max_queue_delay_microseconds"] == "2000"
     finally:
         proc.terminate()
 

@@ -92,11 +92,15 @@ def publish_graph(
     tiny: TinyModel,
     *,
     inputs: list[dict[str, Any]] | None = None,
+    config: str | None = None,
 ) -> int:
-    """Publish one ranker version with `graph` and the tiny model's vocabularies."""
+    """Publish one ranker version with `graph` and the tiny model's vocabularies (and a
+    config.pbtxt, if given)."""
     with VersionPublisher(repo, [name]) as pub:
         d = pub.stage(name)
         onnx.save(graph, d / "model.onnx")
+        if config is not None:
+            (d / "config.pbtxt").write_text(config)
         (d / "users.json").write_text(json.dumps({"ids": tiny.user_ids, "kinds": tiny.user_kinds}))
         (d / "items.json").write_text(
             json.dumps(
@@ -605,3 +609,95 @@ def test_allow_unknown_items_keeps_unknown_users_and_empty_ids_errors(ranker: Ra
     request.allow_unknown_items = True
     code, details = _code(ranker.rank.Rank, request)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "empty ids" in details
+
+
+# -- Triton: [N, 1] inputs, model configuration, statistics, repository index ---------------------
+
+
+def test_model_infer_accepts_n_by_1_inputs(
+    ranker: Ranker, tiny_repo: tuple[Path, TinyModel]
+) -> None:
+    repo, tiny = tiny_repo
+    users, items = [0, 7, 45], [119, 5, 0]
+    request = infer_request("rk-ranker", users, items)
+    for tensor in request.inputs:
+        tensor.shape[:] = [3, 1]
+    reply = ranker.oip.ModelInfer(request, timeout=10)
+    assert list(reply.outputs[0].shape) == [3, 1]
+    assert_close(decode_scores(reply), ort_scores(repo, "rk-ranker", tiny.version, users, items))
+    # [1, N] and [N, 2] are still not the contract.
+    for shape in ([1, 3], [3, 2]):
+        request.inputs[1].shape[:] = shape
+        code, details = _code(ranker.oip.ModelInfer, request)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+
+
+def test_model_config_statistics_and_index(
+    ranker: Ranker, tiny_repo: tuple[Path, TinyModel]
+) -> None:
+    repo, tiny = tiny_repo
+    config = ranker.oip.ModelConfig(pb.ModelConfigRequest(name="rk-ranker"), timeout=5).config
+    assert config.name == "rk-ranker" and config.platform == "onnxruntime_onnx"
+    assert config.max_batch_size == 0
+    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [
+        ("user_index", pb.TYPE_INT64, [-1]),
+        ("item_index", pb.TYPE_INT64, [-1]),
+    ]
+    assert [(o.name, o.data_type) for o in config.output] == [("score", pb.TYPE_FP32)]
+    code, _ = _code(ranker.oip.ModelConfig, pb.ModelConfigRequest(name="nope"))
+    assert code == grpc.StatusCode.NOT_FOUND
+    code, _ = _code(ranker.oip.ModelConfig, pb.ModelConfigRequest(name="rk-ranker", version="²"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+    def stats() -> pb.ModelStatistics:
+        reply = ranker.oip.ModelStatistics(pb.ModelStatisticsRequest(name="rk-ranker"), timeout=5)
+        (one,) = reply.model_stats
+        return one
+
+    before = stats()
+    ranker.rank.Rank(rank_request("rk-ranker", "u1", ["i1", "i2", "i3"]), timeout=10)
+    _code(ranker.rank.Rank, rank_request("rk-ranker", "u1", ["i1", "unknown"]))
+    after = stats()
+    assert after.version == str(tiny.version)
+    assert after.inference_count - before.inference_count == 3
+    assert after.execution_count - before.execution_count == 1
+    assert after.inference_stats.success.count - before.inference_stats.success.count == 1
+    assert after.inference_stats.fail.count - before.inference_stats.fail.count == 1
+    assert after.inference_stats.queue.count - before.inference_stats.queue.count == 1
+    assert after.inference_stats.compute_infer.ns > before.inference_stats.compute_infer.ns
+    assert sum(b.compute_infer.count for b in after.batch_stats) == after.execution_count
+    for request, wanted in (
+        (pb.ModelStatisticsRequest(name="nope"), grpc.StatusCode.NOT_FOUND),
+        (pb.ModelStatisticsRequest(name="rk-ranker", version="99"), grpc.StatusCode.NOT_FOUND),
+    ):
+        code, _ = _code(ranker.oip.ModelStatistics, request)
+        assert code == wanted
+    index = ranker.oip.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=5)
+    assert [(m.name, m.version, m.state) for m in index.models] == [
+        ("rk-ranker", str(tiny.version), "READY")
+    ]
+
+
+def test_model_config_falls_back_to_metadata(tmp_path: Path) -> None:
+    tiny = make_tiny_model("cf")
+    graph = onnx.load(str(publish_tiny_ranker(tmp_path, tiny)))
+    version = publish_graph(tmp_path, "cf-ranker", graph, tiny, config="input [ { broken")
+    server = Ranker(tmp_path, "cf-ranker")
+    try:
+        reply = server.oip.ModelConfig(pb.ModelConfigRequest(name="cf-ranker"), timeout=5)
+        assert reply.config.name == "cf-ranker" and reply.config.max_batch_size == 0
+        assert {i.name for i in reply.config.input} == {"user_index", "item_index"}
+        # The version before it (published by the tiny model) is served no longer, but indexed.
+        index = server.oip.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=5)
+        states = {(m.version, m.state) for m in index.models}
+        assert states == {(str(version - 1), "UNAVAILABLE"), (str(version), "READY")}
+        ready = server.oip.RepositoryIndex(pb.RepositoryIndexRequest(ready=True), timeout=5)
+        assert [m.version for m in ready.models] == [str(version)]
+    finally:
+        server.close()
+
+
+def publish_tiny_ranker(repo: Path, tiny: TinyModel) -> Path:
+    """Publish the tiny model (ranker and retrieval) and return its ranker graph's path."""
+    published = publish_tiny_model(repo, tiny)
+    return repo / f"{tiny.domain}-ranker" / str(published.version) / "model.onnx"
