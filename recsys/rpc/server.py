@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,6 +21,47 @@ from recsys.rpc.tls import server_credentials
 logger = logging.getLogger(__name__)
 
 Registrar = Callable[[grpc.aio.Server], None]
+
+# The drain ends once no unary call has been in flight for this long: calls that the transport
+# had already received when the drain began get time to be dispatched and counted.
+DRAIN_QUIET_S = 0.25
+DRAIN_POLL_S = 0.02
+
+
+class _InFlight(grpc.aio.ServerInterceptor):
+    """Counts the unary calls being handled, for the drain, and those cancelled at its end."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.stopping = False  # the server is stopping: a cancelled call is one the drain lost
+        self.cancelled = 0
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler  # streams (health Watch) stay open for good and are not waited for
+        inner = cast(Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]], handler.unary_unary)
+
+        async def counted(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            self.count += 1
+            try:
+                return await inner(request, context)
+            except asyncio.CancelledError:
+                if self.stopping:
+                    self.cancelled += 1
+                raise
+            finally:
+                self.count -= 1
+
+        return grpc.unary_unary_rpc_method_handler(
+            counted,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
 
 class RpcServer:
@@ -53,10 +95,9 @@ class RpcServer:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ]
-        self.server = grpc.aio.server(
-            interceptors=default_interceptors() if interceptors is None else interceptors,
-            options=options,
-        )
+        self._in_flight = _InFlight()
+        chain = default_interceptors() if interceptors is None else interceptors
+        self.server = grpc.aio.server(interceptors=[self._in_flight, *chain], options=options)
         register(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)
         if settings.reflection:
@@ -102,14 +143,50 @@ class RpcServer:
         self.serving = serving
         logger.info("Health: %s", health_pb2.HealthCheckResponse.ServingStatus.Name(status))
 
+    @property
+    def in_flight(self) -> int:
+        """Unary calls being handled now."""
+        return self._in_flight.count
+
     async def stop(self, grace: float | None = None) -> None:
-        """Drain: NOT_SERVING, optional delay, refuse new calls, finish those in flight."""
+        """Drain within `grace` seconds (default grace_period_s, counted from now): NOT_SERVING;
+        `shutdown_delay_s` more of normal serving; then keep accepting while calls are in flight,
+        until none has been for DRAIN_QUIET_S (calls the transport already holds are served, not
+        cancelled); then refuse new calls and give those in flight what is left of the grace
+        period. Only calls still running when it is over are cancelled, and the log counts them."""
+        loop = asyncio.get_running_loop()
         grace = self.settings.grace_period_s if grace is None else grace
+        deadline = loop.time() + grace
         await self.set_serving(False)
         if self.settings.shutdown_delay_s > 0:
-            await asyncio.sleep(self.settings.shutdown_delay_s)
-        logger.info("Stopping: calls in flight get up to %.1f s", grace)
-        await self.server.stop(grace)
+            await asyncio.sleep(min(self.settings.shutdown_delay_s, grace))
+        logger.info("Draining: %d calls in flight, up to %.1f s", self.in_flight, grace)
+        quiet_since: float | None = None
+        while (now := loop.time()) < deadline:
+            if self.in_flight:
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = now
+            elif now - quiet_since >= DRAIN_QUIET_S:
+                break
+            await asyncio.sleep(DRAIN_POLL_S)
+        remaining = max(0.0, deadline - loop.time())
+        logger.info(
+            "Stopping: new calls refused; %d calls in flight get up to %.1f s",
+            self.in_flight,
+            remaining,
+        )
+        self._in_flight.stopping = True
+        await self.server.stop(remaining)
+        # The handlers of the calls cancelled at the end of the grace period end soon after.
+        settle = loop.time() + 1.0
+        while self.in_flight and loop.time() < settle:
+            await asyncio.sleep(DRAIN_POLL_S)
+        cancelled = self._in_flight.cancelled + self.in_flight
+        if cancelled:
+            logger.warning("Grace period of %.1f s over: %d calls cancelled", grace, cancelled)
+        else:
+            logger.info("Drained: no call in flight was cancelled")
         httpd = self._metrics_httpd
         if httpd is not None:
             httpd.shutdown()  # type: ignore[attr-defined]
