@@ -11,7 +11,7 @@ PROTO_SRC := $(wildcard protos/recsys/v1/*.proto protos/recsys/inference/*.proto
 PROTO_OUT := $(patsubst protos/%.proto,%_pb2.py,$(PROTO_SRC))
 
 .PHONY: help setup tools protos check-protos lint fmt test test-fast e2e bench bench-quality \
-	bench-ranker bench-gateway bench-rollout demo train serve-ranking serve-retrieval serve-gateway \
+	bench-ranker bench-gateway bench-rollout probe demo train serve-ranking serve-retrieval serve-gateway \
 	images k8s-render k8s-check clean
 
 help: ## list the targets
@@ -59,6 +59,9 @@ bench-gateway: $(STAMP) ## the whole stack under load: throughput, latency, wher
 
 bench-rollout: $(STAMP) ## rolling update of the rankers and a model version rollout under load (slow)
 	$(PY) -m bench.rollout
+
+probe: $(STAMP) ## the bad-input cases of issue 17 against a running stack: a table in bench/results/probe.{json,md}
+	$(PY) -m bench.probe
 
 e2e: $(STAMP) ## the end-to-end tests: every service as a process on loopback
 	$(BIN)/pytest -q tests/e2e
