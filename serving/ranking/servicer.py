@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from importlib import metadata as importlib_metadata
 
@@ -10,7 +11,7 @@ import grpc
 
 from recsys.inference import grpc_service_pb2 as pb
 from recsys.inference import grpc_service_pb2_grpc as pb_grpc
-from recsys.repository import list_versions
+from recsys.repository import RepositoryError, list_versions
 from recsys.rpc.errors import InvalidRequest, ModelNotReady, NotFound
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc
 from serving.ranking import oip
@@ -21,6 +22,8 @@ from serving.ranking.model import PLATFORM
 from serving.ranking.stats import Duration, VersionStats
 
 SERVER_NAME = "recsys-ranker"
+
+logger = logging.getLogger(__name__)
 
 
 def _package_version() -> str:
@@ -164,7 +167,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         response = pb.RepositoryIndexResponse()
         for name in self.manager.model_names:
             served = set(self.manager.versions(name))
-            published = set(list_versions(self.manager.root, name))
+            try:
+                published = set(list_versions(self.manager.root, name))
+            except (RepositoryError, OSError, ValueError) as exc:
+                # An unreadable model directory (or an odd entry in it): list what is served.
+                logger.warning("Repository index of %s: cannot list its versions: %r", name, exc)
+                published = set()
             for version in sorted(served | published):
                 if version in served:
                     response.models.add(name=name, version=str(version), state="READY")

@@ -693,6 +693,10 @@ def test_model_config_falls_back_to_metadata(tmp_path: Path) -> None:
         assert states == {(str(version - 1), "UNAVAILABLE"), (str(version), "READY")}
         ready = server.oip.RepositoryIndex(pb.RepositoryIndexRequest(ready=True), timeout=5)
         assert [m.version for m in ready.models] == [str(version)]
+        # An odd entry in the model directory never makes the index fail.
+        (tmp_path / "cf-ranker" / "\u00b2").mkdir()
+        index = server.oip.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=5)
+        assert (str(version), "READY") in {(m.version, m.state) for m in index.models}
     finally:
         server.close()
 
