@@ -32,7 +32,7 @@ def split_targets(value: str) -> list[str]:
 
 
 class GatewaySettings(ServerSettings):
-    """Gateway settings; see README "Gateway"."""
+    """Gateway settings: docs/settings.md; behaviour: docs/services.md#gateway."""
 
     model_config = SettingsConfigDict(env_prefix="GATEWAY_")
 

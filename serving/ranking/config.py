@@ -38,7 +38,7 @@ class VersionPolicy:
 
 
 class RankingSettings(ServerSettings):
-    """Settings of the ranking service; defaults follow SERVICES.md."""
+    """Ranking settings: docs/settings.md; behaviour: docs/services.md#ranking-service."""
 
     model_config = SettingsConfigDict(env_prefix="RANKING_")
 

@@ -11,7 +11,7 @@ from recsys.rpc.settings import ServerSettings
 
 
 class RetrievalSettings(ServerSettings):
-    """Retrieval service settings; see README "Retrieval service"."""
+    """Retrieval settings: docs/settings.md; behaviour: docs/services.md#retrieval-service."""
 
     model_config = SettingsConfigDict(env_prefix="RETRIEVAL_")
 
