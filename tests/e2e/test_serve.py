@@ -68,13 +68,22 @@ def _wait_group_gone(pgid: int, timeout: float) -> bool:
     return False
 
 
-def readme_grpcurl_recommend() -> str:
-    """The README's grpcurl Recommend command, continuation lines joined."""
+def readme_command(*words: str) -> str:
+    """The one README command line holding every word, continuation lines joined."""
     text = (REPO_ROOT / "README.md").read_text()
     joined = re.sub(r"\\\n\s*", "", text)
-    lines = [ln for ln in joined.splitlines() if "grpcurl" in ln and "/Recommend" in ln]
-    assert len(lines) == 1, f"expected one grpcurl Recommend command in README.md, got {lines}"
+    lines = [ln for ln in joined.splitlines() if all(w in ln for w in words)]
+    assert len(lines) == 1, f"expected one README.md command with {words}, got {lines}"
     return lines[0].split("#", 1)[0].strip()
+
+
+def _run_readme_command(command: str, served: Served) -> subprocess.CompletedProcess[str]:
+    assert README_GATEWAY in command
+    command = command.replace(".venv/bin/", f"{VENV}/bin/", 1)
+    command = command.replace(README_GATEWAY, f"127.0.0.1:{served.base}")
+    return subprocess.run(
+        command, shell=True, cwd=REPO_ROOT, capture_output=True, text=True, timeout=30
+    )
 
 
 @dataclass
@@ -122,15 +131,10 @@ def served(
 
 
 def test_readme_grpcurl_command_answers(served: Served, model: tuple[Path, TinyModel]) -> None:
-    command = readme_grpcurl_recommend()
+    command = readme_command("grpcurl", "/Recommend")
     assert command.startswith(".venv/bin/grpcurl "), command
-    assert README_GATEWAY in command
     assert (VENV / "bin" / "grpcurl").is_file(), "the dev extra installs grpcurl into the venv"
-    command = command.replace(".venv/bin/", f"{VENV}/bin/", 1)
-    command = command.replace(README_GATEWAY, f"127.0.0.1:{served.base}")
-    result = subprocess.run(
-        command, shell=True, cwd=REPO_ROOT, capture_output=True, text=True, timeout=30
-    )
+    result = _run_readme_command(command, served)
     assert result.returncode == 0, result.stderr
     reply = json.loads(result.stdout)
     _, tiny = model
@@ -140,6 +144,17 @@ def test_readme_grpcurl_command_answers(served: Served, model: tuple[Path, TinyM
     assert {"model_name": "books-retrieval", "model_version": str(tiny.version)} in reply[
         "model_versions"
     ]
+
+
+def test_readme_python_example_answers(served: Served, model: tuple[Path, TinyModel]) -> None:
+    command = readme_command("python examples/recommend_client.py")
+    assert command.startswith(".venv/bin/python "), command
+    result = _run_readme_command(command, served)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 10
+    _, tiny = model
+    assert all(line.split()[3] in tiny.item_ids and "POPULAR" in line for line in lines), lines
 
 
 def test_the_ranker_and_retrieval_are_on_the_fixed_ports_beside_the_gateway(
