@@ -129,7 +129,9 @@ def default_text(info: FieldInfo) -> str:
 
 
 def _cell(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|")
+    """Text for a Markdown table cell: one line, pipes escaped, no HTML tags."""
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text.replace("<", "&lt;").replace(">", "&gt;")
 
 
 def own_fields(cls: type[BaseSettings], base: type[BaseSettings] | None) -> list[str]:
