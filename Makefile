@@ -11,11 +11,11 @@ PROTO_SRC := $(wildcard protos/recsys/v1/*.proto protos/recsys/inference/*.proto
 PROTO_OUT := $(patsubst protos/%.proto,%_pb2.py,$(PROTO_SRC))
 
 .PHONY: help setup tools protos check-protos lint fmt test test-fast e2e bench bench-quality \
-	bench-ranker bench-gateway bench-rollout probe demo train serve-ranking serve-retrieval serve-gateway \
-	images k8s-render k8s-check clean
+	bench-ranker bench-gateway bench-rollout probe demo train serve serve-ranking serve-retrieval \
+	serve-gateway docs check-docs images k8s-render k8s-check clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml constraints.txt
 	scripts/setup-venv.sh $(PYTHON) $(VENV)
@@ -86,11 +86,22 @@ demo: $(STAMP) ## train, publish, start every service, recommend for a warm and 
 train: $(STAMP) ## train on the default pair (Amazon movies -> books) and publish to ./model_repository
 	$(PY) -m training train --config=training/configs/amazon_movies_to_books.toml --repository=model_repository --run-dir=runs/latest
 
+# Each serve target execs the server (no shell left between make and it), so SIGTERM to make
+# reaches the server, which drains and exits. ARGS passes flags: make serve ARGS=--domains=books
+serve: $(STAMP) ## all three services on 127.0.0.1:8000-8002 against ./model_repository; Ctrl-C stops them
+	exec $(PY) -m devtools.serve $(ARGS)
+
 serve-ranking: $(STAMP) ## run the ranking service on ./model_repository
-	RANKING_MODEL_REPOSITORY=model_repository $(PY) -m serving.ranking
+	exec env RANKING_MODEL_REPOSITORY=model_repository $(PY) -m serving.ranking $(ARGS)
 
 serve-retrieval: $(STAMP) ## run the retrieval service on ./model_repository
-	RETRIEVAL_MODEL_REPOSITORY=model_repository $(PY) -m serving.retrieval
+	exec env RETRIEVAL_MODEL_REPOSITORY=model_repository $(PY) -m serving.retrieval $(ARGS)
 
 serve-gateway: $(STAMP) ## run the gateway against local retrieval and ranking
-	$(PY) -m gateway
+	exec $(PY) -m gateway $(ARGS)
+
+docs: $(STAMP) ## regenerate docs/settings.md and docs/metrics.md from the settings and metric definitions
+	$(PY) -m devtools.refdocs
+
+check-docs: $(STAMP) ## fail if docs/settings.md or docs/metrics.md differ from the code
+	$(PY) -m devtools.refdocs --check

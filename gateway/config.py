@@ -32,7 +32,7 @@ def split_targets(value: str) -> list[str]:
 
 
 class GatewaySettings(ServerSettings):
-    """Gateway settings; see README "Gateway"."""
+    """Gateway settings: docs/settings.md; behaviour: docs/services.md#gateway."""
 
     model_config = SettingsConfigDict(env_prefix="GATEWAY_")
 
@@ -67,7 +67,11 @@ class GatewaySettings(ServerSettings):
         0.4, gt=0, le=1, description="Share of the remaining time that retrieval may take."
     )
     max_k: int = Field(100, ge=1, le=10_000, description="Largest k a request may ask for.")
-    domains: str = Field("books", description="Comma list of the domains served.")
+    domains: str = Field(
+        "books",
+        description="Comma list of the domains served (models <domain>-retrieval and "
+        "<domain>-ranker).",
+    )
     max_rank_attempts: int = Field(
         3, ge=1, le=10, description="Attempts per shard, on different replicas."
     )

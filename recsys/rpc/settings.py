@@ -40,8 +40,12 @@ class ServerSettings(BaseSettings):
         le=60,
         description="On SIGTERM, seconds to keep serving while NOT_SERVING so balancers notice.",
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO")
-    log_format: Literal["text", "json"] = Field("text")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Least severe log level written (to stderr)."
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text, or as one JSON object per line."
+    )
     max_message_bytes: int = Field(
         16 * MIB, ge=1024, le=1024 * MIB, description="Largest gRPC message sent or received."
     )

@@ -38,7 +38,7 @@ class VersionPolicy:
 
 
 class RankingSettings(ServerSettings):
-    """Settings of the ranking service; defaults follow SERVICES.md."""
+    """Ranking settings: docs/settings.md; behaviour: docs/services.md#ranking-service."""
 
     model_config = SettingsConfigDict(env_prefix="RANKING_")
 
@@ -48,13 +48,17 @@ class RankingSettings(ServerSettings):
     )
     model_repository: Path = Field(Path("/models"), description="Root of the model repository.")
     models: str = Field(
-        "", description="Comma-separated model names to serve; empty serves every model found."
+        "",
+        description="Comma-separated model names to serve; empty serves every ranker in the "
+        "repository.",
     )
     version_policy: str = Field(
         "latest", description="'latest', 'all' or 'specific:1,2' (versions served per model)."
     )
     poll_interval_s: float = Field(
-        5.0, ge=0, description="Seconds between repository scans; 0 disables polling."
+        5.0,
+        ge=0,
+        description="Seconds between repository scans; 0 disables polling (SIGHUP still rescans).",
     )
     provider: Provider = Field(
         "auto", description="ONNX Runtime execution provider: auto (CUDA if present), cpu, cuda."
@@ -62,13 +66,20 @@ class RankingSettings(ServerSettings):
     intra_op_threads: int = Field(0, ge=0, description="ORT intra-op threads (0: ORT default).")
     inter_op_threads: int = Field(0, ge=0, description="ORT inter-op threads (0: ORT default).")
     allow_spinning: bool = Field(
-        True, description="Let idle ONNX Runtime pool threads spin (lower latency, more CPU)."
+        True,
+        description="Let idle ONNX Runtime pool threads spin (lower latency, more CPU); false "
+        "leaves the cores to gRPC and the clients.",
     )
     io_binding: bool = Field(
-        False, description="Run sessions through IO binding (outputs bound to host memory)."
+        False,
+        description="Run sessions through IO binding: inputs and outputs bound explicitly "
+        "(device buffers on CUDA, outputs copied back once per run).",
     )
     max_batch_candidates: int = Field(
-        16384, ge=1, description="Most candidates scored in one session run (dynamic batching)."
+        16384,
+        ge=1,
+        description="Most candidates scored in one session run (dynamic batching); also the "
+        "warm-up size.",
     )
     max_queue_delay_us: int = Field(
         2000, ge=0, description="Longest wait for more requests to join a batch; 0: no batching."

@@ -11,7 +11,7 @@ from recsys.rpc.settings import ServerSettings
 
 
 class RetrievalSettings(ServerSettings):
-    """Retrieval service settings; see README "Retrieval service"."""
+    """Retrieval settings: docs/settings.md; behaviour: docs/services.md#retrieval-service."""
 
     model_config = SettingsConfigDict(env_prefix="RETRIEVAL_")
 
@@ -24,7 +24,10 @@ class RetrievalSettings(ServerSettings):
         'whose name ends in "-retrieval".',
     )
     poll_interval_s: float = Field(
-        5.0, ge=0, le=3600, description="Seconds between repository polls; 0 disables polling."
+        5.0,
+        ge=0,
+        le=3600,
+        description="Seconds between repository polls; 0 disables polling (SIGHUP still reloads).",
     )
     exact_search_max_items: int = Field(
         50_000,
@@ -37,7 +40,11 @@ class RetrievalSettings(ServerSettings):
         80, ge=8, le=2048, description="HNSW build-time beam width (higher: better graph)."
     )
     hnsw_ef_search: int = Field(
-        128, ge=8, le=8192, description="HNSW search beam width; raised to k when k is larger."
+        128,
+        ge=8,
+        le=8192,
+        description="HNSW search beam width; raised to the number of items fetched when that is "
+        "larger.",
     )
     search_threads: int = Field(
         1, ge=1, le=256, description="FAISS OpenMP threads per search (1 suits single queries)."
