@@ -60,7 +60,7 @@ bench-gateway: $(STAMP) ## the whole stack under load: throughput, latency, wher
 bench-rollout: $(STAMP) ## rolling update of the rankers and a model version rollout under load (slow)
 	$(PY) -m bench.rollout
 
-probe: $(STAMP) ## the bad-input cases of issue 17 against a running stack: a table in bench/results/probe.{json,md}
+probe: $(STAMP) ## bad inputs against a running stack (expected vs observed, health): a table in bench/results/probe.{json,md}
 	$(PY) -m bench.probe
 
 e2e: $(STAMP) ## the end-to-end tests: every service as a process on loopback
