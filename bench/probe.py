@@ -1,5 +1,5 @@
 """Bad-input probe: starts the serving stack (retrieval, two rankers, gateway) on loopback over a
-tiny model and sends it the hostile and unlucky requests of issue 17 that concern the ranker and
+tiny model and sends it the hostile and unlucky requests that concern the ranker and
 the gateway, one case at a time. For each case it records what was expected, what came back, and
 whether every service still answered its health check afterwards.
 
@@ -464,7 +464,7 @@ def _markdown(cases: list[Case], meta: dict[str, Any]) -> str:
 
     passed = sum(c.ok for c in cases)
     lines = [
-        "# Bad-input probe (issue 17: ranker and gateway)",
+        "# Bad-input probe: ranker and gateway",
         "",
         f"`make probe` on {meta['machine']}, {meta['date']}: {passed} of {len(cases)} cases as "
         "expected. Healthy: every service still answered SERVING and a plain Recommend "

@@ -174,7 +174,7 @@ def test_tritonclient_reads_metadata_and_scores(tmp_path: Path) -> None:
         )
         assert "using CPU" in proc.log() or provider == "cuda"
         assert "tc-retrieval" not in body
-        # Counters and histograms without their `_created` series (issue 18).
+        # Counters and histograms without their `_created` series.
         assert "recsys_ranker_requests_total{" in body and "_bucket{" in body
         assert "_created" not in body
     finally:
