@@ -306,27 +306,47 @@ def test_item_catalogue_defaults_and_user_kinds(tmp_path: Path) -> None:
         read_users(tmp_path / "users.json")
 
 
-def test_the_triton_config_is_a_valid_triton_model_config() -> None:
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
+# Triton's own ModelConfig message, in a child process: tritonclient.grpc registers the
+# "inference" protobuf package, which the ranker's generated stubs register too.
+_PARSE_WITH_TRITON = """
+import json
+import sys
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2
 
-    for name, signature in (
-        ("books-ranker", RANKER_SIGNATURE),
-        ("books-retrieval", user_tower_signature(8)),
-    ):
-        config = text_format.Parse(triton_config(name, signature), model_config_pb2.ModelConfig())
-        assert config.name == name and config.backend == "onnxruntime"
-        assert [t.name for t in config.input] == signature.input_names
-        assert [t.name for t in config.output] == signature.output_names
-        assert config.max_batch_size > 0 and config.HasField("dynamic_batching")
-    ranker = text_format.Parse(triton_config("r", RANKER_SIGNATURE), model_config_pb2.ModelConfig())
-    assert ranker.input[0].data_type == model_config_pb2.TYPE_INT64
-    assert list(ranker.input[0].dims) == [1] and list(ranker.input[0].reshape.shape) == []
-    assert ranker.output[0].data_type == model_config_pb2.TYPE_FP32
-    retrieval = text_format.Parse(
-        triton_config("u", user_tower_signature(8)), model_config_pb2.ModelConfig()
+out = []
+for path in sys.argv[1:]:
+    with open(path) as f:
+        config = text_format.Parse(f.read(), model_config_pb2.ModelConfig())
+    out.append(json_format.MessageToDict(config))
+print(json.dumps(out))
+"""
+
+
+def test_the_triton_config_is_a_valid_triton_model_config(tmp_path: Path) -> None:
+    signatures = {"books-ranker": RANKER_SIGNATURE, "books-retrieval": user_tower_signature(8)}
+    paths = []
+    for name, signature in signatures.items():
+        paths.append(tmp_path / f"{name}.pbtxt")
+        paths[-1].write_text(triton_config(name, signature))
+    result = subprocess.run(
+        [sys.executable, "-c", _PARSE_WITH_TRITON, *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=project_env(),
     )
-    assert list(retrieval.output[0].dims) == [8]
+    assert result.returncode == 0, result.stderr[-2000:]
+    ranker, retrieval = json.loads(result.stdout)
+    for config, (name, signature) in zip((ranker, retrieval), signatures.items(), strict=True):
+        assert config["name"] == name and config["backend"] == "onnxruntime"
+        assert [t["name"] for t in config["input"]] == signature.input_names
+        assert [t["name"] for t in config["output"]] == signature.output_names
+        assert config["maxBatchSize"] > 0 and "dynamicBatching" in config
+    assert [t["dataType"] for t in ranker["input"]] == ["TYPE_INT64", "TYPE_INT64"]
+    assert ranker["input"][0]["dims"] == ["1"] and "reshape" in ranker["input"][0]
+    assert ranker["output"][0]["dataType"] == "TYPE_FP32"
+    assert retrieval["output"][0]["dims"] == ["8"]
 
 
 def test_training_and_tiny_models_write_the_same_config(tmp_path: Path) -> None:
