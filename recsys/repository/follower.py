@@ -214,8 +214,9 @@ class VersionFollower(Generic[T]):
         """Scan the repository once and apply the policy to every model; `retry_failed` tries
         versions that failed before at once (SIGHUP). Returns whether the served set changed."""
         changed = False
+        loop = asyncio.get_running_loop()
         async with self._get_lock():
-            for name in self._names():
+            for name in await loop.run_in_executor(self._executor, self._names):
                 state = self._models.setdefault(name, _ModelState())
                 if retry_failed:
                     state.failed.clear()
