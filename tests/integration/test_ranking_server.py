@@ -402,6 +402,9 @@ def test_rank_bad_input(
         ("99", grpc.StatusCode.NOT_FOUND, "version 99"),
         ("latest", grpc.StatusCode.INVALID_ARGUMENT, "not a positive integer"),
         ("-1", grpc.StatusCode.INVALID_ARGUMENT, "not a positive integer"),
+        ("²", grpc.StatusCode.INVALID_ARGUMENT, "not a positive integer"),
+        ("٣", grpc.StatusCode.INVALID_ARGUMENT, "not a positive integer"),
+        ("01", grpc.StatusCode.INVALID_ARGUMENT, "not a positive integer"),
     ],
 )
 def test_unknown_or_malformed_version(
