@@ -44,6 +44,8 @@ def dlrm_ranker_graph(n_users: int, n_items: int, dim: int = 64, seed: int = 0) 
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
+    from recsys.repository.layout import ITEM_INPUT, SCORE_OUTPUT, USER_INPUT
+
     rng = np.random.default_rng(seed)
 
     def weight(rows: int, cols: int) -> Any:
@@ -60,8 +62,8 @@ def dlrm_ranker_graph(n_users: int, n_items: int, dim: int = 64, seed: int = 0) 
         "axes": np.array([1], dtype=np.int64),
     }
     nodes = [
-        helper.make_node("Gather", ["U", "user_index"], ["u"], axis=0),
-        helper.make_node("Gather", ["V", "item_index"], ["v"], axis=0),
+        helper.make_node("Gather", ["U", USER_INPUT], ["u"], axis=0),
+        helper.make_node("Gather", ["V", ITEM_INPUT], ["v"], axis=0),
         helper.make_node("Mul", ["u", "v"], ["uv"]),
         helper.make_node("Concat", ["u", "v", "uv"], ["x"], axis=1),
         helper.make_node("Gemm", ["x", "W1", "b1"], ["h1_pre"]),
@@ -69,16 +71,16 @@ def dlrm_ranker_graph(n_users: int, n_items: int, dim: int = 64, seed: int = 0) 
         helper.make_node("Gemm", ["h1", "W2", "b2"], ["h2_pre"]),
         helper.make_node("Relu", ["h2_pre"], ["h2"]),
         helper.make_node("MatMul", ["h2", "W3"], ["s"]),
-        helper.make_node("ReduceSum", ["s", "axes"], ["score"], keepdims=0),
+        helper.make_node("ReduceSum", ["s", "axes"], [SCORE_OUTPUT], keepdims=0),
     ]
     graph = helper.make_graph(
         nodes,
         "dlrm_ranker",
         [
-            helper.make_tensor_value_info("user_index", TensorProto.INT64, ["N"]),
-            helper.make_tensor_value_info("item_index", TensorProto.INT64, ["N"]),
+            helper.make_tensor_value_info(USER_INPUT, TensorProto.INT64, ["N"]),
+            helper.make_tensor_value_info(ITEM_INPUT, TensorProto.INT64, ["N"]),
         ],
-        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"])],
+        [helper.make_tensor_value_info(SCORE_OUTPUT, TensorProto.FLOAT, ["N"])],
         initializer=[numpy_helper.from_array(v, k) for k, v in inits.items()],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -88,56 +90,53 @@ def publish_bench_model(repo: Path, name: str, n_users: int, n_items: int) -> in
     """Publish the DLRM-sized ranker as a version of `name` in `repo`."""
     import onnx
 
-    from recsys.repository import VersionPublisher, triton_config
+    from recsys.repository import (
+        ITEMS_FILE,
+        MODEL_FILE,
+        RANKER_SIGNATURE,
+        USERS_FILE,
+        VersionPublisher,
+        write_items,
+        write_users,
+    )
 
-    inputs = [
-        {"name": "user_index", "datatype": "INT64", "shape": [-1]},
-        {"name": "item_index", "datatype": "INT64", "shape": [-1]},
-    ]
-    outputs = [{"name": "score", "datatype": "FP32", "shape": [-1]}]
     with VersionPublisher(repo, [name]) as pub:
-        d = pub.stage(name)
-        onnx.save(dlrm_ranker_graph(n_users, n_items), d / "model.onnx")
-        (d / "config.pbtxt").write_text(triton_config(name, inputs, outputs))
-        (d / "users.json").write_text(
-            json.dumps({"ids": [f"user{i}" for i in range(n_users)], "kinds": ["target"] * n_users})
+        d = pub.describe(
+            name,
+            kind="ranker",
+            signature=RANKER_SIGNATURE,
+            metadata={
+                "domain": "bench",
+                "opset": 17,
+                "embedding_dim": 64,
+                "strategy": "synthetic DLRM-sized MLP for benchmarks",
+            },
         )
-        (d / "items.json").write_text(
-            json.dumps(
-                {
-                    "ids": [f"item{j}" for j in range(n_items)],
-                    "titles": [None] * n_items,
-                    "popularity": [0] * n_items,
-                }
-            )
-        )
-        (d / "metadata.json").write_text(
-            json.dumps(
-                {
-                    "kind": "ranker",
-                    "domain": "bench",
-                    "inputs": inputs,
-                    "outputs": outputs,
-                    "opset": 17,
-                    "embedding_dim": 64,
-                    "strategy": "synthetic DLRM-sized MLP for benchmarks",
-                }
-            )
-        )
+        onnx.save(dlrm_ranker_graph(n_users, n_items), d / MODEL_FILE)
+        write_users(d / USERS_FILE, [f"user{i}" for i in range(n_users)])
+        write_items(d / ITEMS_FILE, [f"item{j}" for j in range(n_items)])
     assert pub.version is not None
     return pub.version
 
 
 def load_vocabulary(repo: Path, name: str) -> tuple[int, list[str], list[str], Path]:
-    from recsys.repository import list_versions, version_dir
+    from recsys.repository import (
+        ITEMS_FILE,
+        MODEL_FILE,
+        USERS_FILE,
+        list_versions,
+        read_items,
+        read_users,
+        version_dir,
+    )
 
     versions = list_versions(repo, name)
     if not versions:
         raise SystemExit(f"no versions of {name} in {repo}")
     d = version_dir(repo, name, versions[-1])
-    users = json.loads((d / "users.json").read_text())["ids"]
-    items = json.loads((d / "items.json").read_text())["ids"]
-    return versions[-1], users, items, d / "model.onnx"
+    users = read_users(d / USERS_FILE).ids
+    items = read_items(d / ITEMS_FILE).ids
+    return versions[-1], users, items, d / MODEL_FILE
 
 
 # -- the ceiling -----------------------------------------------------------------------------------
@@ -157,6 +156,8 @@ def measure_ceiling(
     import numpy as np
     import onnxruntime as ort
 
+    from recsys.repository.layout import ITEM_INPUT, SCORE_OUTPUT, USER_INPUT
+
     if "CUDAExecutionProvider" in providers and hasattr(ort, "preload_dlls"):
         ort.preload_dlls()
     so = ort.SessionOptions()
@@ -165,16 +166,16 @@ def measure_ceiling(
     session = ort.InferenceSession(str(model_path), sess_options=so, providers=providers)
     rng = np.random.default_rng(0)
     feeds = {
-        "user_index": rng.integers(0, n_users, batch).astype(np.int64),
-        "item_index": rng.integers(0, n_items, batch).astype(np.int64),
+        USER_INPUT: rng.integers(0, n_users, batch).astype(np.int64),
+        ITEM_INPUT: rng.integers(0, n_items, batch).astype(np.int64),
     }
     for _ in range(3):
-        session.run(["score"], feeds)
+        session.run([SCORE_OUTPUT], feeds)
     runs, start = 0, time.perf_counter()
     times = []
     while time.perf_counter() - start < seconds:
         t0 = time.perf_counter()
-        session.run(["score"], feeds)
+        session.run([SCORE_OUTPUT], feeds)
         times.append(time.perf_counter() - t0)
         runs += 1
     elapsed = time.perf_counter() - start

@@ -8,7 +8,6 @@ have no target-domain history but a representation (here, their group's directio
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,14 +15,23 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from recsys.repository import VersionPublisher, triton_config
+from recsys.repository import (
+    ITEMS_FILE,
+    MODEL_FILE,
+    RANKER_SIGNATURE,
+    USERS_FILE,
+    Signature,
+    VersionPublisher,
+    item_tower_signature,
+    user_tower_signature,
+    write_items,
+    write_users,
+)
+from recsys.repository.layout import ITEM_INPUT, SCORE_OUTPUT, USER_INPUT
 
 OPSET = 17
-RANKER_INPUTS = [
-    {"name": "user_index", "datatype": "INT64", "shape": [-1]},
-    {"name": "item_index", "datatype": "INT64", "shape": [-1]},
-]
-RANKER_OUTPUTS = [{"name": "score", "datatype": "FP32", "shape": [-1]}]
+RANKER_INPUTS = RANKER_SIGNATURE.to_json()["inputs"]
+RANKER_OUTPUTS = RANKER_SIGNATURE.to_json()["outputs"]
 
 
 @dataclass
@@ -66,19 +74,19 @@ def _gather_graph(
 def ranker_graph(user_emb: np.ndarray, item_emb: np.ndarray) -> onnx.ModelProto:
     """score[i] = <U[user_index[i]], V[item_index[i]]>."""
     nodes = [
-        helper.make_node("Gather", ["U", "user_index"], ["u"], axis=0),
-        helper.make_node("Gather", ["V", "item_index"], ["v"], axis=0),
+        helper.make_node("Gather", ["U", USER_INPUT], ["u"], axis=0),
+        helper.make_node("Gather", ["V", ITEM_INPUT], ["v"], axis=0),
         helper.make_node("Mul", ["u", "v"], ["uv"]),
-        helper.make_node("ReduceSum", ["uv", "axes"], ["score"], keepdims=0),
+        helper.make_node("ReduceSum", ["uv", "axes"], [SCORE_OUTPUT], keepdims=0),
     ]
     graph = helper.make_graph(
         nodes,
         "tiny_ranker",
         [
-            helper.make_tensor_value_info("user_index", TensorProto.INT64, ["N"]),
-            helper.make_tensor_value_info("item_index", TensorProto.INT64, ["N"]),
+            helper.make_tensor_value_info(USER_INPUT, TensorProto.INT64, ["N"]),
+            helper.make_tensor_value_info(ITEM_INPUT, TensorProto.INT64, ["N"]),
         ],
-        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"])],
+        [helper.make_tensor_value_info(SCORE_OUTPUT, TensorProto.FLOAT, ["N"])],
         initializer=[
             numpy_helper.from_array(user_emb.astype(np.float32), "U"),
             numpy_helper.from_array(item_emb.astype(np.float32), "V"),
@@ -133,13 +141,10 @@ def make_tiny_model(
     )
 
 
-def _metadata(model: TinyModel, kind: str, inputs: list[dict], outputs: list[dict]) -> dict:
+def _metadata(model: TinyModel) -> dict:
     return {
-        "kind": kind,
         "domain": model.domain,
         "source_domain": "movies",
-        "inputs": inputs,
-        "outputs": outputs,
         "opset": OPSET,
         "embedding_dim": int(model.user_emb.shape[1]),
         "dataset": {"name": "tiny-planted", "fingerprint": "test"},
@@ -150,38 +155,35 @@ def _metadata(model: TinyModel, kind: str, inputs: list[dict], outputs: list[dic
     }
 
 
-def _write_json(path: Path, data: object) -> None:
-    path.write_text(json.dumps(data))
+def write_vocabularies(directory: Path, model: TinyModel) -> None:
+    """users.json and items.json of a tiny model, through the repository's writers."""
+    write_users(directory / USERS_FILE, model.user_ids, model.user_kinds)
+    write_items(directory / ITEMS_FILE, model.item_ids, model.titles, model.popularity.tolist())
 
 
 def publish_tiny_model(repo: Path, model: TinyModel) -> TinyModel:
     """Publish `<domain>-ranker` and `<domain>-retrieval` under one new version."""
     ranker_name, retrieval_name = f"{model.domain}-ranker", f"{model.domain}-retrieval"
-    users = {"ids": model.user_ids, "kinds": model.user_kinds}
-    items = {
-        "ids": model.item_ids,
-        "titles": model.titles,
-        "popularity": model.popularity.tolist(),
-    }
     dim = int(model.user_emb.shape[1])
     with VersionPublisher(repo, [ranker_name, retrieval_name]) as pub:
-        d = pub.stage(ranker_name)
-        onnx.save(ranker_graph(model.user_emb, model.item_emb), d / "model.onnx")
-        (d / "config.pbtxt").write_text(triton_config(ranker_name, RANKER_INPUTS, RANKER_OUTPUTS))
-        _write_json(d / "users.json", users)
-        _write_json(d / "items.json", items)
-        _write_json(d / "metadata.json", _metadata(model, "ranker", RANKER_INPUTS, RANKER_OUTPUTS))
-
-        d = pub.stage(retrieval_name)
-        user_in = [{"name": "user_index", "datatype": "INT64", "shape": [-1]}]
-        user_out = [{"name": "user_embedding", "datatype": "FP32", "shape": [-1, dim]}]
-        onnx.save(
-            _gather_graph("user_tower", model.user_emb, "user_index", "user_embedding"),
-            d / "model.onnx",
+        d = pub.describe(
+            ranker_name, kind="ranker", signature=RANKER_SIGNATURE, metadata=_metadata(model)
         )
+        onnx.save(ranker_graph(model.user_emb, model.item_emb), d / MODEL_FILE)
+        write_vocabularies(d, model)
+
+        user_io, item_io = user_tower_signature(dim), item_tower_signature(dim)
+        d = pub.describe(
+            retrieval_name,
+            kind="retrieval",
+            signature=user_io,
+            metadata=_metadata(model) | {"item_tower": item_io.to_json()},
+        )
+        (user_in,), (user_out,) = user_io.input_names, user_io.output_names
+        (item_in,), (item_out,) = item_io.input_names, item_io.output_names
+        onnx.save(_gather_graph("user_tower", model.user_emb, user_in, user_out), d / MODEL_FILE)
         onnx.save(
-            _gather_graph("item_tower", model.item_emb, "item_index", "item_embedding"),
-            d / "item_tower.onnx",
+            _gather_graph("item_tower", model.item_emb, item_in, item_out), d / "item_tower.onnx"
         )
         np.save(d / "item_embeddings.npy", model.item_emb)
         indptr = [0]
@@ -194,10 +196,7 @@ def publish_tiny_model(repo: Path, model: TinyModel) -> TinyModel:
             indptr=np.asarray(indptr, dtype=np.int64),
             indices=np.asarray(indices, dtype=np.int64),
         )
-        (d / "config.pbtxt").write_text(triton_config(retrieval_name, user_in, user_out))
-        _write_json(d / "users.json", users)
-        _write_json(d / "items.json", items)
-        _write_json(d / "metadata.json", _metadata(model, "retrieval", user_in, user_out))
+        write_vocabularies(d, model)
     assert pub.version is not None
     model.version = pub.version
     return model
@@ -206,14 +205,24 @@ def publish_tiny_model(repo: Path, model: TinyModel) -> TinyModel:
 def publish_corrupt_version(repo: Path, model_name: str) -> int:
     """Publish a version of `model_name` whose model.onnx is not an ONNX graph (hashes match, so
     only loading it can find the fault)."""
+    return publish_files(repo, model_name, {MODEL_FILE: b"this is not an onnx graph"})
+
+
+def publish_files(
+    repo: Path,
+    model_name: str,
+    files: dict[str, bytes],
+    *,
+    signature: Signature = RANKER_SIGNATURE,
+    kind: str = "ranker",
+) -> int:
+    """Publish a version holding `files` beside a one-user, one-item vocabulary (a given
+    users.json or items.json replaces it): for versions that are wrong in one known way."""
     with VersionPublisher(repo, [model_name]) as pub:
-        d = pub.stage(model_name)
-        (d / "model.onnx").write_bytes(b"this is not an onnx graph")
-        _write_json(d / "users.json", {"ids": ["u0"], "kinds": ["target"]})
-        _write_json(d / "items.json", {"ids": ["i0"], "titles": [None], "popularity": [0]})
-        _write_json(
-            d / "metadata.json",
-            {"kind": "ranker", "inputs": RANKER_INPUTS, "outputs": RANKER_OUTPUTS, "opset": OPSET},
-        )
+        d = pub.describe(model_name, kind=kind, signature=signature, metadata={"opset": OPSET})
+        write_users(d / USERS_FILE, ["u0"])
+        write_items(d / ITEMS_FILE, ["i0"])
+        for name, data in files.items():
+            (d / name).write_bytes(data)
     assert pub.version is not None
     return pub.version

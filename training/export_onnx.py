@@ -14,7 +14,6 @@ error at most 1e-5) before anything is published; a failed check publishes nothi
 
 from __future__ import annotations
 
-import json
 import logging
 import subprocess
 import tempfile
@@ -29,7 +28,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from recsys.repository import VersionPublisher
+from recsys.repository import (
+    ITEMS_FILE,
+    MODEL_FILE,
+    RANKER_SIGNATURE,
+    USERS_FILE,
+    VersionPublisher,
+    item_tower_signature,
+    user_tower_signature,
+    write_items,
+    write_users,
+)
 from training.errors import TrainingError
 
 logger = logging.getLogger(__name__)
@@ -133,31 +142,14 @@ def code_version() -> str:
             return "unknown"
 
 
-def _config_pbtxt(name: str, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> str:
-    def tensor(t: dict[str, Any]) -> str:
-        dims = ", ".join(str(d) for d in t["shape"][1:]) or ""
-        dims_line = f"dims: [ {dims} ]" if dims else "dims: [ 1 ]\n    reshape: { shape: [ ] }"
-        return (
-            "  {\n"
-            f'    name: "{t["name"]}"\n'
-            f"    data_type: TYPE_{t['datatype']}\n"
-            f"    {dims_line}\n"
-            "  }"
-        )
-
-    return (
-        f'name: "{name}"\n'
-        'backend: "onnxruntime"\n'
-        "max_batch_size: 65536\n"
-        "input [\n" + ",\n".join(tensor(t) for t in inputs) + "\n]\n"
-        "output [\n" + ",\n".join(tensor(t) for t in outputs) + "\n]\n"
-        "dynamic_batching { }\n"
-        "instance_group [ { kind: KIND_CPU } ]\n"
+def _write_vocabularies(directory: Path, checkpoint: dict[str, Any]) -> None:
+    write_users(directory / USERS_FILE, checkpoint["users"], checkpoint["user_kinds"])
+    write_items(
+        directory / ITEMS_FILE,
+        checkpoint["items"],
+        checkpoint["titles"],
+        [int(c) for c in checkpoint["popularity"]],
     )
-
-
-def _write_json(path: Path, value: Any) -> None:
-    path.write_text(json.dumps(value, indent=1, sort_keys=False))
 
 
 def publish(checkpoint: dict[str, Any], repository: Path, seed: int = 0) -> int:
@@ -193,100 +185,73 @@ def publish(checkpoint: dict[str, Any], repository: Path, seed: int = 0) -> int:
         "n_users": n_users,
         "n_items": n_items,
     }
-    users_json = {"ids": checkpoint["users"], "kinds": checkpoint["user_kinds"]}
-    items_json = {
-        "ids": checkpoint["items"],
-        "titles": checkpoint["titles"],
-        "popularity": [int(c) for c in checkpoint["popularity"]],
-    }
     seen = checkpoint["seen"]  # (indptr, indices)
-
-    ranker_io = (
-        [
-            {"name": "user_index", "datatype": "INT64", "shape": [-1]},
-            {"name": "item_index", "datatype": "INT64", "shape": [-1]},
-        ],
-        [{"name": "score", "datatype": "FP32", "shape": [-1]}],
-    )
-    user_io = (
-        [{"name": "user_index", "datatype": "INT64", "shape": [-1]}],
-        [{"name": "user_embedding", "datatype": "FP32", "shape": [-1, dim]}],
-    )
-    item_io = (
-        [{"name": "item_index", "datatype": "INT64", "shape": [-1]}],
-        [{"name": "item_embedding", "datatype": "FP32", "shape": [-1, dim]}],
-    )
+    ranker_io = RANKER_SIGNATURE
+    user_io = user_tower_signature(dim)
+    item_io = item_tower_signature(dim)
+    (user_in,), (item_in,) = user_io.input_names, item_io.input_names
     # export and check everything before staging anything
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         _export(
             ranker,
             (torch.from_numpy(u_idx[:3]), torch.from_numpy(i_idx[:3])),
-            ["user_index", "item_index"],
-            ["score"],
+            ranker_io.input_names,
+            ranker_io.output_names,
             tmp / "ranker.onnx",
         )
         _export(
             user_tower,
             (torch.from_numpy(u_idx[:3]),),
-            ["user_index"],
-            ["user_embedding"],
+            user_io.input_names,
+            user_io.output_names,
             tmp / "user.onnx",
         )
         _export(
             item_tower,
             (torch.from_numpy(i_idx[:3]),),
-            ["item_index"],
-            ["item_embedding"],
+            item_io.input_names,
+            item_io.output_names,
             tmp / "item.onnx",
         )
         errors = {
             "ranker": check_graph(
-                tmp / "ranker.onnx", ranker, {"user_index": u_idx, "item_index": i_idx}
+                tmp / "ranker.onnx",
+                ranker,
+                dict(zip(ranker_io.input_names, (u_idx, i_idx), strict=True)),
             ),
-            "user_tower": check_graph(tmp / "user.onnx", user_tower, {"user_index": u_idx}),
-            "item_tower": check_graph(tmp / "item.onnx", item_tower, {"item_index": i_idx}),
+            "user_tower": check_graph(tmp / "user.onnx", user_tower, {user_in: u_idx}),
+            "item_tower": check_graph(tmp / "item.onnx", item_tower, {item_in: i_idx}),
         }
         logger.info("export checks passed, max relative errors %s", errors)
         ranker_name, retrieval_name = f"{domain}-ranker", f"{domain}-retrieval"
         with VersionPublisher(repository, [ranker_name, retrieval_name]) as pub:
-            d = pub.stage(ranker_name)
-            (d / "model.onnx").write_bytes((tmp / "ranker.onnx").read_bytes())
-            _write_json(
-                d / "metadata.json",
-                base_meta
-                | {
-                    "kind": "ranker",
-                    "inputs": ranker_io[0],
-                    "outputs": ranker_io[1],
-                    "export_check": {"max_relative_error": errors["ranker"]},
-                },
+            d = pub.describe(
+                ranker_name,
+                kind="ranker",
+                signature=ranker_io,
+                metadata=base_meta | {"export_check": {"max_relative_error": errors["ranker"]}},
             )
-            (d / "config.pbtxt").write_text(_config_pbtxt(ranker_name, *ranker_io))
-            _write_json(d / "users.json", users_json)
-            _write_json(d / "items.json", items_json)
+            (d / MODEL_FILE).write_bytes((tmp / "ranker.onnx").read_bytes())
+            _write_vocabularies(d, checkpoint)
 
-            d = pub.stage(retrieval_name)
-            (d / "model.onnx").write_bytes((tmp / "user.onnx").read_bytes())
-            (d / "item_tower.onnx").write_bytes((tmp / "item.onnx").read_bytes())
-            np.save(d / "item_embeddings.npy", items.detach().float().numpy())
-            np.savez(d / "seen.npz", indptr=seen[0], indices=seen[1])
-            _write_json(
-                d / "metadata.json",
-                base_meta
+            d = pub.describe(
+                retrieval_name,
+                kind="retrieval",
+                signature=user_io,
+                metadata=base_meta
                 | {
-                    "kind": "retrieval",
-                    "inputs": user_io[0],
-                    "outputs": user_io[1],
-                    "item_tower": {"inputs": item_io[0], "outputs": item_io[1]},
+                    "item_tower": item_io.to_json(),
                     "export_check": {
                         "max_relative_error": max(errors["user_tower"], errors["item_tower"])
                     },
                 },
             )
-            (d / "config.pbtxt").write_text(_config_pbtxt(retrieval_name, *user_io))
-            _write_json(d / "users.json", users_json)
-            _write_json(d / "items.json", items_json)
+            (d / MODEL_FILE).write_bytes((tmp / "user.onnx").read_bytes())
+            (d / "item_tower.onnx").write_bytes((tmp / "item.onnx").read_bytes())
+            np.save(d / "item_embeddings.npy", items.detach().float().numpy())
+            np.savez(d / "seen.npz", indptr=seen[0], indices=seen[1])
+            _write_vocabularies(d, checkpoint)
         version = pub.version
     assert version is not None
     logger.info(

@@ -4,6 +4,7 @@ escaped prefix of what the caller sent."""
 
 from __future__ import annotations
 
+from recsys.repository.layout import parse_version_name
 from recsys.rpc.errors import InvalidRequest
 
 # Characters of a caller's string quoted in an error message.
@@ -20,14 +21,16 @@ def quote(text: str, limit: int = QUOTE_CHARS) -> str:
 
 
 def parse_version(text: str) -> int | None:
-    """'' -> None (the latest served); '3' -> 3; anything else (signs, spaces inside, Unicode
-    digits such as '²' or '３', numbers past int64) is an invalid request."""
+    """'' -> None (the latest served); '3' -> 3; anything that is not a version directory's name
+    (signs, spaces inside, leading zeros, Unicode digits such as '²' or '３', numbers past int64)
+    is an invalid request."""
     text = text.strip()
     if not text:
         return None
-    if len(text) > MAX_VERSION_DIGITS or not text.isascii() or not text.isdigit() or int(text) <= 0:
+    version = parse_version_name(text) if len(text) <= MAX_VERSION_DIGITS else None
+    if version is None:
         raise InvalidRequest(f"model_version {quote(text)} is not a positive integer")
-    return int(text)
+    return version
 
 
 def check_length(what: str, text: str, limit: int) -> None:

@@ -15,7 +15,18 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from recsys.repository import RepositoryError, read_json, verify_version
+from recsys.repository import (
+    ITEMS_FILE,
+    MODEL_FILE,
+    RANKER_SIGNATURE,
+    USERS_FILE,
+    RepositoryError,
+    check_signature,
+    read_items,
+    read_users,
+    verify_version,
+)
+from recsys.repository.layout import ITEM_INPUT, SCORE_OUTPUT, USER_INPUT
 from serving.ranking.checks import quote
 
 logger = logging.getLogger(__name__)
@@ -23,15 +34,11 @@ logger = logging.getLogger(__name__)
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 PLATFORM = "onnxruntime_onnx"
-MODEL_FILE = "model.onnx"
+__all__ = ["ITEM_INPUT", "MODEL_FILE", "SCORE_OUTPUT", "USER_INPUT"]
 
-# The ranker contract (docs/model-repository.md): two index vectors in, one score per pair out.
-USER_INPUT = "user_index"
-ITEM_INPUT = "item_index"
-SCORE_OUTPUT = "score"
-CONTRACT_INPUTS = {USER_INPUT: "INT64", ITEM_INPUT: "INT64"}
-CONTRACT_OUTPUTS = {SCORE_OUTPUT: "FP32"}
-_ORT_TYPES = {"INT64": "tensor(int64)", "FP32": "tensor(float)"}
+# The ranker contract (recsys.repository.RANKER_SIGNATURE) as the wire adapters read it.
+CONTRACT_INPUTS = {t.name: t.datatype for t in RANKER_SIGNATURE.inputs}
+CONTRACT_OUTPUTS = {t.name: t.datatype for t in RANKER_SIGNATURE.outputs}
 
 
 class ModelLoadError(Exception):
@@ -115,17 +122,6 @@ class SessionOptions:
     require_provider: bool = False  # the first provider or nothing (RANKING_PROVIDER=cuda)
 
 
-def _read_vocabulary(path: Path) -> list[str]:
-    try:
-        data = read_json(path)
-    except RepositoryError as exc:
-        raise ModelLoadError(str(exc)) from exc
-    ids = data.get("ids")
-    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
-        raise ModelLoadError(f"{path} must hold a non-empty list of string 'ids'")
-    return ids
-
-
 def _index(ids: list[str], path: Path) -> dict[str, int]:
     index = {item: i for i, item in enumerate(ids)}
     if len(index) != len(ids):
@@ -157,57 +153,6 @@ class HashedVocabulary:
         return out
 
 
-def _check_signature(metadata: dict[str, Any], session: ort.InferenceSession, where: Path) -> None:
-    """metadata.json and the graph must both follow the ranker contract."""
-
-    def spec(items: Any, what: str) -> dict[str, str]:
-        if not isinstance(items, list):
-            raise ModelLoadError(f"{where}/metadata.json: '{what}' must be a list")
-        out = {}
-        for item in items:
-            shape = item.get("shape") if isinstance(item, dict) else None
-            if not isinstance(shape, list) or len(shape) != 1:
-                raise ModelLoadError(
-                    f"{where}/metadata.json: {what} {item!r} must be a 1-D tensor [-1]"
-                )
-            out[str(item.get("name"))] = str(item.get("datatype"))
-        return out
-
-    if metadata.get("kind", "ranker") != "ranker":
-        raise ModelLoadError(f"{where}: metadata kind is {metadata.get('kind')!r}, not 'ranker'")
-    for what, contract, declared, actual in (
-        ("inputs", CONTRACT_INPUTS, spec(metadata.get("inputs"), "inputs"), session.get_inputs()),
-        (
-            "outputs",
-            CONTRACT_OUTPUTS,
-            spec(metadata.get("outputs"), "outputs"),
-            session.get_outputs(),
-        ),
-    ):
-        if declared != contract:
-            raise ModelLoadError(
-                f"{where}/metadata.json declares {what} {declared}; a ranker needs {contract}"
-            )
-        graph = {a.name: a for a in actual}
-        if set(graph) != set(contract):
-            raise ModelLoadError(
-                f"{where}/{MODEL_FILE} has {what} {sorted(graph)}; metadata.json and the ranker "
-                f"contract say {sorted(contract)}"
-            )
-        for name, datatype in contract.items():
-            arg = graph[name]
-            if arg.type != _ORT_TYPES[datatype]:
-                raise ModelLoadError(
-                    f"{where}/{MODEL_FILE}: {what[:-1]} {name!r} is {arg.type}, expected "
-                    f"{_ORT_TYPES[datatype]} ({datatype})"
-                )
-            if len(arg.shape) != 1:
-                raise ModelLoadError(
-                    f"{where}/{MODEL_FILE}: {what[:-1]} {name!r} has shape {arg.shape}, "
-                    "expected one dimension [N]"
-                )
-
-
 class RankerModel:
     """A loaded, checked and warmed ranker version. `score` is thread-safe (one shared session)."""
 
@@ -229,8 +174,8 @@ class RankerModel:
         self.session = session
         self.user_ids = user_ids
         self.item_ids = item_ids
-        self.user_index = _index(user_ids, directory / "users.json")
-        self.item_index = _index(item_ids, directory / "items.json")
+        self.user_index = _index(user_ids, directory / USERS_FILE)
+        self.item_index = _index(item_ids, directory / ITEMS_FILE)
         hashed = HashedVocabulary(item_ids)
         # Two ids with one hash (~n**2 / 2**65): keep to the exact dict lookups.
         self._hashed_items = hashed if hashed.unique else None
@@ -256,10 +201,14 @@ class RankerModel:
         start = time.perf_counter()
         try:
             metadata = verify_version(directory)
+            if metadata.get("kind", "ranker") != "ranker":
+                raise RepositoryError(
+                    f"{directory}: metadata kind is {metadata.get('kind')!r}, not 'ranker'"
+                )
+            user_ids = read_users(directory / USERS_FILE).ids
+            item_ids = read_items(directory / ITEMS_FILE).ids
         except RepositoryError as exc:
             raise ModelLoadError(str(exc)) from exc
-        user_ids = _read_vocabulary(directory / "users.json")
-        item_ids = _read_vocabulary(directory / "items.json")
         so = ort.SessionOptions()
         so.intra_op_num_threads = options.intra_op_threads
         so.inter_op_num_threads = options.inter_op_threads
@@ -287,7 +236,16 @@ class RankerModel:
             logger.warning(
                 "%s v%d: no %s session, running on %s", name, version, options.providers[0], actual
             )
-        _check_signature(metadata, session, directory)
+        try:
+            check_signature(
+                metadata,
+                session.get_inputs(),
+                session.get_outputs(),
+                directory,
+                expected=RANKER_SIGNATURE,
+            )
+        except RepositoryError as exc:
+            raise ModelLoadError(str(exc)) from exc
         model = cls(
             name, version, directory, metadata, session, user_ids, item_ids, options.io_binding
         )
@@ -306,21 +264,40 @@ class RankerModel:
 
     def warm_up(self, max_candidates: int) -> None:
         """Run the sizes the service will see (one pair, a typical request, the largest batch) so
-        that allocations and kernel choices happen before traffic; check the output shape."""
-        sizes = sorted({1, 7, min(1000, max_candidates), max(1, max_candidates)})
+        that allocations and kernel choices happen before traffic, and check the outputs: one
+        finite score per pair. The batches cover the first and last rows of both vocabularies,
+        every row where the largest batch is long enough, and a fixed random sample beyond."""
+        largest = max(1, max_candidates)
+        sizes = sorted({1, 7, min(1000, largest), largest})
+        rng = np.random.default_rng(0)
         for n in sizes:
             users = np.arange(n, dtype=np.int64) % self.n_users
             items = np.arange(n, dtype=np.int64) % self.n_items
+            if n == largest and n > 2:
+                users[-1], items[-1] = self.n_users - 1, self.n_items - 1
+                if n > self.n_items:  # every item is covered: pair them with random users too
+                    users[self.n_items : -1] = rng.integers(0, self.n_users, n - self.n_items - 1)
+                else:
+                    half = n // 2
+                    items[half:-1] = rng.integers(0, self.n_items, n - half - 1)
             try:
                 scores = self.score(users, items)
             except Exception as exc:
                 raise ModelLoadError(
                     f"{self.name} v{self.version}: warm-up with {n} candidates failed: {exc}"
                 ) from exc
-            if scores.shape != (n,) or not np.isfinite(scores).all():
+            finite = np.isfinite(scores)
+            if scores.shape != (n,) or not finite.all():
+                bad = np.flatnonzero(~finite)[:1].tolist() if scores.shape == (n,) else []
+                where = (
+                    f" (e.g. user index {int(users[bad[0]])}, item index {int(items[bad[0]])})"
+                    if bad
+                    else ""
+                )
                 raise ModelLoadError(
-                    f"{self.name} v{self.version}: warm-up with {n} candidates gave "
-                    f"{scores.shape} scores (finite: {bool(np.isfinite(scores).all())})"
+                    f"{self.name} v{self.version}: warm-up with {n} candidates gave scores of "
+                    f"shape {scores.shape}, expected ({n},); {int((~finite).sum())} not "
+                    f"finite{where}"
                 )
 
     def lookup(self, user_id: str, item_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,17 @@ import numpy as np
 import onnxruntime as ort
 
 from recsys.candidates import Candidate, Source
-from recsys.repository import RepositoryError, read_json, verify_version
+from recsys.repository import (
+    ITEMS_FILE,
+    MODEL_FILE,
+    USERS_FILE,
+    RepositoryError,
+    check_signature,
+    read_items,
+    read_users,
+    user_tower_signature,
+    verify_version,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,25 +55,22 @@ class RetrieveResult:
     sources: tuple[Source, ...]  # sources that contributed, in order
 
 
-def _check_signature(session: ort.InferenceSession, metadata: dict[str, Any], path: Path) -> None:
-    """The graph's input and output names must be those metadata.json declares."""
-    declared_in = [spec["name"] for spec in metadata.get("inputs", [])]
-    declared_out = [spec["name"] for spec in metadata.get("outputs", [])]
-    actual_in = [i.name for i in session.get_inputs()]
-    actual_out = [o.name for o in session.get_outputs()]
-    if declared_in and declared_in != actual_in:
-        raise RepositoryError(f"{path}: inputs {actual_in} differ from metadata {declared_in}")
-    if declared_out and declared_out != actual_out:
-        raise RepositoryError(f"{path}: outputs {actual_out} differ from metadata {declared_out}")
-
-
-def _user_tower(path: Path, n_users: int, metadata: dict[str, Any], threads: int) -> np.ndarray:
+def _user_tower(
+    path: Path, n_users: int, metadata: dict[str, Any], dim: int, threads: int
+) -> np.ndarray:
     """Every user's representation: the user tower run once over all user indices."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    _check_signature(session, metadata, path)
+    check_signature(
+        metadata,
+        session.get_inputs(),
+        session.get_outputs(),
+        path.parent,
+        expected=user_tower_signature(dim),
+        graph_file=path.name,
+    )
     input_name = session.get_inputs()[0].name
     chunks = []
     for start in range(0, n_users, _USER_TOWER_CHUNK):
@@ -149,17 +156,11 @@ class RetrievalIndex:
         if kind is not None and kind != "retrieval":
             raise RepositoryError(f"{directory}: metadata kind is {kind!r}, not 'retrieval'")
         version = int(directory.name)
-        users = read_json(directory / "users.json")
-        items = read_json(directory / "items.json")
-        user_ids = [str(u) for u in users.get("ids", [])]
-        user_kinds = [str(k) for k in users.get("kinds", ["target"] * len(user_ids))]
-        item_ids = [str(i) for i in items.get("ids", [])]
-        titles = [t or "" for t in items.get("titles") or [None] * len(item_ids)]
-        popularity = np.asarray(items.get("popularity") or [0] * len(item_ids), dtype=np.float32)
-        if len(user_kinds) != len(user_ids):
-            raise RepositoryError(f"{directory}/users.json: ids and kinds differ in length")
-        if not (len(titles) == len(popularity) == len(item_ids)) or not item_ids:
-            raise RepositoryError(f"{directory}/items.json: ids, titles, popularity mismatch")
+        users = read_users(directory / USERS_FILE)
+        items = read_items(directory / ITEMS_FILE)
+        user_ids, user_kinds = users.ids, users.kinds
+        item_ids, titles = items.ids, items.titles
+        popularity = np.asarray(items.popularity, dtype=np.float32)
         try:
             item_embeddings = np.ascontiguousarray(
                 np.load(directory / "item_embeddings.npy"), dtype=np.float32
@@ -176,20 +177,49 @@ class RetrievalIndex:
                 f"{directory}/item_embeddings.npy has shape {item_embeddings.shape}, "
                 f"expected [{len(item_ids)}, D]"
             )
+        if not np.isfinite(item_embeddings).all():
+            bad = int((~np.isfinite(item_embeddings).all(axis=1)).sum())
+            raise RepositoryError(
+                f"{directory}/item_embeddings.npy: {bad} of {len(item_ids)} item rows hold "
+                "NaN or infinite values"
+            )
         if len(seen_indptr) != len(user_ids) + 1:
             raise RepositoryError(f"{directory}/seen.npz: indptr must have n_users + 1 entries")
+        if (
+            seen_indptr[0] != 0
+            or seen_indptr[-1] != len(seen_indices)
+            or (np.diff(seen_indptr) < 0).any()
+            or (
+                len(seen_indices)
+                and (seen_indices.min() < 0 or seen_indices.max() >= len(item_ids))
+            )
+        ):
+            raise RepositoryError(
+                f"{directory}/seen.npz: indptr must rise from 0 to len(indices), and indices "
+                f"must be item rows in [0, {len(item_ids)})"
+            )
         try:
             user_embeddings = _user_tower(
-                directory / "model.onnx", len(user_ids), metadata, options.onnx_threads
+                directory / MODEL_FILE,
+                len(user_ids),
+                metadata,
+                item_embeddings.shape[1],
+                options.onnx_threads,
             )
         except RepositoryError:
             raise
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise RepositoryError(f"{directory}/model.onnx cannot be run: {exc}") from exc
-        if user_ids and user_embeddings.shape != (len(user_ids), item_embeddings.shape[1]):
+            raise RepositoryError(f"{directory}/{MODEL_FILE} cannot be run: {exc}") from exc
+        if user_embeddings.shape != (len(user_ids), item_embeddings.shape[1]):
             raise RepositoryError(
-                f"{directory}/model.onnx gives user embeddings of shape "
+                f"{directory}/{MODEL_FILE} gives user embeddings of shape "
                 f"{user_embeddings.shape}, expected ({len(user_ids)}, {item_embeddings.shape[1]})"
+            )
+        if not np.isfinite(user_embeddings).all():
+            bad = int((~np.isfinite(user_embeddings).all(axis=1)).sum())
+            raise RepositoryError(
+                f"{directory}/{MODEL_FILE} gives NaN or infinite embeddings for {bad} of "
+                f"{len(user_ids)} users"
             )
         loaded = cls(
             model_name=model_name,
@@ -205,6 +235,7 @@ class RetrievalIndex:
             seen_indices=seen_indices,
             options=options,
         )
+        loaded.warm_up()
         logger.info(
             "Loaded %s version %d: %d users, %d items, dim %d, %s index, in %.2f s",
             model_name,
@@ -216,6 +247,14 @@ class RetrievalIndex:
             time.perf_counter() - start,
         )
         return loaded
+
+    def warm_up(self) -> None:
+        """One search for the first user, checked: item rows in range and finite scores."""
+        found = self.search(self.user_embeddings[0], min(10, self.n_items))
+        if not found or not all(0 <= j < self.n_items and np.isfinite(x) for j, x in found):
+            raise RepositoryError(
+                f"{self.model_name} v{self.version}: warm-up search returned {found[:3]!r}"
+            )
 
     # -- searching ------------------------------------------------------------------------------
 

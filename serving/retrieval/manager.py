@@ -1,5 +1,5 @@
-"""Follows the model repository: loads the latest retrieval version of each domain, polls for new
-ones and swaps them in atomically, keeping the previous version when a new one fails."""
+"""The retrieval versions served, one per domain: the repository's version follower (the same
+one the ranker uses) with retrieval's own loading (a FAISS index per version) and metrics."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import threading
 from pathlib import Path
 
-from recsys.repository import RepositoryError, list_models, list_versions, version_dir
+from recsys.repository import LATEST, VersionFollower
 from recsys.rpc.errors import ModelNotReady, NotFound
 from serving.retrieval import metrics
 from serving.retrieval.index import RETRIEVAL_SUFFIX, IndexOptions, RetrievalIndex, domain_of
@@ -17,91 +17,106 @@ logger = logging.getLogger(__name__)
 
 
 class IndexManager:
-    """The served version of each domain's retrieval model. `refresh()` is blocking (run it in a
-    thread); `get()` is cheap and safe from any thread."""
+    """The served version of each domain's retrieval model (the latest loadable one). `get()` is
+    cheap and safe from any thread; `refresh()` blocks (SIGHUP and tests; it retries failed
+    versions); `wait_loaded()` and `poll_forever()` run on the service's event loop."""
 
-    def __init__(self, repository: Path, models: list[str], options: IndexOptions) -> None:
+    def __init__(
+        self,
+        repository: Path,
+        models: list[str],
+        options: IndexOptions,
+        *,
+        poll_interval_s: float = 5.0,
+        retry_base_s: float | None = None,
+    ) -> None:
         self.repository = Path(repository)
         self.configured = list(models)
         for name in self.configured:
             domain_of(name)  # validates the name
         self.options = options
-        self._indexes: dict[str, RetrievalIndex] = {}
-        self._failed: dict[str, set[int]] = {}
-        self._lock = threading.Lock()  # one refresh at a time
+        self.follower: VersionFollower[RetrievalIndex] = VersionFollower(
+            self.repository,
+            kind="retrieval",
+            models=self.configured,
+            policy=LATEST,
+            load=self._load,
+            on_serve=self._serve,
+            on_unload=self._unload,
+            on_failure=lambda name: metrics.MODEL_LOAD_FAILURES.labels(name).inc(),
+            accept=lambda name: name.endswith(RETRIEVAL_SUFFIX) and name != RETRIEVAL_SUFFIX,
+            poll_interval_s=poll_interval_s,
+            retry_base_s=retry_base_s,
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sync = threading.Lock()  # refresh() calls without a service loop, one at a time
+
+    # -- retrieval's loading -----------------------------------------------------------------
+
+    def _load(self, name: str, version: int, directory: Path) -> RetrievalIndex:
+        return RetrievalIndex.load(directory, name, self.options)
+
+    def _serve(self, name: str, version: int, index: RetrievalIndex) -> None:
+        metrics.MODEL_LOADED.labels(name, str(version), index.index_kind).set(1)
+
+    def _unload(self, name: str, version: int, index: RetrievalIndex) -> None:
+        # Searches still holding the index finish on it; its memory goes with the last of them.
+        metrics.MODEL_LOADED.remove(name, str(version), index.index_kind)
+        logger.info("Unloaded %s version %d", name, version)
+
+    # -- what is served ---------------------------------------------------------------------
 
     def model_names(self) -> list[str]:
-        if self.configured:
-            return self.configured
-        try:
-            return [m for m in list_models(self.repository) if m.endswith(RETRIEVAL_SUFFIX)]
-        except RepositoryError as exc:
-            logger.warning("%s", exc)
-            return []
+        return self.follower.model_names()
 
     @property
     def domains(self) -> list[str]:
-        return sorted(self._indexes)
+        return sorted(
+            domain_of(n) for n in self.follower.model_names() if self.follower.versions(n)
+        )
 
     def loaded(self) -> dict[str, RetrievalIndex]:
-        return dict(self._indexes)
+        out = {}
+        for name in self.follower.model_names():
+            index = self.follower.latest(name)
+            if index is not None:
+                out[domain_of(name)] = index
+        return out
 
     def get(self, domain: str) -> RetrievalIndex:
-        index = self._indexes.get(domain)
+        name = f"{domain}{RETRIEVAL_SUFFIX}"
+        index = self.follower.latest(name)
         if index is not None:
             return index
-        if any(domain_of(name) == domain for name in self.model_names()):
+        if self.follower.is_known(name):
             raise ModelNotReady(f"the retrieval model of domain {domain!r} is not loaded yet")
         raise NotFound(f"unknown domain {domain!r}")
 
-    def refresh(self) -> bool:
-        """Load the newest loadable version of every model that is newer than the served one.
-        Returns True when anything changed."""
-        changed = False
-        with self._lock:
-            for name in self.model_names():
-                changed |= self._refresh_model(name)
-        return changed
+    # -- following the repository -----------------------------------------------------------
 
-    def _refresh_model(self, name: str) -> bool:
-        domain = domain_of(name)
-        current = self._indexes.get(domain)
-        failed = self._failed.setdefault(name, set())
-        newer = [
-            v
-            for v in reversed(list_versions(self.repository, name))
-            if v not in failed and (current is None or v > current.version)
-        ]
-        for version in newer:
-            directory = version_dir(self.repository, name, version)
-            try:
-                index = RetrievalIndex.load(directory, name, self.options)
-            except (RepositoryError, OSError, ValueError) as exc:
-                failed.add(version)
-                metrics.MODEL_LOAD_FAILURES.labels(name).inc()
-                logger.error("Cannot serve %s version %d: %s", name, version, exc)
-                continue
-            self._indexes[domain] = index
-            metrics.MODEL_LOADED.labels(name, str(version), index.index_kind).set(1)
-            if current is not None:
-                metrics.MODEL_LOADED.labels(name, str(current.version), current.index_kind).set(0)
-                logger.info("%s: version %d replaces %d", name, version, current.version)
-            return True
-        return False
+    def refresh(self) -> bool:
+        """Scan once, retrying versions that failed before; True when the served set changed.
+        Runs on the service's loop when it is running (so scans never overlap), else here."""
+        loop = self._loop
+        if loop is not None and loop.is_running():
+            future = asyncio.run_coroutine_threadsafe(self.follower.reload(retry_failed=True), loop)
+            return future.result()
+        with self._sync:
+            return asyncio.run(self.follower.reload(retry_failed=True))
 
     async def wait_loaded(self, poll_s: float = 1.0) -> None:
-        """Refresh until at least one model is served (start-up)."""
+        """Scan until at least one model is served (start-up)."""
+        self._loop = asyncio.get_running_loop()
         while True:
-            await asyncio.to_thread(self.refresh)
-            if self._indexes:
+            await self.follower.reload()
+            if self.follower.any_ready():
                 return
             logger.warning("No retrieval model loadable in %s yet; retrying", self.repository)
             await asyncio.sleep(poll_s)
 
     async def poll_forever(self, interval_s: float) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                await asyncio.to_thread(self.refresh)
-            except Exception:
-                logger.exception("Polling the model repository failed")
+        self._loop = asyncio.get_running_loop()
+        await self.follower.poll(interval_s)
+
+    async def close(self) -> None:
+        await self.follower.close()

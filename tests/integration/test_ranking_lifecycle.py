@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from devtools.tiny_models import (
     TinyModel,
@@ -143,6 +144,16 @@ def test_retired_version_finishes_its_requests(
     for call in in_flight:
         reply = call.result()
         assert reply.model_version == old and len(reply.scores) == BIG
+    # Unloaded after its last request: its per-version series leave /metrics.
+    labels = {"model": "slow-ranker", "version": old, "provider": "cpu"}
+    deadline = time.monotonic() + 10
+    while REGISTRY.get_sample_value("recsys_ranker_model_loaded", labels) is not None:
+        assert time.monotonic() < deadline, "the retired version's series stayed"
+        time.sleep(0.02)
+    assert (
+        sample("recsys_ranker_model_loaded", model="slow-ranker", version=str(new), provider="cpu")
+        == 1
+    )
     reply = server.rank.Rank(rank_request("slow-ranker", "u3", ["i1", "i2"]), timeout=10)
     assert reply.model_version == str(new)
     # A request pinned to the retired version is refused with the versions that are served.

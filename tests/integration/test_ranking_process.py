@@ -198,6 +198,18 @@ model_warmup { name: "a field this server does not model" }
 """
 
 
+UNBATCHED_CONFIG = """
+name: "tu-ranker"
+platform: "onnxruntime_onnx"
+max_batch_size: 0
+input [
+  { name: "user_index" data_type: TYPE_INT64 dims: [ -1 ] },
+  { name: "item_index" data_type: TYPE_INT64 dims: [ -1 ] }
+]
+output [ { name: "score" data_type: TYPE_FP32 dims: [ -1 ] } ]
+"""
+
+
 def _triton_probe(address: str, model: str, *extra: str) -> dict[str, Any]:
     out = subprocess.run(
         [
@@ -220,9 +232,9 @@ def _triton_probe(address: str, model: str, *extra: str) -> dict[str, Any]:
 
 
 def test_tritonclient_model_config_statistics_index_and_a_stock_request(tmp_path: Path) -> None:
-    """Issue 18: get_model_config, get_inference_statistics and the repository index answer,
-    and a request built from nothing but get_model_config succeeds, for a published config
-    without a batch dimension ([N]) and one with ([N, 1])."""
+    """get_model_config, get_inference_statistics and the repository index answer, and a request
+    built from nothing but get_model_config succeeds: for the config the project publishes, for
+    one without a batch dimension ([N]) and for another with one ([N, 1])."""
     tiny = publish_tiny_model(tmp_path, make_tiny_model("tc"))
     batched = publish_graph(
         tmp_path,
@@ -230,6 +242,13 @@ def test_tritonclient_model_config_statistics_index_and_a_stock_request(tmp_path
         ranker_graph(tiny.user_emb, tiny.item_emb),
         tiny,
         config=BATCHED_CONFIG,
+    )
+    unbatched = publish_graph(
+        tmp_path,
+        "tu-ranker",
+        ranker_graph(tiny.user_emb, tiny.item_emb),
+        tiny,
+        config=UNBATCHED_CONFIG,
     )
     proc = ServiceProcess(
         "serving.ranking",
@@ -240,13 +259,17 @@ def test_tritonclient_model_config_statistics_index_and_a_stock_request(tmp_path
         proc.wait_serving(60)
         n = 12
         for model, version, shape in (
-            ("tc-ranker", tiny.version, [n]),
+            ("tc-ranker", tiny.version, [n, 1]),
+            ("tu-ranker", unbatched, [n]),
             ("tb-ranker", batched, [n, 1]),
         ):
             answer = _triton_probe(proc.address, model, "--stock", str(n))
             assert "stock_error" not in answer, answer["stock_error"]
             config = answer["config"]
-            assert config["name"] == model and config["platform"] == "onnxruntime_onnx"
+            assert config["name"] == model
+            assert (
+                config.get("backend") == "onnxruntime" or config["platform"] == "onnxruntime_onnx"
+            )
             assert {i["name"] for i in config["input"]} == {"user_index", "item_index"}
             stock = answer["stock"]
             assert stock["sent"]["item_index"]["shape"] == shape and stock["shape"] == shape
@@ -263,10 +286,15 @@ def test_tritonclient_model_config_statistics_index_and_a_stock_request(tmp_path
             assert int(stats["inference_stats"]["compute_infer"]["ns"]) > 0
             assert int(stats["last_inference"]) > 0
             every = {(s["name"], s["version"]) for s in answer["all_statistics"]["model_stats"]}
-            assert every == {("tc-ranker", str(tiny.version)), ("tb-ranker", str(batched))}
+            assert every == {
+                ("tc-ranker", str(tiny.version)),
+                ("tu-ranker", str(unbatched)),
+                ("tb-ranker", str(batched)),
+            }
             index = {(m["name"], m["version"], m["state"]) for m in answer["index"]["models"]}
             assert index == {
                 ("tc-ranker", str(tiny.version), "READY"),
+                ("tu-ranker", str(unbatched), "READY"),
                 ("tb-ranker", str(batched), "READY"),
             }
         assert "tb-ranker" in config["name"]

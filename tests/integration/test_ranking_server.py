@@ -414,6 +414,7 @@ def test_rank_bad_input(
         ("\uff13", grpc.StatusCode.INVALID_ARGUMENT, "not a positive integer"),
         ("\u0663", grpc.StatusCode.INVALID_ARGUMENT, "not a positive integer"),
         ("9" * 30, grpc.StatusCode.INVALID_ARGUMENT, "not a positive integer"),
+        ("01", grpc.StatusCode.INVALID_ARGUMENT, "not a positive integer"),
     ],
 )
 def test_unknown_or_malformed_version(
@@ -637,11 +638,12 @@ def test_model_config_statistics_and_index(
 ) -> None:
     repo, tiny = tiny_repo
     config = ranker.oip.ModelConfig(pb.ModelConfigRequest(name="rk-ranker"), timeout=5).config
-    assert config.name == "rk-ranker" and config.platform == "onnxruntime_onnx"
-    assert config.max_batch_size == 0
+    # The published config.pbtxt: the ONNX Runtime backend, one element per batch row.
+    assert config.name == "rk-ranker" and config.backend == "onnxruntime"
+    assert config.max_batch_size == 65536
     assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [
-        ("user_index", pb.TYPE_INT64, [-1]),
-        ("item_index", pb.TYPE_INT64, [-1]),
+        ("user_index", pb.TYPE_INT64, [1]),
+        ("item_index", pb.TYPE_INT64, [1]),
     ]
     assert [(o.name, o.data_type) for o in config.output] == [("score", pb.TYPE_FP32)]
     code, _ = _code(ranker.oip.ModelConfig, pb.ModelConfigRequest(name="nope"))

@@ -11,7 +11,14 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from recsys.repository import list_versions, read_metadata, verify_version
+from recsys.repository import (
+    RANKER_SIGNATURE,
+    list_versions,
+    read_metadata,
+    triton_config,
+    user_tower_signature,
+    verify_version,
+)
 from training.cli import main
 from training.config import load_config
 from training.export_onnx import ExportError, TableTower, _export, check_graph, publish
@@ -81,6 +88,14 @@ def test_published_models_match_the_checkpoint(synthetic_run: dict[str, Any]) ->
         ):
             assert key in meta, key
         assert (d.parent / "config.pbtxt").is_file()
+    # Training writes the one config.pbtxt the tests publish too.
+    assert (ranker_dir / "config.pbtxt").read_text() == triton_config(
+        "target-ranker", RANKER_SIGNATURE
+    )
+    dim = int(ckpt["user_table"].shape[1])
+    assert (retrieval_dir / "config.pbtxt").read_text() == triton_config(
+        "target-retrieval", user_tower_signature(dim)
+    )
     meta = read_metadata(retrieval_dir)
     assert meta["inputs"] == [{"name": "user_index", "datatype": "INT64", "shape": [-1]}]
     users = json.loads((retrieval_dir / "users.json").read_text())
