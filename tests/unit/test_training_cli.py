@@ -159,3 +159,16 @@ def test_typo_in_dataset_toml_exits_2_naming_the_nearest_key(
     assert main([*argv, "--target=books", *QUICK, f"--run-dir={tmp_path / 'run'}"]) == 2
     line = _one_line(capsys)
     assert "dataset.toml: unknown key 'ratings' in [domains.films]; did you mean 'rating'?" in line
+
+
+def test_non_utf8_row_exits_2_with_one_line_naming_file_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = _pair(tmp_path / "latin", shared=True)
+    with (folder / "books.csv").open("ab") as fh:
+        fh.write(b"u1,caf\xe9,5\n")
+    argv = ["train", f"--data-dir={tmp_path}", "--dataset=latin", "--source=films"]
+    assert main([*argv, "--target=books", *QUICK, f"--run-dir={tmp_path / 'run'}"]) == 2
+    line = _one_line(capsys)
+    assert line.startswith(f"error: {folder / 'books.csv'}:")
+    assert "not utf-8 text (byte 0xe9" in line

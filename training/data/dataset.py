@@ -58,6 +58,14 @@ class DomainData:
         if self.ratings is None or threshold is None:
             return self
         keep = self.ratings >= threshold
+        if len(self) and not keep.any():
+            low, high = float(self.ratings.min()), float(self.ratings.max())
+            implicit = " (an implicit column of 1s needs rating_threshold = 1)" if high <= 1 else ""
+            raise DataError(
+                f"domain {self.name!r}: no rating reaches rating_threshold = {threshold:g} "
+                f"(ratings {low:g} to {high:g}), so every row would be dropped{implicit}; set "
+                "rating_threshold, or declare no rating column for implicit feedback"
+            )
         return DomainData(
             name=self.name,
             users=self.users[keep],
