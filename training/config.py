@@ -114,13 +114,15 @@ class Config:
             setattr(self, key, _coerce(key, value, getattr(self, key), origin))
 
 
+HELP = "python -m training train --help lists every option"
+
+
 def suggest(name: str, known: Iterable[str], spell: Callable[[str], str] = repr) -> str:
-    """``"; did you mean 'x'?"`` for the nearest known name, or the list of names if none is near."""
-    names = sorted(known)
-    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    """``"; did you mean 'x'?"`` for the nearest known name, else where to find the names."""
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
     if close:
         return f"; did you mean {spell(close[0])}?"
-    return f"; known: {', '.join(spell(n) for n in names)}"
+    return f"; {HELP}"
 
 
 def _coerce(key: str, value: Any, current: Any, origin: str) -> Any:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from training.data.dataset import load_dataset, read_table
+from training.data.dataset import DOMAIN_KEYS, TOP_KEYS, load_dataset, read_table
 from training.data.splits import make_split
 from training.data.synthetic import make_synthetic
 from training.errors import DataError
@@ -275,3 +276,20 @@ def test_implicit_column_of_ones_names_the_threshold_setting(tmp_path: Path) -> 
     with pytest.raises(DataError, match=r"rating_threshold = 4 .*implicit column of 1s needs"):
         make_split(ds, "a", None, rating_threshold=4.0)
     assert len(make_split(ds, "a", None, rating_threshold=1.0).train) > 0
+
+
+def test_readme_documents_every_dataset_toml_key_and_its_example_loads(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "training" / "README.md").read_text()
+    for key in [*TOP_KEYS, *DOMAIN_KEYS]:
+        assert f"| `{key}`" in readme or f", `{key}`" in readme, key
+    example = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    decl = tomllib.loads(example)
+    _write(tmp_path / "books.csv", "user_id,item_id,rating,ts\nu1,b1,5,1\nu2,b2,4,2\n")
+    _write(tmp_path / "titles.csv", "item_id,title\nb1,One\n")
+    for part in ("train", "valid", "test"):
+        _write(tmp_path / "films" / f"{part}.txt", f"u1\t{part}1\nu2\t{part}2\n")
+    _write(tmp_path / "dataset.toml", example)
+    ds = load_dataset(tmp_path)
+    assert ds.name == decl["name"] and sorted(ds.domains) == ["books", "films"]
+    assert ds.domain("books").titles == {"b1": "One"}
+    assert ds.domain("films").given_split.tolist() == [0, 0, 1, 1, 2, 2]  # type: ignore[union-attr]

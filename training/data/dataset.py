@@ -1,16 +1,18 @@
 """In-memory data set types and the loaders for every supported on-disk layout.
 
 A data set is a folder plus a small declaration of its domains. The built-in folders of
-``../shared/data`` are recognised by name; any other folder declares itself in ``dataset.toml``::
+``../shared/data`` are recognised by name, the DisenCDR layout (``X_Y/train.txt``, ``test.txt``)
+under any name; any other folder declares itself in ``dataset.toml`` (keys in ``TOP_KEYS`` and
+``DOMAIN_KEYS``, documented in training/README.md)::
 
     name = "my-pair"
     [domains.books]
     file = "books.csv"        # .csv, .tsv, .txt or RecBole atomic .inter
-    user = "user_id"          # column names (header required for csv/tsv/inter)
+    user = "user_id"          # column names, or 0-based indices with header = false
     item = "item_id"
     rating = "rating"         # optional
     timestamp = "timestamp"   # optional
-    titles = "items.csv"      # optional: item,title file
+    titles = "items.csv"      # optional: a header with the item column and "title"
 
 Every loader reports a malformed line with its file and line number and never drops it silently.
 Duplicate (user, item) rows are removed deterministically (the last row wins) and counted.
