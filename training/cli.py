@@ -13,12 +13,73 @@ line or field).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
-from training.errors import TrainingError
+from training.config import Config, field_help, format_default, option_name, suggest
+from training.errors import ConfigError, TrainingError
+
+CONFIG_DEST = "config."  # argparse destinations of the Config fields: "config.epochs", ...
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per :class:`Config` field, grouped by section, documented by its comment."""
+    docs = field_help()
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    defaults = Config()
+    for f in dataclasses.fields(Config):
+        section, comment = docs.get(f.name, ("", ""))
+        title = f"training options: {section}" if section else "training options"
+        if title not in groups:
+            groups[title] = parser.add_argument_group(title)
+        default = getattr(defaults, f.name)
+        extra: dict[str, object] = {}
+        if isinstance(default, bool):
+            extra = {"nargs": "?", "const": "true", "metavar": "BOOL"}
+        elif isinstance(default, list):
+            extra = {"metavar": "A,B"}
+        else:
+            extra = {"metavar": type(default).__name__.upper()}
+        text = f"{comment} (default: {format_default(default)})".strip()
+        groups[title].add_argument(
+            option_name(f.name),
+            dest=CONFIG_DEST + f.name,
+            default=argparse.SUPPRESS,
+            help=text.replace("%", "%%"),
+            **extra,  # type: ignore[arg-type]
+        )
+
+
+def _overrides(args: argparse.Namespace, extra: list[str], known: list[str]) -> list[str]:
+    """``--key=value`` overrides from the options argparse read; anything else is refused."""
+    for item in extra:
+        if item.startswith("--"):
+            name = item.partition("=")[0]
+            raise ConfigError(f"command line: unknown option {name}{suggest(name, known, str)}")
+    if extra:
+        raise ConfigError(
+            f"command line: unexpected argument {extra[0]!r} (options are --key=value)"
+        )
+    return [
+        f"--{key[len(CONFIG_DEST) :]}={value}"
+        for key, value in vars(args).items()
+        if key.startswith(CONFIG_DEST)
+    ]
+
+
+def _normalise(argv: list[str]) -> list[str]:
+    """``--cold_shares=0.2`` is accepted as ``--cold-shares=0.2``."""
+    out = []
+    for item in argv:
+        if item.startswith("--"):
+            key, sep, value = item.partition("=")
+            item = key.replace("_", "-") + sep + value
+        out.append(item)
+    return out
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,12 +88,19 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser(
-        "train", parents=[common], help="full pipeline from a config file and --key=value overrides"
+        "train",
+        parents=[common],
+        allow_abbrev=False,  # "--epoch" is refused with "did you mean --epochs?", not guessed
+        usage="%(prog)s [--config FILE] [--run-dir DIR] [--repository DIR] [--OPTION=VALUE ...]",
+        help="full pipeline from a config file and --key=value overrides",
+        description="Load, split, pretrain, transfer, evaluate, report, export and publish. "
+        "Defaults, then the --config TOML file, then the options below (--key=value or "
+        "--key value; --cold_shares is --cold-shares).",
     )
     t.add_argument("--config", type=Path, help="TOML override file (see training/configs/)")
-    t.add_argument("--data-dir", type=Path, help="data folder (default ../shared/data)")
-    t.add_argument("--run-dir", type=Path, default=Path("runs/latest"))
+    t.add_argument("--run-dir", type=Path, default=Path("runs/latest"), help="report folder")
     t.add_argument("--repository", type=Path, help="model repository to publish into")
+    _add_config_options(t)
     e = sub.add_parser("export", parents=[common], help="export and publish a checkpoint")
     e.add_argument("checkpoint", type=Path)
     e.add_argument("--repository", type=Path, required=True)
@@ -49,6 +117,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def parser_train(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``train`` subcommand's parser."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices["train"]
+    raise AssertionError("no train subcommand")
+
+
 def _print_published(models: list[str], version: int, repository: Path) -> None:
     print(f"Published to model repository {repository}:")
     for m in models:
@@ -57,8 +133,21 @@ def _print_published(models: list[str], version: int, repository: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # --key=value overrides for train are everything argparse does not know
+    """Run one subcommand; returns the exit code."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # inside the try: a reader that went away fails here, not at exit
+        return code
+    except BrokenPipeError:
+        # the reader closed the pipe (``report ... | head``): stop quietly, as other tools do;
+        # stdout goes to /dev/null so that the interpreter's last flush does not fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: list[str] | None) -> int:
+    argv = _normalise(list(sys.argv[1:] if argv is None else argv))
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(
@@ -69,15 +158,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "train":
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
             from training.config import load_config
             from training.pipeline import run
             from training.report import table
 
-            bad = [x for x in extra if not x.startswith("--") or "=" not in x]
-            if bad:
-                parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides are --key=value)")
-            cfg = load_config(args.config, extra)
-            results = run(cfg, args.data_dir, args.run_dir, args.repository)
+            known = [o for a in parser_train(parser)._actions for o in a.option_strings]
+            cfg = load_config(args.config, _overrides(args, extra, known))
+            data_dir = Path(cfg.data_dir) if cfg.data_dir else None
+            with logging_redirect_tqdm():  # log lines above the progress bar, not through it
+                results = run(cfg, data_dir, args.run_dir, args.repository)
             if "checkpoint" not in results:  # a non-zero DDP rank
                 return 0
             print()
@@ -90,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             if "published" in results:
                 pub = results["published"]
                 _print_published(pub["models"], pub["version"], Path(pub["repository"]))
+            if "not_published" in results:
+                raise TrainingError(results["not_published"])
             return 0
         if args.command == "export":
             import torch

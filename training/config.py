@@ -4,7 +4,11 @@ experiment (``training/configs/*.toml``) and ``--key=value`` command-line overri
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
+import re
 import tomllib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,7 @@ STRATEGIES = ("finetune", "freeze_unfreeze", "lora", "emcdr")
 class Config:
     # --- data -----------------------------------------------------------------------------
     dataset: str = "amazon-books-movies"  # folder under data_dir (built-in or with dataset.toml)
-    data_dir: str = ""  # "" = ../shared/data next to the repository root, when present
+    data_dir: str = ""  # folder of data set folders; "" = $RECSYS_DATA_DIR, else ../shared/data
     source: str = "movies"  # source domain; "" trains the target domain alone
     target: str = "books"  # target domain (names the published models: <target>-ranker)
     protocol: str = "ratio"  # "ratio" (RecBole 8:1:1, full ranking) or "loo" (sampled negatives)
@@ -44,7 +48,8 @@ class Config:
     patience: int = 4  # stop after this many validations without improvement
     eval_every: int = 1  # validate every N epochs; the best validated epoch is kept
     # --- transfer -------------------------------------------------------------------------
-    strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
+    strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))  # transfer
+    # strategies to train; target_only and popularity always run ("" = none)
     finetune_user_lr_scale: float = 1.0  # finetune: learning-rate factor on the shared user table
     freeze_epochs: int = 15  # freeze_unfreeze: epochs with the shared user side frozen
     unfreeze_lr_scale: float = 0.3  # freeze_unfreeze: learning-rate factor after unfreezing
@@ -52,11 +57,13 @@ class Config:
     mapping_hidden: int = 128  # emcdr: hidden width of the source->target mapping MLP
     mapping_epochs: int = 300  # emcdr: full-batch epochs fitting the mapping
     export_strategy: str = "best"  # strategy to publish: "best" (on validation) or a name
+    allow_below_popularity: bool = False  # publish even when the exported model's validation
+    # NDCG@10 is below popularity's (otherwise nothing is published and the run exits 2)
     # --- run ------------------------------------------------------------------------------
     seed: int = 0  # seeds the split, initialisation and batch order
     device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
     threads: int = 0  # torch CPU threads (0 = torch's default)
-    progress: bool = True  # tqdm progress bars
+    progress: bool = True  # one tqdm bar per training phase (none when stderr is not a terminal)
 
     def validate(self) -> None:
         if self.protocol not in ("ratio", "loo"):
@@ -94,12 +101,28 @@ class Config:
         cfg.update(values, origin)
         return cfg
 
-    def update(self, values: dict[str, Any], origin: str) -> None:
+    def update(
+        self, values: dict[str, Any], origin: str, spell: Callable[[str], str] = repr
+    ) -> None:
+        """Set fields from ``values``; an unknown name is refused with the nearest known one."""
         fields = {f.name: f for f in dataclasses.fields(self)}
         for key, value in values.items():
             if key not in fields:
-                raise ConfigError(f"{origin}: unknown field {key!r}")
+                raise ConfigError(
+                    f"{origin}: unknown field {spell(key)}{suggest(key, fields, spell)}"
+                )
             setattr(self, key, _coerce(key, value, getattr(self, key), origin))
+
+
+HELP = "python -m training train --help lists every option"
+
+
+def suggest(name: str, known: Iterable[str], spell: Callable[[str], str] = repr) -> str:
+    """``"; did you mean 'x'?"`` for the nearest known name, else where to find the names."""
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {spell(close[0])}?"
+    return f"; {HELP}"
 
 
 def _coerce(key: str, value: Any, current: Any, origin: str) -> Any:
@@ -130,6 +153,53 @@ def _coerce(key: str, value: Any, current: Any, origin: str) -> Any:
         ) from None
 
 
+def field_help() -> dict[str, tuple[str, str]]:
+    """``{field: (section, comment)}`` read from the commented block of :class:`Config`.
+
+    The comments beside the fields are their documentation: ``train --help`` prints them, so the
+    defaults and their explanations live in one place.
+    """
+    try:
+        source = inspect.getsource(Config)
+    except (OSError, TypeError):  # no source (frozen build): names and defaults only
+        return {f.name: ("", "") for f in dataclasses.fields(Config)}
+    out: dict[str, tuple[str, str]] = {}
+    section, current = "", None
+    for line in source.splitlines()[1:]:
+        text = line.strip()
+        if text.startswith("def "):
+            break
+        heading = re.fullmatch(r"# -+ (.+?) -+", text)
+        if heading:
+            section, current = heading.group(1), None
+            continue
+        declared = re.match(r"(\w+): [^=]+=", text)
+        if declared:
+            current = declared.group(1)
+            _, _, comment = text.partition("  # ")
+            out[current] = (section, comment.strip())
+        elif text.startswith("#") and current is not None:
+            sec, comment = out[current]
+            out[current] = (sec, f"{comment} {text.lstrip('#').strip()}".strip())
+        else:
+            current = None
+    return out
+
+
+def format_default(value: Any) -> str:
+    """A default as one would type it on the command line."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return repr(value) if value == "" else str(value)
+
+
+def option_name(field_name: str) -> str:
+    """The command-line spelling of a field: ``cold_shares`` -> ``--cold-shares``."""
+    return "--" + field_name.replace("_", "-")
+
+
 def load_config(path: Path | None, overrides: list[str]) -> Config:
     """Defaults, then the TOML file (if any), then ``key=value`` overrides."""
     cfg = Config()
@@ -147,6 +217,6 @@ def load_config(path: Path | None, overrides: list[str]) -> Config:
         if not sep:
             raise ConfigError(f"override {item!r}: expected --key=value")
         pairs[key.replace("-", "_")] = value
-    cfg.update(pairs, "command line")
+    cfg.update(pairs, "command line", option_name)
     cfg.validate()
     return cfg

@@ -16,7 +16,7 @@ from torch import distributed as dist
 
 from training.config import Config
 from training.data.dataset import Dataset, load_dataset
-from training.data.splits import Split, make_split
+from training.data.splits import Split, check_split, make_split
 from training.data.synthetic import make_synthetic
 from training.errors import ConfigError
 from training.evaluate import full_ranking, sampled_ranking
@@ -81,6 +81,7 @@ def run_share(
         use_given_split=cfg.use_given_split,
         seed=cfg.seed,
     )
+    check_split(split, cfg.target, cfg.source or None)
     if run_dir is not None and world()[0] == 0:
         split.save(run_dir / f"split-cold{share}")
     timings: dict[str, float] = {}
@@ -152,6 +153,34 @@ def choose(cfg: Config, block: dict[str, Any], tables: dict[str, Tables]) -> str
             raise ConfigError(f"export_strategy: {cfg.export_strategy!r} was not trained")
         return cfg.export_strategy
     return max(tables, key=lambda n: float(block["strategies"][n]["train"]["valid_ndcg@10"]))
+
+
+def popularity_gate(cfg: Config, split: Split, name: str, tab: Tables) -> dict[str, Any]:
+    """Validation NDCG@10 of the exported model beside popularity's, on the same users.
+
+    A model below popularity is published only with ``allow_below_popularity``; the report's first
+    line says which of the two happened.
+    """
+    users = np.unique(split.valid[:, 0])
+    if users.size > 3000:
+        users = np.sort(np.random.default_rng(cfg.seed).choice(users, 3000, replace=False))
+    pop = popularity_tables(split)
+    scores = {
+        key: full_ranking(u, v, split.valid, [split.train], users=users, ks=(10,))["ndcg@10"]
+        for key, (u, v) in {
+            "model": (tab.users, tab.items),
+            "popularity": (pop.users, pop.items),
+        }.items()
+    }
+    below = not scores["model"] > scores["popularity"]
+    gate = {"strategy": name, "valid_ndcg@10": scores, "below_popularity": below}
+    if below:
+        gate["message"] = (
+            f"exported strategy {name} has validation NDCG@10 {scores['model']:.4f}, not above "
+            f"popularity's {scores['popularity']:.4f}"
+        )
+        logger.warning("%s", gate["message"])
+    return gate
 
 
 def build_checkpoint(
@@ -232,13 +261,20 @@ def run(
             metrics = {seg: block["strategies"][key][seg] for seg in ("warm", "cold", "all")}
             checkpoint = build_checkpoint(cfg, dataset, split, name, tables[name], metrics)
             results["exported_strategy"] = checkpoint["strategy"]
+            results["popularity_gate"] = popularity_gate(cfg, split, name, tables[name])
     results["seconds_total_train"] = time.perf_counter() - t_start
     assert checkpoint is not None
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         torch.save(checkpoint, run_dir / "checkpoint.pt")
         results["checkpoint"] = str(run_dir / "checkpoint.pt")
-        if repository is not None:
+        gate = results["popularity_gate"]
+        if repository is not None and gate["below_popularity"] and not cfg.allow_below_popularity:
+            results["not_published"] = (
+                f"{gate['message']}: nothing published to {repository} "
+                "(--allow-below-popularity publishes it anyway)"
+            )
+        elif repository is not None:
             from training.export_onnx import publish
 
             t0 = time.perf_counter()

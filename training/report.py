@@ -17,9 +17,24 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
+def headline(results: dict[str, Any]) -> str | None:
+    """The report's first line when the exported model is not above popularity on validation."""
+    gate = results.get("popularity_gate") or {}
+    if "not_published" in results:
+        return f"**NOT PUBLISHED**: {results['not_published']}"
+    if not gate.get("below_popularity"):
+        return None
+    if "published" in results:
+        return f"**PUBLISHED BELOW POPULARITY** (allow_below_popularity = true): {gate['message']}"
+    return f"**BELOW POPULARITY**: {gate['message']}"
+
+
 def table(results: dict[str, Any]) -> str:
     """Markdown tables: one per cold-start share, warm and cold-start users side by side."""
     lines: list[str] = []
+    first = headline(results)
+    if first:
+        lines += [first, ""]
     for share, block in results["shares"].items():
         lines.append(
             f"### {results['dataset']}: {results['source'] or '-'} -> {results['target']}, "

@@ -119,16 +119,17 @@ def fit(
     history: list[tuple[int, float, float]] = []
     bad = 0
     epoch = 0
+    # one bar per phase, epochs as its unit; none when stderr is not a terminal (disable=None)
+    bar = tqdm(
+        total=epochs, desc=desc, unit="epoch", disable=True if not progress or rank > 0 else None
+    )
     for epoch in range(1, epochs + 1):
         net.train()
         gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(n, generator=gen)
         total = 0.0
         steps = range(0, n, step)
-        bar = tqdm(
-            steps, desc=f"{desc} epoch {epoch}", leave=False, disable=not progress or rank > 0
-        )
-        for start in bar:
+        for start in steps:
             idx = order[start : start + step]
             local = idx[rank::world_size]
             negs = None
@@ -152,11 +153,13 @@ def fit(
             opt.step()
             total += float(out.detach()) / world_size
         mean_loss = total / max(1, len(steps))
+        bar.update(1)
         if epoch % eval_every == 0 or epoch == epochs:
             model.eval()
             score = validate(model)
             history.append((epoch, mean_loss, score))
             logger.info("%s epoch %d loss %.4f valid %.4f", desc, epoch, mean_loss, score)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", valid=f"{score:.4f}")
             if score > best_score:
                 best_score, best_epoch, bad = score, epoch, 0
                 best_state = copy.deepcopy(model.state_dict())
@@ -164,6 +167,7 @@ def fit(
                 bad += 1
                 if bad >= patience:
                     break
+    bar.close()
     for h in hooks:
         h.remove()
     model.load_state_dict(best_state)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from training.data.dataset import load_dataset, read_table
+from training.data.dataset import DOMAIN_KEYS, TOP_KEYS, load_dataset, read_table
+from training.data.splits import make_split
 from training.data.synthetic import make_synthetic
 from training.errors import DataError
 
@@ -171,3 +173,123 @@ def test_movielens_100k_genre_domains_share_users_not_items(shared_data_dir: Pat
         "Comedy" in comedy.titles[i] and "Drama" not in comedy.titles[i] for i in comedy.titles
     )
     assert len(comedy) + len(drama) < 100000
+
+
+def _declare(folder: Path, text: str) -> None:
+    _write(folder / "dataset.toml", text)
+
+
+def test_titles_file_without_the_item_column_names_the_item_column(tmp_path: Path) -> None:
+    _write(tmp_path / "a.csv", "user_id,item_id\nx,1\n")
+    _write(tmp_path / "titles.csv", "item,title\n1,One\n")
+    _declare(tmp_path, '[domains.a]\nfile = "a.csv"\ntitles = "titles.csv"\n')
+    with pytest.raises(DataError, match=r"titles\.csv:1: no item column 'item_id' in header"):
+        load_dataset(tmp_path)
+
+
+def test_bytes_that_are_not_utf8_name_the_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "a.csv").write_bytes(b"user_id,item_id\nx,1\ny,caf\xe9\n")
+    _declare(tmp_path, '[domains.a]\nfile = "a.csv"\n')
+    with pytest.raises(DataError, match=r"a\.csv:3: not utf-8 text \(byte 0xe9 at column 6\)"):
+        load_dataset(tmp_path)
+
+
+def test_binary_file_given_as_csv_is_a_data_error(tmp_path: Path) -> None:
+    png = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x10"
+    (tmp_path / "a.csv").write_bytes(png)
+    _declare(tmp_path, '[domains.a]\nfile = "a.csv"\n')
+    with pytest.raises(DataError, match=r"a\.csv:1: not utf-8 text .*binary file"):
+        load_dataset(tmp_path)
+    # NUL bytes in otherwise valid text: a binary file, or an id that cannot round-trip
+    (tmp_path / "a.csv").write_bytes(b"user_id,item_id\nx,1\ny,i\x00\n")
+    with pytest.raises(DataError, match=r"a\.csv:3: control character '\\x00' at column 4"):
+        load_dataset(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("[domains]\nbooks = 5\n", r"domains\.books must be a table .*got int 5"),
+        ("[domains.books]\nfile = 5\n", r"domains\.books\.file must be a file name, got int 5"),
+        ('[domains.books]\nfile = "a.csv"\nuser = 0\n', r"domains\.books\.user = 0: a column name"),
+        ('[domains.books]\nfile = "a.csv"\nrating = "r"\nratings = "r"\n', "did you mean 'rating'"),
+        ('nme = "x"\n[domains.books]\nfile = "a.csv"\n', r"unknown key 'nme'; did you mean 'name'"),
+        ('[domains.books]\ntrain = "a.csv"\n', "a given split needs train and test"),
+        ('[domains.books]\nfile = "a.csv"\ndelimiter = "::"\n', "delimiter must be one character"),
+    ],
+)
+def test_malformed_dataset_toml_names_the_file_and_key(
+    tmp_path: Path, toml: str, message: str
+) -> None:
+    _write(tmp_path / "a.csv", "user_id,item_id,r\nx,1,5\n")
+    _declare(tmp_path, toml)
+    with pytest.raises(DataError, match=message) as err:
+        load_dataset(tmp_path)
+    assert str(err.value).startswith(str(tmp_path / "dataset.toml"))
+
+
+def test_one_long_id_costs_only_its_own_length(tmp_path: Path) -> None:
+    rows = [f"u{n},i{n % 50}" for n in range(2000)] + ["u0," + "x" * 20_000]
+    _write(tmp_path / "a.csv", "user_id,item_id\n" + "\n".join(rows) + "\n")
+    _declare(tmp_path, '[domains.a]\nfile = "a.csv"\n')
+    d = load_dataset(tmp_path).domain("a")
+    assert len(d) == 2001 and max(len(i) for i in d.items.tolist()) == 20_000
+    # a fixed-width array would hold 2001 x 20,000 characters (160 MB); ids are Python strings
+    assert d.items.dtype == object and d.users.dtype == object
+    assert d.items.nbytes + d.users.nbytes < 100_000
+
+
+def test_disencdr_layout_is_read_from_any_folder_name(tmp_path: Path) -> None:
+    root = tmp_path / "my-games"
+    for folder in ("game_video", "video_game"):
+        _write(root / folder / "train.txt", "0\t1\t1\n0\t2\t1\n1\t1\t1\n")
+        _write(root / folder / "test.txt", "0\t3\t1\n1\t4\n")
+    ds = load_dataset(root)
+    assert ds.name == "my-games" and sorted(ds.domains) == ["game", "video"]
+    assert ds.domain("video").given_split.tolist() == [0, 0, 0, 2, 2]  # type: ignore[union-attr]
+
+
+def test_headerless_files_and_a_given_split_declared(tmp_path: Path) -> None:
+    _write(tmp_path / "tr.tsv", "u1\ti1\t1\nu1\ti2\t1\nu2\ti1\t1\n")
+    _write(tmp_path / "te.tsv", "u1\ti3\t1\nu2\ti2\t1\n")
+    _declare(
+        tmp_path,
+        '[domains.a]\ntrain = "tr.tsv"\ntest = "te.tsv"\nheader = false\nuser = 0\nitem = 1\n',
+    )
+    d = load_dataset(tmp_path).domain("a")
+    assert d.users.tolist() == ["u1", "u1", "u2", "u1", "u2"]
+    assert d.given_split.tolist() == [0, 0, 0, 2, 2]  # type: ignore[union-attr]
+    assert d.ratings is None
+    _declare(
+        tmp_path,
+        '[domains.a]\ntrain = "tr.tsv"\ntest = "te.tsv"\nheader = false\nitem = 3\n',
+    )
+    with pytest.raises(DataError, match=r"tr\.tsv:1: item column 3 \(0-based\) but the row has 3"):
+        load_dataset(tmp_path)
+
+
+def test_implicit_column_of_ones_names_the_threshold_setting(tmp_path: Path) -> None:
+    rows = [f"u{u}\ti{i}\t1" for u in range(5) for i in range(5)]
+    _write(tmp_path / "a.tsv", "\n".join(rows) + "\n")
+    _declare(tmp_path, '[domains.a]\nfile = "a.tsv"\nheader = false\nrating = 2\n')
+    ds = load_dataset(tmp_path)
+    with pytest.raises(DataError, match=r"rating_threshold = 4 .*implicit column of 1s needs"):
+        make_split(ds, "a", None, rating_threshold=4.0)
+    assert len(make_split(ds, "a", None, rating_threshold=1.0).train) > 0
+
+
+def test_readme_documents_every_dataset_toml_key_and_its_example_loads(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "training" / "README.md").read_text()
+    for key in [*TOP_KEYS, *DOMAIN_KEYS]:
+        assert f"| `{key}`" in readme or f", `{key}`" in readme, key
+    example = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    decl = tomllib.loads(example)
+    _write(tmp_path / "books.csv", "user_id,item_id,rating,ts\nu1,b1,5,1\nu2,b2,4,2\n")
+    _write(tmp_path / "titles.csv", "item_id,title\nb1,One\n")
+    for part in ("train", "valid", "test"):
+        _write(tmp_path / "films" / f"{part}.txt", f"u1\t{part}1\nu2\t{part}2\n")
+    _write(tmp_path / "dataset.toml", example)
+    ds = load_dataset(tmp_path)
+    assert ds.name == decl["name"] and sorted(ds.domains) == ["books", "films"]
+    assert ds.domain("books").titles == {"b1": "One"}
+    assert ds.domain("films").given_split.tolist() == [0, 0, 1, 1, 2, 2]  # type: ignore[union-attr]

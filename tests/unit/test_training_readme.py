@@ -28,7 +28,7 @@ def declared(tmp_path: Path) -> Path:
     written in the formats it describes."""
     folder = tmp_path / "my-pair"
     folder.mkdir()
-    (folder / "dataset.toml").write_text(_block("toml", "[domains.books]"))
+    (folder / "dataset.toml").write_text(_block("toml", "book_titles.csv"))
     (folder / "book_titles.csv").write_text(_block("csv", "item_id,title"))
     (folder / "books.csv").write_text(
         "user_id;item_id;rating;ts;shelf\n"

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.data.dataset import Dataset, DomainData
-from training.data.splits import Split, _ratio_counts, make_split
+from training.data.dataset import TRAIN, VALID, Dataset, DomainData
+from training.data.splits import Split, _ratio_counts, check_split, make_split
 from training.data.synthetic import make_synthetic
-from training.errors import ConfigError
+from training.errors import ConfigError, DataError
 
 
 def _pairs(a: np.ndarray) -> set[tuple[int, int]]:
@@ -91,3 +91,52 @@ def test_bad_protocol_and_share_are_config_errors(synth: Dataset) -> None:
         make_split(synth, "target", "source", "nope")
     with pytest.raises(ConfigError, match="cold_share"):
         make_split(synth, "target", None, "ratio", cold_share=0.2)
+
+
+def _domain(name: str, rows: list[tuple[str, str]], split: list[int] | None = None) -> DomainData:
+    return DomainData(
+        name=name,
+        users=np.array([u for u, _ in rows], dtype=object),
+        items=np.array([i for _, i in rows], dtype=object),
+        given_split=None if split is None else np.array(split, dtype=np.int8),
+    )
+
+
+def _grid(users: range, items: range, prefix: str = "") -> list[tuple[str, str]]:
+    return [(f"u{u}", f"{prefix}{i}") for u in users for i in items if (u + i) % 3]
+
+
+def _checked(dataset: Dataset, source: str | None = "src") -> None:
+    split = make_split(dataset, "tgt", source, "ratio", n_negatives=5, seed=0)
+    check_split(split, "tgt", source)
+
+
+def test_target_with_a_single_user_is_refused() -> None:
+    ds = Dataset("one", Path("one"), {"tgt": _domain("tgt", _grid(range(1), range(30)))})
+    with pytest.raises(DataError, match=r"domain 'tgt': 1 user\(s\) .* at least 2"):
+        _checked(ds, None)
+
+
+def test_split_without_test_or_validation_users_is_refused() -> None:
+    # every user has one interaction: the 8:1:1 split leaves nothing to validate or test on
+    ds = Dataset("thin", Path("thin"), {"tgt": _domain("tgt", _grid(range(50), range(1, 2)))})
+    with pytest.raises(DataError, match="no validation users"):
+        _checked(ds, None)
+    # a given split with validation but no test rows: metrics would be NaN
+    rows = _grid(range(20), range(10))
+    given = [TRAIN if n % 4 else VALID for n in range(len(rows))]
+    ds = Dataset("given", Path("given"), {"tgt": _domain("tgt", rows, given)})
+    with pytest.raises(DataError, match="no test users"):
+        _checked(ds, None)
+
+
+def test_source_without_shared_users_is_refused_loudly(caplog: pytest.LogCaptureFixture) -> None:
+    domains = {
+        "tgt": _domain("tgt", _grid(range(40), range(20))),
+        "src": _domain("src", _grid(range(100, 140), range(20), "s")),
+    }
+    ds = Dataset("apart", Path("apart"), domains)
+    with pytest.raises(DataError, match="TRANSFER IMPOSSIBLE: .*share no user.*--source="):
+        _checked(ds)
+    assert any(r.levelname == "WARNING" and "share no user" in r.message for r in caplog.records)
+    _checked(ds, None)  # the target alone trains

@@ -1,16 +1,18 @@
 """In-memory data set types and the loaders for every supported on-disk layout.
 
 A data set is a folder plus a small declaration of its domains. The built-in folders of
-``../shared/data`` are recognised by name; any other folder declares itself in ``dataset.toml``::
+``../shared/data`` are recognised by name, the DisenCDR layout (``X_Y/train.txt``, ``test.txt``)
+under any name; any other folder declares itself in ``dataset.toml`` (keys in ``TOP_KEYS`` and
+``DOMAIN_KEYS``, documented in training/README.md)::
 
     name = "my-pair"
     [domains.books]
     file = "books.csv"        # .csv, .tsv, .txt or RecBole atomic .inter
-    user = "user_id"          # column names (header required for csv/tsv/inter)
+    user = "user_id"          # column names, or 0-based indices with header = false
     item = "item_id"
     rating = "rating"         # optional
     timestamp = "timestamp"   # optional
-    titles = "items.csv"      # optional: item,title file
+    titles = "items.csv"      # optional: a header with the item column and "title"
 
 Every loader reports a malformed line with its file and line number and never drops it silently.
 Duplicate (user, item) rows are removed deterministically (the last row wins) and counted.
@@ -19,8 +21,10 @@ Duplicate (user, item) rows are removed deterministically (the last row wins) an
 from __future__ import annotations
 
 import csv
+import difflib
 import hashlib
 import logging
+import re
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,8 +44,8 @@ class DomainData:
     """All interactions of one domain, with raw (string) ids."""
 
     name: str
-    users: np.ndarray  # str, one per interaction
-    items: np.ndarray  # str, one per interaction
+    users: np.ndarray  # str (object array of Python strings), one per interaction
+    items: np.ndarray  # str (object array of Python strings), one per interaction
     ratings: np.ndarray | None = None  # float32, explicit feedback
     timestamps: np.ndarray | None = None  # int64
     given_split: np.ndarray | None = None  # int8 TRAIN/VALID/TEST when the data fixes the split
@@ -56,6 +60,14 @@ class DomainData:
         if self.ratings is None or threshold is None:
             return self
         keep = self.ratings >= threshold
+        if len(self) and not keep.any():
+            low, high = float(self.ratings.min()), float(self.ratings.max())
+            implicit = " (an implicit column of 1s needs rating_threshold = 1)" if high <= 1 else ""
+            raise DataError(
+                f"domain {self.name!r}: no rating reaches rating_threshold = {threshold:g} "
+                f"(ratings {low:g} to {high:g}), so every row would be dropped{implicit}; set "
+                "rating_threshold, or declare no rating column for implicit feedback"
+            )
         return DomainData(
             name=self.name,
             users=self.users[keep],
@@ -105,12 +117,39 @@ def _fingerprint(paths: list[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
+# C0 control characters other than tab, CR and LF: never in a text table, always in a binary file
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
+def _decoded(path: Path, encoding: str = "utf-8") -> Iterator[str]:
+    """The lines of ``path`` (newlines kept), each decoded on its own so that an error names it.
+
+    Bytes that are not ``encoding`` text, and control characters such as NUL (a binary file, or an
+    id a database padded), are refused with the file and line.
+    """
+    with _require(path).open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode(encoding)
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{path}:{lineno}: not {encoding} text (byte 0x{raw[exc.start]:02x} at column "
+                    f"{exc.start + 1}); is it a binary file?"
+                ) from None
+            bad = _CONTROL.search(line)
+            if bad:
+                raise DataError(
+                    f"{path}:{lineno}: control character {bad.group()!r} at column "
+                    f"{bad.start() + 1} (a binary file, or an id with a NUL byte)"
+                )
+            yield line
+
+
 def _lines(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
-    with _require(path).open(encoding=encoding, newline="") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            line = line.rstrip("\r\n")
-            if line.strip():
-                yield lineno, line
+    for lineno, line in enumerate(_decoded(path, encoding), start=1):
+        line = line.rstrip("\r\n")
+        if line.strip():
+            yield lineno, line
 
 
 def _float(value: str, path: Path, lineno: int, what: str) -> float:
@@ -133,9 +172,10 @@ def _int(value: str, path: Path, lineno: int, what: str) -> int:
 def deduplicate(domain: DomainData) -> DomainData:
     """Keep the last row of every (user, item) pair; record how many rows went and conflicted."""
     n = len(domain)
-    # "\x1f" (unit separator) keeps ("1", "23") and ("12", "3") apart; NUL would not, since
-    # numpy's fixed-width strings drop trailing NULs before the concatenation.
-    pairs = np.char.add(np.char.add(domain.users.astype(str), "\x1f"), domain.items.astype(str))
+    # "\x1f" (unit separator, refused in ids) keeps ("1", "23") and ("12", "3") apart
+    pairs = _ids(
+        [f"{u}\x1f{i}" for u, i in zip(domain.users.tolist(), domain.items.tolist(), strict=True)]
+    )
     # last occurrence: unique over the reversed array
     _, rev_first = np.unique(pairs[::-1], return_index=True)
     keep = np.sort(n - 1 - rev_first)
@@ -173,6 +213,17 @@ def deduplicate(domain: DomainData) -> DomainData:
     )
 
 
+def _ids(values: list[str]) -> np.ndarray:
+    """Ids as an object array of Python strings: each costs its own length.
+
+    (A fixed-width numpy string array costs its longest id on every row: one 20,000-character id
+    among 100,000 rows is 8 GB of ``<U20000``.)
+    """
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
 def _make(
     name: str,
     users: list[str],
@@ -185,8 +236,8 @@ def _make(
     return deduplicate(
         DomainData(
             name=name,
-            users=np.asarray(users, dtype=object).astype(str),
-            items=np.asarray(items, dtype=object).astype(str),
+            users=_ids(users),
+            items=_ids(items),
             ratings=None if ratings is None else np.asarray(ratings, dtype=np.float32),
             timestamps=None if timestamps is None else np.asarray(timestamps, dtype=np.int64),
             given_split=None if given_split is None else np.asarray(given_split, dtype=np.int8),
@@ -198,82 +249,139 @@ def _make(
 # ----------------------------------------------------------------------------- table readers
 
 
+Column = str | int  # a column: its header name, or its 0-based index in a header-less file
+
+
+def _columns(
+    path: Path, wanted: dict[str, Column | None], header: bool, delimiter: str | None
+) -> tuple[dict[str, list[str]], list[int]]:
+    """The ``wanted`` columns of a delimited text file, by role; with their line numbers."""
+    if delimiter is None:
+        delimiter = "," if path.suffix.lower() == ".csv" else "\t"
+    reader = csv.reader(_decoded(path), delimiter=delimiter)
+    cols: dict[str, int] = {}
+    width: int | None = None
+    try:
+        if header:
+            try:
+                names = [h.split(":", 1)[0].strip() for h in next(reader)]
+            except StopIteration:
+                raise DataError(f"{path}:1: empty file, expected a header line") from None
+            width = len(names)
+            for role, col in wanted.items():
+                if col is None:
+                    continue
+                if col not in names:
+                    raise DataError(
+                        f"{path}:1: no {role} column {col!r} in header {names}"
+                        f"{_close(str(col), names)}"
+                    )
+                cols[role] = names.index(str(col))
+        else:
+            cols = {role: int(col) for role, col in wanted.items() if col is not None}
+        out: dict[str, list[str]] = {role: [] for role in cols}
+        lines: list[int] = []
+        for row in reader:
+            lineno = reader.line_num
+            if not row or all(not c.strip() for c in row):
+                continue
+            if width is None:  # header-less: the first row fixes the width
+                width = len(row)
+                for role, index in cols.items():
+                    if index >= width:
+                        raise DataError(
+                            f"{path}:{lineno}: {role} column {index} (0-based) but the row has "
+                            f"{width} fields"
+                        )
+            if len(row) != width:
+                raise DataError(f"{path}:{lineno}: expected {width} fields, got {len(row)}")
+            for role, index in cols.items():
+                out[role].append(row[index].strip())
+            lines.append(lineno)
+    except csv.Error as exc:
+        raise DataError(f"{path}:{reader.line_num}: {exc}") from None
+    return out, lines
+
+
+def _close(name: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(name, names, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _read_rows(
+    path: Path,
+    user: Column,
+    item: Column,
+    rating: Column | None,
+    timestamp: Column | None,
+    delimiter: str | None,
+    header: bool,
+) -> tuple[list[str], list[str], list[float] | None, list[int] | None]:
+    wanted = {"user": user, "item": item, "rating": rating, "timestamp": timestamp}
+    cols, lines = _columns(path, wanted, header, delimiter)
+    for role in ("user", "item"):
+        for lineno, value in zip(lines, cols[role], strict=True):
+            if not value:
+                raise DataError(f"{path}:{lineno}: empty {role} id")
+    ratings = stamps = None
+    if "rating" in cols:
+        ratings = [_float(v, path, n, "rating") for n, v in zip(lines, cols["rating"], strict=True)]
+    if "timestamp" in cols:
+        stamps = [
+            _int(v, path, n, "timestamp") for n, v in zip(lines, cols["timestamp"], strict=True)
+        ]
+    return cols["user"], cols["item"], ratings, stamps
+
+
 def read_table(
     path: Path,
     domain: str,
-    user: str = "user_id",
-    item: str = "item_id",
-    rating: str | None = None,
-    timestamp: str | None = None,
+    user: Column = "user_id",
+    item: Column = "item_id",
+    rating: Column | None = None,
+    timestamp: Column | None = None,
     delimiter: str | None = None,
+    header: bool = True,
 ) -> DomainData:
-    """Read a CSV/TSV with a header, or a RecBole atomic ``.inter`` file (``name:type`` headers)."""
-    _require(path)
-    if delimiter is None:
-        delimiter = "," if path.suffix.lower() == ".csv" else "\t"
-    with path.open(encoding="utf-8", newline="") as fh:
-        reader = csv.reader(fh, delimiter=delimiter)
-        try:
-            header = [h.split(":", 1)[0].strip() for h in next(reader)]
-        except StopIteration:
-            raise DataError(f"{path}:1: empty file, expected a header line") from None
-        cols: dict[str, int] = {}
-        for role, col in (
-            ("user", user),
-            ("item", item),
-            ("rating", rating),
-            ("timestamp", timestamp),
-        ):
-            if col is None:
-                continue
-            if col not in header:
-                raise DataError(f"{path}:1: no {role} column {col!r} in header {header}")
-            cols[role] = header.index(col)
-        users: list[str] = []
-        items: list[str] = []
-        ratings: list[float] = []
-        stamps: list[int] = []
-        width = len(header)
-        for lineno, row in enumerate(reader, start=2):
-            if not row or all(not c.strip() for c in row):
-                continue
-            if len(row) != width:
-                raise DataError(f"{path}:{lineno}: expected {width} fields, got {len(row)}")
-            u, i = row[cols["user"]].strip(), row[cols["item"]].strip()
-            if not u or not i:
-                raise DataError(f"{path}:{lineno}: empty user or item id")
-            users.append(u)
-            items.append(i)
-            if "rating" in cols:
-                ratings.append(_float(row[cols["rating"]], path, lineno, "rating"))
-            if "timestamp" in cols:
-                stamps.append(_int(row[cols["timestamp"]], path, lineno, "timestamp"))
-    return _make(
-        domain,
-        users,
-        items,
-        ratings if "rating" in cols else None,
-        stamps if "timestamp" in cols else None,
+    """Read a CSV/TSV with a header, or a RecBole atomic ``.inter`` file (``name:type`` headers).
+
+    With ``header=False`` the columns are 0-based indices. The delimiter defaults to ``,`` for
+    ``.csv`` files and a tab otherwise.
+    """
+    users, items, ratings, stamps = _read_rows(
+        path, user, item, rating, timestamp, delimiter, header
     )
+    return _make(domain, users, items, ratings, stamps)
+
+
+def read_titles(path: Path, item: str = "item_id", delimiter: str | None = None) -> dict[str, str]:
+    """An item-title table with a header: the item column (``item``) and a ``title`` column."""
+    cols, lines = _columns(path, {"item": item, "title": "title"}, True, delimiter)
+    for lineno, value in zip(lines, cols["item"], strict=True):
+        if not value:
+            raise DataError(f"{path}:{lineno}: empty item id")
+    return dict(zip(cols["item"], cols["title"], strict=True))
 
 
 def read_triples(
-    path: Path, domain: str, n_fields: int, has_rating: bool, split: int | None = None
+    path: Path, domain: str, n_fields: int | tuple[int, ...], has_rating: bool
 ) -> tuple[list[str], list[str], list[float], list[int]]:
     """Read a header-less whitespace/tab separated ``user item [rating [timestamp]]`` file."""
     users: list[str] = []
     items: list[str] = []
     ratings: list[float] = []
     stamps: list[int] = []
+    allowed = (n_fields,) if isinstance(n_fields, int) else n_fields
     for lineno, line in _lines(path):
         parts = line.split()
-        if len(parts) != n_fields:
-            raise DataError(f"{path}:{lineno}: expected {n_fields} fields, got {len(parts)}")
+        if len(parts) not in allowed:
+            want = " or ".join(str(n) for n in allowed)
+            raise DataError(f"{path}:{lineno}: expected {want} fields, got {len(parts)}")
         users.append(parts[0])
         items.append(parts[1])
         if has_rating:
             ratings.append(_float(parts[2], path, lineno, "rating"))
-        if n_fields >= 4:
+        if len(parts) >= 4:
             stamps.append(_int(parts[3], path, lineno, "timestamp"))
     return users, items, ratings, stamps
 
@@ -302,23 +410,47 @@ def load_douban_book_music(path: Path) -> Dataset:
     return Dataset("douban-book-music", path, domains, _fingerprint(list(files.values())))
 
 
-def load_amazon_sport_cloth(path: Path) -> Dataset:
-    """The DisenCDR split: ``X_Y/train.txt`` and ``X_Y/test.txt`` are domain X's given split."""
+_DISENCDR_FOLDER = re.compile(r"([^_/]+)_([^_/]+)")
+
+
+def disencdr_folders(path: Path) -> dict[str, Path]:
+    """``{domain X: folder X_Y}`` for every ``X_Y`` subfolder holding ``train.txt`` and ``test.txt``."""
+    out: dict[str, Path] = {}
+    for sub in sorted(p for p in path.iterdir() if p.is_dir()):
+        m = _DISENCDR_FOLDER.fullmatch(sub.name)
+        if not m or not (sub / "train.txt").is_file() or not (sub / "test.txt").is_file():
+            continue
+        name = m.group(1)
+        if name in out:
+            raise DataError(
+                f"{path}: domain {name!r} is given twice, in {out[name].name}/ and {sub.name}/; "
+                "keep one pair per folder"
+            )
+        out[name] = sub
+    return out
+
+
+def load_disencdr(path: Path) -> Dataset:
+    """The DisenCDR layout, in a folder of any name: ``X_Y/train.txt`` and ``X_Y/test.txt`` are
+    domain X's given split (header-less ``user item [1]`` lines, ids shared between the domains)."""
+    folders = disencdr_folders(path)
+    if not folders:
+        raise DataError(f"{path}: no X_Y/ folder with train.txt and test.txt (DisenCDR layout)")
     domains = {}
     used: list[Path] = []
-    for name, folder in (("sport", "sport_cloth"), ("cloth", "cloth_sport")):
+    for name, folder in folders.items():
         users: list[str] = []
         items: list[str] = []
         split: list[int] = []
         for fname, code in (("train.txt", TRAIN), ("test.txt", TEST)):
-            f = path / folder / fname
+            f = folder / fname
             used.append(f)
-            u, i, _, _ = read_triples(f, name, 3, has_rating=False)
+            u, i, _, _ = read_triples(f, name, (2, 3), has_rating=False)
             users += u
             items += i
             split += [code] * len(u)
         domains[name] = _make(name, users, items, given_split=split)
-    return Dataset("amazon-sport-cloth", path, domains, _fingerprint(used))
+    return Dataset(path.name, path, domains, _fingerprint(used))
 
 
 def load_movielens_100k(path: Path) -> Dataset:
@@ -392,44 +524,151 @@ def load_movielens_1m_implicit(path: Path) -> Dataset:
     return Dataset("movielens-1m-implicit", path, {"movies": domain}, _fingerprint(files))
 
 
+# The keys of dataset.toml (training/README.md documents them): key -> (types, what it holds)
+TOP_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
+    "name": ((str,), "a string"),
+    "domains": ((dict,), "a table of [domains.<name>] tables"),
+}
+DOMAIN_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
+    "file": ((str,), "a file name"),
+    "train": ((str,), "a file name"),
+    "valid": ((str,), "a file name"),
+    "test": ((str,), "a file name"),
+    "header": ((bool,), "true or false"),
+    "delimiter": ((str,), "one character"),
+    "user": ((str, int), "a column name, or a 0-based index when header = false"),
+    "item": ((str, int), "a column name, or a 0-based index when header = false"),
+    "rating": ((str, int), "a column name, or a 0-based index when header = false"),
+    "timestamp": ((str, int), "a column name, or a 0-based index when header = false"),
+    "titles": ((str,), "a file name"),
+}
+SPLIT_FILES = (("train", TRAIN), ("valid", VALID), ("test", TEST))
+
+
+def _check_keys(
+    where: Path,
+    table: str,
+    values: dict[str, object],
+    keys: dict[str, tuple[tuple[type, ...], str]],
+) -> None:
+    for key, value in values.items():
+        if key not in keys:
+            close = difflib.get_close_matches(key, list(keys), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(keys)}"
+            place = f" in [{table}]" if table else ""
+            raise DataError(f"{where}: unknown key {key!r}{place}; {hint}")
+        types, what = keys[key]
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            name = f"{table}.{key}" if table else key
+            raise DataError(f"{where}: {name} must be {what}, got {type(value).__name__} {value!r}")
+
+
+def _declared_domain(
+    path: Path, decl_file: Path, name: str, spec: dict[str, object]
+) -> tuple[DomainData, list[Path]]:
+    where = f"domains.{name}."
+    _check_keys(decl_file, f"domains.{name}", spec, DOMAIN_KEYS)
+    header = bool(spec.get("header", True))
+    default_user: Column = "user_id" if header else 0
+    default_item: Column = "item_id" if header else 1
+    columns: dict[str, Column | None] = {
+        "user": spec.get("user", default_user),  # type: ignore[dict-item]
+        "item": spec.get("item", default_item),  # type: ignore[dict-item]
+        "rating": spec.get("rating"),  # type: ignore[dict-item]
+        "timestamp": spec.get("timestamp"),  # type: ignore[dict-item]
+    }
+    for role, col in columns.items():
+        if col is None:
+            continue
+        if header and not isinstance(col, str):
+            raise DataError(
+                f"{decl_file}: {where}{role} = {col!r}: a column name (the file has a header; "
+                "set header = false for 0-based column indices)"
+            )
+        if not header and (not isinstance(col, int) or col < 0):
+            raise DataError(f"{decl_file}: {where}{role} = {col!r}: a 0-based column index")
+    delimiter = spec.get("delimiter")
+    if delimiter is not None and len(str(delimiter)) != 1:
+        raise DataError(f"{decl_file}: {where}delimiter must be one character, got {delimiter!r}")
+    split_keys = [k for k, _ in SPLIT_FILES if k in spec]
+    if ("file" in spec) == bool(split_keys):
+        raise DataError(
+            f"{decl_file}: [domains.{name}] needs either file = ... or a given split "
+            "(train = ... and test = ..., valid = ... optional)"
+        )
+    if split_keys and not {"train", "test"} <= set(split_keys):
+        raise DataError(f"{decl_file}: [domains.{name}] a given split needs train and test")
+    parts = [("file", None)] if "file" in spec else [(k, c) for k, c in SPLIT_FILES if k in spec]
+    users: list[str] = []
+    items: list[str] = []
+    ratings: list[float] = []
+    stamps: list[int] = []
+    split: list[int] = []
+    files = []
+    for key, code in parts:
+        f = path / str(spec[key])
+        files.append(f)
+        u, i, r, t = _read_rows(
+            f,
+            columns["user"],  # type: ignore[arg-type]
+            columns["item"],  # type: ignore[arg-type]
+            columns["rating"],
+            columns["timestamp"],
+            None if delimiter is None else str(delimiter),
+            header,
+        )
+        users += u
+        items += i
+        ratings += r or []
+        stamps += t or []
+        if code is not None:
+            split += [code] * len(u)
+    titles: dict[str, str] = {}
+    if "titles" in spec:
+        tf = path / str(spec["titles"])
+        item_col = columns["item"] if isinstance(columns["item"], str) else "item_id"
+        titles = read_titles(tf, item_col)
+    domain = _make(
+        name,
+        users,
+        items,
+        ratings if columns["rating"] is not None else None,
+        stamps if columns["timestamp"] is not None else None,
+        given_split=split or None,
+        titles=titles,
+    )
+    return domain, files
+
+
 def load_declared(path: Path) -> Dataset:
     decl_file = path / "dataset.toml"
     try:
         decl = tomllib.loads(decl_file.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise DataError(f"{decl_file}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{decl_file}: not UTF-8 text ({exc.reason})") from None
+    _check_keys(decl_file, "", decl, TOP_KEYS)
     specs = decl.get("domains")
     if not isinstance(specs, dict) or not specs:
         raise DataError(f"{decl_file}: expected at least one [domains.<name>] table")
     domains = {}
-    files = []
+    files: list[Path] = []
     for name, spec in specs.items():
-        if "file" not in spec:
-            raise DataError(f"{decl_file}: domains.{name}.file is required")
-        f = path / spec["file"]
-        files.append(f)
-        domains[name] = read_table(
-            f,
-            name,
-            user=spec.get("user", "user_id"),
-            item=spec.get("item", "item_id"),
-            rating=spec.get("rating"),
-            timestamp=spec.get("timestamp"),
-            delimiter=spec.get("delimiter"),
-        )
-        if "titles" in spec:
-            tf = path / spec["titles"]
-            table = read_table(tf, name, user=spec.get("item", "item_id"), item="title")
-            domains[name].titles = dict(
-                zip(table.users.tolist(), table.items.tolist(), strict=True)
+        if not isinstance(spec, dict):
+            raise DataError(
+                f"{decl_file}: domains.{name} must be a table ([domains.{name}] with file = ...), "
+                f"got {type(spec).__name__} {spec!r}"
             )
+        domains[name], used = _declared_domain(path, decl_file, name, spec)
+        files += used
     return Dataset(str(decl.get("name", path.name)), path, domains, _fingerprint(files))
 
 
 BUILTIN = {
     "amazon-books-movies": load_amazon_books_movies,
     "douban-book-music": load_douban_book_music,
-    "amazon-sport-cloth": load_amazon_sport_cloth,
+    "amazon-sport-cloth": load_disencdr,
     "movielens-100k": load_movielens_100k,
     "movielens-1m-implicit": load_movielens_1m_implicit,
 }
@@ -444,10 +683,12 @@ def load_dataset(path: Path) -> Dataset:
         ds = load_declared(path)
     elif path.name in BUILTIN:
         ds = BUILTIN[path.name](path)
+    elif disencdr_folders(path):
+        ds = load_disencdr(path)
     else:
         raise DataError(
-            f"{path}: unknown data set layout; expected a dataset.toml declaration or one of "
-            f"{', '.join(sorted(BUILTIN))}"
+            f"{path}: unknown data set layout; expected a dataset.toml declaration, X_Y/train.txt "
+            f"and X_Y/test.txt folders (DisenCDR), or one of {', '.join(sorted(BUILTIN))}"
         )
     for d in ds.domains.values():
         logger.info("data set %s domain %s: %s", ds.name, d.name, d.stats)

@@ -291,6 +291,48 @@ def make_split(
     return split
 
 
+def check_split(split: Split, target: str, source: str | None) -> None:
+    """Refuse a split that cannot give a meaningful model; say loudly when transfer cannot work.
+
+    A target domain needs at least two users, and the split needs validation pairs (to choose the
+    epoch and the exported strategy) and test pairs (to report metrics: with none they are NaN).
+    A source domain sharing no user with the target cannot transfer anything: every strategy and
+    the EMCDR mapping go through the users both domains share.
+    """
+    all_pairs = np.concatenate([split.train, split.valid, split.test])
+    target_users = np.unique(all_pairs[:, 0])
+    if target_users.size < 2:
+        raise DataError(
+            f"domain {target!r}: {target_users.size} user(s) with positive interactions; a model "
+            "needs at least 2"
+        )
+    for part, pairs in (("validation", split.valid), ("test", split.test)):
+        if len(pairs) == 0:
+            raise DataError(
+                f"domain {target!r}: the {split.protocol} split leaves no {part} users (too few "
+                "interactions per user); nothing can be chosen or measured"
+            )
+    if source is None:
+        return
+    shared = np.intersect1d(split.source_users, target_users)
+    if shared.size == 0:
+        message = (
+            f"TRANSFER IMPOSSIBLE: source domain {source!r} and target domain {target!r} share no "
+            f"user ({split.source_users.size} source users, {target_users.size} target users); "
+            "every transfer strategy goes through shared users. Train the target alone with "
+            '--source= (or source = "" in the config)'
+        )
+        logger.warning("%s", message)
+        raise DataError(message)
+    if shared.size < 10:
+        logger.warning(
+            "source domain %r and target domain %r share only %d users: transfer can do little",
+            source,
+            target,
+            shared.size,
+        )
+
+
 def _sample_negatives(
     t_u: np.ndarray,
     t_i: np.ndarray,
