@@ -119,7 +119,7 @@ class GrpcRankers:
         except grpc.RpcError as exc:
             error = upstream_error("ranker", exc)
             error.replica = index
-            if error.code in ("UNAVAILABLE", "RESOURCE_EXHAUSTED") and self.eject_s > 0:
+            if error.retryable and self.eject_s > 0:
                 chosen.ejected_until = time.monotonic() + self.eject_s
             raise error from None
         finally:

@@ -67,6 +67,13 @@ class GatewaySettings(ServerSettings):
         0.4, gt=0, le=1, description="Share of the remaining time that retrieval may take."
     )
     max_k: int = Field(100, ge=1, le=10_000, description="Largest k a request may ask for.")
+    max_recent_items: int = Field(
+        1000,
+        ge=0,
+        le=100_000,
+        description="Most ids in a request's recent_item_ids (they are copied into every retrieval "
+        "call); more are INVALID_ARGUMENT.",
+    )
     domains: str = Field("books", description="Comma list of the domains served.")
     max_rank_attempts: int = Field(
         3, ge=1, le=10, description="Attempts per shard, on different replicas."

@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from recsys.candidates import PERSONAL_SOURCES, Candidate, Source
 
@@ -43,28 +43,61 @@ class Reason(IntEnum):
     RANKING_DEADLINE = 2
     RANKING_PARTIAL = 3
     RETRIEVAL_UNAVAILABLE = 4
+    UNKNOWN_USER = 5
+    RANKING_INVALID_SCORES = 6
 
 
 # Status codes (grpc.StatusCode names) on which a call can be sent again, to another replica:
 # the call was refused before any work (UNAVAILABLE, RESOURCE_EXHAUSTED). Both calls the pipeline
-# makes are reads, so a repeat is harmless; the retry budget keeps repeats from piling up.
+# makes are reads, so a repeat is harmless; the retry budget keeps repeats from piling up. A call
+# that failed for its own size (a message or its metadata over a limit) fails the same way
+# everywhere, so it is never repeated.
 RETRYABLE_CODES = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
 DEADLINE_CODES = frozenset({"DEADLINE_EXCEEDED"})
+# How gRPC words a message or metadata over a size limit (RESOURCE_EXHAUSTED).
+SIZE_ERROR_MARKERS = ("larger than max", "metadata size", "message too large", "too large")
+# Most characters of an upstream's error text kept in a degradation detail or status message.
+DETAIL_CHARS = 200
+
+
+def is_size_error(code: str, detail: str) -> bool:
+    """Whether a failure is a message or its metadata over a size limit."""
+    text = detail.lower()
+    return code == "RESOURCE_EXHAUSTED" and any(marker in text for marker in SIZE_ERROR_MARKERS)
 
 
 class UpstreamError(Exception):
     """A retrieval or ranking call failed; `code` is the gRPC status code name. A ranker sets
-    `replica` to the replica that failed, so that a retry goes to the next one."""
+    `replica` to the replica that failed, so that a retry goes to the next one. The detail is cut
+    to DETAIL_CHARS characters."""
 
     def __init__(self, code: str, detail: str = "", *, replica: int | None = None) -> None:
+        if len(detail) > DETAIL_CHARS:
+            detail = detail[:DETAIL_CHARS] + "..."
         super().__init__(f"{code}: {detail}" if detail else code)
         self.code = code
         self.detail = detail
         self.replica = replica
 
+    @property
+    def retryable(self) -> bool:
+        """Refused before any work, and not for the call's own size."""
+        return self.code in RETRYABLE_CODES and not is_size_error(self.code, self.detail)
+
 
 class PipelineUnavailable(Exception):
     """Neither retrieval nor its fallback could produce candidates."""
+
+
+class PipelineDeadline(Exception):
+    """The deadline left no time to produce candidates (retrieval was late and nothing is cached
+    to fall back on)."""
+
+
+def is_unknown_user(error: UpstreamError) -> bool:
+    """Whether a ranker refused a call because its model does not know the user (NOT_FOUND that
+    names the user id, as the ranking service words it), rather than the model or an item."""
+    return error.code == "NOT_FOUND" and "unknown user" in error.detail.lower()
 
 
 @dataclass(frozen=True)
@@ -191,10 +224,12 @@ class Degradation:
 
 @dataclass
 class Recommendation:
-    items: list[Candidate]
+    items: list[Recommended]
     model_versions: list[tuple[str, str]] = field(default_factory=list)
     degradations: list[Degradation] = field(default_factory=list)
     ranked: bool = False
+    # Retrieval failed only because its share of the deadline ran out.
+    retrieval_late: bool = False
     # Seconds spent per stage: "retrieval", "ranking", "merge".
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -232,19 +267,40 @@ def split_shards(n: int, shards: int, min_shard_size: int) -> list[tuple[int, in
     return [(start, min(n, start + size)) for start in range(0, n, size)]
 
 
+class Recommended(NamedTuple):
+    """An item of an answer. `score` is the ranking model's score when `ranked`; an unranked item
+    has score 0.0 and keeps retrieval order, because retrieval scores of different sources are
+    not comparable (inner products for ANN, TRANSFER and HISTORY, interaction counts for
+    POPULAR)."""
+
+    item_id: str
+    score: float
+    source: Source
+    title: str = ""
+    ranked: bool = False
+
+
 def top_k(
     candidates: Sequence[Candidate], scores: Sequence[float | None], k: int
-) -> list[Candidate]:
+) -> list[Recommended]:
     """Ranked candidates by score (best first, ties in retrieval order), then the unranked ones
-    (score None) in retrieval order; the first k, each carrying the score used to order it."""
-    ranked = [(s, i) for i, s in enumerate(scores) if s is not None]
+    (score None) in retrieval order; the first k. A score that is not finite (NaN, infinite)
+    counts as unranked: it cannot be ordered."""
+    ranked = [(s, i) for i, s in enumerate(scores) if s is not None and math.isfinite(s)]
     ranked.sort(key=lambda pair: (-pair[0], pair[1]))
     out = [
-        Candidate(candidates[i].item_id, float(s), candidates[i].source, candidates[i].title)
+        Recommended(
+            candidates[i].item_id, float(s), candidates[i].source, candidates[i].title, True
+        )
         for s, i in ranked[:k]
     ]
     if len(out) < k:
-        out.extend(c for c, s in zip(candidates, scores, strict=True) if s is None)
+        chosen = {i for _, i in ranked[:k]}
+        out.extend(
+            Recommended(c.item_id, 0.0, c.source, c.title, False)
+            for i, c in enumerate(candidates)
+            if i not in chosen and (scores[i] is None or not math.isfinite(scores[i]))  # type: ignore[arg-type]
+        )
     return out[:k]
 
 
@@ -261,6 +317,8 @@ def choose_version(versions: Sequence[str]) -> str:
 def _ranking_reason(errors: Sequence[UpstreamError]) -> Reason:
     if errors and all(e.code in DEADLINE_CODES for e in errors):
         return Reason.RANKING_DEADLINE
+    if errors and all(is_unknown_user(e) for e in errors):
+        return Reason.UNKNOWN_USER
     return Reason.RANKING_UNAVAILABLE
 
 
@@ -310,7 +368,18 @@ class Pipeline:
             ranking_timeout = deadline - loop.time() - cfg.margin_s
             scores = await self._rank(query, candidates, ranking_timeout, result)
             result.timings["ranking"] = time.perf_counter() - start
-            if not retrieved and all(score is None for score in scores):
+            reasons = {d.reason for d in result.degradations}
+            # Retrieval is down and no shard was ranked. The cached popular items are answered
+            # when the ranker does not know the user (nothing better exists for them) or when
+            # both were only late (the deadline is too short for the pipeline); when both are
+            # down the gateway refuses rather than answer unranked, unpersonalised items.
+            late = result.retrieval_late and Reason.RANKING_DEADLINE in reasons
+            if (
+                not retrieved
+                and all(score is None for score in scores)
+                and Reason.UNKNOWN_USER not in reasons
+                and not late
+            ):
                 details = "; ".join(d.detail for d in result.degradations)
                 raise PipelineUnavailable(f"retrieval and ranking are both unavailable ({details})")
 
@@ -337,7 +406,7 @@ class Pipeline:
                 raise UpstreamError("DEADLINE_EXCEEDED", "retrieval timed out") from None
             except UpstreamError as exc:
                 attempt += 1
-                if exc.code not in RETRYABLE_CODES or attempt >= 2 or not self.budget.try_spend():
+                if not exc.retryable or attempt >= 2 or not self.budget.try_spend():
                     raise
 
     async def _retrieve(
@@ -383,9 +452,16 @@ class Pipeline:
             result.degradations.append(
                 Degradation(Reason.RETRIEVAL_UNAVAILABLE, f"retrieval: {_describe(errors)}")
             )
+            result.retrieval_late = all(e.code in DEADLINE_CODES for e in errors)
         lists = [r.candidates for r in ok]
         if not ok:
             fallback = self.popular.get(query.domain)
+            if not fallback and result.retrieval_late:
+                raise PipelineDeadline(
+                    f"retrieval did not answer within its share of the deadline "
+                    f"({_describe(errors)}) and no popular items are cached for domain "
+                    f"{query.domain!r}"
+                )
             if not fallback:
                 raise PipelineUnavailable(
                     f"retrieval failed ({_describe(errors)}) and no popular items are cached "
@@ -432,9 +508,7 @@ class Pipeline:
                 raise UpstreamError("DEADLINE_EXCEEDED", "ranking timed out") from None
             except UpstreamError as exc:
                 tried += 1
-                retry = exc.code in RETRYABLE_CODES or (
-                    bool(query.model_version) and exc.code == "NOT_FOUND"
-                )
+                retry = exc.retryable or (bool(query.model_version) and exc.code == "NOT_FOUND")
                 if not retry or tried >= attempts or not self.budget.try_spend():
                     raise
                 replica = (replica if exc.replica is None else exc.replica) + 1
@@ -498,6 +572,16 @@ class Pipeline:
         for (lo, _hi), answer in zip(ranges, answers, strict=True):
             if isinstance(answer, Ranked):
                 scores[lo : lo + len(answer.scores)] = answer.scores
+        invalid = sum(1 for s in scores if s is not None and not math.isfinite(s))
+        if invalid:
+            # A model that answers NaN (or infinity) for some pairs: those items stay unranked.
+            result.degradations.append(
+                Degradation(
+                    Reason.RANKING_INVALID_SCORES,
+                    f"ranking: {invalid} of {len(scores)} scores are not finite; those items "
+                    "are unranked",
+                )
+            )
         if errors and len(errors) == len(answers):
             result.degradations.append(
                 Degradation(_ranking_reason(errors), f"ranking: {_describe(errors)}")

@@ -13,7 +13,7 @@ from gateway.clients import Upstreams
 from gateway.config import GatewaySettings
 from gateway.pipeline import Pipeline, PipelineConfig, PopularItems, RetryBudget
 from gateway.popular import PopularRefresher
-from gateway.servicer import SERVICE_NAME, RecommendationServicer
+from gateway.servicer import SERVICE_NAME, Limits, RecommendationServicer
 from recsys.rpc.server import RpcServer, serve_until_signal
 from recsys.v1 import recommendation_pb2_grpc
 
@@ -59,7 +59,11 @@ class Gateway:
         servicer = RecommendationServicer(
             self.pipeline,
             domains=self.settings.domain_list,
-            max_k=self.settings.max_k,
+            limits=Limits(
+                max_k=self.settings.max_k,
+                max_recent_items=self.settings.max_recent_items,
+                max_id_length=self.settings.max_id_length,
+            ),
             default_deadline_s=self.settings.default_deadline_ms / 1000,
             margin_s=self.settings.deadline_margin_ms / 1000,
         )

@@ -45,6 +45,13 @@ class ServerSettings(BaseSettings):
     max_message_bytes: int = Field(
         16 * MIB, ge=1024, le=1024 * MIB, description="Largest gRPC message sent or received."
     )
+    max_id_length: int = Field(
+        1024,
+        ge=1,
+        le=8192,
+        description="Longest id or name (characters) a request may carry: user, item and model "
+        "ids, versions, domains; longer ones are INVALID_ARGUMENT.",
+    )
     reflection: bool = Field(True, description="Serve gRPC server reflection.")
     tls_cert_file: Path | None = Field(None, description="Server certificate (PEM); enables TLS.")
     tls_key_file: Path | None = Field(None, description="Private key of the server certificate.")

@@ -158,7 +158,9 @@ def test_unknown_user_gets_popular_items_without_degradation(
     reply = gateway.recommend(user_id="someone-new", k=5)
     assert not reply.degraded
     assert {i.source for i in reply.items} == {common_pb2.CANDIDATE_SOURCE_POPULAR}
-    assert reply.items[0].score == float(model.popularity.max())
+    # Unranked items carry no score (interaction counts are not comparable with model scores).
+    assert all(i.score == 0.0 and not i.ranked for i in reply.items)
+    assert reply.items[0].item_id == model.item_ids[int(model.popularity.argmax())]
 
 
 def test_seen_items_are_filtered(gateway: GatewayUnderTest, model: TinyModel) -> None:
@@ -191,6 +193,29 @@ def test_bad_input_is_invalid_argument(
         gateway.recommend(**fields)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details()
+
+
+LONG = "\u00e9" + "x" * 20_000  # over the metadata limit if an error repeated it whole
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"user_id": LONG},
+        {"domain": LONG},
+        {"recent_item_ids": ["i1", LONG]},
+        {"recent_item_ids": ["i1"] * 1001},
+    ],
+)
+def test_ids_and_recent_items_are_bounded(
+    gateway: GatewayUnderTest, fields: dict[str, object]
+) -> None:
+    fields.setdefault("user_id", "u1")
+    with pytest.raises(grpc.RpcError) as info:
+        gateway.recommend(**fields)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = info.value.details() or ""
+    assert len(details) < 200 and "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx" not in details
 
 
 def test_everything_down_and_no_fallback_is_unavailable_quickly() -> None:
