@@ -85,7 +85,19 @@ class GatewaySettings(ServerSettings):
         50.0, ge=1, le=10_000, description="Retries that may be spent at once."
     )
     ranker_eject_s: float = Field(
-        1.0, ge=0, le=600, description="A ranker channel that refused a call is skipped this long."
+        1.0,
+        ge=0,
+        le=600,
+        description="A ranker channel that refused a call, or left one unanswered longer than "
+        "ranker_hedge_ms, is skipped this long.",
+    )
+    ranker_hedge_ms: float = Field(
+        100.0,
+        ge=0,
+        le=60_000,
+        description="A shard a ranker has not answered within this many milliseconds is also "
+        "sent to another ranker channel (first answer wins) and the slow channel is skipped for "
+        "ranker_eject_s; 0 disables hedging and slow-replica ejection.",
     )
     max_reconnect_backoff_ms: int = Field(
         1000, ge=100, le=120_000, description="Longest wait between reconnects to an upstream."

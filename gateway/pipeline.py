@@ -205,6 +205,7 @@ class PipelineConfig:
     max_rank_attempts: int = 3  # attempts per shard (first try and retries on other replicas)
     margin_s: float = 0.005  # kept back from the caller's deadline to merge and answer
     retrieval_fraction: float = 0.4  # share of the remaining time retrieval may take
+    hedge_s: float = 0.0  # a shard unanswered this long also goes to another replica (0: never)
 
 
 @dataclass(frozen=True)
@@ -476,36 +477,69 @@ class Pipeline:
 
     # -- ranking --------------------------------------------------------------------------------
 
+    async def _attempt(self, query: RankQuery, replica: int, end: float) -> Ranked:
+        """One call to one replica, with its answer checked."""
+        remaining = end - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            raise UpstreamError("DEADLINE_EXCEEDED", "no time left for ranking")
+        try:
+            async with asyncio.timeout(remaining):
+                ranked = await self.ranker.rank(query, replica=replica, timeout=remaining)
+        except TimeoutError:
+            raise UpstreamError("DEADLINE_EXCEEDED", "ranking timed out") from None
+        if len(ranked.scores) != len(query.item_ids):
+            raise UpstreamError(
+                "INTERNAL",
+                f"ranker returned {len(ranked.scores)} scores for {len(query.item_ids)} items",
+                replica=replica,
+            )
+        if query.model_version and ranked.model_version != query.model_version:
+            raise UpstreamError(
+                "FAILED_PRECONDITION",
+                f"asked for version {query.model_version}, got {ranked.model_version}",
+                replica=replica,
+            )
+        return ranked
+
+    async def _hedged(self, query: RankQuery, replica: int, end: float) -> Ranked:
+        """One attempt, hedged: when the replica has not answered within `hedge_s` and there is
+        another one, the same shard also goes to the next replica (a read, so harmless; paid
+        from the retry budget). The first answer wins and the other call is cancelled, so one
+        stalled replica costs a shard `hedge_s`, not the whole deadline."""
+        hedge_s = self.config.hedge_s
+        if hedge_s <= 0 or self.ranker.replicas < 2:
+            return await self._attempt(query, replica, end)
+        primary = asyncio.ensure_future(self._attempt(query, replica, end))
+        tasks = [primary]
+        try:
+            done, _ = await asyncio.wait(tasks, timeout=hedge_s)
+            if done or not self.budget.try_spend():
+                return await primary
+            tasks.append(asyncio.ensure_future(self._attempt(query, replica + 1, end)))
+            pending = set(tasks)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task.exception() is None:
+                        return task.result()
+            # Both failed: the primary's error decides what happens next.
+            return primary.result()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     async def _rank_shard(
         self, query: RankQuery, first_replica: int, end: float, attempts: int
     ) -> Ranked:
-        """One shard, retried on other replicas when refused (and, for a pinned version, when
-        the replica does not have that version)."""
-        loop = asyncio.get_running_loop()
+        """One shard, hedged when slow, retried on other replicas when refused (and, for a
+        pinned version, when the replica does not have that version)."""
         self.budget.record_call()
         replica = first_replica
         tried = 0
         while True:
-            remaining = end - loop.time()
-            if remaining <= 0:
-                raise UpstreamError("DEADLINE_EXCEEDED", "no time left for ranking")
             try:
-                async with asyncio.timeout(remaining):
-                    ranked = await self.ranker.rank(query, replica=replica, timeout=remaining)
-                if len(ranked.scores) != len(query.item_ids):
-                    raise UpstreamError(
-                        "INTERNAL",
-                        f"ranker returned {len(ranked.scores)} scores for "
-                        f"{len(query.item_ids)} items",
-                    )
-                if query.model_version and ranked.model_version != query.model_version:
-                    raise UpstreamError(
-                        "FAILED_PRECONDITION",
-                        f"asked for version {query.model_version}, got {ranked.model_version}",
-                    )
-                return ranked
-            except TimeoutError:
-                raise UpstreamError("DEADLINE_EXCEEDED", "ranking timed out") from None
+                return await self._hedged(query, replica, end)
             except UpstreamError as exc:
                 tried += 1
                 retry = exc.retryable or (bool(query.model_version) and exc.code == "NOT_FOUND")

@@ -29,6 +29,7 @@ def pipeline_config(settings: GatewaySettings) -> PipelineConfig:
         max_rank_attempts=settings.max_rank_attempts,
         margin_s=settings.deadline_margin_ms / 1000,
         retrieval_fraction=settings.retrieval_deadline_fraction,
+        hedge_s=settings.ranker_hedge_ms / 1000,
     )
 
 

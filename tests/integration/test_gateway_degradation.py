@@ -360,3 +360,43 @@ def test_caller_cancellation_cancels_the_fan_out(
         assert servicer.cancelled == 3
     finally:
         gw.close()
+
+
+def test_a_stalled_ranker_replica_costs_little(
+    repo: Path,
+    model: TinyModel,
+    retrieval: BackgroundServer,
+    slow_ranker: tuple[BackgroundServer, SlowRanker],
+) -> None:
+    # One real ranker and one whose handler blocks for 5 s (like a SIGSTOPped process: the
+    # connection stays up, no answer comes).
+    stalled, servicer = slow_ranker
+    settings = RankingSettings(host="127.0.0.1", port=0, metrics_port=0, model_repository=repo)
+    manager = create_manager(settings)
+
+    async def factory():  # type: ignore[no-untyped-def]
+        await manager.start()
+        return build_ranker(settings, manager)
+
+    ranker = BackgroundServer(factory)
+    gw = GatewayUnderTest(
+        retrieval_target=retrieval.address,
+        ranker_targets=f"{ranker.address},{stalled.address}",
+        ranker_hedge_ms=50,
+        ranker_eject_s=5,
+    )
+    try:
+        replies = [gw.recommend(user_id="u3", k=10, timeout=0.5) for _ in range(10)]
+        # Without hedging every answer had a shard on the stalled replica and was partial at the
+        # full deadline; with it, shards that replica holds go to the other one after 50 ms, and
+        # the stalled replica is skipped for 5 s after its first slow call.
+        assert [list(r.degradations) for r in replies] == [[]] * 10
+        assert all(all(i.ranked for i in r.items) for r in replies)
+        assert servicer.started <= 2
+        ids = [i.item_id for i in replies[-1].items]
+        scores = model.scores("u3", ids)
+        assert list(scores) == sorted(scores, reverse=True)
+    finally:
+        gw.close()
+        ranker.run(manager.close())
+        ranker.stop()

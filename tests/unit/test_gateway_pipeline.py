@@ -468,3 +468,35 @@ def test_a_deadline_too_short_for_the_pipeline_is_never_unavailable() -> None:
     # Nothing cached: the deadline, not UNAVAILABLE.
     with pytest.raises(PipelineDeadline):
         run(Pipeline(SlowRetriever(), rankers, CONFIG), RecommendQuery("u1", "books", 5), 0.012)
+
+
+def test_a_stalled_replica_is_hedged_around() -> None:
+    rankers = FakeRankers(["1", "1"], delay_s={0: 5.0})
+    config = PipelineConfig(
+        retrieval_candidates=100, popular_candidates=10, shards=4, min_shard_size=8, hedge_s=0.05
+    )
+    pipeline = Pipeline(FakeRetriever(), rankers, config)
+
+    async def timed() -> tuple[float, object]:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        result = await pipeline.recommend(RecommendQuery("u1", "books", 10), timeout=2.0)
+        return loop.time() - start, result
+
+    elapsed, result = asyncio.run(timed())
+    assert not result.degraded and result.ranked  # type: ignore[attr-defined]
+    assert elapsed < 1.0  # far from the 2 s deadline: the stalled replica cost one hedge delay
+    # Shards 0 and 2 went to the stalled replica, were sent again to replica 1 after 50 ms, and
+    # the stalled calls were cancelled.
+    assert [r for r, _ in rankers.calls] == [0, 1, 0, 1, 1, 1]
+    assert rankers.cancelled == 2
+
+
+def test_no_hedge_for_a_single_replica_or_a_fast_answer() -> None:
+    config = PipelineConfig(retrieval_candidates=100, popular_candidates=10, hedge_s=0.05)
+    rankers = FakeRankers(["1", "1"])
+    run(Pipeline(FakeRetriever(), rankers, config), RecommendQuery("u1", "books", 10))
+    assert len(rankers.calls) == 3  # 110 candidates in shards of at least 32, none hedged
+    slow_single = FakeRankers(["1"], delay_s={0: 0.2})
+    result = run(Pipeline(FakeRetriever(), slow_single, config), RecommendQuery("u1", "books", 10))
+    assert not result.degraded and len(slow_single.calls) == 3
