@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
 from gateway.config import GatewaySettings
 from gateway.server import serve
 from recsys.rpc.log import configure_logging
-from recsys.rpc.settings import load_settings
+from recsys.rpc.settings import SettingsConflict, load_settings
 
 
 def main() -> None:
     settings = load_settings(GatewaySettings)
     configure_logging(settings.log_level, settings.log_format)
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except SettingsConflict as exc:
+        sys.stderr.write(f"invalid settings for {GatewaySettings.__name__}: {exc}\n")
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -128,6 +128,11 @@ class GatewaySettings(ServerSettings):
             raise ValueError("domains must name at least one domain")
         if not self.ranker_target_list:
             raise ValueError("ranker_targets must name at least one target")
+        if self.deadline_margin_ms >= self.default_deadline_ms:
+            raise ValueError(
+                "deadline_margin_ms must be below default_deadline_ms (no time would be left for "
+                "the pipeline)"
+            )
         if (self.upstream_tls_cert_file is None) != (self.upstream_tls_key_file is None):
             raise ValueError("upstream_tls_cert_file and upstream_tls_key_file go together")
         if self.upstream_tls_cert_file is not None and self.upstream_tls_ca_file is None:

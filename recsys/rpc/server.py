@@ -44,6 +44,7 @@ class RpcServer:
         self.port = 0
         self.metrics_port = 0
         self.serving = False  # what health says: SERVING between start-up and shutdown
+        self.draining = False  # stop() was called: health stays NOT_SERVING
         self._metrics_httpd: object | None = None
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         options = [
@@ -65,8 +66,13 @@ class RpcServer:
             )
 
     async def start(self) -> None:
-        """Bind the ports and start serving (health NOT_SERVING until set_serving(True))."""
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        """Bind the ports and start serving (health NOT_SERVING until set_serving(True), unless
+        that was called before)."""
+        await self._set_health(
+            health_pb2.HealthCheckResponse.SERVING
+            if self.serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         address = f"{self.settings.host}:{self.settings.port}"
         credentials = server_credentials(self.settings)
         if credentials is None:
@@ -93,6 +99,8 @@ class RpcServer:
             await self._health.set(name, status)
 
     async def set_serving(self, serving: bool) -> None:
+        """Health SERVING or NOT_SERVING; once draining, always NOT_SERVING."""
+        serving = serving and not self.draining
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving
@@ -105,6 +113,7 @@ class RpcServer:
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, optional delay, refuse new calls, finish those in flight."""
         grace = self.settings.grace_period_s if grace is None else grace
+        self.draining = True
         await self.set_serving(False)
         if self.settings.shutdown_delay_s > 0:
             await asyncio.sleep(self.settings.shutdown_delay_s)
@@ -123,9 +132,11 @@ async def serve_until_signal(
     *,
     on_startup: Callable[[], Awaitable[None]] | None = None,
     on_shutdown: Callable[[], Awaitable[None]] | None = None,
+    owner_sets_health: bool = False,
 ) -> None:
-    """Start, run `on_startup` (load and warm models), go SERVING, and on SIGTERM or SIGINT drain
-    and return (the process then exits 0)."""
+    """Start, run `on_startup` (load and warm models), go SERVING (unless `owner_sets_health`:
+    then the owner calls set_serving as it sees fit), and on SIGTERM or SIGINT drain and return
+    (the process then exits 0). An exception from `on_startup` stops the server and propagates."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -140,10 +151,11 @@ async def serve_until_signal(
             )
             if startup in done:
                 startup.result()
-                await server.set_serving(True)
+                if not owner_sets_health:
+                    await server.set_serving(True)
             else:
                 startup.cancel()
-        else:
+        elif not owner_sets_health:
             await server.set_serving(True)
         await stop.wait()
         logger.info("Shutdown signal received")

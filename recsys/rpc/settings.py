@@ -85,6 +85,11 @@ class SettingsInvalid(SystemExit):
         self.message = message
 
 
+class SettingsConflict(Exception):
+    """Settings that cannot work together, found at start (e.g. against what an upstream
+    accepts); a service's entry point turns it into exit code 2 and one line."""
+
+
 def format_validation_error(cls: type[BaseSettings], exc: ValidationError) -> str:
     prefix = str(cls.model_config.get("env_prefix", ""))
     lines = [f"invalid settings for {cls.__name__}:"]

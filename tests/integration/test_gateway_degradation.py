@@ -11,13 +11,14 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 
 from devtools.processes import free_port, health_status
 from devtools.tiny_models import TinyModel, make_tiny_model, publish_tiny_model
 from gateway.config import GatewaySettings
 from gateway.server import Gateway
 from recsys.rpc.server import RpcServer
-from recsys.rpc.settings import ServerSettings
+from recsys.rpc.settings import ServerSettings, SettingsConflict
 from recsys.v1 import (
     common_pb2,
     ranking_pb2,
@@ -37,6 +38,8 @@ from tests.utils.servers import BackgroundServer
 pytestmark = pytest.mark.integration
 
 Reason = recommendation_pb2.DegradationReason
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +87,8 @@ class GatewayUnderTest:
             await self.gateway.start()
             return server
 
-        self.server = BackgroundServer(factory)
+        # The gateway sets its own health (whether answers are possible).
+        self.server = BackgroundServer(factory, serving=False)
         self.channel = grpc.insecure_channel(self.server.address)
         self.stub = recommendation_pb2_grpc.RecommendationServiceStub(self.channel)
 
@@ -221,7 +225,8 @@ def test_ids_and_recent_items_are_bounded(
 def test_everything_down_and_no_fallback_is_unavailable_quickly() -> None:
     gw = GatewayUnderTest(retrieval_target=f"127.0.0.1:{free_port()}")
     try:
-        assert health_status(gw.server.address) is not None
+        # Nothing to answer with: retrieval is down and no popular items are cached.
+        assert health_status(gw.server.address) == NOT_SERVING
         start = time.monotonic()
         with pytest.raises(grpc.RpcError) as info:
             gw.recommend(user_id="u1", timeout=5)
@@ -400,3 +405,48 @@ def test_a_stalled_ranker_replica_costs_little(
         gw.close()
         ranker.run(manager.close())
         ranker.stop()
+
+
+def test_health_says_whether_answers_are_possible(
+    gateway: GatewayUnderTest, repo: Path, model: TinyModel
+) -> None:
+    assert health_status(gateway.server.address) == SERVING  # retrieval answers
+    # Retrieval down, but popular items from the repository: answers are possible.
+    gw = GatewayUnderTest(retrieval_target=f"127.0.0.1:{free_port()}", model_repository=repo)
+    try:
+        assert health_status(gw.server.address) == SERVING
+    finally:
+        gw.close()
+
+
+def test_health_turns_serving_once_retrieval_answers(repo: Path, model: TinyModel) -> None:
+    port = free_port()
+    gw = GatewayUnderTest(retrieval_target=f"127.0.0.1:{port}")
+    late: BackgroundServer | None = None
+    try:
+        assert health_status(gw.server.address) == NOT_SERVING
+        settings = RetrievalSettings(
+            host="127.0.0.1", port=port, metrics_port=0, model_repository=repo
+        )
+        manager = build_manager(settings)
+        manager.refresh()
+
+        async def factory():  # type: ignore[no-untyped-def]
+            return build_server(settings, manager)
+
+        late = BackgroundServer(factory)
+        deadline = time.monotonic() + 10
+        while health_status(gw.server.address) != SERVING and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert health_status(gw.server.address) == SERVING
+        assert gw.recommend(user_id="u3", k=5).items
+    finally:
+        gw.close()
+        if late is not None:
+            late.stop()
+
+
+def test_settings_retrieval_cannot_serve_are_refused_at_start(retrieval: BackgroundServer) -> None:
+    # The retrieval fixture allows k up to 1,000 (RETRIEVAL_MAX_K).
+    with pytest.raises(SettingsConflict, match=r"retrieval_candidates .* = 2000"):
+        GatewayUnderTest(retrieval_target=retrieval.address, retrieval_candidates=2000)
