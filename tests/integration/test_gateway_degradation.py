@@ -450,3 +450,61 @@ def test_settings_retrieval_cannot_serve_are_refused_at_start(retrieval: Backgro
     # The retrieval fixture allows k up to 1,000 (RETRIEVAL_MAX_K).
     with pytest.raises(SettingsConflict, match=r"retrieval_candidates .* = 2000"):
         GatewayUnderTest(retrieval_target=retrieval.address, retrieval_candidates=2000)
+
+
+@pytest.fixture(scope="module")
+def real_ranker(repo: Path, model: TinyModel) -> Iterator[BackgroundServer]:
+    settings = RankingSettings(host="127.0.0.1", port=0, metrics_port=0, model_repository=repo)
+    manager = create_manager(settings)
+
+    async def factory():  # type: ignore[no-untyped-def]
+        await manager.start()
+        return build_ranker(settings, manager)
+
+    ranker = BackgroundServer(factory)
+    yield ranker
+    ranker.run(manager.close())
+    ranker.stop()
+
+
+def test_unknown_user_with_retrieval_down_gets_popular_items(
+    repo: Path, model: TinyModel, real_ranker: BackgroundServer
+) -> None:
+    gw = GatewayUnderTest(
+        retrieval_target=f"127.0.0.1:{free_port()}",
+        model_repository=repo,
+        ranker_targets=real_ranker.address,
+    )
+    try:
+        # The ranker answers NOT_FOUND for this user: not "ranking down".
+        reply = gw.recommend(user_id="someone-new", k=5, timeout=5)
+        assert [d.reason for d in reply.degradations] == [
+            Reason.DEGRADATION_REASON_RETRIEVAL_UNAVAILABLE,
+            Reason.DEGRADATION_REASON_UNKNOWN_USER,
+        ]
+        order = sorted(range(len(model.item_ids)), key=lambda j: (-model.popularity[j], j))
+        assert [i.item_id for i in reply.items] == [model.item_ids[j] for j in order[:5]]
+        assert not any(i.ranked for i in reply.items)
+    finally:
+        gw.close()
+
+
+def test_a_deadline_too_short_for_the_pipeline_is_never_unavailable(
+    retrieval: BackgroundServer, real_ranker: BackgroundServer
+) -> None:
+    gw = GatewayUnderTest(retrieval_target=retrieval.address, ranker_targets=real_ranker.address)
+    try:
+        codes = []
+        for n in range(20):
+            try:
+                reply = gw.recommend(user_id="u3", k=10, timeout=0.011 + (n % 6) / 1000)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+                continue
+            codes.append(grpc.StatusCode.OK)
+            # An answer that is not complete says why.
+            assert reply.degraded == bool(reply.degradations)
+        assert grpc.StatusCode.UNAVAILABLE not in codes
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED}
+    finally:
+        gw.close()
