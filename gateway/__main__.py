@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 
 from gateway.config import GatewaySettings
 from gateway.server import serve
 from recsys.rpc.log import configure_logging
-from recsys.rpc.settings import SettingsConflict, load_settings
+from recsys.rpc.settings import SettingsConflict, load_settings, refuse
 
 
 def main() -> None:
@@ -17,8 +16,7 @@ def main() -> None:
     try:
         asyncio.run(serve(settings))
     except SettingsConflict as exc:
-        sys.stderr.write(f"invalid settings for {GatewaySettings.__name__}: {exc}\n")
-        raise SystemExit(2) from None
+        refuse(f"invalid settings for {GatewaySettings.__name__}: {exc}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from recsys.rpc.settings import ServerSettings
+from recsys.rpc.settings import ServerSettings, check_ca_file, check_key_pair
 from recsys.rpc.tls import ClientTLS
 
 _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "xds:", "vsock:")
@@ -137,6 +137,17 @@ class GatewaySettings(ServerSettings):
             raise ValueError("upstream_tls_cert_file and upstream_tls_key_file go together")
         if self.upstream_tls_cert_file is not None and self.upstream_tls_ca_file is None:
             raise ValueError("upstream mutual TLS needs upstream_tls_ca_file")
+        for name in ("upstream_tls_ca_file", "upstream_tls_cert_file", "upstream_tls_key_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: {path} is not a readable file")
+        check_ca_file(self.upstream_tls_ca_file, "upstream_tls_ca_file")
+        check_key_pair(
+            self.upstream_tls_cert_file,
+            self.upstream_tls_key_file,
+            "upstream_tls_cert_file",
+            "upstream_tls_key_file",
+        )
         return self
 
     @property

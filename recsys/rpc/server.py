@@ -14,8 +14,8 @@ from grpc_reflection.v1alpha import reflection
 
 from recsys.rpc import metrics
 from recsys.rpc.interceptors import default_interceptors
-from recsys.rpc.settings import ServerSettings
-from recsys.rpc.tls import server_credentials
+from recsys.rpc.settings import ServerSettings, refuse
+from recsys.rpc.tls import ClientCertificateInterceptor, server_credentials
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +54,11 @@ class RpcServer:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ]
-        self.server = grpc.aio.server(
-            interceptors=default_interceptors() if interceptors is None else interceptors,
-            options=options,
-        )
+        chain = default_interceptors() if interceptors is None else list(interceptors)
+        if settings.tls_client_ca_file is not None and settings.tls_client_require_eku:
+            # Outermost: a client whose certificate may not authenticate clients gets nowhere.
+            chain.insert(0, ClientCertificateInterceptor())
+        self.server = grpc.aio.server(interceptors=chain, options=options)
         register(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)
         if settings.reflection:
@@ -73,25 +74,51 @@ class RpcServer:
             if self.serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        address = f"{self.settings.host}:{self.settings.port}"
-        credentials = server_credentials(self.settings)
-        if credentials is None:
-            self.port = self.server.add_insecure_port(address)
-        else:
-            self.port = self.server.add_secure_port(address, credentials)
+        settings = self.settings
+        address = f"{settings.host}:{settings.port}"
+        credentials = server_credentials(settings)
+        try:
+            if credentials is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, credentials)
+        except RuntimeError as exc:
+            self.port = 0
+            logger.debug("Binding %s failed: %s", address, exc)
         if self.port == 0:
-            raise OSError(f"could not bind gRPC port {address}")
+            refuse(
+                f"invalid settings for {type(settings).__name__}: host and port ({address}): "
+                "cannot serve gRPC there (address in use or not local"
+                + (", or tls_cert_file/tls_key_file unusable)" if credentials else ")")
+            )
         await self.server.start()
-        httpd, _ = metrics.start_metrics_server(self.settings.metrics_port, self.settings.host)
+        metrics_host = settings.metrics_host or settings.host
+        tls = settings.metrics_tls
+        try:
+            httpd, _ = metrics.start_metrics_server(
+                settings.metrics_port,
+                metrics_host,
+                certfile=settings.tls_cert_file if tls else None,
+                keyfile=settings.tls_key_file if tls else None,
+                client_cafile=settings.tls_client_ca_file if tls else None,
+            )
+        except OSError as exc:
+            await self.server.stop(0)
+            refuse(
+                f"invalid settings for {type(settings).__name__}: metrics_host and metrics_port "
+                f"({metrics_host}:{settings.metrics_port}): cannot serve metrics there ({exc})"
+            )
         self._metrics_httpd = httpd
         self.metrics_port = httpd.server_port
         logger.info(
-            "Serving %s on %s:%d (%s), metrics on port %d",
+            "Serving %s on %s:%d (%s), metrics on %s:%d (%s)",
             ", ".join(self.service_names),
-            self.settings.host,
+            settings.host,
             self.port,
             "TLS" if credentials else "plaintext",
+            metrics_host,
             self.metrics_port,
+            "HTTPS" if tls else "HTTP",
         )
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:

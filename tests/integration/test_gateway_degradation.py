@@ -4,6 +4,8 @@ degradation, fallbacks, bad input, health and metrics."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -13,7 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from devtools.processes import free_port, health_status
+from devtools.processes import REPO_ROOT, free_port, health_status, project_env
 from devtools.tiny_models import TinyModel, make_tiny_model, publish_tiny_model
 from gateway.config import GatewaySettings
 from gateway.server import Gateway
@@ -508,3 +510,39 @@ def test_a_deadline_too_short_for_the_pipeline_is_never_unavailable(
         assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED}
     finally:
         gw.close()
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (
+            ["--retrieval-candidates=2000"],
+            "retrieval_candidates (env GATEWAY_RETRIEVAL_CANDIDATES)",
+        ),
+        (["--host=999.1.1.1"], "host (env GATEWAY_HOST, flag --host)"),
+    ],
+)
+def test_gateway_process_refuses_bad_settings_with_exit_2_and_one_line(
+    retrieval: BackgroundServer, flags: list[str], needle: str
+) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "--port=0",
+            "--metrics-port=0",
+            f"--retrieval-target={retrieval.address}",
+            f"--ranker-targets=127.0.0.1:{free_port()}",
+            "--log-level=ERROR",
+            *flags,
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=project_env(),
+    )
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], out.stderr
