@@ -213,7 +213,7 @@ class RecommendQuery:
     user_id: str
     domain: str
     k: int
-    exclude_seen: bool = False
+    exclude_seen: bool = True
     recent_item_ids: tuple[str, ...] = ()
 
 

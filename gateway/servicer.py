@@ -114,7 +114,8 @@ class RecommendationServicer(recommendation_pb2_grpc.RecommendationServiceServic
             user_id=request.user_id,
             domain=request.domain,
             k=request.k,
-            exclude_seen=request.exclude_seen,
+            # Unset means true: a just-viewed item is never recommended back by default.
+            exclude_seen=request.exclude_seen if request.HasField("exclude_seen") else True,
             recent_item_ids=tuple(request.recent_item_ids),
         )
         try:

@@ -546,3 +546,21 @@ def test_gateway_process_refuses_bad_settings_with_exit_2_and_one_line(
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], out.stderr
+
+
+def test_seen_items_are_left_out_unless_asked_for(
+    gateway: GatewayUnderTest, model: TinyModel
+) -> None:
+    row = model.user_ids.index("u4")
+    seen = {model.item_ids[j] for j in model.seen[row]}
+    viewed = gateway.recommend(user_id="u4", k=5).items[0].item_id
+    # The client only says what was just viewed: by default it does not come back.
+    reply = gateway.recommend(user_id="u4", k=5, recent_item_ids=[viewed])
+    ids = [i.item_id for i in reply.items]
+    assert viewed not in ids and not set(ids) & seen
+    # Asked for explicitly, seen items may come back.
+    everything = gateway.recommend(
+        user_id="u4", k=100, exclude_seen=False, recent_item_ids=[viewed]
+    )
+    ids = [i.item_id for i in everything.items]
+    assert viewed in ids and set(ids) & seen
