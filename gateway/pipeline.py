@@ -11,8 +11,19 @@ the degradation rules live here once:
   (`RANKING_PARTIAL`);
 - retrieval unavailable or late: the domain's popular items from a cache (`RETRIEVAL_UNAVAILABLE`),
   still ranked when the rankers answer;
+- the ranker does not know the user (NOT_FOUND naming the user): retrieval order, or the cached
+  popular items when retrieval is down too (`UNKNOWN_USER`);
+- a score that is not finite (NaN, infinity) is never ranked by: that item is unranked
+  (`RANKING_INVALID_SCORES`);
+- retrieval and ranking both only late (a deadline too short for the pipeline): the cached popular
+  items, unranked; late with nothing cached: `PipelineDeadline` (DEADLINE_EXCEEDED);
 - retrieval and ranking both down, or nothing to fall back on: `PipelineUnavailable` (the
   gateway answers UNAVAILABLE at once rather than unranked popular items).
+
+Unranked items carry no score (`Recommended.ranked` false, score 0): retrieval scores of different
+sources (inner products, interaction counts) are not comparable. A shard a replica has not
+answered within `hedge_s` is also sent to another replica and the first answer wins; calls that
+failed for their own size are never retried.
 
 Version skew: all scores of one answer come from one ranker model version. Shards are first sent
 with no version; if the answers name different versions, the version that answered most shards

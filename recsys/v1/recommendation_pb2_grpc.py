@@ -63,8 +63,12 @@ class RecommendationServiceServicer:
         RESOURCE_EXHAUSTED  the request is larger than GATEWAY_MAX_MESSAGE_BYTES (default 16 MiB),
         refused by gRPC before the gateway sees it.
         UNAVAILABLE         retrieval and ranking are both down, or retrieval is down and no
-        popular items are cached for the domain.
-        DEADLINE_EXCEEDED   the caller's deadline passed.
+        popular items are cached for the domain. Never for a deadline that
+        is too short: that is DEADLINE_EXCEEDED or a degraded answer.
+        DEADLINE_EXCEEDED   the caller's deadline passed, or left no time for retrieval while no
+        popular items are cached (a deadline that leaves retrieval and
+        ranking too little time otherwise gets the cached popular items,
+        degraded with both reasons).
         CANCELLED           the caller cancelled; upstream calls are cancelled too.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
