@@ -120,12 +120,14 @@ def gateway(retrieval: BackgroundServer) -> Iterator[GatewayUnderTest]:
 
 
 def retrieve_directly(address: str, user_id: str, k: int) -> list[str]:
+    """Retrieval's own order, seen items left out as the gateway does by default."""
     with grpc.insecure_channel(address) as channel:
         reply = retrieval_pb2_grpc.RetrievalServiceStub(channel).Retrieve(
             retrieval_pb2.RetrieveRequest(
                 user_id=user_id,
                 domain="books",
                 k=k,
+                exclude_seen=True,
                 sources=[common_pb2.CANDIDATE_SOURCE_ANN, common_pb2.CANDIDATE_SOURCE_TRANSFER],
             ),
             timeout=10,
