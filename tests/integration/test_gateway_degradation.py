@@ -401,7 +401,8 @@ def test_a_stalled_ranker_replica_costs_little(
         # the stalled replica is skipped for 5 s after its first slow call.
         assert [list(r.degradations) for r in replies] == [[]] * 10
         assert all(all(i.ranked for i in r.items) for r in replies)
-        assert servicer.started <= 2
+        # Without ejection every call would put a shard on it (10 or more calls).
+        assert servicer.started <= 4
         ids = [i.item_id for i in replies[-1].items]
         scores = model.scores("u3", ids)
         assert list(scores) == sorted(scores, reverse=True)
