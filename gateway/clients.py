@@ -3,9 +3,10 @@ implement the pipeline's Retriever and Ranker and turn failures into UpstreamErr
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -69,14 +70,29 @@ class _RankerChannel:
     channel: grpc.aio.Channel
     stub: ranking_pb2_grpc.RankingServiceStub
     ejected_until: float = 0.0
+    # Start times of the calls in flight on this channel, by call number.
+    in_flight: dict[int, float] = field(default_factory=dict)
+
+    def stalled(self, now: float, slow_s: float) -> bool:
+        """Whether a call has been in flight longer than `slow_s` (the replica stopped
+        answering: paused, overloaded, stuck on a network path)."""
+        return slow_s > 0 and any(now - t > slow_s for t in self.in_flight.values())
 
 
 class GrpcRankers:
     """Ranker over one channel per configured target. A target that resolves to several
     addresses (a headless Service) is balanced round robin by its channel; several targets are
-    spread by the `replica` hint, skipping for a while a channel that refused a call."""
+    spread by the `replica` hint, skipping for `eject_s` a channel that refused a call or was
+    slow: a call that ran longer than `slow_s` and was then cancelled (a hedged copy answered
+    first) or timed out ejects its channel, and a channel with a call in flight for longer than
+    `slow_s` is skipped meanwhile (outlier detection on latency)."""
 
-    def __init__(self, channels: list[tuple[str, grpc.aio.Channel]], eject_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        channels: list[tuple[str, grpc.aio.Channel]],
+        eject_s: float = 1.0,
+        slow_s: float = 0.0,
+    ) -> None:
         if not channels:
             raise ValueError("at least one ranker channel is required")
         self._channels = [
@@ -84,6 +100,8 @@ class GrpcRankers:
             for target, channel in channels
         ]
         self.eject_s = eject_s
+        self.slow_s = slow_s
+        self._calls = itertools.count()
         self._duration = metrics.UPSTREAM_DURATION.labels("ranker", "Rank")
 
     @property
@@ -97,7 +115,12 @@ class GrpcRankers:
         n = len(self._channels)
         now = time.monotonic()
         order = [(replica + step) % n for step in range(n)]
-        usable = [i for i in order if self._channels[i].ejected_until <= now]
+        usable = [
+            i
+            for i in order
+            if self._channels[i].ejected_until <= now
+            and not self._channels[i].stalled(now, self.slow_s)
+        ]
         for i in usable:
             state = self._channels[i].channel.get_state(try_to_connect=True)
             if state == grpc.ChannelConnectivity.READY:
@@ -114,16 +137,28 @@ class GrpcRankers:
             item_ids=query.item_ids,
         )
         start = time.perf_counter()
+        call = next(self._calls)
+        chosen.in_flight[call] = time.monotonic()
+        answered = False
         try:
             reply = await chosen.stub.Rank(request, timeout=timeout)
+            answered = True
         except grpc.RpcError as exc:
             error = upstream_error("ranker", exc)
             error.replica = index
-            if error.code in ("UNAVAILABLE", "RESOURCE_EXHAUSTED") and self.eject_s > 0:
+            if error.retryable and self.eject_s > 0:
                 chosen.ejected_until = time.monotonic() + self.eject_s
             raise error from None
         finally:
-            self._duration.observe(time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            del chosen.in_flight[call]
+            self._duration.observe(elapsed)
+            if not answered and 0 < self.slow_s < elapsed and self.eject_s > 0:
+                # Cancelled or timed out after running slow: take the replica out for a while.
+                chosen.ejected_until = max(chosen.ejected_until, time.monotonic() + self.eject_s)
+                logger.info(
+                    "Ranker %s did not answer within %.3f s: ejected", chosen.target, elapsed
+                )
         return Ranked(list(reply.scores), reply.model_name, reply.model_version)
 
 
@@ -157,7 +192,11 @@ class Upstreams:
             for target in settings.ranker_target_list
         ]
         self.retriever = GrpcRetriever(self.retrieval_channel)
-        self.rankers = GrpcRankers(self.ranker_channels, settings.ranker_eject_s)
+        self.rankers = GrpcRankers(
+            self.ranker_channels,
+            settings.ranker_eject_s,
+            slow_s=settings.ranker_hedge_ms / 1000,
+        )
         logger.info(
             "Upstreams: retrieval %s, rankers %s",
             settings.retrieval_target,

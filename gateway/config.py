@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from recsys.rpc.settings import ServerSettings
+from recsys.rpc.settings import ServerSettings, check_ca_file, check_key_pair
 from recsys.rpc.tls import ClientTLS
 
 _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "xds:", "vsock:")
@@ -67,6 +67,13 @@ class GatewaySettings(ServerSettings):
         0.4, gt=0, le=1, description="Share of the remaining time that retrieval may take."
     )
     max_k: int = Field(100, ge=1, le=10_000, description="Largest k a request may ask for.")
+    max_recent_items: int = Field(
+        1000,
+        ge=0,
+        le=100_000,
+        description="Most ids in a request's recent_item_ids (they are copied into every retrieval "
+        "call); more are INVALID_ARGUMENT.",
+    )
     domains: str = Field(
         "books",
         description="Comma list of the domains served (models <domain>-retrieval and "
@@ -82,7 +89,19 @@ class GatewaySettings(ServerSettings):
         50.0, ge=1, le=10_000, description="Retries that may be spent at once."
     )
     ranker_eject_s: float = Field(
-        1.0, ge=0, le=600, description="A ranker channel that refused a call is skipped this long."
+        1.0,
+        ge=0,
+        le=600,
+        description="A ranker channel that refused a call, or left one unanswered longer than "
+        "ranker_hedge_ms, is skipped this long.",
+    )
+    ranker_hedge_ms: float = Field(
+        100.0,
+        ge=0,
+        le=60_000,
+        description="A shard a ranker has not answered within this many milliseconds is also "
+        "sent to another ranker channel (first answer wins) and the slow channel is skipped for "
+        "ranker_eject_s; 0 disables hedging and slow-replica ejection.",
     )
     max_reconnect_backoff_ms: int = Field(
         1000, ge=100, le=120_000, description="Longest wait between reconnects to an upstream."
@@ -113,10 +132,26 @@ class GatewaySettings(ServerSettings):
             raise ValueError("domains must name at least one domain")
         if not self.ranker_target_list:
             raise ValueError("ranker_targets must name at least one target")
+        if self.deadline_margin_ms >= self.default_deadline_ms:
+            raise ValueError(
+                "deadline_margin_ms must be below default_deadline_ms (no time would be left for "
+                "the pipeline)"
+            )
         if (self.upstream_tls_cert_file is None) != (self.upstream_tls_key_file is None):
             raise ValueError("upstream_tls_cert_file and upstream_tls_key_file go together")
         if self.upstream_tls_cert_file is not None and self.upstream_tls_ca_file is None:
             raise ValueError("upstream mutual TLS needs upstream_tls_ca_file")
+        for name in ("upstream_tls_ca_file", "upstream_tls_cert_file", "upstream_tls_key_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: {path} is not a readable file")
+        check_ca_file(self.upstream_tls_ca_file, "upstream_tls_ca_file")
+        check_key_pair(
+            self.upstream_tls_cert_file,
+            self.upstream_tls_key_file,
+            "upstream_tls_cert_file",
+            "upstream_tls_key_file",
+        )
         return self
 
     @property

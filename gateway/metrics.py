@@ -9,7 +9,7 @@ from recsys.rpc.metrics import LATENCY_BUCKETS
 DEGRADED = Counter(
     "recsys_gateway_degraded",
     "Recommend answers degraded, by reason (ranking_unavailable, ranking_deadline, "
-    "ranking_partial, retrieval_unavailable).",
+    "ranking_partial, retrieval_unavailable, unknown_user, ranking_invalid_scores).",
     ["reason"],
 )
 UPSTREAM_DURATION = Histogram(

@@ -11,8 +11,19 @@ the degradation rules live here once:
   (`RANKING_PARTIAL`);
 - retrieval unavailable or late: the domain's popular items from a cache (`RETRIEVAL_UNAVAILABLE`),
   still ranked when the rankers answer;
+- the ranker does not know the user (NOT_FOUND naming the user): retrieval order, or the cached
+  popular items when retrieval is down too (`UNKNOWN_USER`);
+- a score that is not finite (NaN, infinity) is never ranked by: that item is unranked
+  (`RANKING_INVALID_SCORES`);
+- retrieval and ranking both only late (a deadline too short for the pipeline): the cached popular
+  items, unranked; late with nothing cached: `PipelineDeadline` (DEADLINE_EXCEEDED);
 - retrieval and ranking both down, or nothing to fall back on: `PipelineUnavailable` (the
   gateway answers UNAVAILABLE at once rather than unranked popular items).
+
+Unranked items carry no score (`Recommended.ranked` false, score 0): retrieval scores of different
+sources (inner products, interaction counts) are not comparable. A shard a replica has not
+answered within `hedge_s` is also sent to another replica and the first answer wins; calls that
+failed for their own size are never retried.
 
 Version skew: all scores of one answer come from one ranker model version. Shards are first sent
 with no version; if the answers name different versions, the version that answered most shards
@@ -30,7 +41,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from recsys.candidates import PERSONAL_SOURCES, Candidate, Source
 
@@ -43,28 +54,61 @@ class Reason(IntEnum):
     RANKING_DEADLINE = 2
     RANKING_PARTIAL = 3
     RETRIEVAL_UNAVAILABLE = 4
+    UNKNOWN_USER = 5
+    RANKING_INVALID_SCORES = 6
 
 
 # Status codes (grpc.StatusCode names) on which a call can be sent again, to another replica:
 # the call was refused before any work (UNAVAILABLE, RESOURCE_EXHAUSTED). Both calls the pipeline
-# makes are reads, so a repeat is harmless; the retry budget keeps repeats from piling up.
+# makes are reads, so a repeat is harmless; the retry budget keeps repeats from piling up. A call
+# that failed for its own size (a message or its metadata over a limit) fails the same way
+# everywhere, so it is never repeated.
 RETRYABLE_CODES = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
 DEADLINE_CODES = frozenset({"DEADLINE_EXCEEDED"})
+# How gRPC words a message or metadata over a size limit (RESOURCE_EXHAUSTED).
+SIZE_ERROR_MARKERS = ("larger than max", "metadata size", "message too large", "too large")
+# Most characters of an upstream's error text kept in a degradation detail or status message.
+DETAIL_CHARS = 200
+
+
+def is_size_error(code: str, detail: str) -> bool:
+    """Whether a failure is a message or its metadata over a size limit."""
+    text = detail.lower()
+    return code == "RESOURCE_EXHAUSTED" and any(marker in text for marker in SIZE_ERROR_MARKERS)
 
 
 class UpstreamError(Exception):
     """A retrieval or ranking call failed; `code` is the gRPC status code name. A ranker sets
-    `replica` to the replica that failed, so that a retry goes to the next one."""
+    `replica` to the replica that failed, so that a retry goes to the next one. The detail is cut
+    to DETAIL_CHARS characters."""
 
     def __init__(self, code: str, detail: str = "", *, replica: int | None = None) -> None:
+        if len(detail) > DETAIL_CHARS:
+            detail = detail[:DETAIL_CHARS] + "..."
         super().__init__(f"{code}: {detail}" if detail else code)
         self.code = code
         self.detail = detail
         self.replica = replica
 
+    @property
+    def retryable(self) -> bool:
+        """Refused before any work, and not for the call's own size."""
+        return self.code in RETRYABLE_CODES and not is_size_error(self.code, self.detail)
+
 
 class PipelineUnavailable(Exception):
     """Neither retrieval nor its fallback could produce candidates."""
+
+
+class PipelineDeadline(Exception):
+    """The deadline left no time to produce candidates (retrieval was late and nothing is cached
+    to fall back on)."""
+
+
+def is_unknown_user(error: UpstreamError) -> bool:
+    """Whether a ranker refused a call because its model does not know the user (NOT_FOUND that
+    names the user id, as the ranking service words it), rather than the model or an item."""
+    return error.code == "NOT_FOUND" and "unknown user" in error.detail.lower()
 
 
 @dataclass(frozen=True)
@@ -172,6 +216,7 @@ class PipelineConfig:
     max_rank_attempts: int = 3  # attempts per shard (first try and retries on other replicas)
     margin_s: float = 0.005  # kept back from the caller's deadline to merge and answer
     retrieval_fraction: float = 0.4  # share of the remaining time retrieval may take
+    hedge_s: float = 0.0  # a shard unanswered this long also goes to another replica (0: never)
 
 
 @dataclass(frozen=True)
@@ -179,7 +224,7 @@ class RecommendQuery:
     user_id: str
     domain: str
     k: int
-    exclude_seen: bool = False
+    exclude_seen: bool = True
     recent_item_ids: tuple[str, ...] = ()
 
 
@@ -191,10 +236,12 @@ class Degradation:
 
 @dataclass
 class Recommendation:
-    items: list[Candidate]
+    items: list[Recommended]
     model_versions: list[tuple[str, str]] = field(default_factory=list)
     degradations: list[Degradation] = field(default_factory=list)
     ranked: bool = False
+    # Retrieval failed only because its share of the deadline ran out.
+    retrieval_late: bool = False
     # Seconds spent per stage: "retrieval", "ranking", "merge".
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -232,19 +279,40 @@ def split_shards(n: int, shards: int, min_shard_size: int) -> list[tuple[int, in
     return [(start, min(n, start + size)) for start in range(0, n, size)]
 
 
+class Recommended(NamedTuple):
+    """An item of an answer. `score` is the ranking model's score when `ranked`; an unranked item
+    has score 0.0 and keeps retrieval order, because retrieval scores of different sources are
+    not comparable (inner products for ANN, TRANSFER and HISTORY, interaction counts for
+    POPULAR)."""
+
+    item_id: str
+    score: float
+    source: Source
+    title: str = ""
+    ranked: bool = False
+
+
 def top_k(
     candidates: Sequence[Candidate], scores: Sequence[float | None], k: int
-) -> list[Candidate]:
+) -> list[Recommended]:
     """Ranked candidates by score (best first, ties in retrieval order), then the unranked ones
-    (score None) in retrieval order; the first k, each carrying the score used to order it."""
-    ranked = [(s, i) for i, s in enumerate(scores) if s is not None]
+    (score None) in retrieval order; the first k. A score that is not finite (NaN, infinite)
+    counts as unranked: it cannot be ordered."""
+    ranked = [(s, i) for i, s in enumerate(scores) if s is not None and math.isfinite(s)]
     ranked.sort(key=lambda pair: (-pair[0], pair[1]))
     out = [
-        Candidate(candidates[i].item_id, float(s), candidates[i].source, candidates[i].title)
+        Recommended(
+            candidates[i].item_id, float(s), candidates[i].source, candidates[i].title, True
+        )
         for s, i in ranked[:k]
     ]
     if len(out) < k:
-        out.extend(c for c, s in zip(candidates, scores, strict=True) if s is None)
+        chosen = {i for _, i in ranked[:k]}
+        out.extend(
+            Recommended(c.item_id, 0.0, c.source, c.title, False)
+            for i, c in enumerate(candidates)
+            if i not in chosen and (scores[i] is None or not math.isfinite(scores[i]))  # type: ignore[arg-type]
+        )
     return out[:k]
 
 
@@ -261,6 +329,8 @@ def choose_version(versions: Sequence[str]) -> str:
 def _ranking_reason(errors: Sequence[UpstreamError]) -> Reason:
     if errors and all(e.code in DEADLINE_CODES for e in errors):
         return Reason.RANKING_DEADLINE
+    if errors and all(is_unknown_user(e) for e in errors):
+        return Reason.UNKNOWN_USER
     return Reason.RANKING_UNAVAILABLE
 
 
@@ -310,7 +380,18 @@ class Pipeline:
             ranking_timeout = deadline - loop.time() - cfg.margin_s
             scores = await self._rank(query, candidates, ranking_timeout, result)
             result.timings["ranking"] = time.perf_counter() - start
-            if not retrieved and all(score is None for score in scores):
+            reasons = {d.reason for d in result.degradations}
+            # Retrieval is down and no shard was ranked. The cached popular items are answered
+            # when the ranker does not know the user (nothing better exists for them) or when
+            # both were only late (the deadline is too short for the pipeline); when both are
+            # down the gateway refuses rather than answer unranked, unpersonalised items.
+            late = result.retrieval_late and Reason.RANKING_DEADLINE in reasons
+            if (
+                not retrieved
+                and all(score is None for score in scores)
+                and Reason.UNKNOWN_USER not in reasons
+                and not late
+            ):
                 details = "; ".join(d.detail for d in result.degradations)
                 raise PipelineUnavailable(f"retrieval and ranking are both unavailable ({details})")
 
@@ -337,7 +418,7 @@ class Pipeline:
                 raise UpstreamError("DEADLINE_EXCEEDED", "retrieval timed out") from None
             except UpstreamError as exc:
                 attempt += 1
-                if exc.code not in RETRYABLE_CODES or attempt >= 2 or not self.budget.try_spend():
+                if not exc.retryable or attempt >= 2 or not self.budget.try_spend():
                     raise
 
     async def _retrieve(
@@ -383,9 +464,16 @@ class Pipeline:
             result.degradations.append(
                 Degradation(Reason.RETRIEVAL_UNAVAILABLE, f"retrieval: {_describe(errors)}")
             )
+            result.retrieval_late = all(e.code in DEADLINE_CODES for e in errors)
         lists = [r.candidates for r in ok]
         if not ok:
             fallback = self.popular.get(query.domain)
+            if not fallback and result.retrieval_late:
+                raise PipelineDeadline(
+                    f"retrieval did not answer within its share of the deadline "
+                    f"({_describe(errors)}) and no popular items are cached for domain "
+                    f"{query.domain!r}"
+                )
             if not fallback:
                 raise PipelineUnavailable(
                     f"retrieval failed ({_describe(errors)}) and no popular items are cached "
@@ -400,41 +488,72 @@ class Pipeline:
 
     # -- ranking --------------------------------------------------------------------------------
 
+    async def _attempt(self, query: RankQuery, replica: int, end: float) -> Ranked:
+        """One call to one replica, with its answer checked."""
+        remaining = end - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            raise UpstreamError("DEADLINE_EXCEEDED", "no time left for ranking")
+        try:
+            async with asyncio.timeout(remaining):
+                ranked = await self.ranker.rank(query, replica=replica, timeout=remaining)
+        except TimeoutError:
+            raise UpstreamError("DEADLINE_EXCEEDED", "ranking timed out") from None
+        if len(ranked.scores) != len(query.item_ids):
+            raise UpstreamError(
+                "INTERNAL",
+                f"ranker returned {len(ranked.scores)} scores for {len(query.item_ids)} items",
+                replica=replica,
+            )
+        if query.model_version and ranked.model_version != query.model_version:
+            raise UpstreamError(
+                "FAILED_PRECONDITION",
+                f"asked for version {query.model_version}, got {ranked.model_version}",
+                replica=replica,
+            )
+        return ranked
+
+    async def _hedged(self, query: RankQuery, replica: int, end: float) -> Ranked:
+        """One attempt, hedged: when the replica has not answered within `hedge_s` and there is
+        another one, the same shard also goes to the next replica (a read, so harmless; paid
+        from the retry budget). The first answer wins and the other call is cancelled, so one
+        stalled replica costs a shard `hedge_s`, not the whole deadline."""
+        hedge_s = self.config.hedge_s
+        if hedge_s <= 0 or self.ranker.replicas < 2:
+            return await self._attempt(query, replica, end)
+        primary = asyncio.ensure_future(self._attempt(query, replica, end))
+        tasks = [primary]
+        try:
+            done, _ = await asyncio.wait(tasks, timeout=hedge_s)
+            if done or not self.budget.try_spend():
+                return await primary
+            tasks.append(asyncio.ensure_future(self._attempt(query, replica + 1, end)))
+            pending = set(tasks)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task.exception() is None:
+                        return task.result()
+            # Both failed: the primary's error decides what happens next.
+            return primary.result()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     async def _rank_shard(
         self, query: RankQuery, first_replica: int, end: float, attempts: int
     ) -> Ranked:
-        """One shard, retried on other replicas when refused (and, for a pinned version, when
-        the replica does not have that version)."""
-        loop = asyncio.get_running_loop()
+        """One shard, hedged when slow, retried on other replicas when refused (and, for a
+        pinned version, when the replica does not have that version)."""
         self.budget.record_call()
         replica = first_replica
         tried = 0
         while True:
-            remaining = end - loop.time()
-            if remaining <= 0:
-                raise UpstreamError("DEADLINE_EXCEEDED", "no time left for ranking")
             try:
-                async with asyncio.timeout(remaining):
-                    ranked = await self.ranker.rank(query, replica=replica, timeout=remaining)
-                if len(ranked.scores) != len(query.item_ids):
-                    raise UpstreamError(
-                        "INTERNAL",
-                        f"ranker returned {len(ranked.scores)} scores for "
-                        f"{len(query.item_ids)} items",
-                    )
-                if query.model_version and ranked.model_version != query.model_version:
-                    raise UpstreamError(
-                        "FAILED_PRECONDITION",
-                        f"asked for version {query.model_version}, got {ranked.model_version}",
-                    )
-                return ranked
-            except TimeoutError:
-                raise UpstreamError("DEADLINE_EXCEEDED", "ranking timed out") from None
+                return await self._hedged(query, replica, end)
             except UpstreamError as exc:
                 tried += 1
-                retry = exc.code in RETRYABLE_CODES or (
-                    bool(query.model_version) and exc.code == "NOT_FOUND"
-                )
+                retry = exc.retryable or (bool(query.model_version) and exc.code == "NOT_FOUND")
                 if not retry or tried >= attempts or not self.budget.try_spend():
                     raise
                 replica = (replica if exc.replica is None else exc.replica) + 1
@@ -498,6 +617,16 @@ class Pipeline:
         for (lo, _hi), answer in zip(ranges, answers, strict=True):
             if isinstance(answer, Ranked):
                 scores[lo : lo + len(answer.scores)] = answer.scores
+        invalid = sum(1 for s in scores if s is not None and not math.isfinite(s))
+        if invalid:
+            # A model that answers NaN (or infinity) for some pairs: those items stay unranked.
+            result.degradations.append(
+                Degradation(
+                    Reason.RANKING_INVALID_SCORES,
+                    f"ranking: {invalid} of {len(scores)} scores are not finite; those items "
+                    "are unranked",
+                )
+            )
         if errors and len(errors) == len(answers):
             result.degradations.append(
                 Degradation(_ranking_reason(errors), f"ranking: {_describe(errors)}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
@@ -54,13 +55,19 @@ class PopularRefresher:
         self.domains = domains
         self.size = size
         self.repository = repository
+        # Whether retrieval answered the last refresh of each domain.
+        self.retrieval_ok: dict[str, bool] = dict.fromkeys(domains, False)
+        # Called after every refresh (the gateway updates its health).
+        self.on_refresh: Callable[[], Awaitable[None]] | None = None
 
     async def refresh_once(self, timeout: float = 2.0) -> None:
         for domain in self.domains:
             query = RetrieveQuery(user_id="", domain=domain, k=self.size, sources=(Source.POPULAR,))
             try:
                 answer = await self.retriever.retrieve(query, timeout=timeout)
+                self.retrieval_ok[domain] = True
             except UpstreamError as exc:
+                self.retrieval_ok[domain] = False
                 logger.warning("Popular items of %s not refreshed: %s", domain, exc)
                 if not self.cache.has(domain) and self.repository is not None:
                     items = await asyncio.to_thread(
@@ -80,5 +87,7 @@ class PopularRefresher:
             await asyncio.sleep(interval_s if complete else min(interval_s, retry_s))
             try:
                 await self.refresh_once()
+                if self.on_refresh is not None:
+                    await self.on_refresh()
             except Exception:
                 logger.exception("Refreshing popular items failed")

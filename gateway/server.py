@@ -11,10 +11,19 @@ import grpc
 
 from gateway.clients import Upstreams
 from gateway.config import GatewaySettings
-from gateway.pipeline import Pipeline, PipelineConfig, PopularItems, RetryBudget
+from gateway.pipeline import (
+    Pipeline,
+    PipelineConfig,
+    PopularItems,
+    RetrieveQuery,
+    RetryBudget,
+    UpstreamError,
+)
 from gateway.popular import PopularRefresher
-from gateway.servicer import SERVICE_NAME, RecommendationServicer
+from gateway.servicer import SERVICE_NAME, Limits, RecommendationServicer
+from recsys.candidates import Source
 from recsys.rpc.server import RpcServer, serve_until_signal
+from recsys.rpc.settings import SettingsConflict
 from recsys.v1 import recommendation_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -29,6 +38,7 @@ def pipeline_config(settings: GatewaySettings) -> PipelineConfig:
         max_rank_attempts=settings.max_rank_attempts,
         margin_s=settings.deadline_margin_ms / 1000,
         retrieval_fraction=settings.retrieval_deadline_fraction,
+        hedge_s=settings.ranker_hedge_ms / 1000,
     )
 
 
@@ -53,27 +63,83 @@ class Gateway:
             settings.popular_cache_size,
             settings.model_repository,
         )
+        self.refresher.on_refresh = self.update_health
+        self.server: RpcServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
+
+    def answerable(self) -> bool:
+        """Whether every domain can be answered: retrieval answered its last popular-items
+        refresh, or popular items are cached to fall back on."""
+        return all(
+            self.refresher.retrieval_ok.get(domain) or self.popular.has(domain)
+            for domain in self.settings.domain_list
+        )
+
+    async def update_health(self) -> None:
+        """Health SERVING exactly while answers are possible (see answerable)."""
+        if self.server is None:
+            return
+        serving = self.answerable()
+        if serving != self.server.serving:
+            if not serving:
+                logger.warning(
+                    "No answers possible: retrieval is down and no popular items are cached"
+                )
+            await self.server.set_serving(serving)
+
+    async def check_retrieval_limits(self) -> None:
+        """Refuse settings that ask retrieval for more candidates than it allows (its MAX_K),
+        learnt by asking retrieval for that many popular items once. When retrieval does not
+        answer the check cannot be made; it is logged and the gateway goes on."""
+        s = self.settings
+        needed = {
+            "retrieval_candidates": s.retrieval_candidates,
+            "max_k": s.max_k,
+            "popular_candidates": s.popular_candidates,
+            "popular_cache_size": s.popular_cache_size,
+        }
+        name, k = max(needed.items(), key=lambda item: item[1])
+        query = RetrieveQuery(user_id="", domain=s.domain_list[0], k=k, sources=(Source.POPULAR,))
+        try:
+            await self.upstreams.retriever.retrieve(query, timeout=2.0)
+        except UpstreamError as exc:
+            if exc.code == "INVALID_ARGUMENT" and "k must be" in exc.detail:
+                env = f"GATEWAY_{name.upper()}"
+                raise SettingsConflict(
+                    f"{name} (env {env}) = {k} asks retrieval for more candidates than it allows "
+                    f"(raise RETRIEVAL_MAX_K or lower {env}): {exc.detail}"
+                ) from None
+            logger.warning(
+                "Retrieval limits not checked (%s); keep GATEWAY_RETRIEVAL_CANDIDATES, "
+                "GATEWAY_MAX_K and GATEWAY_POPULAR_CACHE_SIZE within RETRIEVAL_MAX_K",
+                exc,
+            )
 
     def build_server(self) -> RpcServer:
         servicer = RecommendationServicer(
             self.pipeline,
             domains=self.settings.domain_list,
-            max_k=self.settings.max_k,
+            limits=Limits(
+                max_k=self.settings.max_k,
+                max_recent_items=self.settings.max_recent_items,
+                max_id_length=self.settings.max_id_length,
+            ),
             default_deadline_s=self.settings.default_deadline_ms / 1000,
             margin_s=self.settings.deadline_margin_ms / 1000,
         )
-        return RpcServer(
+        self.server = RpcServer(
             self.settings,
             service_names=[SERVICE_NAME],
             register=lambda s: recommendation_pb2_grpc.add_RecommendationServiceServicer_to_server(
                 servicer, s
             ),
         )
+        return self.server
 
     async def start(self) -> None:
-        """Connect to the upstreams and fill the popular-items cache (both best effort, a few
-        seconds at most), then keep the cache fresh."""
+        """Connect to the upstreams, check the settings against retrieval's limits and fill the
+        popular-items cache (best effort, a few seconds at most), set health to whether answers
+        are possible, then keep the cache (and health) fresh. Raises SettingsConflict."""
         channels = [self.upstreams.retrieval_channel] + [
             channel for _, channel in self.upstreams.ranker_channels
         ]
@@ -84,7 +150,9 @@ class Gateway:
             if all(c.get_state(try_to_connect=True) in settled for c in channels):
                 break
             await asyncio.sleep(0.02)
+        await self.check_retrieval_limits()
         await self.refresher.refresh_once()
+        await self.update_health()
         self._tasks.append(
             asyncio.get_running_loop().create_task(
                 self.refresher.run(self.settings.popular_refresh_s)
@@ -104,4 +172,6 @@ class Gateway:
 async def serve(settings: GatewaySettings) -> None:
     gateway = Gateway(settings)
     server = gateway.build_server()
-    await serve_until_signal(server, on_startup=gateway.start, on_shutdown=gateway.close)
+    await serve_until_signal(
+        server, on_startup=gateway.start, on_shutdown=gateway.close, owner_sets_health=True
+    )

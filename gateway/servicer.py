@@ -3,30 +3,62 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import grpc
 
 from gateway import metrics
-from gateway.pipeline import Pipeline, PipelineUnavailable, Recommendation, RecommendQuery
-from recsys.rpc.errors import DeadlineExceeded, InvalidRequest, UpstreamUnavailable
+from gateway.pipeline import (
+    Pipeline,
+    PipelineDeadline,
+    PipelineUnavailable,
+    Recommendation,
+    RecommendQuery,
+)
+from recsys.rpc.errors import (
+    DeadlineExceeded,
+    InvalidRequest,
+    UpstreamUnavailable,
+    check_id,
+    check_ids,
+    shorten,
+)
 from recsys.v1 import common_pb2, recommendation_pb2, recommendation_pb2_grpc
 
 SERVICE_NAME = "recsys.v1.RecommendationService"
 
 
-def validate(request: recommendation_pb2.RecommendRequest, domains: set[str], max_k: int) -> None:
+@dataclass(frozen=True)
+class Limits:
+    """What a request may carry (the gateway's settings max_k, max_recent_items, max_id_length)."""
+
+    max_k: int = 100
+    max_recent_items: int = 1000
+    max_id_length: int = 1024
+
+
+def validate(
+    request: recommendation_pb2.RecommendRequest, domains: set[str], limits: Limits
+) -> None:
+    """INVALID_ARGUMENT for a request the pipeline must not run; messages repeat at most a short
+    escaped prefix of a client's id."""
     if not request.user_id:
         raise InvalidRequest("user_id is required")
+    check_id(request.user_id, "user_id", limits.max_id_length)
     if not request.domain:
         raise InvalidRequest("domain is required")
     if request.domain not in domains:
         raise InvalidRequest(
-            f"unknown domain {request.domain!r}; served: {', '.join(sorted(domains))}"
+            f"unknown domain {shorten(request.domain)}; served: {', '.join(sorted(domains))}"
         )
-    if request.k < 1 or request.k > max_k:
-        raise InvalidRequest(f"k must be between 1 and {max_k}, got {request.k}")
-    if any(not i for i in request.recent_item_ids):
-        raise InvalidRequest("recent_item_ids must not contain empty ids")
+    if request.k < 1 or request.k > limits.max_k:
+        raise InvalidRequest(f"k must be between 1 and {limits.max_k}, got {request.k}")
+    check_ids(
+        request.recent_item_ids,
+        "recent_item_ids",
+        limits.max_recent_items,
+        limits.max_id_length,
+    )
 
 
 def to_response(result: Recommendation) -> recommendation_pb2.RecommendResponse:
@@ -37,6 +69,7 @@ def to_response(result: Recommendation) -> recommendation_pb2.RecommendResponse:
                 score=c.score,
                 title=c.title,
                 source=int(c.source),  # type: ignore[arg-type]
+                ranked=c.ranked,
             )
             for c in result.items
         ],
@@ -58,13 +91,13 @@ class RecommendationServicer(recommendation_pb2_grpc.RecommendationServiceServic
         pipeline: Pipeline,
         *,
         domains: list[str],
-        max_k: int,
+        limits: Limits,
         default_deadline_s: float,
         margin_s: float,
     ) -> None:
         self.pipeline = pipeline
         self.domains = set(domains)
-        self.max_k = max_k
+        self.limits = limits
         self.default_deadline_s = default_deadline_s
         self.margin_s = margin_s
 
@@ -72,7 +105,7 @@ class RecommendationServicer(recommendation_pb2_grpc.RecommendationServiceServic
         self, request: recommendation_pb2.RecommendRequest, context: grpc.aio.ServicerContext
     ) -> recommendation_pb2.RecommendResponse:
         start = time.perf_counter()
-        validate(request, self.domains, self.max_k)
+        validate(request, self.domains, self.limits)
         remaining = context.time_remaining()
         timeout = self.default_deadline_s if remaining is None else float(remaining)
         if timeout <= self.margin_s:
@@ -81,13 +114,16 @@ class RecommendationServicer(recommendation_pb2_grpc.RecommendationServiceServic
             user_id=request.user_id,
             domain=request.domain,
             k=request.k,
-            exclude_seen=request.exclude_seen,
+            # Unset means true: a just-viewed item is never recommended back by default.
+            exclude_seen=request.exclude_seen if request.HasField("exclude_seen") else True,
             recent_item_ids=tuple(request.recent_item_ids),
         )
         try:
             result = await self.pipeline.recommend(query, timeout=timeout)
         except PipelineUnavailable as exc:
             raise UpstreamUnavailable(str(exc)) from None
+        except PipelineDeadline as exc:
+            raise DeadlineExceeded(str(exc)) from None
         for stage, seconds in result.timings.items():
             metrics.STAGE_DURATION.labels(stage).observe(seconds)
         for degradation in result.degradations:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import grpc
 
 
@@ -56,6 +58,40 @@ class DeadlineExceeded(RecsysError):
 
 
 INTERNAL_ERROR_MESSAGE = "Internal server error"
+
+# Most characters of a client-supplied value (an id, a name) that an error message repeats. A
+# status message travels in the trailing metadata, which gRPC caps at 16 KiB: a message that
+# echoed a whole long id would arrive as RESOURCE_EXHAUSTED instead of the intended status.
+ECHO_CHARS = 32
+
+
+def shorten(value: str, limit: int = ECHO_CHARS) -> str:
+    """A short, escaped form of a client-supplied value for error messages: repr() of at most
+    `limit` characters, with the full length when it was cut ('abc...' (20000 chars))."""
+    if len(value) <= limit:
+        return ascii(value)
+    quoted = ascii(value[:limit])
+    return f"{quoted[:-1]}...{quoted[-1]} ({len(value)} chars)"
+
+
+def check_id(value: str, field: str, max_length: int) -> None:
+    """InvalidRequest if `value` (an id or name named `field`) is longer than `max_length`."""
+    if len(value) > max_length:
+        raise InvalidRequest(
+            f"{field} is {len(value)} characters long, above the limit of {max_length}: "
+            f"{shorten(value)}"
+        )
+
+
+def check_ids(values: Sequence[str], field: str, max_count: int, max_length: int) -> None:
+    """InvalidRequest if the repeated field `field` has more than `max_count` ids, an empty id or
+    one longer than `max_length`."""
+    if len(values) > max_count:
+        raise InvalidRequest(f"{field} has {len(values)} ids, above the limit of {max_count}")
+    for value in values:
+        if not value:
+            raise InvalidRequest(f"{field} must not contain empty ids")
+        check_id(value, f"an id in {field}", max_length)
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -66,9 +67,25 @@ BUILD_INFO = Info("recsys_build", "Version of the running code.")
 
 
 def start_metrics_server(
-    port: int, host: str = "0.0.0.0", registry: CollectorRegistry = REGISTRY
+    port: int,
+    host: str = "0.0.0.0",
+    registry: CollectorRegistry = REGISTRY,
+    *,
+    certfile: Path | None = None,
+    keyfile: Path | None = None,
+    client_cafile: Path | None = None,
 ) -> tuple[WSGIServer, threading.Thread]:
-    """Serve /metrics over HTTP on its own port; port 0 picks a free one (see server_port)."""
-    server, thread = start_http_server(port, addr=host, registry=registry)
+    """Serve /metrics on its own port, over HTTP, or HTTPS with `certfile` and `keyfile` (and
+    client certificates signed by `client_cafile` required when given); port 0 picks a free one
+    (see server_port)."""
+    server, thread = start_http_server(
+        port,
+        addr=host,
+        registry=registry,
+        certfile=str(certfile) if certfile else None,
+        keyfile=str(keyfile) if keyfile else None,
+        client_cafile=str(client_cafile) if client_cafile else None,
+        client_auth_required=client_cafile is not None,
+    )
     logger.info("Serving metrics on %s:%d", host, server.server_port)
     return server, thread

@@ -15,8 +15,8 @@ from grpc_reflection.v1alpha import reflection
 
 from recsys.rpc import metrics
 from recsys.rpc.interceptors import default_interceptors
-from recsys.rpc.settings import ServerSettings
-from recsys.rpc.tls import server_credentials
+from recsys.rpc.settings import ServerSettings, refuse
+from recsys.rpc.tls import ClientCertificateInterceptor, server_credentials
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ class RpcServer:
         self.port = 0
         self.metrics_port = 0
         self.serving = False  # what health says: SERVING between start-up and shutdown
+        self.draining = False  # stop() was called: health stays NOT_SERVING
         self._metrics_httpd: object | None = None
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         options = [
@@ -96,7 +97,11 @@ class RpcServer:
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ]
         self._in_flight = _InFlight()
-        chain = default_interceptors() if interceptors is None else interceptors
+        chain = default_interceptors() if interceptors is None else list(interceptors)
+        if settings.tls_client_ca_file is not None and settings.tls_client_require_eku:
+            # Outermost after the in-flight count: a client whose certificate may not
+            # authenticate clients gets nowhere.
+            chain.insert(0, ClientCertificateInterceptor())
         self.server = grpc.aio.server(interceptors=[self._in_flight, *chain], options=options)
         register(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)
@@ -106,27 +111,58 @@ class RpcServer:
             )
 
     async def start(self) -> None:
-        """Bind the ports and start serving (health NOT_SERVING until set_serving(True))."""
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        address = f"{self.settings.host}:{self.settings.port}"
-        credentials = server_credentials(self.settings)
-        if credentials is None:
-            self.port = self.server.add_insecure_port(address)
-        else:
-            self.port = self.server.add_secure_port(address, credentials)
+        """Bind the ports and start serving (health NOT_SERVING until set_serving(True), unless
+        that was called before)."""
+        await self._set_health(
+            health_pb2.HealthCheckResponse.SERVING
+            if self.serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        settings = self.settings
+        address = f"{settings.host}:{settings.port}"
+        credentials = server_credentials(settings)
+        try:
+            if credentials is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, credentials)
+        except RuntimeError as exc:
+            self.port = 0
+            logger.debug("Binding %s failed: %s", address, exc)
         if self.port == 0:
-            raise OSError(f"could not bind gRPC port {address}")
+            refuse(
+                f"invalid settings for {type(settings).__name__}: host and port ({address}): "
+                "cannot serve gRPC there (address in use or not local"
+                + (", or tls_cert_file/tls_key_file unusable)" if credentials else ")")
+            )
         await self.server.start()
-        httpd, _ = metrics.start_metrics_server(self.settings.metrics_port, self.settings.host)
+        metrics_host = settings.metrics_host or settings.host
+        tls = settings.metrics_tls
+        try:
+            httpd, _ = metrics.start_metrics_server(
+                settings.metrics_port,
+                metrics_host,
+                certfile=settings.tls_cert_file if tls else None,
+                keyfile=settings.tls_key_file if tls else None,
+                client_cafile=settings.tls_client_ca_file if tls else None,
+            )
+        except OSError as exc:
+            await self.server.stop(0)
+            refuse(
+                f"invalid settings for {type(settings).__name__}: metrics_host and metrics_port "
+                f"({metrics_host}:{settings.metrics_port}): cannot serve metrics there ({exc})"
+            )
         self._metrics_httpd = httpd
         self.metrics_port = httpd.server_port
         logger.info(
-            "Serving %s on %s:%d (%s), metrics on port %d",
+            "Serving %s on %s:%d (%s), metrics on %s:%d (%s)",
             ", ".join(self.service_names),
-            self.settings.host,
+            settings.host,
             self.port,
             "TLS" if credentials else "plaintext",
+            metrics_host,
             self.metrics_port,
+            "HTTPS" if tls else "HTTP",
         )
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
@@ -134,6 +170,8 @@ class RpcServer:
             await self._health.set(name, status)
 
     async def set_serving(self, serving: bool) -> None:
+        """Health SERVING or NOT_SERVING; once draining, always NOT_SERVING."""
+        serving = serving and not self.draining
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving
@@ -157,6 +195,7 @@ class RpcServer:
         loop = asyncio.get_running_loop()
         grace = self.settings.grace_period_s if grace is None else grace
         deadline = loop.time() + grace
+        self.draining = True
         await self.set_serving(False)
         if self.settings.shutdown_delay_s > 0:
             await asyncio.sleep(min(self.settings.shutdown_delay_s, grace))
@@ -200,9 +239,11 @@ async def serve_until_signal(
     *,
     on_startup: Callable[[], Awaitable[None]] | None = None,
     on_shutdown: Callable[[], Awaitable[None]] | None = None,
+    owner_sets_health: bool = False,
 ) -> None:
-    """Start, run `on_startup` (load and warm models), go SERVING, and on SIGTERM or SIGINT drain
-    and return (the process then exits 0)."""
+    """Start, run `on_startup` (load and warm models), go SERVING (unless `owner_sets_health`:
+    then the owner calls set_serving as it sees fit), and on SIGTERM or SIGINT drain and return
+    (the process then exits 0). An exception from `on_startup` stops the server and propagates."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -217,10 +258,11 @@ async def serve_until_signal(
             )
             if startup in done:
                 startup.result()
-                await server.set_serving(True)
+                if not owner_sets_health:
+                    await server.set_serving(True)
             else:
                 startup.cancel()
-        else:
+        elif not owner_sets_health:
             await server.set_serving(True)
         await stop.wait()
         logger.info("Shutdown signal received")

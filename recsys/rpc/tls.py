@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
+import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from recsys.rpc.settings import ServerSettings
 
@@ -23,6 +30,86 @@ def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | Non
         root_certificates=client_ca,
         require_client_auth=client_ca is not None,
     )
+
+
+logger = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=1024)
+def client_certificate_problem(pem: bytes) -> str | None:
+    """Why a client certificate (PEM) may not authenticate a client, or None if it may: its
+    extended key usage must list clientAuth (or anyExtendedKeyUsage). The TLS handshake already
+    refuses a certificate whose extended key usage leaves clientAuth out (a server certificate);
+    this also refuses one without the extension, which RFC 5280 (4.2.1.12) would leave
+    unrestricted: a certificate issued with no stated purpose does not authenticate clients."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError as exc:
+        return f"unreadable client certificate ({exc})"
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return "the client certificate has no extended key usage; clientAuth is required"
+    if ExtendedKeyUsageOID.CLIENT_AUTH in usage or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in (
+        usage
+    ):
+        return None
+    return "the client certificate's extended key usage does not allow client authentication"
+
+
+class ClientCertificateInterceptor(grpc.aio.ServerInterceptor):
+    """Mutual TLS: refuses (UNAUTHENTICATED) every call, unary or streaming, whose client
+    certificate does not allow client authentication (see client_certificate_problem). The TLS
+    handshake already checked that it chains to the client CA."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+
+        async def check(context: grpc.aio.ServicerContext) -> None:
+            pems = list(context.auth_context().get("x509_pem_cert") or [])
+            problem = client_certificate_problem(pems[0]) if pems else "no client certificate"
+            if problem is not None:
+                logger.warning("%s refused: %s (peer %s)", method, problem, context.peer())
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+
+        def wrap(inner: Any) -> Any:
+            if inspect.isasyncgenfunction(inner):
+
+                async def streamed(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                    await check(context)
+                    async for item in inner(request, context):
+                        yield item
+
+                return streamed
+
+            async def called(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                await check(context)
+                return await inner(request, context)
+
+            return called
+
+        kinds = {
+            "unary_unary": grpc.unary_unary_rpc_method_handler,
+            "unary_stream": grpc.unary_stream_rpc_method_handler,
+            "stream_unary": grpc.stream_unary_rpc_method_handler,
+            "stream_stream": grpc.stream_stream_rpc_method_handler,
+        }
+        for attribute, make in kinds.items():
+            inner = getattr(handler, attribute)
+            if inner is not None:
+                return make(
+                    wrap(inner),
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer,
+                )
+        return handler
 
 
 @dataclass(frozen=True)

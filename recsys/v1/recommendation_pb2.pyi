@@ -15,11 +15,15 @@ class DegradationReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DEGRADATION_REASON_RANKING_DEADLINE: _ClassVar[DegradationReason]
     DEGRADATION_REASON_RANKING_PARTIAL: _ClassVar[DegradationReason]
     DEGRADATION_REASON_RETRIEVAL_UNAVAILABLE: _ClassVar[DegradationReason]
+    DEGRADATION_REASON_UNKNOWN_USER: _ClassVar[DegradationReason]
+    DEGRADATION_REASON_RANKING_INVALID_SCORES: _ClassVar[DegradationReason]
 DEGRADATION_REASON_UNSPECIFIED: DegradationReason
 DEGRADATION_REASON_RANKING_UNAVAILABLE: DegradationReason
 DEGRADATION_REASON_RANKING_DEADLINE: DegradationReason
 DEGRADATION_REASON_RANKING_PARTIAL: DegradationReason
 DEGRADATION_REASON_RETRIEVAL_UNAVAILABLE: DegradationReason
+DEGRADATION_REASON_UNKNOWN_USER: DegradationReason
+DEGRADATION_REASON_RANKING_INVALID_SCORES: DegradationReason
 
 class RecommendRequest(_message.Message):
     __slots__ = ("user_id", "domain", "k", "exclude_seen", "recent_item_ids")
@@ -36,16 +40,18 @@ class RecommendRequest(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., domain: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., recent_item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RecommendedItem(_message.Message):
-    __slots__ = ("item_id", "score", "title", "source")
+    __slots__ = ("item_id", "score", "title", "source", "ranked")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    RANKED_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     score: float
     title: str
     source: _common_pb2.CandidateSource
-    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., title: _Optional[str] = ..., source: _Optional[_Union[_common_pb2.CandidateSource, str]] = ...) -> None: ...
+    ranked: bool
+    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., title: _Optional[str] = ..., source: _Optional[_Union[_common_pb2.CandidateSource, str]] = ..., ranked: _Optional[bool] = ...) -> None: ...
 
 class Degradation(_message.Message):
     __slots__ = ("reason", "detail")

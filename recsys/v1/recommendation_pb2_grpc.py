@@ -55,10 +55,20 @@ class RecommendationServiceServicer:
         OK                  k items or fewer (fewer when the domain has fewer eligible items);
         degraded is set when a part of the pipeline failed.
         INVALID_ARGUMENT    empty user id; unknown domain; k is 0 or above the gateway's limit
-        (GATEWAY_MAX_K, default 100); an empty id in recent_item_ids.
+        (GATEWAY_MAX_K, default 100); more recent_item_ids than
+        GATEWAY_MAX_RECENT_ITEMS (default 1,000); an empty id in them; a
+        user id, domain or item id longer than GATEWAY_MAX_ID_LENGTH
+        characters (default 1,024). Error messages repeat at most a short,
+        escaped prefix of an id.
+        RESOURCE_EXHAUSTED  the request is larger than GATEWAY_MAX_MESSAGE_BYTES (default 16 MiB),
+        refused by gRPC before the gateway sees it.
         UNAVAILABLE         retrieval and ranking are both down, or retrieval is down and no
-        popular items are cached for the domain.
-        DEADLINE_EXCEEDED   the caller's deadline passed.
+        popular items are cached for the domain. Never for a deadline that
+        is too short: that is DEADLINE_EXCEEDED or a degraded answer.
+        DEADLINE_EXCEEDED   the caller's deadline passed, or left no time for retrieval while no
+        popular items are cached (a deadline that leaves retrieval and
+        ranking too little time otherwise gets the cached popular items,
+        degraded with both reasons).
         CANCELLED           the caller cancelled; upstream calls are cancelled too.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

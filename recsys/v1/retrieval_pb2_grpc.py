@@ -54,7 +54,13 @@ class RetrievalServiceServicer:
         Status codes:
         OK                  candidates (fewer than k when the domain has fewer eligible items).
         INVALID_ARGUMENT    empty domain; k is 0 or above the server's limit (RETRIEVAL_MAX_K,
-        default 1,000); an empty id in exclude_item_ids or history_item_ids.
+        default 1,000); more than RETRIEVAL_MAX_REQUEST_IDS (default 10,000)
+        ids in exclude_item_ids or in history_item_ids; an empty id in them;
+        a user id, domain, model version or item id longer than
+        RETRIEVAL_MAX_ID_LENGTH characters (default 1,024). Error messages
+        repeat at most a short, escaped prefix of an id.
+        RESOURCE_EXHAUSTED  the request is larger than RETRIEVAL_MAX_MESSAGE_BYTES (default 16 MiB),
+        refused by gRPC before the server sees it.
         NOT_FOUND           unknown domain, or a model_version the server does not have.
         UNAVAILABLE         the domain's model is not loaded yet, or the server is shutting down.
         DEADLINE_EXCEEDED   the deadline passed.

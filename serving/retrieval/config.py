@@ -35,6 +35,13 @@ class RetrievalSettings(ServerSettings):
         description="Exact inner-product search up to this many items, HNSW above.",
     )
     max_k: int = Field(1000, ge=1, le=100_000, description="Largest k a request may ask for.")
+    max_request_ids: int = Field(
+        10_000,
+        ge=0,
+        le=1_000_000,
+        description="Most ids in a request's exclude_item_ids, and in its history_item_ids; more "
+        "are INVALID_ARGUMENT.",
+    )
     hnsw_m: int = Field(32, ge=4, le=256, description="HNSW graph degree (approximate index).")
     hnsw_ef_construction: int = Field(
         80, ge=8, le=2048, description="HNSW build-time beam width (higher: better graph)."

@@ -33,6 +33,8 @@ def build_server(settings: RetrievalSettings, manager: IndexManager) -> RpcServe
     servicer = RetrievalServicer(
         manager,
         settings.max_k,
+        max_request_ids=settings.max_request_ids,
+        max_id_length=settings.max_id_length,
         search_threads=settings.search_threads,
         workers=settings.search_workers,
     )

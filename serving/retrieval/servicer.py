@@ -11,7 +11,7 @@ import faiss
 import grpc
 
 from recsys.candidates import Source
-from recsys.rpc.errors import InvalidRequest, NotFound
+from recsys.rpc.errors import InvalidRequest, NotFound, check_id, check_ids, shorten
 from recsys.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
 from serving.retrieval import metrics
 from serving.retrieval.manager import IndexManager
@@ -19,15 +19,25 @@ from serving.retrieval.manager import IndexManager
 SERVICE_NAME = "recsys.v1.RetrievalService"
 
 
-def validate(request: retrieval_pb2.RetrieveRequest, max_k: int) -> None:
+def validate(
+    request: retrieval_pb2.RetrieveRequest,
+    max_k: int,
+    *,
+    max_request_ids: int = 10_000,
+    max_id_length: int = 1024,
+) -> None:
+    """INVALID_ARGUMENT for a request out of bounds (the server's settings RETRIEVAL_MAX_K,
+    RETRIEVAL_MAX_REQUEST_IDS and RETRIEVAL_MAX_ID_LENGTH); messages repeat at most a short
+    escaped prefix of a client's id."""
     if not request.domain:
         raise InvalidRequest("domain is required")
+    check_id(request.domain, "domain", max_id_length)
+    check_id(request.user_id, "user_id", max_id_length)
+    check_id(request.model_version, "model_version", max_id_length)
     if request.k < 1 or request.k > max_k:
         raise InvalidRequest(f"k must be between 1 and {max_k}, got {request.k}")
-    if any(not i for i in request.exclude_item_ids):
-        raise InvalidRequest("exclude_item_ids must not contain empty ids")
-    if any(not i for i in request.history_item_ids):
-        raise InvalidRequest("history_item_ids must not contain empty ids")
+    check_ids(request.exclude_item_ids, "exclude_item_ids", max_request_ids, max_id_length)
+    check_ids(request.history_item_ids, "history_item_ids", max_request_ids, max_id_length)
     for source in request.sources:
         if source not in Source._value2member_map_ or source == Source.UNSPECIFIED:
             raise InvalidRequest(f"unknown candidate source {source}")
@@ -38,10 +48,19 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
     threads (the OpenMP setting is per thread, so it is set in every pool thread)."""
 
     def __init__(
-        self, manager: IndexManager, max_k: int, *, search_threads: int = 1, workers: int = 4
+        self,
+        manager: IndexManager,
+        max_k: int,
+        *,
+        max_request_ids: int = 10_000,
+        max_id_length: int = 1024,
+        search_threads: int = 1,
+        workers: int = 4,
     ) -> None:
         self.manager = manager
         self.max_k = max_k
+        self.max_request_ids = max_request_ids
+        self.max_id_length = max_id_length
         self.executor = ThreadPoolExecutor(
             max_workers=workers,
             thread_name_prefix="search",
@@ -52,11 +71,16 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
     async def Retrieve(
         self, request: retrieval_pb2.RetrieveRequest, context: grpc.aio.ServicerContext
     ) -> retrieval_pb2.RetrieveResponse:
-        validate(request, self.max_k)
+        validate(
+            request,
+            self.max_k,
+            max_request_ids=self.max_request_ids,
+            max_id_length=self.max_id_length,
+        )
         index = self.manager.get(request.domain)
         if request.model_version and request.model_version != str(index.version):
             raise NotFound(
-                f"version {request.model_version} of {index.model_name} is not served "
+                f"version {shorten(request.model_version)} of {index.model_name} is not served "
                 f"(serving {index.version})"
             )
         start = time.perf_counter()

@@ -4,6 +4,8 @@ degradation, fallbacks, bad input, health and metrics."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -11,13 +13,14 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 
-from devtools.processes import free_port, health_status
+from devtools.processes import REPO_ROOT, free_port, health_status, project_env
 from devtools.tiny_models import TinyModel, make_tiny_model, publish_tiny_model
 from gateway.config import GatewaySettings
 from gateway.server import Gateway
 from recsys.rpc.server import RpcServer
-from recsys.rpc.settings import ServerSettings
+from recsys.rpc.settings import ServerSettings, SettingsConflict
 from recsys.v1 import (
     common_pb2,
     ranking_pb2,
@@ -37,6 +40,8 @@ from tests.utils.servers import BackgroundServer
 pytestmark = pytest.mark.integration
 
 Reason = recommendation_pb2.DegradationReason
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +89,8 @@ class GatewayUnderTest:
             await self.gateway.start()
             return server
 
-        self.server = BackgroundServer(factory)
+        # The gateway sets its own health (whether answers are possible).
+        self.server = BackgroundServer(factory, serving=False)
         self.channel = grpc.insecure_channel(self.server.address)
         self.stub = recommendation_pb2_grpc.RecommendationServiceStub(self.channel)
 
@@ -114,12 +120,14 @@ def gateway(retrieval: BackgroundServer) -> Iterator[GatewayUnderTest]:
 
 
 def retrieve_directly(address: str, user_id: str, k: int) -> list[str]:
+    """Retrieval's own order, seen items left out as the gateway does by default."""
     with grpc.insecure_channel(address) as channel:
         reply = retrieval_pb2_grpc.RetrievalServiceStub(channel).Retrieve(
             retrieval_pb2.RetrieveRequest(
                 user_id=user_id,
                 domain="books",
                 k=k,
+                exclude_seen=True,
                 sources=[common_pb2.CANDIDATE_SOURCE_ANN, common_pb2.CANDIDATE_SOURCE_TRANSFER],
             ),
             timeout=10,
@@ -158,7 +166,9 @@ def test_unknown_user_gets_popular_items_without_degradation(
     reply = gateway.recommend(user_id="someone-new", k=5)
     assert not reply.degraded
     assert {i.source for i in reply.items} == {common_pb2.CANDIDATE_SOURCE_POPULAR}
-    assert reply.items[0].score == float(model.popularity.max())
+    # Unranked items carry no score (interaction counts are not comparable with model scores).
+    assert all(i.score == 0.0 and not i.ranked for i in reply.items)
+    assert reply.items[0].item_id == model.item_ids[int(model.popularity.argmax())]
 
 
 def test_seen_items_are_filtered(gateway: GatewayUnderTest, model: TinyModel) -> None:
@@ -193,10 +203,34 @@ def test_bad_input_is_invalid_argument(
     assert info.value.details()
 
 
+LONG = "\u00e9" + "x" * 20_000  # over the metadata limit if an error repeated it whole
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"user_id": LONG},
+        {"domain": LONG},
+        {"recent_item_ids": ["i1", LONG]},
+        {"recent_item_ids": ["i1"] * 1001},
+    ],
+)
+def test_ids_and_recent_items_are_bounded(
+    gateway: GatewayUnderTest, fields: dict[str, object]
+) -> None:
+    fields.setdefault("user_id", "u1")
+    with pytest.raises(grpc.RpcError) as info:
+        gateway.recommend(**fields)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = info.value.details() or ""
+    assert len(details) < 200 and "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx" not in details
+
+
 def test_everything_down_and_no_fallback_is_unavailable_quickly() -> None:
     gw = GatewayUnderTest(retrieval_target=f"127.0.0.1:{free_port()}")
     try:
-        assert health_status(gw.server.address) is not None
+        # Nothing to answer with: retrieval is down and no popular items are cached.
+        assert health_status(gw.server.address) == NOT_SERVING
         start = time.monotonic()
         with pytest.raises(grpc.RpcError) as info:
             gw.recommend(user_id="u1", timeout=5)
@@ -335,3 +369,201 @@ def test_caller_cancellation_cancels_the_fan_out(
         assert servicer.cancelled == 3
     finally:
         gw.close()
+
+
+def test_a_stalled_ranker_replica_costs_little(
+    repo: Path,
+    model: TinyModel,
+    retrieval: BackgroundServer,
+    slow_ranker: tuple[BackgroundServer, SlowRanker],
+) -> None:
+    # One real ranker and one whose handler blocks for 5 s (like a SIGSTOPped process: the
+    # connection stays up, no answer comes).
+    stalled, servicer = slow_ranker
+    settings = RankingSettings(host="127.0.0.1", port=0, metrics_port=0, model_repository=repo)
+    manager = create_manager(settings)
+
+    async def factory():  # type: ignore[no-untyped-def]
+        await manager.start()
+        return build_ranker(settings, manager)
+
+    ranker = BackgroundServer(factory)
+    gw = GatewayUnderTest(
+        retrieval_target=retrieval.address,
+        ranker_targets=f"{ranker.address},{stalled.address}",
+        ranker_hedge_ms=50,
+        ranker_eject_s=5,
+    )
+    try:
+        replies = [gw.recommend(user_id="u3", k=10, timeout=0.5) for _ in range(10)]
+        # Without hedging every answer had a shard on the stalled replica and was partial at the
+        # full deadline; with it, shards that replica holds go to the other one after 50 ms, and
+        # the stalled replica is skipped for 5 s after its first slow call.
+        assert [list(r.degradations) for r in replies] == [[]] * 10
+        assert all(all(i.ranked for i in r.items) for r in replies)
+        # Without ejection every call would put a shard on it (10 or more calls).
+        assert servicer.started <= 4
+        ids = [i.item_id for i in replies[-1].items]
+        scores = model.scores("u3", ids)
+        assert list(scores) == sorted(scores, reverse=True)
+    finally:
+        gw.close()
+        ranker.run(manager.close())
+        ranker.stop()
+
+
+def test_health_says_whether_answers_are_possible(
+    gateway: GatewayUnderTest, repo: Path, model: TinyModel
+) -> None:
+    assert health_status(gateway.server.address) == SERVING  # retrieval answers
+    # Retrieval down, but popular items from the repository: answers are possible.
+    gw = GatewayUnderTest(retrieval_target=f"127.0.0.1:{free_port()}", model_repository=repo)
+    try:
+        assert health_status(gw.server.address) == SERVING
+    finally:
+        gw.close()
+
+
+def test_health_turns_serving_once_retrieval_answers(repo: Path, model: TinyModel) -> None:
+    port = free_port()
+    gw = GatewayUnderTest(retrieval_target=f"127.0.0.1:{port}")
+    late: BackgroundServer | None = None
+    try:
+        assert health_status(gw.server.address) == NOT_SERVING
+        settings = RetrievalSettings(
+            host="127.0.0.1", port=port, metrics_port=0, model_repository=repo
+        )
+        manager = build_manager(settings)
+        manager.refresh()
+
+        async def factory():  # type: ignore[no-untyped-def]
+            return build_server(settings, manager)
+
+        late = BackgroundServer(factory)
+        deadline = time.monotonic() + 10
+        while health_status(gw.server.address) != SERVING and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert health_status(gw.server.address) == SERVING
+        assert gw.recommend(user_id="u3", k=5).items
+    finally:
+        gw.close()
+        if late is not None:
+            late.stop()
+
+
+def test_settings_retrieval_cannot_serve_are_refused_at_start(retrieval: BackgroundServer) -> None:
+    # The retrieval fixture allows k up to 1,000 (RETRIEVAL_MAX_K).
+    with pytest.raises(SettingsConflict, match=r"retrieval_candidates .* = 2000"):
+        GatewayUnderTest(retrieval_target=retrieval.address, retrieval_candidates=2000)
+
+
+@pytest.fixture(scope="module")
+def real_ranker(repo: Path, model: TinyModel) -> Iterator[BackgroundServer]:
+    settings = RankingSettings(host="127.0.0.1", port=0, metrics_port=0, model_repository=repo)
+    manager = create_manager(settings)
+
+    async def factory():  # type: ignore[no-untyped-def]
+        await manager.start()
+        return build_ranker(settings, manager)
+
+    ranker = BackgroundServer(factory)
+    yield ranker
+    ranker.run(manager.close())
+    ranker.stop()
+
+
+def test_unknown_user_with_retrieval_down_gets_popular_items(
+    repo: Path, model: TinyModel, real_ranker: BackgroundServer
+) -> None:
+    gw = GatewayUnderTest(
+        retrieval_target=f"127.0.0.1:{free_port()}",
+        model_repository=repo,
+        ranker_targets=real_ranker.address,
+    )
+    try:
+        # The ranker answers NOT_FOUND for this user: not "ranking down".
+        reply = gw.recommend(user_id="someone-new", k=5, timeout=5)
+        assert [d.reason for d in reply.degradations] == [
+            Reason.DEGRADATION_REASON_RETRIEVAL_UNAVAILABLE,
+            Reason.DEGRADATION_REASON_UNKNOWN_USER,
+        ]
+        order = sorted(range(len(model.item_ids)), key=lambda j: (-model.popularity[j], j))
+        assert [i.item_id for i in reply.items] == [model.item_ids[j] for j in order[:5]]
+        assert not any(i.ranked for i in reply.items)
+    finally:
+        gw.close()
+
+
+def test_a_deadline_too_short_for_the_pipeline_is_never_unavailable(
+    retrieval: BackgroundServer, real_ranker: BackgroundServer
+) -> None:
+    gw = GatewayUnderTest(retrieval_target=retrieval.address, ranker_targets=real_ranker.address)
+    try:
+        codes = []
+        for n in range(20):
+            try:
+                reply = gw.recommend(user_id="u3", k=10, timeout=0.011 + (n % 6) / 1000)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+                continue
+            codes.append(grpc.StatusCode.OK)
+            # An answer that is not complete says why.
+            assert reply.degraded == bool(reply.degradations)
+        assert grpc.StatusCode.UNAVAILABLE not in codes
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED}
+    finally:
+        gw.close()
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (
+            ["--retrieval-candidates=2000"],
+            "retrieval_candidates (env GATEWAY_RETRIEVAL_CANDIDATES)",
+        ),
+        (["--host=999.1.1.1"], "host (env GATEWAY_HOST, flag --host)"),
+    ],
+)
+def test_gateway_process_refuses_bad_settings_with_exit_2_and_one_line(
+    retrieval: BackgroundServer, flags: list[str], needle: str
+) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "--port=0",
+            "--metrics-port=0",
+            f"--retrieval-target={retrieval.address}",
+            f"--ranker-targets=127.0.0.1:{free_port()}",
+            "--log-level=ERROR",
+            *flags,
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=project_env(),
+    )
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], out.stderr
+
+
+def test_seen_items_are_left_out_unless_asked_for(
+    gateway: GatewayUnderTest, model: TinyModel
+) -> None:
+    row = model.user_ids.index("u4")
+    seen = {model.item_ids[j] for j in model.seen[row]}
+    viewed = gateway.recommend(user_id="u4", k=5).items[0].item_id
+    # The client only says what was just viewed: by default it does not come back.
+    reply = gateway.recommend(user_id="u4", k=5, recent_item_ids=[viewed])
+    ids = [i.item_id for i in reply.items]
+    assert viewed not in ids and not set(ids) & seen
+    # Asked for explicitly, seen items may come back.
+    everything = gateway.recommend(
+        user_id="u4", k=100, exclude_seen=False, recent_item_ids=[viewed]
+    )
+    ids = [i.item_id for i in everything.items]
+    assert viewed in ids and set(ids) & seen

@@ -4,15 +4,18 @@ real tritonclient reading the server calls of the Open Inference Protocol."""
 from __future__ import annotations
 
 import json
+import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from devtools.processes import REPO_ROOT, ServiceProcess, health_status, project_env
@@ -144,7 +147,10 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
             f"{name}.csr",
             cwd=d,
         )
-        (d / f"{name}.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+        usage = "serverAuth" if name == "server" else "clientAuth"
+        (d / f"{name}.ext").write_text(
+            f"subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage={usage}\n"
+        )
         _openssl(
             "x509",
             "-req",
@@ -203,3 +209,167 @@ def test_mutual_tls(certs: Path) -> None:
                 )
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def noeku_cert(certs: Path) -> Path:
+    """Under the same CA, a certificate with no extended key usage (no stated purpose)."""
+    _openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=noeku",
+        "-keyout",
+        "noeku.key",
+        "-out",
+        "noeku.csr",
+        cwd=certs,
+    )
+    (certs / "noeku.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        "noeku.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "noeku.ext",
+        "-out",
+        "noeku.pem",
+        cwd=certs,
+    )
+    return certs
+
+
+@pytest.mark.parametrize("require_eku", [True, False])
+def test_mutual_tls_checks_the_client_certificates_key_usage(
+    noeku_cert: Path, require_eku: bool
+) -> None:
+    certs = noeku_cert
+    settings = ServerSettings(
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        tls_cert_file=certs / "server.pem",
+        tls_key_file=certs / "server.key",
+        tls_client_ca_file=certs / "ca.pem",
+        tls_client_require_eku=require_eku,
+    )
+
+    async def factory():
+        return build_server(settings)[0]
+
+    server = BackgroundServer(factory)
+    target = f"localhost:{server.server.port}"
+
+    def call(name: str, health: bool = False) -> grpc.StatusCode:
+        tls = ClientTLS(certs / "ca.pem", certs / f"{name}.pem", certs / f"{name}.key")
+        with create_channel(target, tls=tls) as channel:
+            try:
+                if health:
+                    health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(), timeout=5
+                    )
+                else:
+                    pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(
+                        pb.ServerLiveRequest(), timeout=5
+                    )
+            except grpc.RpcError as exc:
+                return exc.code()  # type: ignore[no-any-return]
+            return grpc.StatusCode.OK
+
+    try:
+        assert call("client") == grpc.StatusCode.OK  # extendedKeyUsage=clientAuth
+        # A server certificate (serverAuth only) is refused in the handshake.
+        assert call("server") == grpc.StatusCode.UNAVAILABLE
+        # A certificate with no stated purpose is refused too, unless the check is turned off.
+        expected = grpc.StatusCode.UNAUTHENTICATED if require_eku else grpc.StatusCode.OK
+        assert call("noeku") == expected
+        assert call("noeku", health=True) == expected  # streaming and unary methods alike
+    finally:
+        server.stop()
+
+
+def test_metrics_over_https_on_their_own_address(certs: Path) -> None:
+    settings = ServerSettings(
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        metrics_host="127.0.0.1",
+        metrics_tls=True,
+        tls_cert_file=certs / "server.pem",
+        tls_key_file=certs / "server.key",
+    )
+
+    async def factory():
+        return build_server(settings)[0]
+
+    server = BackgroundServer(factory)
+    try:
+        port = server.server.metrics_port
+        context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+        url = f"https://localhost:{port}/metrics"
+        with urllib.request.urlopen(url, timeout=5, context=context) as reply:
+            assert b"recsys_grpc_requests" in reply.read() or reply.status == 200
+        with pytest.raises(OSError):  # plain HTTP is not served
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("swap", [True, False])
+def test_bad_tls_and_host_settings_exit_2_with_one_line(certs: Path, swap: bool) -> None:
+    if swap:
+        flags = [
+            f"--tls-cert-file={certs / 'server.key'}",
+            f"--tls-key-file={certs / 'server.pem'}",
+        ]
+        needle = "tls_cert_file"
+    else:
+        flags = ["--host=999.1.1.1"]
+        needle = "host"
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.utils.kit_server", "--port=0", "--metrics-port=0", *flags],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=project_env(),
+    )
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in out.stderr
+
+
+def test_a_port_in_use_exits_2_with_one_line() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tests.utils.kit_server",
+                "--host=127.0.0.1",
+                f"--port={port}",
+                "--metrics-port=0",
+            ],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=project_env(),
+        )
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.strip().splitlines() if "host and port" in line]
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0]
+    assert "Traceback" not in out.stderr

@@ -143,6 +143,31 @@ def test_bad_requests_get_their_status_code(
     assert info.value.details()
 
 
+LONG = "\u00e9" + "x" * 20_000  # over the metadata limit if an error repeated it whole
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"user_id": LONG},
+        {"domain": LONG},
+        {"model_version": LONG},
+        {"exclude_item_ids": ["i1", LONG]},
+        {"history_item_ids": [LONG]},
+        {"exclude_item_ids": ["i1"] * 10_001},
+        {"history_item_ids": ["i1"] * 10_001},
+    ],
+)
+def test_ids_and_repeated_fields_are_bounded(service: Retrieval, fields: dict[str, object]) -> None:
+    fields.setdefault("user_id", "u1")
+    with pytest.raises(grpc.RpcError) as info:
+        service.retrieve(**fields)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = info.value.details() or ""
+    assert "above the limit" in details
+    assert len(details) < 200 and "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx" not in details
+
+
 def test_follows_new_versions_and_keeps_serving_through_a_bad_one(
     service: Retrieval, repo: Path, model: TinyModel
 ) -> None:

@@ -13,6 +13,7 @@ from gateway.pipeline import (
     Candidate,
     Pipeline,
     PipelineConfig,
+    PipelineDeadline,
     PipelineUnavailable,
     PopularItems,
     Ranked,
@@ -107,6 +108,13 @@ def raise_code(code: str) -> Callable[[RankQuery], None]:
     return behaviour
 
 
+def raise_code_detail(code: str, detail: str) -> Callable[[RankQuery], None]:
+    def behaviour(query: RankQuery) -> None:
+        raise UpstreamError(code, detail)
+
+    return behaviour
+
+
 CONFIG = PipelineConfig(
     retrieval_candidates=100, popular_candidates=10, shards=4, min_shard_size=8, margin_s=0.002
 )
@@ -148,8 +156,18 @@ def test_top_k_puts_ranked_first_then_unranked_in_retrieval_order() -> None:
     scores: list[float | None] = [0.1, None, 0.9, None, 0.5, 0.9]
     out = top_k(cands, scores, 5)
     assert [c.item_id for c in out] == ["i2", "i5", "i4", "i0", "i1"]
-    assert out[0].score == pytest.approx(0.9) and out[4].score == 9.0
+    assert out[0].score == pytest.approx(0.9) and out[0].ranked
+    # Unranked items carry no score: retrieval scores of different sources are not comparable.
+    assert out[4].score == 0.0 and not out[4].ranked
     assert top_k(cands, scores, 2) == out[:2]
+
+
+def test_top_k_never_orders_by_a_nan() -> None:
+    cands = [cand(f"i{j}", 10.0 - j) for j in range(5)]
+    nan, inf = float("nan"), float("inf")
+    out = top_k(cands, [0.1, nan, 0.3, inf, 0.2], 5)
+    assert [c.item_id for c in out] == ["i2", "i4", "i0", "i1", "i3"]
+    assert [c.ranked for c in out] == [True, True, True, False, False]
 
 
 def test_choose_version_prefers_most_shards_then_newest() -> None:
@@ -353,3 +371,132 @@ def test_retrieval_is_asked_for_at_least_k_candidates() -> None:
     result = run(Pipeline(retriever, FakeRankers(["1"]), config), RecommendQuery("u1", "books", 20))
     assert retriever.calls[0].k == 20
     assert len(result.items) == 20
+
+
+SIZE_ERROR = "ranker: Received message larger than max (11000000 vs. 4194304)"
+
+
+def test_a_call_that_failed_for_its_own_size_is_never_retried() -> None:
+    rankers = FakeRankers(
+        ["1", "1"], behaviour={0: raise_code_detail("RESOURCE_EXHAUSTED", SIZE_ERROR)}
+    )
+    result = run(Pipeline(FakeRetriever(), rankers, CONFIG), RecommendQuery("u1", "books", 10))
+    assert [d.reason for d in result.degradations] == [Reason.RANKING_PARTIAL]
+    assert len(rankers.calls) == 4  # no shard was sent again
+    retriever = FakeRetriever(error=UpstreamError("RESOURCE_EXHAUSTED", SIZE_ERROR))
+    with pytest.raises(PipelineUnavailable):
+        run(Pipeline(retriever, FakeRankers(["1"]), CONFIG), RecommendQuery("u1", "books", 3))
+    assert len(retriever.calls) == 2  # one call per source, none repeated
+
+
+def test_a_full_queue_is_still_retried() -> None:
+    rankers = FakeRankers(["1", "1"], behaviour={0: raise_code("RESOURCE_EXHAUSTED")})
+    result = run(Pipeline(FakeRetriever(), rankers, CONFIG), RecommendQuery("u1", "books", 10))
+    assert not result.degraded and len(rankers.calls) == 6
+
+
+def test_upstream_details_are_cut() -> None:
+    error = UpstreamError("NOT_FOUND", "unknown user id: " + "x" * 20_000)
+    assert len(error.detail) < 300 and len(str(error)) < 300
+
+
+def test_nan_scores_are_unranked_and_flagged() -> None:
+    class NanRankers(FakeRankers):
+        async def rank(self, query: RankQuery, *, replica: int, timeout: float) -> Ranked:
+            ranked = await super().rank(query, replica=replica, timeout=timeout)
+            nan = float("nan")
+            scores = [
+                nan if int(i[1:]) % 2 else s
+                for i, s in zip(query.item_ids, ranked.scores, strict=True)
+            ]
+            return Ranked(scores, ranked.model_name, ranked.model_version)
+
+    result = run(
+        Pipeline(FakeRetriever(), NanRankers(["1"]), CONFIG), RecommendQuery("u1", "books", 100)
+    )
+    assert [d.reason for d in result.degradations] == [Reason.RANKING_INVALID_SCORES]
+    assert "55 of 110" in result.degradations[0].detail
+    ranked = [c for c in result.items if c.ranked]
+    assert len(ranked) == 55 and all(int(c.item_id[1:]) % 2 == 0 for c in ranked)
+    assert [c.score for c in ranked] == sorted((c.score for c in ranked), reverse=True)
+    assert result.items[:55] == ranked  # every NaN-scored item follows the ranked ones
+
+
+def unknown_user(query: RankQuery) -> None:
+    raise UpstreamError("NOT_FOUND", f"ranker: unknown user id: {query.user_id!r} (model x)")
+
+
+def test_unknown_user_with_retrieval_down_gets_cached_popular_items() -> None:
+    popular = PopularItems()
+    popular.set("books", [cand(f"i{j}", 50.0 - j, Source.POPULAR) for j in range(30)])
+    rankers = FakeRankers(["1"], behaviour={0: unknown_user})
+    retriever = FakeRetriever(error=UpstreamError("UNAVAILABLE", "connection refused"))
+    result = run(
+        Pipeline(retriever, rankers, CONFIG, popular=popular), RecommendQuery("new", "books", 5)
+    )
+    assert [d.reason for d in result.degradations] == [
+        Reason.RETRIEVAL_UNAVAILABLE,
+        Reason.UNKNOWN_USER,
+    ]
+    assert [c.item_id for c in result.items] == ["i0", "i1", "i2", "i3", "i4"]
+    assert not any(c.ranked for c in result.items)
+
+
+def test_unknown_user_to_the_ranker_keeps_retrieval_order() -> None:
+    rankers = FakeRankers(["1"], behaviour={0: unknown_user})
+    result = run(Pipeline(FakeRetriever(), rankers, CONFIG), RecommendQuery("u1", "books", 5))
+    assert [d.reason for d in result.degradations] == [Reason.UNKNOWN_USER]
+    assert [c.item_id for c in result.items] == ITEMS[:5]
+
+
+def test_a_deadline_too_short_for_the_pipeline_is_never_unavailable() -> None:
+    class SlowRetriever(FakeRetriever):
+        async def retrieve(self, query: RetrieveQuery, *, timeout: float) -> Retrieval:
+            await asyncio.sleep(0.05)
+            return await super().retrieve(query, timeout=timeout)
+
+    popular = PopularItems()
+    popular.set("books", [cand(f"i{j}", 50.0 - j, Source.POPULAR) for j in range(30)])
+    rankers = FakeRankers(["1"], delay_s={0: 0.05})
+    pipeline = Pipeline(SlowRetriever(), rankers, CONFIG, popular=popular)
+    result = run(pipeline, RecommendQuery("u1", "books", 5), timeout=0.012)
+    assert [d.reason for d in result.degradations] == [
+        Reason.RETRIEVAL_UNAVAILABLE,
+        Reason.RANKING_DEADLINE,
+    ]
+    assert [c.item_id for c in result.items] == ["i0", "i1", "i2", "i3", "i4"]
+    # Nothing cached: the deadline, not UNAVAILABLE.
+    with pytest.raises(PipelineDeadline):
+        run(Pipeline(SlowRetriever(), rankers, CONFIG), RecommendQuery("u1", "books", 5), 0.012)
+
+
+def test_a_stalled_replica_is_hedged_around() -> None:
+    rankers = FakeRankers(["1", "1"], delay_s={0: 5.0})
+    config = PipelineConfig(
+        retrieval_candidates=100, popular_candidates=10, shards=4, min_shard_size=8, hedge_s=0.05
+    )
+    pipeline = Pipeline(FakeRetriever(), rankers, config)
+
+    async def timed() -> tuple[float, object]:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        result = await pipeline.recommend(RecommendQuery("u1", "books", 10), timeout=2.0)
+        return loop.time() - start, result
+
+    elapsed, result = asyncio.run(timed())
+    assert not result.degraded and result.ranked  # type: ignore[attr-defined]
+    assert elapsed < 1.0  # far from the 2 s deadline: the stalled replica cost one hedge delay
+    # Shards 0 and 2 went to the stalled replica, were sent again to replica 1 after 50 ms, and
+    # the stalled calls were cancelled.
+    assert [r for r, _ in rankers.calls] == [0, 1, 0, 1, 1, 1]
+    assert rankers.cancelled == 2
+
+
+def test_no_hedge_for_a_single_replica_or_a_fast_answer() -> None:
+    config = PipelineConfig(retrieval_candidates=100, popular_candidates=10, hedge_s=0.05)
+    rankers = FakeRankers(["1", "1"])
+    run(Pipeline(FakeRetriever(), rankers, config), RecommendQuery("u1", "books", 10))
+    assert len(rankers.calls) == 3  # 110 candidates in shards of at least 32, none hedged
+    slow_single = FakeRankers(["1"], delay_s={0: 0.2})
+    result = run(Pipeline(FakeRetriever(), slow_single, config), RecommendQuery("u1", "books", 10))
+    assert not result.degraded and len(slow_single.calls) == 3

@@ -25,7 +25,13 @@ def test_gateway_defaults_and_lists(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(
     "argv",
-    [["--domains= , "], ["--ranker-targets="], ["--max-k=0"], ["--upstream-tls-cert-file=/x"]],
+    [
+        ["--domains= , "],
+        ["--ranker-targets="],
+        ["--max-k=0"],
+        ["--upstream-tls-cert-file=/x"],
+        ["--deadline-margin-ms=1000"],
+    ],
 )
 def test_gateway_refuses_bad_settings(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SettingsInvalid) as info:

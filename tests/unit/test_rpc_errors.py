@@ -73,3 +73,18 @@ def test_interceptor_hides_unexpected_errors(kit_stub, caplog) -> None:
     assert err.details() == "Internal server error"
     assert "secret detail" not in err.details()
     assert any("secret detail" in (r.exc_text or "") for r in caplog.records)
+
+
+def test_shorten_escapes_and_cuts_client_values() -> None:
+    assert errors.shorten("abc") == "'abc'"
+    short = errors.shorten("\n\u00e9" + "x" * 20_000)
+    assert short.startswith("'\\n\\xe9xx") and short.endswith("...' (20002 chars)")
+    assert len(short) < 80
+    assert errors.shorten("it's" * 20).endswith('..." (80 chars)')
+
+
+def test_check_ids_bounds_count_length_and_empty_ids() -> None:
+    errors.check_ids(["a", "bb"], "ids", 2, 2)
+    for ids, needle in [(["a"] * 3, "has 3 ids"), (["a", ""], "empty"), (["abc"], "3 characters")]:
+        with pytest.raises(errors.InvalidRequest, match=needle):
+            errors.check_ids(ids, "ids", 2, 2)

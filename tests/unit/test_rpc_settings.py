@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,56 @@ def test_tls_files_must_exist(tmp_path: Path) -> None:
             DemoSettings, [f"--tls-cert-file={tmp_path / 'missing.pem'}", f"--tls-key-file={key}"]
         )
     assert "is not a readable file" in info.value.message
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("pair")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-subj", "/CN=localhost", "-keyout", "key.pem", "-out", "cert.pem"],
+        cwd=d,
+        check=True,
+        capture_output=True,
+    )
+    return d / "cert.pem", d / "key.pem"
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--host=999.1.1.1"], "host (env DEMO_HOST, flag --host)"),
+        (["--host=no-such-host.invalid"], "does not resolve"),
+        (["--metrics-host=300.0.0.1"], "metrics_host"),
+        (["--metrics-tls"], "metrics_tls needs tls_cert_file"),
+    ],
+)
+def test_bad_hosts_are_refused_in_one_line(
+    argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SettingsInvalid) as info:
+        load_settings(DemoSettings, argv)
+    assert needle in info.value.message
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_good_hosts_are_accepted() -> None:
+    for host in ("0.0.0.0", "127.0.0.1", "::", "[::1]", "localhost"):
+        assert load_settings(DemoSettings, [f"--host={host}"]).host == host
+
+
+def test_swapped_certificate_and_key_are_refused(
+    pair: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    cert, key = pair
+    assert load_settings(DemoSettings, [f"--tls-cert-file={cert}", f"--tls-key-file={key}"])
+    with pytest.raises(SettingsInvalid) as info:
+        load_settings(DemoSettings, [f"--tls-cert-file={key}", f"--tls-key-file={cert}"])
+    assert "tls_cert_file" in info.value.message and "swapped" in info.value.message
+    assert capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(SettingsInvalid) as info:
+        load_settings(
+            DemoSettings,
+            [f"--tls-cert-file={cert}", f"--tls-key-file={key}", f"--tls-client-ca-file={key}"],
+        )
+    assert "tls_client_ca_file" in info.value.message
