@@ -4,7 +4,6 @@ refreshed from retrieval, or read from the model repository before retrieval fir
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -13,7 +12,7 @@ import numpy as np
 
 from gateway.pipeline import PopularItems, RetrieveQuery, Retriever, UpstreamError
 from recsys.candidates import Candidate, Source
-from recsys.repository import list_versions, version_dir
+from recsys.repository import ITEMS_FILE, RepositoryError, list_versions, read_items, version_dir
 
 logger = logging.getLogger(__name__)
 
@@ -23,15 +22,14 @@ def popular_from_repository(repository: Path, domain: str, size: int) -> list[Ca
     from its items.json; empty when there is none."""
     for model in (f"{domain}-retrieval", f"{domain}-ranker"):
         for version in reversed(list_versions(repository, model)):
-            path = version_dir(repository, model, version) / "items.json"
+            path = version_dir(repository, model, version) / ITEMS_FILE
             try:
-                items = json.loads(path.read_text(encoding="utf-8"))
-                ids = [str(i) for i in items["ids"]]
-                titles = [t or "" for t in items.get("titles") or [None] * len(ids)]
-                popularity = np.asarray(items.get("popularity") or [0] * len(ids), dtype=float)
-            except (OSError, ValueError, KeyError, TypeError) as exc:
+                items = read_items(path)
+            except RepositoryError as exc:
                 logger.warning("Cannot read popular items from %s: %s", path, exc)
                 continue
+            ids, titles = items.ids, items.titles
+            popularity = np.asarray(items.popularity, dtype=float)
             order = np.lexsort((np.arange(len(ids)), -popularity))[:size]
             return [
                 Candidate(ids[j], float(popularity[j]), Source.POPULAR, titles[j]) for j in order

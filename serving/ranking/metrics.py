@@ -1,4 +1,4 @@
-"""Prometheus metrics of the ranking service, defined once (names in SERVICES.md and README)."""
+"""Prometheus metrics of the ranking service, defined once (reference: docs/metrics.md)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ SEARCH_DURATION = Histogram(
 )
 MODEL_LOADED = Gauge(
     "recsys_retrieval_model_loaded",
-    "1 while this version of the retrieval model is served, 0 after it was replaced.",
+    "1 while this version of the retrieval model is served; the series goes when it is unloaded.",
     ["model", "version", "index"],
 )
 MODEL_LOAD_FAILURES = Counter(

@@ -24,7 +24,7 @@ DOCKERFILES = {
 PINNED_BASE = re.compile(
     r"^(python:\d+\.\d+\.\d+-slim-[a-z]+|nvidia/cuda:\d+\.\d+\.\d+-cudnn-runtime-ubuntu\d+\.\d+)$"
 )
-# The modules the images and the Deployments run (SERVICES.md).
+# The modules the images and the Deployments run (docs/services.md).
 SERVICE_MODULES = {
     "serving.ranking": "serving/ranking/__main__.py",
     "serving.retrieval": "serving/retrieval/__main__.py",

@@ -25,7 +25,7 @@ from tests.k8s.k8s_utils import (
     pod_spec,
 )
 
-# Deployment name -> (Service name, env prefix, gRPC port, metrics port), as in SERVICES.md.
+# Deployment name -> (Service name, env prefix, gRPC port, metrics port), as in docs/settings.md.
 SERVICES = {
     "ranker": ("ranker-headless", "RANKING_", 8001, 9001),
     "retrieval": ("retrieval", "RETRIEVAL_", 8002, 9002),

@@ -27,7 +27,7 @@ REQUIRED_ALERTS = {
     "RecsysNoReadyRanker",
     "RecsysModelLoadFailures",
 }
-# The metric families the services export (SERVICES.md); histograms add _bucket/_sum/_count.
+# The metric families the services export (docs/metrics.md); histograms add _bucket/_sum/_count.
 KNOWN_METRICS = {
     "recsys_grpc_requests_total",
     "recsys_grpc_request_duration_seconds",

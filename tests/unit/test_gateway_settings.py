@@ -1,4 +1,4 @@
-"""Gateway and retrieval settings: defaults from SERVICES.md, environment variables, flags and
+"""Gateway and retrieval settings: defaults from docs/settings.md, environment variables, flags and
 validation."""
 
 from __future__ import annotations

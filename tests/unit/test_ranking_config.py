@@ -1,4 +1,4 @@
-"""Ranker settings: defaults from SERVICES.md, environment and flags, version policies."""
+"""Ranker settings: defaults from docs/settings.md, environment and flags, version policies."""
 
 from __future__ import annotations
 
