@@ -1,11 +1,12 @@
-"""Print the project's requirements from pyproject.toml: the base (serving) ones and those of the extras named."""
+"""Print the project's requirements: the base (serving) ones, then those of each extra named."""
 
 import sys
 import tomllib
 from pathlib import Path
 
-project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+project = tomllib.loads(PYPROJECT.read_text())["project"]
 requirements = list(project["dependencies"])
 for extra in sys.argv[1:]:
     requirements += project["optional-dependencies"][extra]
-print(*requirements, sep="\n")
+sys.stdout.write("".join(f"{r}\n" for r in requirements))

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Remove what the image targets left in the engine's storage: the smoke's containers, the project's
+# images (both tags of this version and the Debian-built base) and the dangling build layers.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/podman-env.sh
+source scripts/podman-env.sh
+tag=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+for name in $("$ENGINE" ps -a --format '{{.Names}}' | grep '^recsys-smoke-'); do
+    "$ENGINE" rm --force "$name" >/dev/null
+done
+for image in "localhost/recsys-transfer:$tag" "localhost/recsys-transfer-training:$tag" \
+    localhost/recsys-python:3.11-bookworm; do
+    "$ENGINE" image inspect "$image" >/dev/null 2>&1 && "$ENGINE" rmi --force "$image" >/dev/null
+done
+"$ENGINE" image prune --force >/dev/null
+echo "images-prune: $("$ENGINE" images --quiet | wc -l) images left"
