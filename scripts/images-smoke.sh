@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# `make images-smoke`: build the CPU images cold (no layer cache) and again cached, then run the
+# `make images-smoke`: build the CPU images cold (an empty layer cache: the project's images and
+# build layers pruned, the base image and the wheelhouse kept) and again cached, then run the
 # smoke (scripts/images_smoke.py: train as uid 10001 with no network, serve hardened, recommend,
 # drain, serve as another uid) and record sizes, times and the smoke's output in
 # bench/results/images.{json,md}. Exit status: the smoke's.
@@ -25,8 +26,9 @@ if [ ! -f wheelhouse/requirements.txt ] || [ constraints.txt -nt wheelhouse/requ
     scripts/wheelhouse.sh "$py"
     wheelhouse_s=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
 fi
-echo "images-smoke: cold build (no layer cache)"
-scripts/images.sh --no-cache
+echo "images-smoke: cold build (empty layer cache)"
+scripts/images-prune.sh --keep-base
+scripts/images.sh
 cp "$out/build.json" "$out/cold.json"
 echo "images-smoke: cached build (unchanged tree)"
 scripts/images.sh

@@ -76,7 +76,7 @@ def main() -> int:
         + (f", made in {s(result['base_build_s'])}" if result["base_build_s"] else "")
         + "). Builds run with `--network none` from the wheelhouse"
         + (f" (downloaded in {s(result['wheelhouse_s'])})" if result["wheelhouse_s"] else "")
-        + ". Cold: `--no-cache` (base image and wheelhouse present); cached: the same tree again.",
+        + ". Cold: an empty layer cache (base image and wheelhouse present; the training build reuses the dependency layer the serving build just made, as in `make images`); cached: the same tree again.",
         "",
         "| image | size | build, cold | build, cached |",
         "| --- | ---: | ---: | ---: |",
