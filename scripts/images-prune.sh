@@ -10,6 +10,11 @@ tag=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 for name in $("$ENGINE" ps -a --format '{{.Names}}' | grep '^recsys-smoke-'); do
     "$ENGINE" rm --force "$name" >/dev/null
 done
+# Build containers an interrupted build left behind (they pin its layers).
+for id in $("$ENGINE" ps --all --external --format '{{.ID}} {{.Names}}' 2>/dev/null \
+    | awk '$2 ~ /-working-container(-[0-9]+)?$/ {print $1}'); do
+    "$ENGINE" rm --force "$id" >/dev/null 2>&1
+done
 images=("localhost/recsys-transfer:$tag" "localhost/recsys-transfer-training:$tag")
 [ "${1:-}" = --keep-base ] || images+=(localhost/recsys-python:3.11-bookworm)
 for image in "${images[@]}"; do

@@ -28,11 +28,13 @@ if [ ! -f wheelhouse/requirements.txt ] || [ constraints.txt -nt wheelhouse/requ
     scripts/wheelhouse.sh "$py"
 fi
 mkdir -p build/images
+# podman would otherwise look a local base up in registries; docker's --pull is only a switch.
+pull=(); [ "$ENGINE" = podman ] && pull=(--pull=never)
 results=()
 for target in serving training; do
     name=recsys-transfer; [ "$target" = training ] && name=recsys-transfer-training
     start=$(date +%s.%N)
-    "$ENGINE" build --network none --pull=never --build-arg "PYTHON_IMAGE=$PYTHON_IMAGE" \
+    "$ENGINE" build --network none "${pull[@]}" --build-arg "PYTHON_IMAGE=$PYTHON_IMAGE" \
         -f docker/Dockerfile --target "$target" -t "localhost/$name:$tag" "$@" . \
         > "build/images/$target.log" 2>&1 \
         || { tail -30 "build/images/$target.log" >&2; echo "images: $target build failed (build/images/$target.log)" >&2; exit 1; }
