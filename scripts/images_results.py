@@ -34,7 +34,8 @@ def main() -> int:
     parser.add_argument("--wheelhouse-s", default="null")
     parser.add_argument("--out", type=Path, required=True, help="path without the suffix")
     args = parser.parse_args()
-    cold, cached = json.loads(args.cold.read_text()), json.loads(args.cached.read_text())
+    cold = json.loads(args.cold.read_text())
+    cached = json.loads(args.cached.read_text()) if args.cached.is_file() else {}
     smoke = json.loads(args.smoke.read_text()) if args.smoke.is_file() else {}
     lines = [
         line.removeprefix("images-smoke: ")
@@ -54,7 +55,7 @@ def main() -> int:
                 "image": cold[target]["image"],
                 "size_bytes": cold[target]["size_bytes"],
                 "build_cold_s": cold[target]["build_s"],
-                "build_cached_s": cached[target]["build_s"],
+                "build_cached_s": cached[target]["build_s"] if cached else None,
             }
             for target in ("serving", "training")
         },
