@@ -12,7 +12,8 @@ PROTO_OUT := $(patsubst protos/%.proto,%_pb2.py,$(PROTO_SRC))
 
 .PHONY: help setup tools protos check-protos lint fmt test test-fast e2e bench bench-quality \
 	bench-ranker bench-gateway bench-rollout probe demo train serve serve-ranking serve-retrieval \
-	serve-gateway docs check-docs images k8s-render k8s-check clean
+	serve-gateway docs check-docs base-image images images-smoke images-prune images-gpu k8s-render \
+	k8s-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -21,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	scripts/setup-venv.sh $(PYTHON) $(VENV)
 	@touch $@
 
-setup: $(STAMP) ## create the virtualenv and install the project with its pinned dependencies
+setup: $(STAMP) ## create the virtualenv: the project with the train and dev extras, pinned
 
 tools: ## install the system tools the tests use (Prometheus server and promtool)
 	scripts/install-tools.sh
@@ -66,10 +67,23 @@ probe: $(STAMP) ## bad inputs against a running stack (expected vs observed, hea
 e2e: $(STAMP) ## the end-to-end tests: every service as a process on loopback
 	$(BIN)/pytest -q tests/e2e
 
-IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+base-image: ## a Python base image from Debian packages (mmdebstrap), for machines with no registry
+	scripts/install-images-tools.sh
+	scripts/base-image.sh
 
-images: ## build the CPU and GPU images, tagged with the package version (needs a container engine)
-	docker build -f docker/Dockerfile -t recsys-transfer:$(IMAGE_TAG) . && docker build -f docker/Dockerfile.gpu -t recsys-transfer-gpu:$(IMAGE_TAG) .
+images: $(STAMP) ## build the CPU images, serving and training, tagged with the package version (podman or docker)
+	scripts/install-images-tools.sh
+	scripts/images.sh
+
+images-smoke: $(STAMP) ## build cold and cached, train, serve hardened, recommend, drain; bench/results/images.* (~8 min)
+	scripts/install-images-tools.sh
+	scripts/images-smoke.sh
+
+images-prune: ## remove the smoke's containers, the project's images and dangling build layers
+	scripts/images-prune.sh
+
+images-gpu: ## build the GPU image from the CUDA base (needs a registry and PyPI; not built by CI)
+	scripts/images-gpu.sh
 
 k8s-render: $(STAMP) ## render every kustomize overlay into build/k8s/
 	scripts/k8s-render.sh $(BIN)
@@ -78,7 +92,7 @@ k8s-check: $(STAMP) tools ## render, validate and policy-check the manifests, pr
 	$(BIN)/pytest -q tests/k8s
 
 clean: ## remove the virtualenv, caches and local run outputs
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache runs model_repository
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache runs model_repository wheelhouse build/images build/podman
 
 demo: $(STAMP) ## train, publish, start every service, recommend for a warm and a cold-start user
 	$(PY) -m devtools.demo

