@@ -12,6 +12,7 @@ from typing import Any
 from training.errors import ConfigError
 
 STRATEGIES = ("finetune", "freeze_unfreeze", "lora", "emcdr")
+BASELINES = ("popularity", "itemknn", "cd_itemknn", "ease", "cd_ease")
 
 
 @dataclass
@@ -46,12 +47,16 @@ class Config:
     # --- transfer -------------------------------------------------------------------------
     strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
     finetune_user_lr_scale: float = 1.0  # finetune: learning-rate factor on the shared user table
-    freeze_epochs: int = 15  # freeze_unfreeze: epochs with the shared user side frozen
+    freeze_epochs: int = 0  # freeze_unfreeze: cap of the frozen phase, early-stopped (0 = epochs)
     unfreeze_lr_scale: float = 0.3  # freeze_unfreeze: learning-rate factor after unfreezing
     adapter_rank: int = 8  # lora: rank of the user-side adapter
     mapping_hidden: int = 128  # emcdr: hidden width of the source->target mapping MLP
     mapping_epochs: int = 300  # emcdr: full-batch epochs fitting the mapping
     export_strategy: str = "best"  # strategy to publish: "best" (on validation) or a name
+    # --- baselines (training/baselines.py; grids declared there, chosen on validation) --------
+    baselines: list[str] = field(default_factory=lambda: list(BASELINES))
+    ease_max_items: int = 4000  # EASE solves on at most this many (most popular) items
+    blend: bool = True  # also evaluate the validated blend of the exported model and best baseline
     # --- run ------------------------------------------------------------------------------
     seed: int = 0  # seeds the split, initialisation and batch order
     device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
@@ -67,6 +72,11 @@ class Config:
             if s not in STRATEGIES:
                 raise ConfigError(
                     f"strategies: unknown strategy {s!r}; known: {', '.join(STRATEGIES)}"
+                )
+        for b in self.baselines:
+            if b not in BASELINES:
+                raise ConfigError(
+                    f"baselines: unknown baseline {b!r}; known: {', '.join(BASELINES)}"
                 )
         if self.export_strategy not in ("best", "target_only", *STRATEGIES):
             raise ConfigError(f"export_strategy: unknown strategy {self.export_strategy!r}")

@@ -14,15 +14,23 @@ import numpy as np
 import torch
 from torch import distributed as dist
 
+from training.baselines import CROSS_DOMAIN, Selected, Validator, fit_baselines, fit_blend
 from training.config import Config
 from training.data.dataset import Dataset, load_dataset
 from training.data.splits import Split, make_split
 from training.data.synthetic import make_synthetic
 from training.errors import ConfigError
-from training.evaluate import full_ranking, sampled_ranking
+from training.evaluate import Scorer, rank_full, rank_sampled, table_scorer
 from training.report import write_report
 from training.trainer import init_distributed, pick_device, world
-from training.transfer import Tables, popularity_tables, pretrain_source, to_tables, train_strategy
+from training.transfer import (
+    Tables,
+    pretrain_source,
+    to_tables,
+    train_strategy,
+    transferred_parts,
+    validation_users,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +50,43 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def evaluate_tables(
-    users: torch.Tensor, items: torch.Tensor, split: Split, subset: np.ndarray | None
-) -> dict[str, float]:
+def evaluate_scorer(scorer: Scorer, split: Split, subset: np.ndarray | None) -> dict[str, float]:
+    """The protocol's test metrics of one scorer on a set of users (None: every test user)."""
     if subset is not None and subset.size == 0:
         return {}
     if split.protocol == "loo":
         assert split.negatives is not None
-        return sampled_ranking(users, items, split.test, split.negatives, users=subset)
-    return full_ranking(users, items, split.test, [split.train, split.valid], users=subset)
+        return rank_sampled(scorer, split.test, split.negatives, users=subset)
+    return rank_full(scorer, split.test, [split.train, split.valid], users=subset)
+
+
+def evaluate_tables(
+    users: torch.Tensor, items: torch.Tensor, split: Split, subset: np.ndarray | None
+) -> dict[str, float]:
+    return evaluate_scorer(table_scorer(users, items), split, subset)
+
+
+def segment_rows(
+    scorer: Scorer, split: Split, warm: np.ndarray, cold: np.ndarray
+) -> dict[str, Any]:
+    """Warm, cold and all users; under ``loo`` also full-ranking metrics (key ``full``)."""
+    rows: dict[str, Any] = {
+        "warm": evaluate_scorer(scorer, split, warm),
+        "cold": evaluate_scorer(scorer, split, cold),
+        "all": evaluate_scorer(scorer, split, None),
+    }
+    if split.protocol == "loo":
+        excl = [split.train, split.valid]
+        rows["full"] = {
+            seg: (rank_full(scorer, split.test, excl, users=sub) if sub.size else {})
+            for seg, sub in (("warm", warm), ("cold", cold))
+        }
+    return rows
+
+
+def select_on_validation(valid: dict[str, float]) -> str:
+    """The row with the best validation NDCG@10 (ties: the first listed)."""
+    return max(valid, key=lambda n: (valid[n], -list(valid).index(n)))
 
 
 def _segments(split: Split) -> tuple[np.ndarray, np.ndarray]:
@@ -91,12 +127,15 @@ def run_share(
     warm, cold = _segments(split)
     rows: dict[str, Any] = {}
     tables: dict[str, Tables] = {}
-    pop = popularity_tables(split)
-    rows["popularity"] = {
-        "warm": evaluate_tables(pop.users, pop.items, split, warm),
-        "cold": evaluate_tables(pop.users, pop.items, split, cold),
-        "all": evaluate_tables(pop.users, pop.items, split, None),
-    }
+    validator = Validator(split, validation_users(split, cfg.seed))
+    t0 = time.perf_counter()
+    baselines = fit_baselines(split, validator, cfg.baselines, cfg.ease_max_items)
+    timings["baselines_fit"] = time.perf_counter() - t0
+    for bname, sel in baselines.items():
+        rows[bname] = segment_rows(sel.scorer, split, warm, cold)
+        rows[bname]["train"] = sel.summary()
+        rows[bname]["kind"] = "baseline"
+    timings["baselines"] = time.perf_counter() - t0
     names = (
         ["target_only"] + [s for s in cfg.strategies if s != "emcdr"]
         if cfg.source
@@ -113,22 +152,21 @@ def run_share(
             native_cold=name != "target_only",
         )
         timings[name] = time.perf_counter() - t0
+        if name != "target_only":
+            info["transferred"] = transferred_parts(cfg)
         tab.info = info
         tables[name] = tab
-        rows[name] = {
-            "warm": evaluate_tables(tab.users, tab.items, split, warm),
-            "cold": evaluate_tables(tab.users, tab.items, split, cold),
-            "all": evaluate_tables(tab.users, tab.items, split, None),
-            "train": info,
-        }
+        rows[name] = segment_rows(table_scorer(tab.users, tab.items), split, warm, cold)
+        rows[name]["train"] = info
+        rows[name]["kind"] = "model"
         if "emcdr" in cfg.strategies and tab.cold_users is not None:
-            rows[f"{name}+emcdr"] = {
-                "warm": rows[name]["warm"],
-                "cold": evaluate_tables(tab.cold_users, tab.items, split, cold),
-                "all": evaluate_tables(tab.cold_users, tab.items, split, None),
-                "train": info,
-            }
+            rows[f"{name}+emcdr"] = segment_rows(
+                table_scorer(tab.cold_users, tab.items), split, warm, cold
+            )
+            rows[f"{name}+emcdr"]["train"] = info
+            rows[f"{name}+emcdr"]["kind"] = "model"
         logger.info("cold share %s strategy %s done in %.1fs", share, name, timings[name])
+    block_selection = _selection(cfg, rows, tables, baselines, validator, split, warm, cold)
     block = {
         "strategies": rows,
         "split": {
@@ -142,8 +180,68 @@ def run_share(
             "cold_test_users": int(cold.size),
         },
         "seconds": timings,
+        "selection": block_selection,
     }
     return block, tables, split, source_model
+
+
+def _selection(
+    cfg: Config,
+    rows: dict[str, Any],
+    tables: dict[str, Tables],
+    baselines: dict[str, Selected],
+    validator: Validator,
+    split: Split,
+    warm: np.ndarray,
+    cold: np.ndarray,
+) -> dict[str, Any]:
+    """Validation NDCG@10 of every row, the blend, and which row validation chooses.
+
+    Only validation scores are read here; test metrics of the rows are reported, never compared.
+    """
+    name = choose(cfg, {"strategies": rows}, tables)
+    model_row = f"{name}+emcdr" if f"{name}+emcdr" in rows else name
+    tab = tables[name]
+    model_scorer = table_scorer(
+        tab.cold_users if tab.cold_users is not None else tab.users, tab.items
+    )
+    valid = {n: float(sel.valid_ndcg) for n, sel in baselines.items()}
+    for n, r in rows.items():
+        if r.get("kind") == "model":
+            valid[n] = float(r["train"]["valid_ndcg@10"])
+    if cfg.blend and baselines:
+        # the partner serves users without target history too: a cross-domain baseline if any
+        pool = {n: s.valid_ndcg for n, s in baselines.items() if n in CROSS_DOMAIN} or {
+            n: s.valid_ndcg for n, s in baselines.items()
+        }
+        partner = baselines[select_on_validation(pool)]
+        mix = fit_blend(model_scorer, partner, validator)
+        rows["blend"] = segment_rows(mix.scorer, split, warm, cold)
+        rows["blend"]["train"] = mix.summary() | {"model": model_row}
+        rows["blend"]["kind"] = "blend"
+        valid["blend"] = float(mix.valid_ndcg)
+    chosen = select_on_validation(valid)
+    base_valid = {n: valid[n] for n in baselines}
+    best_base = select_on_validation(base_valid) if base_valid else None
+    out: dict[str, Any] = {
+        "valid_ndcg@10": valid,
+        "chosen": chosen,
+        "best_baseline": best_base,
+        "exported": model_row,
+        "exported_valid_ndcg@10": valid[model_row],
+    }
+    if best_base is not None:
+        margin = valid[model_row] / base_valid[best_base] - 1.0 if base_valid[best_base] else 0.0
+        out["exported_vs_best_baseline_valid"] = margin
+        out["exported_below_best_baseline"] = valid[model_row] < base_valid[best_base]
+        if out["exported_below_best_baseline"]:
+            logger.warning(
+                "the exported model %s is %.1f%% below the best baseline %s on validation",
+                model_row,
+                -100 * margin,
+                best_base,
+            )
+    return out
 
 
 def choose(cfg: Config, block: dict[str, Any], tables: dict[str, Tables]) -> str:
@@ -232,6 +330,7 @@ def run(
             metrics = {seg: block["strategies"][key][seg] for seg in ("warm", "cold", "all")}
             checkpoint = build_checkpoint(cfg, dataset, split, name, tables[name], metrics)
             results["exported_strategy"] = checkpoint["strategy"]
+            results["selection"] = block["selection"]
     results["seconds_total_train"] = time.perf_counter() - t_start
     assert checkpoint is not None
     if rank == 0:

@@ -4,7 +4,8 @@ Every model ends as a pair of tables (user vectors, item vectors) so that all of
 evaluated and exported the same way: score(u, i) = <users[u], items[i]>.
 
 Strategies (the shared user embedding comes from the source model; target item embeddings are
-new; tower weights are transferred):
+new; the tower MLP weights are transferred when ``tower_hidden > 0``; with the default
+``tower_hidden = 0`` the towers are identities and only the user embeddings transfer):
 
 * ``target_only``: the same architecture trained from scratch on the target domain (baseline).
 * ``finetune``: start from the source model, train everything.
@@ -61,6 +62,11 @@ def _validator(
     if users.size > VALID_USERS_MAX:
         users = np.sort(np.random.default_rng(seed).choice(users, VALID_USERS_MAX, replace=False))
     return users, exclude
+
+
+def validation_users(split: Split, seed: int) -> np.ndarray:
+    """The target validation users every model and baseline is selected on."""
+    return _validator(split.valid, [split.train], seed)[0]
 
 
 def _make_validate(pairs: np.ndarray, exclude: list[np.ndarray], seed: int):  # type: ignore[no-untyped-def]
@@ -133,9 +139,15 @@ def _from_source(
     torch.manual_seed(cfg.seed + 7)
     model = new_model(cfg, split.n_users, split.n_target_items, adapter_rank).to(device)
     model.user_emb.weight.data.copy_(source.user_emb.weight.data)
-    model.user_mlp.load_state_dict(source.user_mlp.state_dict())
-    model.item_mlp.load_state_dict(source.item_mlp.state_dict())
+    if cfg.tower_hidden:  # with tower_hidden = 0 the towers are identities: nothing to copy
+        model.user_mlp.load_state_dict(source.user_mlp.state_dict())
+        model.item_mlp.load_state_dict(source.item_mlp.state_dict())
     return model
+
+
+def transferred_parts(cfg: Config) -> list[str]:
+    """What a source-initialised strategy takes from the source model."""
+    return ["user_embeddings"] + (["user_tower", "item_tower"] if cfg.tower_hidden else [])
 
 
 def _shared_mask(split: Split, n_users: int) -> torch.Tensor:
@@ -162,12 +174,14 @@ def train_strategy(
         return model, {"best_epoch": r.best_epoch, "valid_ndcg@10": r.best_score}
     mask = {"user_emb.weight": _shared_mask(split, split.n_users)}
     if name == "freeze_unfreeze":
+        # phase 1 runs until validation stops improving (cap: freeze_epochs, 0 = epochs); phase 2
+        # continues from phase 1's best state; if it does not improve validation, phase 1 is kept
         model = _from_source(source, split, cfg, device)
         for p in model.user_mlp.parameters():
             p.requires_grad_(False)
-        r1 = _fit(
-            model, train, valid, cfg, f"{name}/frozen", device, cfg.freeze_epochs, grad_masks=mask
-        )
+        cap = cfg.freeze_epochs or cfg.epochs
+        r1 = _fit(model, train, valid, cfg, f"{name}/frozen", device, cap, grad_masks=mask)
+        frozen_state = copy.deepcopy(model.state_dict())
         for p in model.parameters():
             p.requires_grad_(True)
         r2 = _fit(
@@ -180,29 +194,20 @@ def train_strategy(
             cfg.epochs,
             lr=cfg.lr * cfg.unfreeze_lr_scale,
         )
-        if r1.best_score > r2.best_score:  # unfreezing did not help on validation: refit phase 1
-            model = _from_source(source, split, cfg, device)
-            for p in model.user_mlp.parameters():
-                p.requires_grad_(False)
-            r1 = _fit(
-                model,
-                train,
-                valid,
-                cfg,
-                f"{name}/frozen",
-                device,
-                cfg.freeze_epochs,
-                grad_masks=mask,
-            )
+        phases = {"frozen_epochs_run": r1.epochs_run, "frozen_cap": cap}
+        if r1.best_score >= r2.best_score:
+            model.load_state_dict(frozen_state)
             return model, {
                 "best_epoch": r1.best_epoch,
                 "valid_ndcg@10": r1.best_score,
                 "unfrozen": False,
+                **phases,
             }
         return model, {
-            "best_epoch": cfg.freeze_epochs + r2.best_epoch,
+            "best_epoch": r1.best_epoch + r2.best_epoch,
             "valid_ndcg@10": r2.best_score,
             "unfrozen": True,
+            **phases,
         }
     if name == "lora":
         model = _from_source(source, split, cfg, device, adapter_rank=cfg.adapter_rank)
