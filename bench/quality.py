@@ -86,13 +86,15 @@ def run_job(
     return results
 
 
-def _metric(
-    rows: dict[str, Any], name: str | None, seg: str, key: str, full: bool = False
-) -> float:
+PARTS = {"": None, "full ": "full", "nodup ": "nodup"}  # key prefix -> results sub-block
+
+
+def _metric(rows: dict[str, Any], name: str | None, seg: str, key: str, prefix: str = "") -> float:
     if name is None or name not in rows:
         return float("nan")
     r = rows[name]
-    part = (r.get("full") or {}).get(seg) if full else r.get(seg)
+    sub = PARTS[prefix]
+    part = (r.get(sub) or {}).get(seg) if sub else r.get(seg)
     return float((part or {}).get(key, float("nan")))
 
 
@@ -121,36 +123,53 @@ def summarize(job: dict[str, Any]) -> dict[str, Any]:
         blocks = [r["shares"][share] for r in seeds.values() if share in r["shares"]]
         roles: dict[str, Any] = {}
         for role in ("chosen", "best_baseline", "exported"):
-            names = [b["selection"].get(role) for b in blocks]
-            cell: dict[str, Any] = {"names": names}
-            for seg in ("warm", "cold", "all"):
-                for key in ("ndcg@10", "recall@10"):
-                    vals = [
-                        _metric(b["strategies"], n, seg, key)
-                        for b, n in zip(blocks, names, strict=True)
-                    ]
-                    cell[f"{seg} {key}"] = mean_sd(vals)
-                    fvals = [
-                        _metric(b["strategies"], n, seg, key, full=True)
-                        for b, n in zip(blocks, names, strict=True)
-                    ]
-                    cell[f"full {seg} {key}"] = mean_sd(fvals)
+            names = {
+                "warm": [b["selection"].get(role) for b in blocks],
+                "cold": [
+                    b["selection"].get(f"{role}_cold", b["selection"].get(role)) for b in blocks
+                ],
+            }
+            names["all"] = names["warm"]
+            cell: dict[str, Any] = {"names": names["warm"], "cold_names": names["cold"]}
+            for prefix in PARTS:
+                for seg in ("warm", "cold", "all"):
+                    for key in ("ndcg@10", "recall@10"):
+                        cell[f"{prefix}{seg} {key}"] = mean_sd(
+                            [
+                                _metric(b["strategies"], n, seg, key, prefix)
+                                for b, n in zip(blocks, names[seg], strict=True)
+                            ]
+                        )
             roles[role] = cell
         rows: dict[str, Any] = {}
         for name in blocks[0]["strategies"]:
             rows[name] = {
-                f"{pre}{seg} {key}": mean_sd(
-                    [_metric(b["strategies"], name, seg, key, full=bool(pre)) for b in blocks]
+                f"{prefix}{seg} {key}": mean_sd(
+                    [_metric(b["strategies"], name, seg, key, prefix) for b in blocks]
                 )
-                for pre in ("", "full ")
+                for prefix in PARTS
                 for seg in ("warm", "cold", "all")
                 for key in ("ndcg@10", "recall@10")
             }
-            rows[name]["valid"] = mean_sd(
-                [float(b["selection"]["valid_ndcg@10"].get(name, float("nan"))) for b in blocks]
-            )
+            for vkey, label in (("valid_ndcg@10", "valid"), ("valid_cold_ndcg@10", "valid_cold")):
+                rows[name][label] = mean_sd(
+                    [
+                        float((b["selection"].get(vkey) or {}).get(name, float("nan")))
+                        for b in blocks
+                    ]
+                )
         out[share] = {"roles": roles, "rows": rows, "n_seeds": len(blocks)}
     return out
+
+
+def _names(cell: dict[str, Any]) -> str:
+    warm = ", ".join(map(str, cell["names"]))
+    cold = ", ".join(map(str, cell.get("cold_names") or []))
+    return (
+        warm
+        if cold in ("", warm) or set(cell.get("cold_names") or []) == {None}
+        else f"{warm}; {cold}"
+    )
 
 
 def _ratio(a: tuple[float, float, int], b: tuple[float, float, int]) -> float:
@@ -223,10 +242,11 @@ def markdown(results: dict[str, Any]) -> str:
         "chosen / best baseline. Targets (issue 12): warm ≥ 1.05 and cold ≥ 1.30 at cold "
         "shares 0.2 and 0.5, warm ≥ 1.00 at cold share 0.",
         "",
-        "| pair | share | seeds | chosen (per seed) | warm | cold | best baseline (per seed) | "
-        "warm | cold | warm ratio | cold ratio | exported two-tower | warm | cold | "
-        "full warm chosen / baseline | full cold chosen / baseline | verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| pair | share | seeds | chosen warm; cold (per seed) | warm | cold | best baseline warm; "
+        "cold (per seed) | warm | cold | warm ratio | cold ratio | exported two-tower | warm | "
+        "cold | full warm chosen / baseline | full cold chosen / baseline | "
+        "no-duplicates warm chosen / baseline | no-duplicates cold chosen / baseline | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     misses: list[str] = []
     for name in [*PAIRS, *(j for j in jobs if j not in PAIRS and j not in ("ml1m", "demo"))]:
@@ -254,16 +274,39 @@ def markdown(results: dict[str, Any]) -> str:
                 misses.append(f"{name} at cold share {share}: {v}")
             lines.append(
                 f"| {name} ({job['protocol']}) | {share} | {s['n_seeds']} | "
-                f"{', '.join(map(str, ch['names']))} | {fmt(ch['warm ndcg@10'])} | "
-                f"{fmt(ch['cold ndcg@10'])} | {', '.join(map(str, bb['names']))} | "
+                f"{_names(ch)} | {fmt(ch['warm ndcg@10'])} | "
+                f"{fmt(ch['cold ndcg@10'])} | {_names(bb)} | "
                 f"{fmt(bb['warm ndcg@10'])} | {fmt(bb['cold ndcg@10'])} | {wr:.3f} | {cr:.3f} | "
                 f"{', '.join(map(str, ex['names']))} | {fmt(ex['warm ndcg@10'])} | "
                 f"{fmt(ex['cold ndcg@10'])} | "
                 f"{fmt(ch['full warm ndcg@10'])} / {fmt(bb['full warm ndcg@10'])} | "
-                f"{fmt(ch['full cold ndcg@10'])} / {fmt(bb['full cold ndcg@10'])} | {v} |"
+                f"{fmt(ch['full cold ndcg@10'])} / {fmt(bb['full cold ndcg@10'])} | "
+                f"{fmt(ch['nodup warm ndcg@10'])} / {fmt(bb['nodup warm ndcg@10'])} | "
+                f"{fmt(ch['nodup cold ndcg@10'])} / {fmt(bb['nodup cold ndcg@10'])} | {v} |"
             )
     if misses:
         lines += ["", "Cells that miss their target:", ""] + [f"- {m}" for m in misses]
+    dup_lines = []
+    for name, job in jobs.items():
+        first = next((r for r in job.get("seeds", {}).values() if "duplicates" in r), None)
+        if first:
+            d = first["duplicates"]
+            dup_lines.append(
+                f"| {name} | {d['duplicated_target_items']} | {d['identical_user_sets']} | "
+                f"{d['share_of_target_positives']:.3f} | {d['action']} |"
+            )
+    if dup_lines:
+        lines += [
+            "",
+            "Cross-domain duplicates (target items whose users match a source item's, Jaccard "
+            "≥ 0.8, at least 2 users; training/duplicates.py). The no-duplicates columns drop "
+            "test pairs on them:",
+            "",
+            "| job | duplicated target items | identical user sets | share of target positives "
+            "| action |",
+            "|---|---|---|---|---|",
+            *dup_lines,
+        ]
     lines += [
         "",
         "## Detail: every row (not a selection; test figures of rows validation did not choose)",
@@ -277,15 +320,16 @@ def markdown(results: dict[str, Any]) -> str:
                 f"### {name} ({job['protocol']}), cold share {share}, seeds "
                 f"{', '.join(job['seeds'])}",
                 "",
-                "| row | valid NDCG@10 | warm NDCG@10 | cold NDCG@10 | full warm NDCG@10 | "
-                "full cold NDCG@10 |",
-                "|---|---|---|---|---|---|",
+                "| row | valid NDCG@10 | cold-valid NDCG@10 | warm NDCG@10 | cold NDCG@10 | "
+                "full warm | full cold | no-dup warm | no-dup cold |",
+                "|---|---|---|---|---|---|---|---|---|",
             ]
             for row, r in s["rows"].items():
                 lines.append(
-                    f"| {row} | {fmt(r['valid'])} | {fmt(r['warm ndcg@10'])} | "
-                    f"{fmt(r['cold ndcg@10'])} | {fmt(r['full warm ndcg@10'])} | "
-                    f"{fmt(r['full cold ndcg@10'])} |"
+                    f"| {row} | {fmt(r['valid'])} | {fmt(r.get('valid_cold', [0, 0, 0]))} | "
+                    f"{fmt(r['warm ndcg@10'])} | {fmt(r['cold ndcg@10'])} | "
+                    f"{fmt(r['full warm ndcg@10'])} | {fmt(r['full cold ndcg@10'])} | "
+                    f"{fmt(r['nodup warm ndcg@10'])} | {fmt(r['nodup cold ndcg@10'])} |"
                 )
             lines.append("")
     lines += [

@@ -175,6 +175,22 @@ def standardise(scores: torch.Tensor) -> torch.Tensor:
     return (scores - mean) / torch.where(std > 0, std, torch.ones_like(std))
 
 
+def by_history(has_target: np.ndarray, warm: Scorer, cold: Scorer) -> Scorer:
+    """``warm`` for users with target training history, ``cold`` for the others."""
+
+    def score(batch: np.ndarray) -> torch.Tensor:
+        h = has_target[batch]
+        if h.all():
+            return warm(batch)
+        if not h.any():
+            return cold(batch)
+        out = warm(batch)
+        out[torch.from_numpy(~h)] = cold(batch[~h])
+        return out
+
+    return score
+
+
 def blend(model: Scorer, base: Scorer, w: float) -> Scorer:
     def score(batch: np.ndarray) -> torch.Tensor:
         if w <= 0.0:
@@ -187,10 +203,19 @@ def blend(model: Scorer, base: Scorer, w: float) -> Scorer:
 
 
 class Validator:
-    """NDCG@10 on the validation split: full ranking, training items excluded, fixed users."""
+    """NDCG@10 on validation pairs: full ranking, training items excluded, fixed users.
 
-    def __init__(self, split: Split, users: np.ndarray) -> None:
-        self.valid, self.train, self.users = split.valid, split.train, users
+    ``Validator(split, users)`` validates on the warm validation split; ``Validator.cold(split)``
+    on the cold-start validation users (their target pairs, none of them in training).
+    """
+
+    def __init__(self, split: Split, users: np.ndarray, pairs: np.ndarray | None = None) -> None:
+        self.valid = split.valid if pairs is None else pairs
+        self.train, self.users = split.train, users
+
+    @classmethod
+    def cold(cls, split: Split) -> Validator:
+        return cls(split, np.unique(split.cold_valid[:, 0]), split.cold_valid)
 
     def __call__(self, scorer: Scorer) -> float:
         if self.users.size == 0:

@@ -29,6 +29,8 @@ class Config:
     cold_shares: list[float] = field(default_factory=lambda: [0.2, 0.5])  # one run per share;
     # the first share's models are the ones exported
     n_negatives: int = 999  # sampled negatives per test item under "loo"
+    duplicates: str = "keep"  # target items duplicating a source item: "keep" (report) or "drop"
+    duplicate_jaccard: float = 0.8  # user-set Jaccard at or above which items are duplicates
     # --- model ----------------------------------------------------------------------------
     dim: int = 64  # embedding size of both towers
     tower_hidden: int = 0  # hidden width of a residual MLP on each tower (0 = plain embeddings)
@@ -56,6 +58,7 @@ class Config:
     # --- baselines (training/baselines.py; grids declared there, chosen on validation) --------
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))
     ease_max_items: int = 4000  # EASE solves on at most this many (most popular) items
+    neural: bool = True  # train the two-tower models (false: evaluate the baselines only)
     blend: bool = True  # also evaluate the validated blend of the exported model and best baseline
     # --- run ------------------------------------------------------------------------------
     seed: int = 0  # seeds the split, initialisation and batch order
@@ -73,6 +76,8 @@ class Config:
                 raise ConfigError(
                     f"strategies: unknown strategy {s!r}; known: {', '.join(STRATEGIES)}"
                 )
+        if self.duplicates not in ("keep", "drop"):
+            raise ConfigError(f"duplicates: expected 'keep' or 'drop', got {self.duplicates!r}")
         for b in self.baselines:
             if b not in BASELINES:
                 raise ConfigError(
