@@ -11,6 +11,10 @@ new; the tower MLP weights are transferred when ``tower_hidden > 0``; with the d
 * ``finetune``: start from the source model, train everything.
 * ``freeze_unfreeze``: shared user side frozen for ``freeze_epochs``, then everything trained.
 * ``lora``: shared user side frozen, a low-rank user adapter and the new item side trained.
+* ``anchored``: finetune whose user L2 pulls each user towards ``w_u`` times their source vector
+  instead of zero, ``w_u = 1 / (1 + n_u / anchor_tau)`` for a user with ``n_u`` target training
+  pairs: users with little target history stay near what the source learned, users with much
+  are free (a shared-plus-private user: the private part ``e_u - w_u s_u`` is what is penalised).
 * ``emcdr``: for every strategy above, users with no target history get ``f(source vector)``
   where f is an MLP fitted on overlapping warm users (source vector -> target vector).
 """
@@ -166,6 +170,14 @@ def train_strategy(
         torch.manual_seed(cfg.seed + 7)
         model = new_model(cfg, split.n_users, split.n_target_items).to(device)
         r = _fit(model, train, valid, cfg, name, device, cfg.epochs)
+        return model, {"best_epoch": r.best_epoch, "valid_ndcg@10": r.best_score}
+    if name == "anchored":
+        model = _from_source(source, split, cfg, device)
+        n_u = np.bincount(split.train[:, 0], minlength=split.n_users).astype(np.float32)
+        w = torch.from_numpy(1.0 / (1.0 + n_u / cfg.anchor_tau))
+        model.set_anchor(source.user_emb.weight.detach().cpu() * w[:, None])
+        r = _fit(model, train, valid, cfg, name, device, cfg.epochs)
+        model.set_anchor(None)
         return model, {"best_epoch": r.best_epoch, "valid_ndcg@10": r.best_score}
     if name == "finetune":
         model = _from_source(source, split, cfg, device)
