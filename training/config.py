@@ -11,7 +11,7 @@ from typing import Any
 
 from training.errors import ConfigError
 
-STRATEGIES = ("finetune", "freeze_unfreeze", "lora", "anchored", "emcdr")
+STRATEGIES = ("finetune", "freeze_unfreeze", "lora", "anchored", "joint", "emcdr")
 BASELINES = ("popularity", "itemknn", "cd_itemknn", "ease", "cd_ease")
 
 
@@ -52,6 +52,7 @@ class Config:
     freeze_epochs: int = 0  # freeze_unfreeze: cap of the frozen phase, early-stopped (0 = epochs)
     unfreeze_lr_scale: float = 0.3  # freeze_unfreeze: learning-rate factor after unfreezing
     adapter_rank: int = 8  # lora: rank of the user-side adapter
+    joint_source_weight: float = 0.5  # joint: loss weight of the source pairs
     anchor_tau: float = 5.0  # anchored: target pairs at which the pull to the source halves
     mapping_hidden: int = 128  # emcdr: hidden width of the source->target mapping MLP
     mapping_epochs: int = 300  # emcdr: full-batch epochs fitting the mapping

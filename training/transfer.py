@@ -15,6 +15,9 @@ new; the tower MLP weights are transferred when ``tower_hidden > 0``; with the d
   instead of zero, ``w_u = 1 / (1 + n_u / anchor_tau)`` for a user with ``n_u`` target training
   pairs: users with little target history stay near what the source learned, users with much
   are free (a shared-plus-private user: the private part ``e_u - w_u s_u`` is what is penalised).
+* ``joint``: CMF-style joint training: one model over [source items | target items] starting from
+  the source model, trained on the target pairs and the source pairs (loss weight
+  ``joint_source_weight``) with the user side shared; validated on target items only.
 * ``emcdr``: for every strategy above, users with no target history get ``f(source vector)``
   where f is an MLP fitted on overlapping warm users (source vector -> target vector).
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -96,8 +100,10 @@ def _fit(
     lr: float | None = None,
     grad_masks: dict[str, torch.Tensor] | None = None,
     lr_scales: dict[str, float] | None = None,
+    pair_weights: np.ndarray | None = None,
+    validate: Callable[[TwoTower], float] | None = None,
 ) -> FitResult:
-    validate = _make_validate(valid, [train], cfg.seed)
+    validate = validate or _make_validate(valid, [train], cfg.seed)
     result = fit(
         model,
         train,
@@ -116,6 +122,7 @@ def _fit(
         progress=cfg.progress,
         grad_masks=grad_masks,
         lr_scales=lr_scales,
+        pair_weights=pair_weights,
     )
     logger.info(
         "%s: best valid NDCG@10 %.4f at epoch %d", desc, result.best_score, result.best_epoch
@@ -179,6 +186,8 @@ def train_strategy(
         r = _fit(model, train, valid, cfg, name, device, cfg.epochs)
         model.set_anchor(None)
         return model, {"best_epoch": r.best_epoch, "valid_ndcg@10": r.best_score}
+    if name == "joint":
+        return _joint(split, cfg, device, source)
     if name == "finetune":
         model = _from_source(source, split, cfg, device)
         scales = {"user_emb.weight": cfg.finetune_user_lr_scale}
@@ -228,6 +237,53 @@ def train_strategy(
         r = _fit(model, train, valid, cfg, name, device, cfg.epochs, grad_masks=mask)
         return model, {"best_epoch": r.best_epoch, "valid_ndcg@10": r.best_score}
     raise ValueError(f"unknown strategy {name!r}")
+
+
+def _joint(
+    split: Split, cfg: Config, device: torch.device, source: TwoTower
+) -> tuple[TwoTower, dict[str, object]]:
+    ns, nt = split.n_source_items, split.n_target_items
+    torch.manual_seed(cfg.seed + 7)
+    both = new_model(cfg, split.n_users, ns + nt).to(device)
+    with torch.no_grad():
+        both.user_emb.weight.copy_(source.user_emb.weight)
+        both.item_emb.weight[:ns].copy_(source.item_emb.weight)
+        if both.item_bias is not None and source.item_bias is not None:
+            both.item_bias.weight[:ns].copy_(source.item_bias.weight)
+    pairs = np.concatenate([split.source_train, split.train + np.array([0, ns])])
+    weights = np.r_[
+        np.full(len(split.source_train), cfg.joint_source_weight), np.ones(len(split.train))
+    ]
+    users, excl = _validator(split.valid, [split.train], cfg.seed)
+
+    def validate(model: TwoTower) -> float:
+        with torch.no_grad():
+            u = model.user_vectors().detach().cpu()
+            v = model.item_vectors().detach().cpu()[ns:]
+        return full_ranking(u, v, split.valid, excl, users=users, ks=(10,))["ndcg@10"]
+
+    r = _fit(
+        both,
+        pairs,
+        split.valid,
+        cfg,
+        "joint",
+        device,
+        cfg.epochs,
+        pair_weights=weights,
+        validate=validate,
+    )
+    # the target model: the shared users and the target rows of the item side
+    model = new_model(cfg, split.n_users, nt).to(device)
+    with torch.no_grad():
+        model.user_emb.weight.copy_(both.user_emb.weight)
+        model.item_emb.weight.copy_(both.item_emb.weight[ns:])
+        if model.item_bias is not None and both.item_bias is not None:
+            model.item_bias.weight.copy_(both.item_bias.weight[ns:])
+    model.user_mlp.load_state_dict(both.user_mlp.state_dict())
+    model.item_mlp.load_state_dict(both.item_mlp.state_dict())
+    model.eval()
+    return model, {"best_epoch": r.best_epoch, "valid_ndcg@10": r.best_score}
 
 
 class Mapping(nn.Module):
