@@ -18,9 +18,10 @@ validation users as the two-tower models), never on test.
   solve; the others score below every kept item, ordered by popularity (a declared handicap on
   catalogues too large for one dense solve on this machine).
 * ``blend``: a per-user standardised mix ``(1 - w) z(model) + w z(baseline)`` of a trained model
-  and a baseline (the pipeline takes the best cross-domain one on validation, so that users
-  without target history get its source votes), ``w`` chosen on validation; ``w = 0`` is the
-  model and ``w = 1`` the baseline, so on validation the blend is never below either.
+  and a baseline, ``w`` chosen on validation; ``w = 0`` is the model and ``w = 1`` the baseline,
+  so on validation the blend is never below either. The pipeline fits one for users with target
+  history (partner: the best baseline on validation) and one for users without (partner: the
+  best cross-domain baseline on the cold-start validation users, which also choose its ``w``).
 """
 
 from __future__ import annotations

@@ -265,9 +265,11 @@ def _selection(
             if r.get("kind") == "model":
                 valid_cold[n] = cold_validator(model_scorer(n))
     if cfg.blend and baselines and model_row is not None:
-        # the partner serves users without target history too: a cross-domain baseline if any
+        # warm users: the best baseline on warm validation; users without target history (when
+        # cold-start validation users exist): the best cross-domain one on cold validation
         cross = [n for n in baselines if n in CROSS_DOMAIN] or list(baselines)
-        partner = baselines[select_on_validation({n: valid[n] for n in cross})]
+        pool = list(baselines) if has_cold_valid else cross
+        partner = baselines[select_on_validation({n: valid[n] for n in pool})]
         mix = fit_blend(model_scorer(model_row), partner, validator)
         train_info: dict[str, Any] = mix.summary() | {"model": model_row}
         scorer, valid["blend"] = mix.scorer, float(mix.valid_ndcg)
