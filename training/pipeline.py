@@ -415,6 +415,22 @@ def run(
             name = choose(cfg, block, tables)
             key = f"{name}+emcdr" if f"{name}+emcdr" in block["strategies"] else name
             metrics = {seg: block["strategies"][key][seg] for seg in ("warm", "cold", "all")}
+            # what validation says of the exported model against every other row, so that the
+            # published metadata states when a baseline or the blend did better on validation
+            sel = block["selection"]
+            metrics["validation"] = {
+                k: sel[k]
+                for k in (
+                    "chosen",
+                    "chosen_cold",
+                    "best_baseline",
+                    "best_baseline_cold",
+                    "exported_valid_ndcg@10",
+                    "exported_below_best_baseline",
+                    "exported_below_best_baseline_cold",
+                )
+                if k in sel
+            }
             checkpoint = build_checkpoint(cfg, dataset, split, name, tables[name], metrics)
             results["exported_strategy"] = checkpoint["strategy"]
             results["selection"] = block["selection"]

@@ -185,3 +185,23 @@ def test_cli_errors_exit_2_with_one_line(
     with pytest.raises(SystemExit) as exc:
         main(["train", "stray"])
     assert exc.value.code == 2
+
+
+def test_selection_reads_validation_and_the_blend_covers_its_ends(
+    synthetic_run: dict[str, Any],
+) -> None:
+    block = synthetic_run["results"]["shares"]["0.2"]
+    sel, rows = block["selection"], block["strategies"]
+    valid = sel["valid_ndcg@10"]
+    assert sel["chosen"] == max(valid, key=lambda n: valid[n])
+    assert sel["chosen_cold"] in sel["valid_cold_ndcg@10"]
+    assert rows[sel["best_baseline"]]["kind"] == "baseline"
+    blend = rows["blend"]["train"]
+    partner, model = blend["params"]["partner"], blend["model"]
+    # weight 0 is the model and weight 1 the partner: the blend is never below either
+    assert valid["blend"] >= max(valid[partner], valid[model]) - 1e-9
+    cold = sel["valid_cold_ndcg@10"]
+    assert cold["blend"] >= cold[blend["cold"]["params"]["partner"]] - 1e-9
+    ckpt = torch.load(synthetic_run["run_dir"] / "checkpoint.pt", weights_only=False)
+    assert ckpt["metrics"]["validation"]["best_baseline"] == sel["best_baseline"]
+    assert ckpt["strategy"] == sel["exported"]
