@@ -171,7 +171,8 @@ def run_share(
     )
     if not cfg.neural:
         names = []
-    if cfg.source and cfg.neural and source_model is None:
+    needs_source = any(n != "target_only" for n in names) or "emcdr" in cfg.strategies
+    if cfg.source and cfg.neural and needs_source and source_model is None:
         t0 = time.perf_counter()
         source_model = pretrain_source(split, cfg, device)
         timings["pretrain_source"] = time.perf_counter() - t0
