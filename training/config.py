@@ -39,6 +39,8 @@ class Config:
     loss: str = "softmax"  # "softmax" (full softmax over items) or "bpr"
     temperature: float = 1.0  # softmax temperature
     reg: float = 0.05  # L2 on the embeddings of each (user, item) pair; the main regulariser
+    reg_grid: list[float] = field(default_factory=list)  # if set: every strategy is trained at
+    # each of these L2 values and the best on validation kept (per strategy; [] = reg only)
     # --- optimisation ---------------------------------------------------------------------
     epochs: int = 60  # maximum epochs for target-domain training
     source_epochs: int = 60  # maximum epochs for source pretraining

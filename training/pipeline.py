@@ -30,6 +30,7 @@ from training.data.synthetic import make_synthetic
 from training.duplicates import drop_items, find_duplicates
 from training.errors import ConfigError
 from training.evaluate import Scorer, rank_full, rank_sampled, table_scorer
+from training.model import TwoTower
 from training.report import write_report
 from training.trainer import init_distributed, pick_device, world
 from training.transfer import (
@@ -178,7 +179,15 @@ def run_share(
         timings["pretrain_source"] = time.perf_counter() - t0
     for name in names:
         t0 = time.perf_counter()
-        model, info = train_strategy(name, split, cfg, device, source_model)  # type: ignore[arg-type]
+        model: TwoTower | None = None
+        info: dict[str, object] = {"valid_ndcg@10": -1.0}
+        for reg in [float(r) for r in cfg.reg_grid] or [cfg.reg]:  # per-strategy L2, on validation
+            cfg_r = dataclasses.replace(cfg, reg=reg)
+            m, i = train_strategy(name, split, cfg_r, device, source_model)  # type: ignore[arg-type]
+            i["reg"] = reg
+            if float(i["valid_ndcg@10"]) > float(info["valid_ndcg@10"]):  # type: ignore[arg-type]
+                model, info = m, i
+        assert model is not None
         tab = to_tables(
             model,
             split,
