@@ -205,7 +205,7 @@ def run_share(
         rows[name]["kind"] = "model"
         if "emcdr" in cfg.strategies and tab.cold_users is not None:
             rows[f"{name}+emcdr"] = segment_rows(
-                table_scorer(tab.cold_users, tab.items), split, warm, cold
+                table_scorer(tab.cold_users, tab.items), split, warm, cold, nodup
             )
             rows[f"{name}+emcdr"]["train"] = info
             rows[f"{name}+emcdr"]["kind"] = "model"
