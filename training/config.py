@@ -12,6 +12,7 @@ from typing import Any
 from training.errors import ConfigError
 
 STRATEGIES = ("finetune", "freeze_unfreeze", "lora", "anchored", "joint", "emcdr")
+DEFAULT_STRATEGIES = ("finetune", "freeze_unfreeze", "lora", "emcdr")  # anchored, joint: opt-in
 BASELINES = ("popularity", "itemknn", "cd_itemknn", "ease", "cd_ease")
 
 
@@ -49,7 +50,7 @@ class Config:
     patience: int = 4  # stop after this many validations without improvement
     eval_every: int = 1  # validate every N epochs; the best validated epoch is kept
     # --- transfer -------------------------------------------------------------------------
-    strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
+    strategies: list[str] = field(default_factory=lambda: list(DEFAULT_STRATEGIES))
     finetune_user_lr_scale: float = 1.0  # finetune: learning-rate factor on the shared user table
     freeze_epochs: int = 0  # freeze_unfreeze: cap of the frozen phase, early-stopped (0 = epochs)
     unfreeze_lr_scale: float = 0.3  # freeze_unfreeze: learning-rate factor after unfreezing

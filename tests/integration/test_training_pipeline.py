@@ -205,3 +205,18 @@ def test_selection_reads_validation_and_the_blend_covers_its_ends(
     ckpt = torch.load(synthetic_run["run_dir"] / "checkpoint.pt", weights_only=False)
     assert ckpt["metrics"]["validation"]["best_baseline"] == sel["best_baseline"]
     assert ckpt["strategy"] == sel["exported"]
+
+
+@pytest.mark.parametrize("strategy", ["anchored", "joint"])
+def test_opt_in_strategies_transfer_on_planted_tastes(strategy: str) -> None:
+    from training.data.splits import make_split
+    from training.data.synthetic import make_synthetic
+    from training.transfer import pretrain_source, train_strategy
+
+    cfg = load_config(SYNTHETIC, ["--threads=1", "--epochs=15", "--source_epochs=15"])
+    split = make_split(make_synthetic(seed=0), "target", "source", cold_share=0.2, seed=0)
+    device = torch.device("cpu")
+    source = pretrain_source(split, cfg, device)
+    _, base = train_strategy("target_only", split, cfg, device, source)
+    _, info = train_strategy(strategy, split, cfg, device, source)
+    assert float(info["valid_ndcg@10"]) > 1.3 * float(base["valid_ndcg@10"])  # type: ignore[arg-type]
