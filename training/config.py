@@ -15,7 +15,9 @@ from typing import Any
 
 from training.errors import ConfigError
 
-STRATEGIES = ("finetune", "freeze_unfreeze", "lora", "emcdr")
+STRATEGIES = ("finetune", "freeze_unfreeze", "lora", "anchored", "joint", "emcdr")
+DEFAULT_STRATEGIES = ("finetune", "freeze_unfreeze", "lora", "emcdr")  # anchored, joint: opt-in
+BASELINES = ("popularity", "itemknn", "cd_itemknn", "ease", "cd_ease")
 
 
 @dataclass
@@ -32,6 +34,8 @@ class Config:
     cold_shares: list[float] = field(default_factory=lambda: [0.2, 0.5])  # one run per share;
     # the first share's models are the ones exported
     n_negatives: int = 999  # sampled negatives per test item under "loo"
+    duplicates: str = "keep"  # target items duplicating a source item: "keep" (report) or "drop"
+    duplicate_jaccard: float = 0.8  # user-set Jaccard at or above which items are duplicates
     # --- model ----------------------------------------------------------------------------
     dim: int = 64  # embedding size of both towers
     tower_hidden: int = 0  # hidden width of a residual MLP on each tower (0 = plain embeddings)
@@ -40,6 +44,8 @@ class Config:
     loss: str = "softmax"  # "softmax" (full softmax over items) or "bpr"
     temperature: float = 1.0  # softmax temperature
     reg: float = 0.05  # L2 on the embeddings of each (user, item) pair; the main regulariser
+    reg_grid: list[float] = field(default_factory=list)  # if set: every strategy is trained at
+    # each of these L2 values and the best on validation kept (per strategy; [] = reg only)
     # --- optimisation ---------------------------------------------------------------------
     epochs: int = 60  # maximum epochs for target-domain training
     source_epochs: int = 60  # maximum epochs for source pretraining
@@ -48,17 +54,24 @@ class Config:
     patience: int = 4  # stop after this many validations without improvement
     eval_every: int = 1  # validate every N epochs; the best validated epoch is kept
     # --- transfer -------------------------------------------------------------------------
-    strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))  # transfer
+    strategies: list[str] = field(default_factory=lambda: list(DEFAULT_STRATEGIES))  # transfer
     # strategies to train; target_only and popularity always run ("" = none)
     finetune_user_lr_scale: float = 1.0  # finetune: learning-rate factor on the shared user table
-    freeze_epochs: int = 15  # freeze_unfreeze: epochs with the shared user side frozen
+    freeze_epochs: int = 0  # freeze_unfreeze: cap of the frozen phase, which stops early (0 = epochs)
     unfreeze_lr_scale: float = 0.3  # freeze_unfreeze: learning-rate factor after unfreezing
     adapter_rank: int = 8  # lora: rank of the user-side adapter
+    joint_source_weight: float = 0.5  # joint: loss weight of the source pairs
+    anchor_tau: float = 5.0  # anchored: target pairs at which the pull to the source halves
     mapping_hidden: int = 128  # emcdr: hidden width of the source->target mapping MLP
     mapping_epochs: int = 300  # emcdr: full-batch epochs fitting the mapping
     export_strategy: str = "best"  # strategy to publish: "best" (on validation) or a name
     allow_below_popularity: bool = False  # publish even when the exported model's validation
     # NDCG@10 is below popularity's (otherwise nothing is published and the run exits 2)
+    # --- baselines (training/baselines.py; grids declared there, chosen on validation) --------
+    baselines: list[str] = field(default_factory=lambda: list(BASELINES))  # baselines to evaluate
+    ease_max_items: int = 4000  # EASE solves on at most this many (most popular) items
+    neural: bool = True  # train the two-tower models (false: evaluate the baselines only)
+    blend: bool = True  # also evaluate the validated blend of the exported model and best baseline
     # --- run ------------------------------------------------------------------------------
     seed: int = 0  # seeds the split, initialisation and batch order
     device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
@@ -74,6 +87,13 @@ class Config:
             if s not in STRATEGIES:
                 raise ConfigError(
                     f"strategies: unknown strategy {s!r}; known: {', '.join(STRATEGIES)}"
+                )
+        if self.duplicates not in ("keep", "drop"):
+            raise ConfigError(f"duplicates: expected 'keep' or 'drop', got {self.duplicates!r}")
+        for b in self.baselines:
+            if b not in BASELINES:
+                raise ConfigError(
+                    f"baselines: unknown baseline {b!r}; known: {', '.join(BASELINES)}"
                 )
         if self.export_strategy not in ("best", "target_only", *STRATEGIES):
             raise ConfigError(f"export_strategy: unknown strategy {self.export_strategy!r}")

@@ -1,9 +1,28 @@
-"""Ranking metrics (Recall, NDCG, HR, MRR at K) under full ranking or against sampled negatives."""
+"""Ranking metrics (Recall, NDCG, HR, MRR at K) under full ranking or against sampled negatives.
+
+Every model is evaluated through a scorer: a function from a batch of user indices to their
+scores over every target item (a two-tower model's is ``users[u] @ items.T``; the baselines of
+``training.baselines`` supply their own), so baselines and models share one evaluation code.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
+
+Scorer = Callable[[np.ndarray], torch.Tensor]  # user indices [b] -> scores [b, n_items]
+
+
+def table_scorer(user_table: torch.Tensor, item_table: torch.Tensor) -> Scorer:
+    """The scorer of a pair of tables: score(u, i) = <users[u], items[i]>."""
+
+    def score(batch: np.ndarray) -> torch.Tensor:
+        return user_table[torch.from_numpy(batch)] @ item_table.T
+
+    return score
+
 
 METRICS = ("recall", "ndcg", "hit", "mrr")
 
@@ -54,6 +73,19 @@ def full_ranking(
     chunk: int = 1024,
 ) -> dict[str, float]:
     """Rank every item not in ``exclude`` for each test user (RecBole's full-sort protocol)."""
+    return rank_full(table_scorer(user_table, item_table), test, exclude, users, ks, chunk)
+
+
+@torch.no_grad()
+def rank_full(
+    scorer: Scorer,
+    test: np.ndarray,
+    exclude: list[np.ndarray],
+    users: np.ndarray | None = None,
+    ks: tuple[int, ...] = (10, 20),
+    chunk: int = 1024,
+) -> dict[str, float]:
+    """Full ranking through a scorer: every item not in ``exclude``, for each test user."""
     truth = _group(test)
     excl: dict[int, list[np.ndarray]] = {}
     for pairs in exclude:
@@ -67,7 +99,7 @@ def full_ranking(
     n_rel = np.array([truth[int(u)].size for u in test_users], dtype=np.float64)
     for a in range(0, test_users.size, chunk):
         batch = test_users[a : a + chunk]
-        scores = user_table[torch.from_numpy(batch)] @ item_table.T
+        scores = scorer(batch).clone()
         rows, cols = [], []
         for r, u in enumerate(batch.tolist()):
             for items in excl.get(u, []):
@@ -97,6 +129,33 @@ def sampled_ranking(
     u = user_table[torch.from_numpy(test[rows, 0])]
     pos = (u * item_table[torch.from_numpy(test[rows, 1])]).sum(-1, keepdim=True)
     neg = torch.einsum("bd,bnd->bn", u, item_table[torch.from_numpy(negatives[rows])])
+    return _sampled_metrics(pos, neg, ks)
+
+
+def _sampled_metrics(pos: torch.Tensor, neg: torch.Tensor, ks: tuple[int, ...]) -> dict[str, float]:
     rank = (neg > pos).sum(1).double() + 0.5 * (neg == pos).sum(1).double()
     ranks = [np.array([int(r)]) for r in rank.floor().long().numpy()]
     return metrics_from_ranks(ranks, np.ones(len(ranks)), ks)
+
+
+@torch.no_grad()
+def rank_sampled(
+    scorer: Scorer,
+    test: np.ndarray,
+    negatives: np.ndarray,
+    users: np.ndarray | None = None,
+    ks: tuple[int, ...] = (10, 20),
+    chunk: int = 512,
+) -> dict[str, float]:
+    """Sampled ranking through a scorer: each test item against its negatives (ties count half)."""
+    rows = np.arange(len(test)) if users is None else np.flatnonzero(np.isin(test[:, 0], users))
+    pos_parts, neg_parts = [], []
+    for a in range(0, rows.size, chunk):
+        r = rows[a : a + chunk]
+        scores = scorer(test[r, 0])
+        idx = torch.arange(r.size)
+        pos_parts.append(scores[idx, torch.from_numpy(test[r, 1])][:, None])
+        neg_parts.append(torch.gather(scores, 1, torch.from_numpy(negatives[r])))
+    if not pos_parts:
+        return metrics_from_ranks([], np.ones(0), ks)
+    return _sampled_metrics(torch.cat(pos_parts), torch.cat(neg_parts), ks)

@@ -70,6 +70,18 @@ class TwoTower(nn.Module):
         if self.item_bias is not None:
             nn.init.zeros_(self.item_bias.weight)
         self.dim = dim
+        # optional anchor of the user-embedding L2: rows are penalised towards anchor[u]
+        # instead of zero (set by the ``anchored`` transfer strategy; None = towards zero)
+        self.user_anchor: torch.Tensor | None = None
+
+    def set_anchor(self, anchor: torch.Tensor | None) -> None:
+        self.user_anchor = None if anchor is None else anchor.detach().clone()
+
+    def _user_reg(self, users: torch.Tensor) -> torch.Tensor:
+        e = self.user_emb(users)
+        if self.user_anchor is not None:
+            e = e - self.user_anchor.to(e.device)[users]
+        return e.pow(2).sum(-1)
 
     def user_vectors(self, users: torch.Tensor | None = None) -> torch.Tensor:
         e = self.user_emb.weight if users is None else self.user_emb(users)
@@ -109,7 +121,7 @@ class TwoTower(nn.Module):
             logp = torch.log_softmax(u @ self.item_vectors().T / temperature, dim=1)
             rows = -(logp * targets).sum()
             reg_term = reg * (
-                (self.user_emb(users).pow(2).sum(1) * counts).sum()
+                (self._user_reg(users) * counts).sum()
                 + (targets.sum(0) * self.item_emb.weight.pow(2).sum(1)).sum()
             )
         elif loss == "bpr":
@@ -118,7 +130,7 @@ class TwoTower(nn.Module):
             neg = (u * self.item_vectors(negatives)).sum(-1)
             rows = -F.logsigmoid(pos - neg).sum()
             reg_term = reg * (
-                self.user_emb(users).pow(2).sum()
+                self._user_reg(users).sum()
                 + self.item_emb(items).pow(2).sum()
                 + self.item_emb(negatives).pow(2).sum()
             )

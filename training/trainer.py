@@ -71,6 +71,7 @@ def fit(
     progress: bool = True,
     grad_masks: dict[str, torch.Tensor] | None = None,
     lr_scales: dict[str, float] | None = None,
+    pair_weights: np.ndarray | None = None,
 ) -> FitResult:
     """Train ``model`` in place on the (user, item) pairs ``train``; restore the best validation.
 
@@ -78,6 +79,7 @@ def fit(
     and scales its loss so that the averaged gradient equals the single-process gradient.
     ``grad_masks`` maps a parameter name to a row mask: rows with mask 0 are not updated.
     ``lr_scales`` maps a parameter name to a factor on its learning rate.
+    ``pair_weights`` (softmax loss only) weighs each training pair's loss (default 1).
     """
     rank, world_size = world()
     scales = lr_scales or {}
@@ -105,6 +107,11 @@ def fit(
         ends = np.r_[starts[1:], len(pairs)]
         indptr = torch.from_numpy(np.r_[starts, len(pairs)].astype(np.int64))
         pair_items = torch.from_numpy(pairs[:, 1].copy())
+        pair_w = (
+            None
+            if pair_weights is None
+            else torch.from_numpy(pair_weights[order_u].astype(np.float32))
+        )
         unit_users = torch.from_numpy(batch_users_np)
         counts = torch.from_numpy((ends - starts).astype(np.int64))
         # users per batch so that a batch holds about batch_size pairs
@@ -139,7 +146,12 @@ def fit(
                 targets = torch.zeros(local.numel(), n_items)
                 row_of = torch.repeat_interleave(torch.arange(local.numel()), counts[local])
                 cols = torch.cat([pair_items[indptr[j] : indptr[j + 1]] for j in local.tolist()])
-                targets[row_of, cols] = 1.0
+                if pair_w is None:
+                    targets[row_of, cols] = 1.0
+                else:
+                    targets[row_of, cols] = torch.cat(
+                        [pair_w[indptr[j] : indptr[j + 1]] for j in local.tolist()]
+                    )
                 u, it = u.to(device), targets.to(device)
             else:
                 n_pairs = idx.numel()

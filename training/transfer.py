@@ -4,12 +4,20 @@ Every model ends as a pair of tables (user vectors, item vectors) so that all of
 evaluated and exported the same way: score(u, i) = <users[u], items[i]>.
 
 Strategies (the shared user embedding comes from the source model; target item embeddings are
-new; tower weights are transferred):
+new; the tower MLP weights are transferred when ``tower_hidden > 0``; with the default
+``tower_hidden = 0`` the towers are identities and only the user embeddings transfer):
 
 * ``target_only``: the same architecture trained from scratch on the target domain (baseline).
 * ``finetune``: start from the source model, train everything.
 * ``freeze_unfreeze``: shared user side frozen for ``freeze_epochs``, then everything trained.
 * ``lora``: shared user side frozen, a low-rank user adapter and the new item side trained.
+* ``anchored``: finetune whose user L2 pulls each user towards ``w_u`` times their source vector
+  instead of zero, ``w_u = 1 / (1 + n_u / anchor_tau)`` for a user with ``n_u`` target training
+  pairs: users with little target history stay near what the source learned, users with much
+  are free (a shared-plus-private user: the private part ``e_u - w_u s_u`` is what is penalised).
+* ``joint``: CMF-style joint training: one model over [source items | target items] starting from
+  the source model, trained on the target pairs and the source pairs (loss weight
+  ``joint_source_weight``) with the user side shared; validated on target items only.
 * ``emcdr``: for every strategy above, users with no target history get ``f(source vector)``
   where f is an MLP fitted on overlapping warm users (source vector -> target vector).
 """
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,6 +72,11 @@ def _validator(
     return users, exclude
 
 
+def validation_users(split: Split, seed: int) -> np.ndarray:
+    """The target validation users every model and baseline is selected on."""
+    return _validator(split.valid, [split.train], seed)[0]
+
+
 def _make_validate(pairs: np.ndarray, exclude: list[np.ndarray], seed: int):  # type: ignore[no-untyped-def]
     users, excl = _validator(pairs, exclude, seed)
 
@@ -86,8 +100,10 @@ def _fit(
     lr: float | None = None,
     grad_masks: dict[str, torch.Tensor] | None = None,
     lr_scales: dict[str, float] | None = None,
+    pair_weights: np.ndarray | None = None,
+    validate: Callable[[TwoTower], float] | None = None,
 ) -> FitResult:
-    validate = _make_validate(valid, [train], cfg.seed)
+    validate = validate or _make_validate(valid, [train], cfg.seed)
     result = fit(
         model,
         train,
@@ -106,6 +122,7 @@ def _fit(
         progress=cfg.progress,
         grad_masks=grad_masks,
         lr_scales=lr_scales,
+        pair_weights=pair_weights,
     )
     logger.info(
         "%s: best valid NDCG@10 %.4f at epoch %d", desc, result.best_score, result.best_epoch
@@ -133,9 +150,15 @@ def _from_source(
     torch.manual_seed(cfg.seed + 7)
     model = new_model(cfg, split.n_users, split.n_target_items, adapter_rank).to(device)
     model.user_emb.weight.data.copy_(source.user_emb.weight.data)
-    model.user_mlp.load_state_dict(source.user_mlp.state_dict())
-    model.item_mlp.load_state_dict(source.item_mlp.state_dict())
+    if cfg.tower_hidden:  # with tower_hidden = 0 the towers are identities: nothing to copy
+        model.user_mlp.load_state_dict(source.user_mlp.state_dict())
+        model.item_mlp.load_state_dict(source.item_mlp.state_dict())
     return model
+
+
+def transferred_parts(cfg: Config) -> list[str]:
+    """What a source-initialised strategy takes from the source model."""
+    return ["user_embeddings"] + (["user_tower", "item_tower"] if cfg.tower_hidden else [])
 
 
 def _shared_mask(split: Split, n_users: int) -> torch.Tensor:
@@ -155,6 +178,16 @@ def train_strategy(
         model = new_model(cfg, split.n_users, split.n_target_items).to(device)
         r = _fit(model, train, valid, cfg, name, device, cfg.epochs)
         return model, {"best_epoch": r.best_epoch, "valid_ndcg@10": r.best_score}
+    if name == "anchored":
+        model = _from_source(source, split, cfg, device)
+        n_u = np.bincount(split.train[:, 0], minlength=split.n_users).astype(np.float32)
+        w = torch.from_numpy(1.0 / (1.0 + n_u / cfg.anchor_tau))
+        model.set_anchor(source.user_emb.weight.detach().cpu() * w[:, None])
+        r = _fit(model, train, valid, cfg, name, device, cfg.epochs)
+        model.set_anchor(None)
+        return model, {"best_epoch": r.best_epoch, "valid_ndcg@10": r.best_score}
+    if name == "joint":
+        return _joint(split, cfg, device, source)
     if name == "finetune":
         model = _from_source(source, split, cfg, device)
         scales = {"user_emb.weight": cfg.finetune_user_lr_scale}
@@ -162,12 +195,14 @@ def train_strategy(
         return model, {"best_epoch": r.best_epoch, "valid_ndcg@10": r.best_score}
     mask = {"user_emb.weight": _shared_mask(split, split.n_users)}
     if name == "freeze_unfreeze":
+        # phase 1 runs until validation stops improving (cap: freeze_epochs, 0 = epochs); phase 2
+        # continues from phase 1's best state; if it does not improve validation, phase 1 is kept
         model = _from_source(source, split, cfg, device)
         for p in model.user_mlp.parameters():
             p.requires_grad_(False)
-        r1 = _fit(
-            model, train, valid, cfg, f"{name}/frozen", device, cfg.freeze_epochs, grad_masks=mask
-        )
+        cap = cfg.freeze_epochs or cfg.epochs
+        r1 = _fit(model, train, valid, cfg, f"{name}/frozen", device, cap, grad_masks=mask)
+        frozen_state = copy.deepcopy(model.state_dict())
         for p in model.parameters():
             p.requires_grad_(True)
         r2 = _fit(
@@ -180,29 +215,20 @@ def train_strategy(
             cfg.epochs,
             lr=cfg.lr * cfg.unfreeze_lr_scale,
         )
-        if r1.best_score > r2.best_score:  # unfreezing did not help on validation: refit phase 1
-            model = _from_source(source, split, cfg, device)
-            for p in model.user_mlp.parameters():
-                p.requires_grad_(False)
-            r1 = _fit(
-                model,
-                train,
-                valid,
-                cfg,
-                f"{name}/frozen",
-                device,
-                cfg.freeze_epochs,
-                grad_masks=mask,
-            )
+        phases = {"frozen_epochs_run": r1.epochs_run, "frozen_cap": cap}
+        if r1.best_score >= r2.best_score:
+            model.load_state_dict(frozen_state)
             return model, {
                 "best_epoch": r1.best_epoch,
                 "valid_ndcg@10": r1.best_score,
                 "unfrozen": False,
+                **phases,
             }
         return model, {
-            "best_epoch": cfg.freeze_epochs + r2.best_epoch,
+            "best_epoch": r1.best_epoch + r2.best_epoch,
             "valid_ndcg@10": r2.best_score,
             "unfrozen": True,
+            **phases,
         }
     if name == "lora":
         model = _from_source(source, split, cfg, device, adapter_rank=cfg.adapter_rank)
@@ -211,6 +237,53 @@ def train_strategy(
         r = _fit(model, train, valid, cfg, name, device, cfg.epochs, grad_masks=mask)
         return model, {"best_epoch": r.best_epoch, "valid_ndcg@10": r.best_score}
     raise ValueError(f"unknown strategy {name!r}")
+
+
+def _joint(
+    split: Split, cfg: Config, device: torch.device, source: TwoTower
+) -> tuple[TwoTower, dict[str, object]]:
+    ns, nt = split.n_source_items, split.n_target_items
+    torch.manual_seed(cfg.seed + 7)
+    both = new_model(cfg, split.n_users, ns + nt).to(device)
+    with torch.no_grad():
+        both.user_emb.weight.copy_(source.user_emb.weight)
+        both.item_emb.weight[:ns].copy_(source.item_emb.weight)
+        if both.item_bias is not None and source.item_bias is not None:
+            both.item_bias.weight[:ns].copy_(source.item_bias.weight)
+    pairs = np.concatenate([split.source_train, split.train + np.array([0, ns])])
+    weights = np.r_[
+        np.full(len(split.source_train), cfg.joint_source_weight), np.ones(len(split.train))
+    ]
+    users, excl = _validator(split.valid, [split.train], cfg.seed)
+
+    def validate(model: TwoTower) -> float:
+        with torch.no_grad():
+            u = model.user_vectors().detach().cpu()
+            v = model.item_vectors().detach().cpu()[ns:]
+        return full_ranking(u, v, split.valid, excl, users=users, ks=(10,))["ndcg@10"]
+
+    r = _fit(
+        both,
+        pairs,
+        split.valid,
+        cfg,
+        "joint",
+        device,
+        cfg.epochs,
+        pair_weights=weights,
+        validate=validate,
+    )
+    # the target model: the shared users and the target rows of the item side
+    model = new_model(cfg, split.n_users, nt).to(device)
+    with torch.no_grad():
+        model.user_emb.weight.copy_(both.user_emb.weight)
+        model.item_emb.weight.copy_(both.item_emb.weight[ns:])
+        if model.item_bias is not None and both.item_bias is not None:
+            model.item_bias.weight.copy_(both.item_bias.weight[ns:])
+    model.user_mlp.load_state_dict(both.user_mlp.state_dict())
+    model.item_mlp.load_state_dict(both.item_mlp.state_dict())
+    model.eval()
+    return model, {"best_epoch": r.best_epoch, "valid_ndcg@10": r.best_score}
 
 
 class Mapping(nn.Module):

@@ -205,3 +205,38 @@ def test_cli_errors_exit_2_with_one_line(
     assert capsys.readouterr().err.strip() == (
         "error: command line: unexpected argument 'stray' (options are --key=value)"
     )
+
+
+def test_selection_reads_validation_and_the_blend_covers_its_ends(
+    synthetic_run: dict[str, Any],
+) -> None:
+    block = synthetic_run["results"]["shares"]["0.2"]
+    sel, rows = block["selection"], block["strategies"]
+    valid = sel["valid_ndcg@10"]
+    assert sel["chosen"] == max(valid, key=lambda n: valid[n])
+    assert sel["chosen_cold"] in sel["valid_cold_ndcg@10"]
+    assert rows[sel["best_baseline"]]["kind"] == "baseline"
+    blend = rows["blend"]["train"]
+    partner, model = blend["params"]["partner"], blend["model"]
+    # weight 0 is the model and weight 1 the partner: the blend is never below either
+    assert valid["blend"] >= max(valid[partner], valid[model]) - 1e-9
+    cold = sel["valid_cold_ndcg@10"]
+    assert cold["blend"] >= cold[blend["cold"]["params"]["partner"]] - 1e-9
+    ckpt = torch.load(synthetic_run["run_dir"] / "checkpoint.pt", weights_only=False)
+    assert ckpt["metrics"]["validation"]["best_baseline"] == sel["best_baseline"]
+    assert ckpt["strategy"] == sel["exported"]
+
+
+@pytest.mark.parametrize("strategy", ["anchored", "joint"])
+def test_opt_in_strategies_transfer_on_planted_tastes(strategy: str) -> None:
+    from training.data.splits import make_split
+    from training.data.synthetic import make_synthetic
+    from training.transfer import pretrain_source, train_strategy
+
+    cfg = load_config(SYNTHETIC, ["--threads=1", "--epochs=15", "--source_epochs=15"])
+    split = make_split(make_synthetic(seed=0), "target", "source", cold_share=0.2, seed=0)
+    device = torch.device("cpu")
+    source = pretrain_source(split, cfg, device)
+    _, base = train_strategy("target_only", split, cfg, device, source)
+    _, info = train_strategy(strategy, split, cfg, device, source)
+    assert float(info["valid_ndcg@10"]) > 1.3 * float(base["valid_ndcg@10"])  # type: ignore[arg-type]

@@ -53,8 +53,16 @@ def test_cold_users_absent_from_target_training(synth: Dataset, share: float) ->
     assert not np.isin(s.train[:, 0], s.cold_users).any()
     assert not np.isin(s.valid[:, 0], s.cold_users).any()
     assert np.isin(s.cold_users, s.source_users).all()  # cold users are overlapping users
-    overlap = np.intersect1d(s.source_users, np.unique(np.r_[s.train[:, 0], s.test[:, 0]]))
+    cv = np.unique(s.cold_valid[:, 0])
+    overlap = np.intersect1d(
+        s.source_users, np.unique(np.r_[s.train[:, 0], s.test[:, 0], s.cold_valid[:, 0]])
+    )
     assert s.cold_users.size == pytest.approx(share * overlap.size, abs=1)
+    # cold-start validation users: overlapping, apart from the cold test users, in no other part
+    assert cv.size == max(1, round(0.25 * s.cold_users.size))
+    assert np.isin(cv, s.source_users).all() and not np.isin(cv, s.cold_users).any()
+    for part in (s.train, s.valid, s.test):
+        assert not np.isin(part[:, 0], cv).any()
     # they are tested on all their target interactions
     tgt = synth.domain("target")
     cold_ids = {s.users[u] for u in s.cold_users}
@@ -140,3 +148,25 @@ def test_source_without_shared_users_is_refused_loudly(caplog: pytest.LogCapture
         _checked(ds)
     assert any(r.levelname == "WARNING" and "share no user" in r.message for r in caplog.records)
     _checked(ds, None)  # the target alone trains
+
+
+@pytest.mark.parametrize("protocol", ["ratio", "loo"])
+@pytest.mark.parametrize("share", [0.0, 0.2, 0.5])
+def test_no_test_pair_in_training_and_no_cold_user_in_target_training(
+    synth: Dataset, protocol: str, share: float
+) -> None:
+    s = make_split(synth, "target", "source", protocol, cold_share=share, n_negatives=20, seed=1)
+    train = {(int(u), int(i)) for u, i in s.train}
+    held = [(int(u), int(i)) for u, i in np.r_[s.test, s.valid, s.cold_valid]]
+    assert held and not any(p in train for p in held)  # no test/validation pair is trained on
+    no_target = np.r_[s.cold_users, np.unique(s.cold_valid[:, 0])]
+    assert not np.isin(s.train[:, 0], no_target).any()
+    assert not np.isin(s.valid[:, 0], no_target).any()
+    if share > 0:
+        assert s.cold_users.size and np.isin(s.cold_users, s.test[:, 0]).all()
+    if s.negatives is not None:  # sampled negatives are never one of the user's items
+        seen: dict[int, set[int]] = {}
+        for u, i in np.r_[s.train, s.valid, s.test, s.cold_valid]:
+            seen.setdefault(int(u), set()).add(int(i))
+        for (u, _), negs in zip(s.test, s.negatives, strict=True):
+            assert not seen[int(u)] & set(negs.tolist())

@@ -10,7 +10,10 @@ Protocols (every one driven by a fixed seed, and saved with the run):
   rest.
 
 On top of either, ``cold_share`` of the users present in both domains lose all their target
-interactions from training and are tested on them (cold-start users).
+interactions from training and are tested on them (cold-start users). A further quarter as many
+overlapping users (at least one) lose theirs too and become cold-start *validation* users
+(``cold_valid``: all their target pairs), so that what serves users without target history is
+chosen on validation users in the same situation, never on test.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from training.data.dataset import TEST, TRAIN, VALID, Dataset, DomainData
 from training.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
+
+COLD_VALID = -2  # part code of the target pairs of cold-start validation users
 
 
 @dataclass
@@ -43,6 +48,7 @@ class Split:
     source_valid: np.ndarray  # [n, 2]
     cold_users: np.ndarray  # user indices whose target interactions were all moved to test
     negatives: np.ndarray | None = None  # [n_test, n_neg] sampled items (loo protocol)
+    cold_valid: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
     target_titles: list[str | None] = field(default_factory=list)
     source_users: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
@@ -71,6 +77,7 @@ class Split:
             "source_valid": self.source_valid,
             "cold_users": self.cold_users,
             "source_users": self.source_users,
+            "cold_valid": self.cold_valid,
         }
         if self.negatives is not None:
             arrays["negatives"] = self.negatives
@@ -105,6 +112,7 @@ class Split:
             cold_users=z["cold_users"],
             source_users=z["source_users"],
             negatives=z["negatives"] if "negatives" in z.files else None,
+            cold_valid=z["cold_valid"] if "cold_valid" in z.files else np.zeros((0, 2), np.int64),
         )
 
 
@@ -235,11 +243,16 @@ def make_split(
             part[is_cold] = TEST  # tested on all their target interactions
         else:
             part[is_cold & (part != TEST)] = -1  # removed from training; keep their test item
+        rest = np.setdiff1d(np.intersect1d(source_users, np.unique(t_u)), cold)
+        n_cv = min(rest.size, max(1, int(round(0.25 * n_cold)))) if n_cold else 0
+        cold_valid_users = rng.choice(rest, size=n_cv, replace=False)
+        part[np.isin(t_u, cold_valid_users)] = COLD_VALID
 
     def pairs(mask: np.ndarray) -> np.ndarray:
         return np.stack([t_u[mask], t_i[mask]], axis=1).astype(np.int64)
 
     train, valid, test = pairs(part == TRAIN), pairs(part == VALID), pairs(part == TEST)
+    cold_valid = pairs(part == COLD_VALID)
 
     negatives = None
     if protocol == "loo":
@@ -275,6 +288,7 @@ def make_split(
         negatives=negatives,
         target_titles=[tgt.titles.get(it) for it in titems],
         source_users=source_users,
+        cold_valid=cold_valid,
     )
     logger.info(
         "split %s/%s<-%s: users %d, target items %d, train %d, valid %d, test %d, cold users %d",

@@ -1,0 +1,103 @@
+"""Items listed in both domains: target items whose set of users is identical or nearly identical
+(Jaccard similarity at or above a threshold) to that of a source item.
+
+Such pairs are almost certainly the same product listed twice, and a cross-domain model (or a
+cross-domain item-item baseline) that finds them gains for a reason that is not transfer of
+taste. Detection runs on the positives of both domains before the split (a property of the
+catalogue, like de-duplication of rows); the pipeline reports every row with and without test
+pairs on such items, and ``duplicates = "drop"`` removes them from the target domain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from training.data.dataset import Dataset, DomainData
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Duplicates:
+    """Target items that duplicate a source item, with the counts behind the decision."""
+
+    target_items: list[str]  # raw ids of duplicated target items
+    source_match: dict[str, str]  # target item -> the source item it duplicates (best Jaccard)
+    identical: int  # of which the user sets are identical
+    target_positives: int
+    positives_on_duplicates: int
+
+    def summary(self) -> dict[str, float | int]:
+        return {
+            "duplicated_target_items": len(self.target_items),
+            "identical_user_sets": self.identical,
+            "share_of_target_positives": self.positives_on_duplicates
+            / max(1, self.target_positives),
+        }
+
+
+def _matrix(domain: DomainData, users: dict[str, int]) -> tuple[sp.csr_matrix, np.ndarray]:
+    items, inv = np.unique(domain.items, return_inverse=True)
+    rows = np.fromiter((users[u] for u in domain.users), np.int64, len(domain))
+    m = sp.csr_matrix(
+        (np.ones(len(domain), dtype=np.float32), (rows, inv)), shape=(len(users), items.size)
+    )
+    m.sum_duplicates()
+    m.data[:] = 1.0
+    return m, items
+
+
+def find_duplicates(
+    target: DomainData, source: DomainData, jaccard: float = 0.8, min_users: int = 2
+) -> Duplicates:
+    """Target items with at least ``min_users`` users whose user set has Jaccard similarity
+    ``>= jaccard`` with some source item's (1.0: identical sets only)."""
+    users = {u: i for i, u in enumerate(sorted(set(target.users) | set(source.users)))}
+    xt, t_items = _matrix(target, users)
+    xs, s_items = _matrix(source, users)
+    nt = np.asarray(xt.sum(0)).ravel()
+    ns = np.asarray(xs.sum(0)).ravel()
+    inter = (xs.T @ xt).tocoo()  # [source items, target items] shared users
+    union = ns[inter.row] + nt[inter.col] - inter.data
+    jac = inter.data / union
+    ok = (jac >= jaccard - 1e-9) & (nt[inter.col] >= min_users)
+    best: dict[int, tuple[float, int]] = {}
+    for s_i, t_i, j in zip(inter.row[ok], inter.col[ok], jac[ok], strict=True):
+        if t_i not in best or j > best[t_i][0]:
+            best[int(t_i)] = (float(j), int(s_i))
+    dup = sorted(best)
+    counts = nt
+    out = Duplicates(
+        target_items=[str(t_items[t]) for t in dup],
+        source_match={str(t_items[t]): str(s_items[best[t][1]]) for t in dup},
+        identical=sum(1 for t in dup if best[t][0] >= 1.0 - 1e-9),
+        target_positives=int(counts.sum()),
+        positives_on_duplicates=int(counts[dup].sum()) if dup else 0,
+    )
+    logger.info("cross-domain duplicates: %s", out.summary())
+    return out
+
+
+def drop_items(dataset: Dataset, domain: str, items: list[str]) -> Dataset:
+    """The data set with ``items`` removed from ``domain``."""
+    d = dataset.domains[domain]
+    keep = ~np.isin(d.items, np.asarray(items, dtype=d.items.dtype))
+
+    def cut(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else a[keep]
+
+    new = dataclasses.replace(
+        d,
+        users=d.users[keep],
+        items=d.items[keep],
+        ratings=cut(d.ratings),
+        timestamps=cut(d.timestamps),
+        given_split=cut(d.given_split),
+        stats=dict(d.stats, duplicate_item_rows_dropped=int((~keep).sum())),
+    )
+    return dataclasses.replace(dataset, domains={**dataset.domains, domain: new})
