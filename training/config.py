@@ -57,7 +57,7 @@ class Config:
     strategies: list[str] = field(default_factory=lambda: list(DEFAULT_STRATEGIES))  # transfer
     # strategies to train; target_only and popularity always run ("" = none)
     finetune_user_lr_scale: float = 1.0  # finetune: learning-rate factor on the shared user table
-    freeze_epochs: int = 0  # freeze_unfreeze: cap of the frozen phase, which stops early (0 = epochs)
+    freeze_epochs: int = 0  # freeze_unfreeze: cap of the frozen phase, stops early (0 = epochs)
     unfreeze_lr_scale: float = 0.3  # freeze_unfreeze: learning-rate factor after unfreezing
     adapter_rank: int = 8  # lora: rank of the user-side adapter
     joint_source_weight: float = 0.5  # joint: loss weight of the source pairs
