@@ -41,7 +41,7 @@ PAIRS = [
     "ml100k_comedy_to_drama",
 ]
 DEMO = "amazon_movies_to_books"
-# issue 12's targets: the chosen model against the best baseline (ratio of NDCG@10 means)
+# the project's targets: the chosen model against the best baseline (ratio of NDCG@10 means)
 WARM_TARGET = {0.0: 1.0, 0.2: 1.05, 0.5: 1.05}
 COLD_TARGET = {0.2: 1.30, 0.5: 1.30}
 ABSOLUTE_TARGET = {"sport_to_cloth": 0.19, "cloth_to_sport": 0.21}  # NDCG@10, sampled, both
@@ -239,7 +239,7 @@ def markdown(results: dict[str, Any]) -> str:
         "overlapping users whose target interactions were removed from training. Under `loo` the "
         "main figures rank the test item against 999 sampled negatives, and the `full` columns "
         "rank it against every item not seen in training or validation. Ratios are of means: "
-        "chosen / best baseline. Targets (issue 12): warm ≥ 1.05 and cold ≥ 1.30 at cold "
+        "chosen / best baseline. Targets: warm ≥ 1.05 and cold ≥ 1.30 at cold "
         "shares 0.2 and 0.5, warm ≥ 1.00 at cold share 0.",
         "",
         "| pair | share | seeds | chosen warm; cold (per seed) | warm | cold | best baseline warm; "
