@@ -172,10 +172,6 @@ class RetryBudget:
         self.burst = burst
         self._tokens = burst
 
-    @property
-    def tokens(self) -> float:
-        return self._tokens
-
     def record_call(self) -> None:
         self._tokens = min(self.burst, self._tokens + self.ratio)
 

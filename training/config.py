@@ -115,12 +115,6 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any], origin: str = "config") -> Config:
-        cfg = cls()
-        cfg.update(values, origin)
-        return cfg
-
     def update(
         self, values: dict[str, Any], origin: str, spell: Callable[[str], str] = repr
     ) -> None:

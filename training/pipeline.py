@@ -70,12 +70,6 @@ def evaluate_scorer(scorer: Scorer, split: Split, subset: np.ndarray | None) -> 
     return rank_full(scorer, split.test, [split.train, split.valid], users=subset)
 
 
-def evaluate_tables(
-    users: torch.Tensor, items: torch.Tensor, split: Split, subset: np.ndarray | None
-) -> dict[str, float]:
-    return evaluate_scorer(table_scorer(users, items), split, subset)
-
-
 def segment_rows(
     scorer: Scorer,
     split: Split,

@@ -53,15 +53,6 @@ class Tables:
     cold_users: torch.Tensor | None = None  # rows for users without target history (mapped)
     info: dict[str, object] = field(default_factory=dict)
 
-    def with_cold(self, mask: np.ndarray) -> torch.Tensor:
-        """User table where rows in ``mask`` take the cold-start representation."""
-        if self.cold_users is None:
-            return self.users
-        out = self.users.clone()
-        m = torch.from_numpy(mask)
-        out[m] = self.cold_users[m]
-        return out
-
 
 def _validator(
     pairs: np.ndarray, exclude: list[np.ndarray], seed: int
@@ -367,9 +358,3 @@ def to_tables(
         cold_rows[cold] = mapped[cold]
         tables.cold_users = cold_rows
     return tables
-
-
-def popularity_tables(split: Split) -> Tables:
-    """Popularity as a rank-1 table: every user scores items by their training count."""
-    counts = np.bincount(split.train[:, 1], minlength=split.n_target_items).astype(np.float32)
-    return Tables(users=torch.ones(split.n_users, 1), items=torch.from_numpy(counts)[:, None])

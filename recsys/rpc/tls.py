@@ -157,22 +157,6 @@ def channel_options(
     return options
 
 
-def create_aio_channel(
-    target: str,
-    *,
-    max_message_bytes: int = 16 * 1024 * 1024,
-    tls: ClientTLS | None = None,
-    round_robin: bool = False,
-) -> grpc.aio.Channel:
-    """An asyncio channel to `target`, plaintext or TLS, with the kit's limits and keepalive."""
-    options = channel_options(
-        max_message_bytes, round_robin=round_robin, server_name=tls.server_name if tls else None
-    )
-    if tls is None:
-        return grpc.aio.insecure_channel(target, options=options)
-    return grpc.aio.secure_channel(target, tls.credentials(), options=options)
-
-
 def create_channel(
     target: str,
     *,
