@@ -161,6 +161,95 @@ def _groups(user_idx: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
     return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
+def _target_parts(
+    t_u: np.ndarray,
+    given: np.ndarray | None,
+    protocol: str,
+    ratios: tuple[float, float, float],
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """TRAIN / VALID / TEST of every target interaction: per user by `ratios` (or the data set's
+    own split), or leave-one-out (the first shuffled row tests, the next validates)."""
+    part = np.full(len(t_u), TRAIN, dtype=np.int8)
+    if protocol == "ratio":
+        if given is not None and (given == VALID).any():
+            return given.copy()
+        for rows in _groups(t_u, rng):
+            if given is not None:  # a given test set: keep it, split the rest into train/valid
+                rows = rows[given[rows] != TEST]
+                n_tr, _, _ = _ratio_counts(rows.size, (0.9, 0.1, 0.0))
+                part[rows[n_tr:]] = VALID
+                continue
+            n_tr, n_va, _ = _ratio_counts(rows.size, ratios)
+            part[rows[n_tr : n_tr + n_va]] = VALID
+            part[rows[n_tr + n_va :]] = TEST
+        if given is not None:
+            part[given == TEST] = TEST
+        return part
+    for rows in _groups(t_u, rng):  # loo
+        if given is not None:
+            part[rows[given[rows] == TEST]] = TEST
+            rest = rows[given[rows] != TEST]
+        elif rows.size >= 2:
+            part[rows[0]] = TEST
+            rest = rows[1:]
+        else:
+            rest = rows
+        if rest.size >= 3:
+            part[rest[0]] = VALID
+    return part
+
+
+def _mark_cold(
+    part: np.ndarray,
+    t_u: np.ndarray,
+    source_users: np.ndarray,
+    cold_share: float,
+    protocol: str,
+    rng: np.random.Generator,
+    *,
+    has_source: bool,
+) -> np.ndarray:
+    """Turn a share of the test users who also have source interactions into cold-start users
+    (no target training data; tested on every target interaction under `ratio`), and a quarter
+    as many other overlapping users into cold-start validation users. Returns the cold users."""
+    if cold_share <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if not has_source:
+        raise ConfigError("cold_share > 0 needs a source domain")
+    overlap = np.intersect1d(source_users, np.unique(t_u[part == TEST]))
+    n_cold = int(round(cold_share * overlap.size))
+    cold = np.sort(rng.choice(overlap, size=n_cold, replace=False))
+    is_cold = np.isin(t_u, cold)
+    if protocol == "ratio":
+        part[is_cold] = TEST  # tested on all their target interactions
+    else:
+        part[is_cold & (part != TEST)] = -1  # removed from training; keep their test item
+    rest = np.setdiff1d(np.intersect1d(source_users, np.unique(t_u)), cold)
+    n_cv = min(rest.size, max(1, int(round(0.25 * n_cold)))) if n_cold else 0
+    cold_valid_users = rng.choice(rest, size=n_cv, replace=False)
+    part[np.isin(t_u, cold_valid_users)] = COLD_VALID
+    return cold
+
+
+def _source_split(
+    src: DomainData, uindex: dict[str, int], seed: int
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The source domain's items and a 9:1 per-user train/validation split for early stopping of
+    pretraining (its own generator: independent of the target split and the cold share)."""
+    sitems = sorted(set(src.items.tolist()))
+    sindex = {it: i for i, it in enumerate(sitems)}
+    s_u = np.fromiter((uindex[u] for u in src.users), np.int64, len(src))
+    s_i = np.fromiter((sindex[i] for i in src.items), np.int64, len(src))
+    s_part = np.zeros(len(src), dtype=np.int8)
+    for rows in _groups(s_u, np.random.default_rng(seed + 1)):
+        n_tr, _, _ = _ratio_counts(rows.size, (0.9, 0.1, 0.0))
+        s_part[rows[n_tr:]] = VALID
+    s_train = np.stack([s_u[s_part == TRAIN], s_i[s_part == TRAIN]], 1).astype(np.int64)
+    s_valid = np.stack([s_u[s_part == VALID], s_i[s_part == VALID]], 1).astype(np.int64)
+    return sitems, s_train, s_valid
+
+
 def make_split(
     dataset: Dataset,
     target: str,
@@ -194,59 +283,13 @@ def make_split(
     t_u = np.fromiter((uindex[u] for u in tgt.users), np.int64, len(tgt))
     t_i = np.fromiter((tindex[i] for i in tgt.items), np.int64, len(tgt))
 
-    part = np.full(len(tgt), TRAIN, dtype=np.int8)
-    given = tgt.given_split if use_given_split else None
-    if protocol == "ratio":
-        if given is not None and (given == VALID).any():
-            part = given.copy()
-        else:
-            for rows in _groups(t_u, rng):
-                if given is not None:  # a given test set: keep it, split the rest into train/valid
-                    rows = rows[given[rows] != TEST]
-                    part[rows[given[rows] == TEST]] = TEST
-                    n_tr, n_va, _ = _ratio_counts(rows.size, (0.9, 0.1, 0.0))
-                    part[rows[n_tr:]] = VALID
-                    continue
-                n_tr, n_va, _ = _ratio_counts(rows.size, ratios)
-                part[rows[n_tr : n_tr + n_va]] = VALID
-                part[rows[n_tr + n_va :]] = TEST
-            if given is not None:
-                part[given == TEST] = TEST
-    else:  # loo
-        for rows in _groups(t_u, rng):
-            if given is not None:
-                tests = rows[given[rows] == TEST]
-                rest = rows[given[rows] != TEST]
-                part[tests] = TEST
-            else:
-                rest = rows[1:]
-                if rows.size >= 2:
-                    part[rows[0]] = TEST
-                else:
-                    rest = rows
-            if rest.size >= 3:
-                part[rest[0]] = VALID
-
-    # cold-start users: a share of the users with interactions in both domains
-    cold = np.zeros(0, dtype=np.int64)
+    part = _target_parts(t_u, tgt.given_split if use_given_split else None, protocol, ratios, rng)
     source_users = np.zeros(0, dtype=np.int64)
     if src is not None:
         source_users = np.unique(np.fromiter((uindex[u] for u in src.users), np.int64, len(src)))
-    if cold_share > 0:
-        if src is None:
-            raise ConfigError("cold_share > 0 needs a source domain")
-        overlap = np.intersect1d(source_users, np.unique(t_u[part == TEST]))
-        n_cold = int(round(cold_share * overlap.size))
-        cold = np.sort(rng.choice(overlap, size=n_cold, replace=False))
-        is_cold = np.isin(t_u, cold)
-        if protocol == "ratio":
-            part[is_cold] = TEST  # tested on all their target interactions
-        else:
-            part[is_cold & (part != TEST)] = -1  # removed from training; keep their test item
-        rest = np.setdiff1d(np.intersect1d(source_users, np.unique(t_u)), cold)
-        n_cv = min(rest.size, max(1, int(round(0.25 * n_cold)))) if n_cold else 0
-        cold_valid_users = rng.choice(rest, size=n_cv, replace=False)
-        part[np.isin(t_u, cold_valid_users)] = COLD_VALID
+    cold = _mark_cold(
+        part, t_u, source_users, cold_share, protocol, rng, has_source=src is not None
+    )
 
     def pairs(mask: np.ndarray) -> np.ndarray:
         return np.stack([t_u[mask], t_i[mask]], axis=1).astype(np.int64)
@@ -258,21 +301,10 @@ def make_split(
     if protocol == "loo":
         negatives = _sample_negatives(t_u, t_i, test, len(titems), n_negatives, rng)
 
-    # source domain: a 9:1 per-user split for early stopping of pretraining
     sitems: list[str] = []
     s_train = s_valid = np.zeros((0, 2), dtype=np.int64)
     if src is not None:
-        sitems = sorted(set(src.items.tolist()))
-        sindex = {it: i for i, it in enumerate(sitems)}
-        s_u = np.fromiter((uindex[u] for u in src.users), np.int64, len(src))
-        s_i = np.fromiter((sindex[i] for i in src.items), np.int64, len(src))
-        s_part = np.zeros(len(src), dtype=np.int8)
-        s_rng = np.random.default_rng(seed + 1)  # independent of the target split and cold share
-        for rows in _groups(s_u, s_rng):
-            n_tr, _, _ = _ratio_counts(rows.size, (0.9, 0.1, 0.0))
-            s_part[rows[n_tr:]] = VALID
-        s_train = np.stack([s_u[s_part == TRAIN], s_i[s_part == TRAIN]], 1)
-        s_valid = np.stack([s_u[s_part == VALID], s_i[s_part == VALID]], 1)
+        sitems, s_train, s_valid = _source_split(src, uindex, seed)
 
     split = Split(
         protocol=protocol,
