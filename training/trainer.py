@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,45 +82,14 @@ def fit(
     ``pair_weights`` (softmax loss only) weighs each training pair's loss (default 1).
     """
     rank, world_size = world()
-    scales = lr_scales or {}
-    groups: dict[float, list[nn.Parameter]] = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            groups.setdefault(scales.get(name, 1.0), []).append(p)
-    opt = torch.optim.Adam([{"params": ps, "lr": lr * k} for k, ps in groups.items()], lr=lr)
-    hooks = []
-    for name, p in model.named_parameters():
-        if grad_masks and name in grad_masks and p.requires_grad:
-            mask = grad_masks[name].to(device).unsqueeze(1)
-            hooks.append(p.register_hook(lambda g, m=mask: g * m))
+    opt = _optimizer(model, lr, lr_scales or {})
+    hooks = _mask_gradients(model, grad_masks or {}, device)
     net: nn.Module = model
     if world_size > 1:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    n_items = model.item_emb.num_embeddings
-    if loss == "softmax":
-        # one row per user: the multi-hot of its training items
-        order_u = np.argsort(train[:, 0], kind="stable")
-        pairs = train[order_u]
-        batch_users_np, starts = np.unique(pairs[:, 0], return_index=True)
-        ends = np.r_[starts[1:], len(pairs)]
-        indptr = torch.from_numpy(np.r_[starts, len(pairs)].astype(np.int64))
-        pair_items = torch.from_numpy(pairs[:, 1].copy())
-        pair_w = (
-            None
-            if pair_weights is None
-            else torch.from_numpy(pair_weights[order_u].astype(np.float32))
-        )
-        unit_users = torch.from_numpy(batch_users_np)
-        counts = torch.from_numpy((ends - starts).astype(np.int64))
-        # users per batch so that a batch holds about batch_size pairs
-        step = max(1, int(round(batch_size / max(1.0, float(counts.float().mean())))))
-    else:
-        unit_users = torch.from_numpy(train[:, 0])
-        unit_items = torch.from_numpy(train[:, 1])
-        step = batch_size
-    n = unit_users.numel()
+    batches = _Batches(train, loss, batch_size, model.item_emb.num_embeddings, pair_weights)
     best_score, best_epoch = -float("inf"), 0
     best_state = copy.deepcopy(model.state_dict())
     history: list[tuple[int, float, float]] = []
@@ -133,38 +102,15 @@ def fit(
     for epoch in range(1, epochs + 1):
         net.train()
         gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(n, generator=gen)
-        total = 0.0
-        steps = range(0, n, step)
-        for start in steps:
-            idx = order[start : start + step]
-            local = idx[rank::world_size]
-            negs = None
-            if loss == "softmax":
-                n_pairs = int(counts[idx].sum())
-                u = unit_users[local]
-                targets = torch.zeros(local.numel(), n_items)
-                row_of = torch.repeat_interleave(torch.arange(local.numel()), counts[local])
-                cols = torch.cat([pair_items[indptr[j] : indptr[j + 1]] for j in local.tolist()])
-                if pair_w is None:
-                    targets[row_of, cols] = 1.0
-                else:
-                    targets[row_of, cols] = torch.cat(
-                        [pair_w[indptr[j] : indptr[j + 1]] for j in local.tolist()]
-                    )
-                u, it = u.to(device), targets.to(device)
-            else:
-                n_pairs = idx.numel()
-                negs_all = torch.randint(0, n_items, (idx.numel(),), generator=gen)
-                u, it = unit_users[local].to(device), unit_items[local].to(device)
-                negs = negs_all[rank::world_size].to(device)
-            scale = world_size / n_pairs
-            out = net(u, it, negs, loss, reg, temperature, scale)
+        total, n_steps = 0.0, 0
+        for u, it, negs, n_pairs in batches.epoch(gen, rank, world_size, device):
+            out = net(u, it, negs, loss, reg, temperature, world_size / n_pairs)
             opt.zero_grad(set_to_none=True)
             out.backward()
             opt.step()
             total += float(out.detach()) / world_size
-        mean_loss = total / max(1, len(steps))
+            n_steps += 1
+        mean_loss = total / max(1, n_steps)
         bar.update(1)
         if epoch % eval_every == 0 or epoch == epochs:
             model.eval()
@@ -185,3 +131,97 @@ def fit(
     model.load_state_dict(best_state)
     model.eval()
     return FitResult(best_score, best_epoch, epoch, history)
+
+
+def _optimizer(model: TwoTower, lr: float, scales: dict[str, float]) -> torch.optim.Adam:
+    """Adam over the trainable parameters, one group per learning-rate factor."""
+    groups: dict[float, list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(scales.get(name, 1.0), []).append(p)
+    return torch.optim.Adam([{"params": ps, "lr": lr * k} for k, ps in groups.items()], lr=lr)
+
+
+def _mask_gradients(
+    model: TwoTower, masks: dict[str, torch.Tensor], device: torch.device
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Hooks that zero the gradient of the rows whose mask is 0 (remove them after training)."""
+    hooks = []
+    for name, p in model.named_parameters():
+        if name in masks and p.requires_grad:
+            mask = masks[name].to(device).unsqueeze(1)
+            hooks.append(p.register_hook(lambda g, m=mask: g * m))
+    return hooks
+
+
+class _Batches:
+    """The training pairs cut into batches of about `batch_size` pairs. Softmax: one unit per
+    user, the multi-hot (or weighted) row of its items; BPR: one unit per pair, with a uniformly
+    drawn negative item."""
+
+    def __init__(
+        self,
+        train: np.ndarray,
+        loss: str,
+        batch_size: int,
+        n_items: int,
+        pair_weights: np.ndarray | None,
+    ) -> None:
+        self.loss, self.n_items = loss, n_items
+        if loss == "softmax":
+            order_u = np.argsort(train[:, 0], kind="stable")
+            pairs = train[order_u]
+            users, starts = np.unique(pairs[:, 0], return_index=True)
+            ends = np.r_[starts[1:], len(pairs)]
+            self.indptr = torch.from_numpy(np.r_[starts, len(pairs)].astype(np.int64))
+            self.pair_items = torch.from_numpy(pairs[:, 1].copy())
+            self.pair_w = (
+                None
+                if pair_weights is None
+                else torch.from_numpy(pair_weights[order_u].astype(np.float32))
+            )
+            self.units = torch.from_numpy(users)
+            self.counts = torch.from_numpy((ends - starts).astype(np.int64))
+            # users per batch so that a batch holds about batch_size pairs
+            self.step = max(1, int(round(batch_size / max(1.0, float(self.counts.float().mean())))))
+        else:
+            self.units = torch.from_numpy(train[:, 0])
+            self.unit_items = torch.from_numpy(train[:, 1])
+            self.step = batch_size
+
+    def epoch(
+        self, gen: torch.Generator, rank: int, world_size: int, device: torch.device
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]]:
+        """(users, items or targets, negatives, pairs in the global batch) for each step of one
+        epoch, in an order drawn from `gen`; each process takes its slice of every batch."""
+        n = self.units.numel()
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, self.step):
+            idx = order[start : start + self.step]
+            local = idx[rank::world_size]
+            if self.loss == "softmax":
+                yield (
+                    self.units[local].to(device),
+                    self._targets(local).to(device),
+                    None,
+                    int(self.counts[idx].sum()),
+                )
+            else:
+                negs = torch.randint(0, self.n_items, (idx.numel(),), generator=gen)
+                yield (
+                    self.units[local].to(device),
+                    self.unit_items[local].to(device),
+                    negs[rank::world_size].to(device),
+                    idx.numel(),
+                )
+
+    def _targets(self, local: torch.Tensor) -> torch.Tensor:
+        targets = torch.zeros(local.numel(), self.n_items)
+        row_of = torch.repeat_interleave(torch.arange(local.numel()), self.counts[local])
+        spans = [(int(self.indptr[j]), int(self.indptr[j + 1])) for j in local.tolist()]
+        cols = torch.cat([self.pair_items[a:b] for a, b in spans])
+        if self.pair_w is None:
+            targets[row_of, cols] = 1.0
+        else:
+            targets[row_of, cols] = torch.cat([self.pair_w[a:b] for a, b in spans])
+        return targets
