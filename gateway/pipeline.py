@@ -14,6 +14,13 @@ the degradation rules live here once:
 - retrieval and ranking both down, or nothing to fall back on: `PipelineUnavailable` (the
   gateway answers UNAVAILABLE at once rather than unranked popular items).
 
+Feature rankers score the features that retrieval's answer carries (recsys.features, built here
+once per request and sent with each shard together with the retrieval version that computed
+them). A ranker version that expects another retrieval version's features refuses the shard with
+FAILED_PRECONDITION; the shard is re-sent pinned to the ranker version published with the
+features' retrieval version (one publish gives both the same number), and stays unranked if no
+replica has it.
+
 Version skew: all scores of one answer come from one ranker model version. Shards are first sent
 with no version; if the answers name different versions, the version that answered most shards
 (the newer one on a tie) is chosen and the other shards are re-sent pinned to it, on other
@@ -32,7 +39,12 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Protocol
 
-from recsys.candidates import PERSONAL_SOURCES, Candidate, Source
+import numpy as np
+
+from recsys.candidates import PERSONAL_SOURCES, Candidate, Source, merge_candidates
+from recsys.features import UserContext, candidate_features
+
+__all__ = ["merge_candidates"]
 
 
 class Reason(IntEnum):
@@ -83,6 +95,7 @@ class Retrieval:
     candidates: list[Candidate]
     model_name: str
     model_version: str
+    user: UserContext = UserContext()
 
 
 @dataclass(frozen=True)
@@ -91,6 +104,10 @@ class RankQuery:
     model_version: str
     user_id: str
     item_ids: tuple[str, ...]
+    # The shard's rows of the request's features (FP32 [N, F]) and the retrieval version that
+    # computed them; feature rankers need both, dot-product rankers ignore them.
+    features: np.ndarray | None = None
+    features_version: str = ""
 
 
 @dataclass(frozen=True)
@@ -197,6 +214,8 @@ class Recommendation:
     ranked: bool = False
     # Seconds spent per stage: "retrieval", "ranking", "merge".
     timings: dict[str, float] = field(default_factory=dict)
+    # Per item of `items`, its 1-based position in the merged retrieval order.
+    retrieval_positions: list[int] = field(default_factory=list)
 
     @property
     def degraded(self) -> bool:
@@ -204,22 +223,6 @@ class Recommendation:
 
 
 # --- pure helpers -----------------------------------------------------------------------------
-
-
-def merge_candidates(
-    lists: Sequence[Sequence[Candidate]], exclude: frozenset[str] = frozenset()
-) -> list[Candidate]:
-    """Concatenate candidate lists in priority order, keeping each item's first (best-source)
-    occurrence and dropping excluded ids."""
-    seen: set[str] = set(exclude)
-    merged: list[Candidate] = []
-    for candidates in lists:
-        for candidate in candidates:
-            if candidate.item_id in seen:
-                continue
-            seen.add(candidate.item_id)
-            merged.append(candidate)
-    return merged
 
 
 def split_shards(n: int, shards: int, min_shard_size: int) -> list[tuple[int, int]]:
@@ -239,10 +242,7 @@ def top_k(
     (score None) in retrieval order; the first k, each carrying the score used to order it."""
     ranked = [(s, i) for i, s in enumerate(scores) if s is not None]
     ranked.sort(key=lambda pair: (-pair[0], pair[1]))
-    out = [
-        Candidate(candidates[i].item_id, float(s), candidates[i].source, candidates[i].title)
-        for s, i in ranked[:k]
-    ]
+    out = [candidates[i]._replace(score=float(s)) for s, i in ranked[:k]]
     if len(out) < k:
         out.extend(c for c, s in zip(candidates, scores, strict=True) if s is None)
     return out[:k]
@@ -301,14 +301,16 @@ class Pipeline:
 
         start = time.perf_counter()
         retrieval_timeout = max(0.0, (timeout - cfg.margin_s) * cfg.retrieval_fraction)
-        candidates, rank, retrieved = await self._retrieve(query, retrieval_timeout, result)
+        candidates, rank, retrieved, personal = await self._retrieve(
+            query, retrieval_timeout, result
+        )
         result.timings["retrieval"] = time.perf_counter() - start
 
         scores: list[float | None] = [None] * len(candidates)
         if candidates and rank:
             start = time.perf_counter()
             ranking_timeout = deadline - loop.time() - cfg.margin_s
-            scores = await self._rank(query, candidates, ranking_timeout, result)
+            scores = await self._rank(query, candidates, ranking_timeout, result, personal)
             result.timings["ranking"] = time.perf_counter() - start
             if not retrieved and all(score is None for score in scores):
                 details = "; ".join(d.detail for d in result.degradations)
@@ -316,6 +318,8 @@ class Pipeline:
 
         start = time.perf_counter()
         result.items = top_k(candidates, scores, query.k)
+        position = {c.item_id: i for i, c in enumerate(candidates, 1)}
+        result.retrieval_positions = [position[c.item_id] for c in result.items]
         result.timings["merge"] = time.perf_counter() - start
         return result
 
@@ -342,8 +346,9 @@ class Pipeline:
 
     async def _retrieve(
         self, query: RecommendQuery, timeout: float, result: Recommendation
-    ) -> tuple[list[Candidate], bool, bool]:
-        """Merged candidates, whether to rank them, and whether retrieval answered at all.
+    ) -> tuple[list[Candidate], bool, bool, Retrieval | None]:
+        """Merged candidates, whether to rank them, whether retrieval answered at all, and the
+        personal call's answer (None when it failed).
 
         Users the retrieval model knows (ANN or TRANSFER candidates) are ranked. Users it does not
         know (history neighbours or popular items only) are unknown to the ranker of the same
@@ -394,9 +399,9 @@ class Pipeline:
             lists = [fallback[: cfg.retrieval_candidates + cfg.popular_candidates]]
         candidates = merge_candidates(lists, exclude)
         if personal is None:
-            return candidates, True, bool(ok)
+            return candidates, True, bool(ok), None
         known = any(c.source in (Source.ANN, Source.TRANSFER) for c in personal.candidates)
-        return candidates, known, True
+        return candidates, known, True, personal
 
     # -- ranking --------------------------------------------------------------------------------
 
@@ -435,6 +440,22 @@ class Pipeline:
                 retry = exc.code in RETRYABLE_CODES or (
                     bool(query.model_version) and exc.code == "NOT_FOUND"
                 )
+                if (
+                    exc.code == "FAILED_PRECONDITION"
+                    and query.features_version
+                    and query.model_version != query.features_version
+                ):
+                    # The ranker expects another retrieval version's features: ask for the
+                    # ranker version published with the features' retrieval version.
+                    query = RankQuery(
+                        query.model_name,
+                        query.features_version,
+                        query.user_id,
+                        query.item_ids,
+                        query.features,
+                        query.features_version,
+                    )
+                    retry = True
                 if not retry or tried >= attempts or not self.budget.try_spend():
                     raise
                 replica = (replica if exc.replica is None else exc.replica) + 1
@@ -445,6 +466,7 @@ class Pipeline:
         candidates: list[Candidate],
         timeout: float,
         result: Recommendation,
+        retrieval: Retrieval | None = None,
     ) -> list[float | None]:
         cfg = self.config
         loop = asyncio.get_running_loop()
@@ -453,9 +475,16 @@ class Pipeline:
         ranges = split_shards(len(candidates), cfg.shards, cfg.min_shard_size)
         attempts = max(cfg.max_rank_attempts, 1)
 
+        features: np.ndarray | None = None
+        features_version = ""
+        if retrieval is not None:
+            features = candidate_features(candidates, retrieval.user)
+            features_version = retrieval.model_version
+
         def shard_query(lo: int, hi: int, version: str) -> RankQuery:
             ids = tuple(c.item_id for c in candidates[lo:hi])
-            return RankQuery(model, version, query.user_id, ids)
+            rows = features[lo:hi] if features is not None else None
+            return RankQuery(model, version, query.user_id, ids, rows, features_version)
 
         first = await asyncio.gather(
             *(

@@ -59,6 +59,13 @@ class Config:
     export_strategy: str = "best"  # strategy to publish: "best" (on validation) or a name
     allow_below_popularity: bool = False  # publish even when the exported model's validation
     # NDCG@10 is below popularity's (otherwise nothing is published and the run exits 2)
+    # --- second stage (training/ranker.py) ----------------------------------------------------
+    ranker: str = "learned"  # "learned": train the feature ranker (published as the target's
+    # ranker, the dot product beside it as its dot ranker); "dot": the dot product only
+    ranker_depth: int = 500  # personal candidates per user, as the gateway asks retrieval
+    ranker_popular: int = 50  # popular candidates merged in, as the gateway does
+    ranker_users: int = 3000  # at most this many warm validation users label the ranker
+    neighbours: int = 50  # item-to-item neighbours kept per item (published with retrieval)
     # --- run ------------------------------------------------------------------------------
     seed: int = 0  # seeds the split, initialisation and batch order
     device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
@@ -89,6 +96,13 @@ class Config:
         for name in ("dim", "epochs", "batch_size", "eval_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive")
+        if self.ranker not in ("learned", "dot"):
+            raise ConfigError(f"ranker: expected 'learned' or 'dot', got {self.ranker!r}")
+        for name in ("ranker_depth", "ranker_users", "neighbours"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be positive")
+        if self.ranker_popular < 0:
+            raise ConfigError("ranker_popular: must be >= 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device: expected auto, cpu or cuda, got {self.device!r}")
 

@@ -25,23 +25,23 @@ _sym_db = _symbol_database.Default()
 from recsys.v1 import common_pb2 as recsys_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1erecsys/v1/recommendation.proto\x12\trecsys.v1\x1a\x16recsys/v1/common.proto\"m\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64omain\x18\x02 \x01(\t\x12\t\n\x01k\x18\x03 \x01(\r\x12\x14\n\x0c\x65xclude_seen\x18\x04 \x01(\x08\x12\x17\n\x0frecent_item_ids\x18\x05 \x03(\t\"l\n\x0fRecommendedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05title\x18\x03 \x01(\t\x12*\n\x06source\x18\x04 \x01(\x0e\x32\x1a.recsys.v1.CandidateSource\"K\n\x0b\x44\x65gradation\x12,\n\x06reason\x18\x01 \x01(\x0e\x32\x1c.recsys.v1.DegradationReason\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"\xaf\x01\n\x11RecommendResponse\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.recsys.v1.RecommendedItem\x12/\n\x0emodel_versions\x18\x02 \x03(\x0b\x32\x17.recsys.v1.ModelVersion\x12\x10\n\x08\x64\x65graded\x18\x03 \x01(\x08\x12,\n\x0c\x64\x65gradations\x18\x04 \x03(\x0b\x32\x16.recsys.v1.Degradation*\xe2\x01\n\x11\x44\x65gradationReason\x12\"\n\x1e\x44\x45GRADATION_REASON_UNSPECIFIED\x10\x00\x12*\n&DEGRADATION_REASON_RANKING_UNAVAILABLE\x10\x01\x12\'\n#DEGRADATION_REASON_RANKING_DEADLINE\x10\x02\x12&\n\"DEGRADATION_REASON_RANKING_PARTIAL\x10\x03\x12,\n(DEGRADATION_REASON_RETRIEVAL_UNAVAILABLE\x10\x04\x32_\n\x15RecommendationService\x12\x46\n\tRecommend\x12\x1b.recsys.v1.RecommendRequest\x1a\x1c.recsys.v1.RecommendResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1erecsys/v1/recommendation.proto\x12\trecsys.v1\x1a\x16recsys/v1/common.proto\"m\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64omain\x18\x02 \x01(\t\x12\t\n\x01k\x18\x03 \x01(\r\x12\x14\n\x0c\x65xclude_seen\x18\x04 \x01(\x08\x12\x17\n\x0frecent_item_ids\x18\x05 \x03(\t\"\xb5\x01\n\x0fRecommendedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05title\x18\x03 \x01(\t\x12*\n\x06source\x18\x04 \x01(\x0e\x32\x1a.recsys.v1.CandidateSource\x12+\n\x07sources\x18\x05 \x03(\x0e\x32\x1a.recsys.v1.CandidateSource\x12\x1a\n\x12retrieval_position\x18\x06 \x01(\r\"K\n\x0b\x44\x65gradation\x12,\n\x06reason\x18\x01 \x01(\x0e\x32\x1c.recsys.v1.DegradationReason\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"\xaf\x01\n\x11RecommendResponse\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.recsys.v1.RecommendedItem\x12/\n\x0emodel_versions\x18\x02 \x03(\x0b\x32\x17.recsys.v1.ModelVersion\x12\x10\n\x08\x64\x65graded\x18\x03 \x01(\x08\x12,\n\x0c\x64\x65gradations\x18\x04 \x03(\x0b\x32\x16.recsys.v1.Degradation*\xe2\x01\n\x11\x44\x65gradationReason\x12\"\n\x1e\x44\x45GRADATION_REASON_UNSPECIFIED\x10\x00\x12*\n&DEGRADATION_REASON_RANKING_UNAVAILABLE\x10\x01\x12\'\n#DEGRADATION_REASON_RANKING_DEADLINE\x10\x02\x12&\n\"DEGRADATION_REASON_RANKING_PARTIAL\x10\x03\x12,\n(DEGRADATION_REASON_RETRIEVAL_UNAVAILABLE\x10\x04\x32_\n\x15RecommendationService\x12\x46\n\tRecommend\x12\x1b.recsys.v1.RecommendRequest\x1a\x1c.recsys.v1.RecommendResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'recsys.v1.recommendation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DEGRADATIONREASON']._serialized_start=546
-  _globals['_DEGRADATIONREASON']._serialized_end=772
+  _globals['_DEGRADATIONREASON']._serialized_start=620
+  _globals['_DEGRADATIONREASON']._serialized_end=846
   _globals['_RECOMMENDREQUEST']._serialized_start=69
   _globals['_RECOMMENDREQUEST']._serialized_end=178
-  _globals['_RECOMMENDEDITEM']._serialized_start=180
-  _globals['_RECOMMENDEDITEM']._serialized_end=288
-  _globals['_DEGRADATION']._serialized_start=290
-  _globals['_DEGRADATION']._serialized_end=365
-  _globals['_RECOMMENDRESPONSE']._serialized_start=368
-  _globals['_RECOMMENDRESPONSE']._serialized_end=543
-  _globals['_RECOMMENDATIONSERVICE']._serialized_start=774
-  _globals['_RECOMMENDATIONSERVICE']._serialized_end=869
+  _globals['_RECOMMENDEDITEM']._serialized_start=181
+  _globals['_RECOMMENDEDITEM']._serialized_end=362
+  _globals['_DEGRADATION']._serialized_start=364
+  _globals['_DEGRADATION']._serialized_end=439
+  _globals['_RECOMMENDRESPONSE']._serialized_start=442
+  _globals['_RECOMMENDRESPONSE']._serialized_end=617
+  _globals['_RECOMMENDATIONSERVICE']._serialized_start=848
+  _globals['_RECOMMENDATIONSERVICE']._serialized_end=943
 # @@protoc_insertion_point(module_scope)
