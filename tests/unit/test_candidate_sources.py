@@ -111,7 +111,7 @@ def test_popular_fills_and_ranks_in_its_own_list() -> None:
         ("t2", Source.POPULAR),
         ("t3", Source.POPULAR),
     ]
-    assert [dict((s.source, s.rank) for s in c.scores)[Source.POPULAR] for c in got.candidates] == [
+    assert [{s.source: s.rank for s in c.scores}[Source.POPULAR] for c in got.candidates] == [
         1,
         2,
         3,
