@@ -42,34 +42,42 @@ class UserContext:
     source_history: int = 0
 
 
-def _rrank(rank: int) -> float:
-    return 1.0 / rank if rank > 0 else 0.0
+# Source -> (score column, reciprocal-rank column, log1p of the score)
+_COLUMNS = {
+    **dict.fromkeys(EMBEDDING_SOURCES, (0, 1, False)),
+    Source.ITEM2ITEM: (2, 3, True),
+    Source.RECENT: (4, 5, True),
+    Source.POPULAR: (6, 7, True),
+}
 
 
 def candidate_features(candidates: Sequence[Candidate], user: UserContext) -> np.ndarray:
     """FP32 [len(candidates), len(FEATURE_NAMES)], columns as FEATURE_NAMES."""
-    out = np.zeros((len(candidates), len(FEATURE_NAMES)), np.float32)
-    user_cols = (
+    n = len(candidates)
+    out = np.zeros((n, len(FEATURE_NAMES)), np.float32)
+    out[:, 8:12] = (
         math.log1p(user.target_history),
         math.log1p(user.source_history),
         float(user.mapped),
         float(user.known),
     )
-    for i, c in enumerate(candidates):
-        row = out[i]
-        proposed = {c.source}
-        for s in c.scores:
-            if s.rank > 0:
-                proposed.add(s.source)
-            if s.source in EMBEDDING_SOURCES:
-                row[0], row[1] = s.score, _rrank(s.rank)
-            elif s.source == Source.ITEM2ITEM:
-                row[2], row[3] = math.log1p(max(s.score, 0.0)), _rrank(s.rank)
-            elif s.source == Source.RECENT:
-                row[4], row[5] = math.log1p(max(s.score, 0.0)), _rrank(s.rank)
-            elif s.source == Source.POPULAR:
-                row[6], row[7] = math.log1p(max(s.score, 0.0)), _rrank(s.rank)
-        row[8:12] = user_cols
-        row[12] = len(proposed)
+    flat = [(i, int(s[0]), s[1], s[2]) for i, c in enumerate(candidates) for s in c.scores]
+    primary = np.fromiter((int(c.source) for c in candidates), np.int64, n)
+    n_sources = np.ones(n, np.float32)
+    if flat:
+        table = np.asarray(flat, dtype=np.float64)
+        row, source = table[:, 0].astype(np.int64), table[:, 1].astype(np.int64)
+        score, rank = table[:, 2], table[:, 3]
+        for src, (score_col, rank_col, log) in _COLUMNS.items():
+            mask = source == int(src)
+            if not mask.any():
+                continue
+            value = np.log1p(np.maximum(score[mask], 0.0)) if log else score[mask]
+            out[row[mask], score_col] = value
+            r = rank[mask]
+            out[row[mask], rank_col] = np.where(r > 0, 1.0 / np.maximum(r, 1.0), 0.0)
+        other = (rank > 0) & (source != primary[row])
+        n_sources += np.bincount(row[other], minlength=n).astype(np.float32)
+    out[:, 12] = n_sources
     np.clip(out, -FEATURE_LIMIT, FEATURE_LIMIT, out=out)
     return out

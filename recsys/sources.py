@@ -258,21 +258,19 @@ class CandidateSources:
         vote_of = vote[at] if vote is not None else np.zeros(len(at), np.float32)
         recent_of = recent[at] if recent is not None else np.zeros(len(at), np.float32)
         personal = user.personal or Source.ANN
+        columns = (
+            (personal, dot),
+            (Source.ITEM2ITEM, vote_of),
+            (Source.RECENT, recent_of),
+            (Source.POPULAR, self.popularity[at]),
+        )
+        rank_lists = [[ranks.get(src, {}).get(row, 0) for row, _ in order] for src, _ in columns]
+        score_lists = [values.tolist() for _, values in columns]
         candidates = []
         for i, (row, source) in enumerate(order):
-            scores = (
-                SourceScore(personal, float(dot[i]), ranks.get(personal, {}).get(row, 0)),
-                SourceScore(
-                    Source.ITEM2ITEM, float(vote_of[i]), ranks.get(Source.ITEM2ITEM, {}).get(row, 0)
-                ),
-                SourceScore(
-                    Source.RECENT, float(recent_of[i]), ranks.get(Source.RECENT, {}).get(row, 0)
-                ),
-                SourceScore(
-                    Source.POPULAR,
-                    float(self.popularity[row]),
-                    ranks.get(Source.POPULAR, {}).get(row, 0),
-                ),
+            scores = tuple(
+                SourceScore(src, score_lists[c][i], rank_lists[c][i])
+                for c, (src, _) in enumerate(columns)
             )
             score = next(s.score for s in scores if s.source == source)
             candidates.append(

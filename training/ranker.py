@@ -27,7 +27,7 @@ from recsys.sources import CandidateSources, Neighbours, UserState, exact_search
 logger = logging.getLogger(__name__)
 
 # Largest dense block of similarities computed at once (floats).
-_BLOCK = 8_000_000
+_BLOCK = 4_000_000
 
 
 def _unique_pairs(pairs: np.ndarray, n_cols: int) -> np.ndarray:
@@ -80,26 +80,25 @@ def compute_neighbours(
     inv = 1.0 / np.sqrt(np.maximum(counts, 1.0))
     weight = inv[items].astype(np.float32)
     is_target = items >= n_source
-    right = _sparse(
-        users[is_target], items[is_target] - n_source, weight[is_target], (n_users, n_target)
+    # target items x users, sparse; each block of items is a dense [users, block] right side
+    right_t = _sparse(
+        items[is_target] - n_source, users[is_target], weight[is_target], (n_target, n_users)
     )
     order = np.argsort(items, kind="stable")
     items_sorted, users_sorted, weight_sorted = items[order], users[order], weight[order]
     lists = np.full((n_all, n), -1, np.int32)
     scores = np.zeros((n_all, n), np.float32)
-    step = max(1, _BLOCK // max(1, n_target))
+    step = max(1, _BLOCK // max(1, n_target, n_users))
     for start in range(0, n_all, step):
         stop = min(n_all, start + step)
         lo, hi = np.searchsorted(items_sorted, [start, stop])
         if hi == lo:
             continue
-        left = _sparse(
-            items_sorted[lo:hi] - start,
-            users_sorted[lo:hi],
-            weight_sorted[lo:hi],
-            (stop - start, n_users),
-        )
-        block = torch.sparse.mm(left, right).to_dense().numpy()
+        left = torch.zeros((n_users, stop - start), dtype=torch.float32)
+        left[
+            torch.from_numpy(users_sorted[lo:hi]), torch.from_numpy(items_sorted[lo:hi] - start)
+        ] = torch.from_numpy(weight_sorted[lo:hi])
+        block = torch.sparse.mm(right_t, left).T.contiguous().numpy()
         own = np.arange(max(start, n_source), stop)
         block[own - start, own - n_source] = 0.0  # an item is not its own neighbour
         cols, vals = _top_n(block, n)
@@ -256,7 +255,7 @@ def train_ranker(
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         model.eval()
         valid = evaluate_orders(model, select_sets)["learned"]
         history.append({"epoch": epoch, "loss": total / len(usable), "valid_ndcg@10": valid})
