@@ -7,7 +7,7 @@ retrieval depth beside the retrieval model's own full-catalogue recall at the sa
 Each (pair, seed) trains once (``python -m training train``, cold share 0.2, publishing into a
 repository of its own), then answers sampled test users three times. The validation items of a
 user are left out of every answer (as the quality benchmark's full ranking does); the split is
-the one training saved. Results go to bench/results/system.{json,md}.
+the one training saved. Results go to bench/results/system.{json,md}; pairs not rerun are kept.
 
     python -m bench.system [--pairs=amazon_movies_to_books,sport_to_cloth] [--seeds=0,1,2]
                            [--users=500] [--work=DIR]
