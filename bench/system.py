@@ -165,6 +165,36 @@ async def evaluate(
     return out
 
 
+def graph_cost(repo: Path, domain: str, n: int = 1000, runs: int = 300) -> dict[str, float]:
+    """Median and p99 milliseconds of one session run of each ranker graph at n candidates on
+    one CPU thread (ONNX Runtime alone, no batching or gRPC)."""
+    import onnxruntime as ort
+
+    out: dict[str, float] = {}
+    rng = np.random.default_rng(0)
+    for name in (f"{domain}-ranker", f"{domain}-dot-ranker"):
+        version = list_versions(repo, name)[-1]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(
+            str(repo / name / str(version) / "model.onnx"), options, ["CPUExecutionProvider"]
+        )
+        inputs = session.get_inputs()
+        if [i.name for i in inputs] == ["features"]:
+            feeds = {"features": rng.standard_normal((n, inputs[0].shape[1])).astype(np.float32)}
+        else:
+            feeds = {i.name: np.zeros(n, np.int64) for i in inputs}
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            session.run(None, feeds)
+            times.append(time.perf_counter() - t0)
+        out[f"{name.removeprefix(domain + '-')}_ms_p50"] = 1000 * float(np.median(times))
+        out[f"{name.removeprefix(domain + '-')}_ms_p99"] = 1000 * float(np.quantile(times, 0.99))
+    return out
+
+
 def _mean_sd(values: list[float]) -> dict[str, float]:
     return {
         "mean": statistics.fmean(values),
@@ -230,6 +260,15 @@ def markdown(results: dict[str, Any]) -> str:
     for pair, block in results["pairs"].items():
         r = block["runs"][0]["warm"]["ranking_ms_per_request"]
         lines.append(f"- {pair}: dot {r['dot']:.2f}, learned {r['learned']:.2f}")
+    lines += ["", "ONNX Runtime alone, one session run at 1,000 candidates, one thread (ms):", ""]
+    for pair, block in results["pairs"].items():
+        cost = block["runs"][0].get("graph_cost_1000", {})
+        lines.append(
+            f"- {pair}: learned p50 {cost.get('ranker_ms_p50', float('nan')):.3f} / p99 "
+            f"{cost.get('ranker_ms_p99', float('nan')):.3f}; dot product p50 "
+            f"{cost.get('dot-ranker_ms_p50', float('nan')):.3f} / p99 "
+            f"{cost.get('dot-ranker_ms_p99', float('nan')):.3f}"
+        )
     lines += ["", f"Training wall time per run (s): {results['train_seconds']}", ""]
     return "\n".join(lines)
 
@@ -262,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             measured = asyncio.run(evaluate(repo, split, domain, args.users, seed))
             results["depth"] = measured.pop("depth")
             measured["seconds"] = time.perf_counter() - t0
+            measured["graph_cost_1000"] = graph_cost(repo, domain)
             runs.append(measured)
             validation.append(report["ranker"]["validation"])
             print(f"{pair} seed {seed}: {json.dumps(measured)}", flush=True)  # noqa: T201
