@@ -310,9 +310,13 @@ class Pipeline:
         if candidates and rank:
             start = time.perf_counter()
             ranking_timeout = deadline - loop.time() - cfg.margin_s
-            scores = await self._rank(query, candidates, ranking_timeout, result, personal)
+            scores, needs_features = await self._rank(
+                query, candidates, ranking_timeout, result, personal
+            )
             result.timings["ranking"] = time.perf_counter() - start
-            if not retrieved and all(score is None for score in scores):
+            # A feature ranker cannot rank the cached popular items (no retrieval, no features):
+            # they are answered unranked rather than not at all.
+            if not retrieved and not needs_features and all(score is None for score in scores):
                 details = "; ".join(d.detail for d in result.degradations)
                 raise PipelineUnavailable(f"retrieval and ranking are both unavailable ({details})")
 
@@ -467,7 +471,9 @@ class Pipeline:
         timeout: float,
         result: Recommendation,
         retrieval: Retrieval | None = None,
-    ) -> list[float | None]:
+    ) -> tuple[list[float | None], bool]:
+        """Scores per candidate (None: unranked), and whether every shard was refused for
+        lack of features (a feature ranker asked without a retrieval answer)."""
         cfg = self.config
         loop = asyncio.get_running_loop()
         end = loop.time() + max(0.0, timeout)
@@ -540,4 +546,9 @@ class Pipeline:
                 )
             )
         result.ranked = len(errors) < len(answers)
-        return scores
+        needs_features = (
+            features is None
+            and bool(errors)
+            and all(e.code == "FAILED_PRECONDITION" for e in errors)
+        )
+        return scores, needs_features

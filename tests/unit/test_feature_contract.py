@@ -13,6 +13,7 @@ import numpy as np
 from gateway.pipeline import (
     Pipeline,
     PipelineConfig,
+    PopularItems,
     Ranked,
     RankQuery,
     Reason,
@@ -102,3 +103,23 @@ def test_no_ranker_for_the_features_version_degrades_to_retrieval_order() -> Non
     result = recommend(Pipeline(Retriever("4"), rankers, CONFIG))
     assert [d.reason for d in result.degradations] == [Reason.RANKING_UNAVAILABLE]
     assert [c.item_id for c in result.items] == [f"i{n}" for n in range(5)]
+
+
+def test_with_retrieval_down_a_feature_ranker_leaves_cached_popular_items_unranked() -> None:
+    class Down:
+        async def retrieve(self, query: RetrieveQuery, *, timeout: float) -> Retrieval:
+            raise UpstreamError("UNAVAILABLE", "retrieval down")
+
+    class NeedsFeatures(FeatureRankers):
+        async def rank(self, query: RankQuery, *, replica: int, timeout: float) -> Ranked:
+            self.calls.append(query)
+            assert query.features is None and query.features_version == ""
+            raise UpstreamError("FAILED_PRECONDITION", "no features_version")
+
+    popular = PopularItems()
+    popular.set("books", [Candidate(f"p{n}", 10.0 - n, Source.POPULAR) for n in range(8)])
+    pipeline = Pipeline(Down(), NeedsFeatures(["4"]), CONFIG, popular=popular)
+    result = recommend(pipeline)
+    assert [c.item_id for c in result.items] == ["p0", "p1", "p2", "p3", "p4"]
+    reasons = {d.reason for d in result.degradations}
+    assert reasons == {Reason.RETRIEVAL_UNAVAILABLE, Reason.RANKING_UNAVAILABLE}
