@@ -272,6 +272,7 @@ def run(
                     max_users=cfg.ranker_users,
                     n_neighbours=cfg.neighbours,
                     seed=cfg.seed,
+                    cold_share=cfg.ranker_cold_share,
                 )
                 results["ranker"] = checkpoint["learned_ranker"]["info"] | {
                     "seconds": time.perf_counter() - t0

@@ -5,7 +5,9 @@ the served retrieval generates, with its ONNX export and parity check.
 Labels come from the validation interactions of warm users, which the retrieval model was not
 fitted on (its own training items would carry inflated scores): half of those users train the
 ranker, the other half choose its epoch and report (a) retrieval order, (b) the dot product and
-(c) the ranker on the same candidates. The test split is never read here.
+(c) the ranker on the same candidates. A share of those users is also presented as if cold-start
+(source history only), since real cold-start users have no validation items. The test split is
+never read here.
 """
 
 from __future__ import annotations
@@ -283,6 +285,7 @@ def fit_second_stage(
     max_users: int,
     n_neighbours: int,
     seed: int,
+    cold_share: float = 0.3,
 ) -> dict[str, Any]:
     """Neighbour lists over the published users, candidates for warm validation users, the
     ranker trained and selected on them. Returns what publishing needs (checkpoint keys
@@ -324,6 +327,7 @@ def fit_second_stage(
     if len(warm) > max_users:
         warm = sorted(rng.choice(warm, max_users, replace=False).tolist())
     sets: list[CandidateSet] = []
+    simulated: dict[int, CandidateSet] = {}
     for u in warm:
         r = published_row[u]
         seen = indices[indptr[r] : indptr[r + 1]]
@@ -344,12 +348,34 @@ def fit_second_stage(
         sets.append(
             user_candidates(sources, state, context, depth, popular, excluded, valid_by_user[u])
         )
+        # Cold-start users (source history only) never have validation items: a share of the
+        # warm users is also presented as if cold (no target history, mapped, item-to-item votes
+        # of source items only), so that the ranker sees that regime. Their vector is still
+        # their target-trained one, better than a mapped one: a known optimism.
+        if len(source_rows) and rng.random() < cold_share:
+            as_cold = UserState(
+                row=r,
+                mapped=True,
+                vector=user_table[r],
+                personal=Source.TRANSFER,
+                target_rows=np.zeros(0, np.int64),
+                source_rows=source_rows,
+                recent_rows=np.zeros(0, np.int64),
+            )
+            context = UserContext(known=True, mapped=True, source_history=len(source_rows))
+            simulated[len(sets) - 1] = user_candidates(
+                sources, as_cold, context, depth, popular, excluded, valid_by_user[u]
+            )
     perm = rng.permutation(len(sets))
     half = len(sets) // 2
-    train_sets = [sets[i] for i in perm[:half]]
+    train_sets = [sets[i] for i in perm[:half]] + [
+        simulated[i] for i in perm[:half] if i in simulated
+    ]
     select_sets = [sets[i] for i in perm[half:]]
-    model, info = train_ranker(train_sets, select_sets, seed=seed)
+    select_cold = [simulated[i] for i in perm[half:] if i in simulated]
+    model, info = train_ranker(train_sets, select_sets + select_cold, seed=seed)
     info["validation"] = evaluate_orders(model, select_sets)
+    info["validation_simulated_cold"] = evaluate_orders(model, select_cold)
     info["depth"] = {"retrieval_candidates": depth, "popular_candidates": popular}
     logger.info(
         "ranker: validation NDCG@10 retrieval order %.4f, dot product %.4f, learned %.4f "
