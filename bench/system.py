@@ -62,7 +62,9 @@ class RetrievalOrder:
         raise UpstreamError("UNAVAILABLE", "retrieval order measured")
 
 
-def train(pair: str, seed: int, data_dir: Path | None, work: Path) -> tuple[Path, Path, float]:
+def train(
+    pair: str, seed: int, data_dir: Path | None, work: Path, extra: list[str]
+) -> tuple[Path, Path, float]:
     run_dir, repo = work / f"{pair}-s{seed}" / "run", work / f"{pair}-s{seed}" / "repo"
     if (run_dir / "results.json").is_file() and repo.is_dir():
         return (
@@ -83,6 +85,7 @@ def train(pair: str, seed: int, data_dir: Path | None, work: Path) -> tuple[Path
         "--threads=1",
         "--progress=false",
         "--log-level=WARNING",
+        *extra,
     ]
     if data_dir is not None:
         cmd.append(f"--data-dir={data_dir}")
@@ -232,6 +235,8 @@ def markdown(results: dict[str, Any]) -> str:
     for pair, block in results["pairs"].items():
         for segment in ("warm", "cold"):
             s = block["summary"][segment]
+            if block.get("train_args"):
+                pair = f"{pair.split(' (')[0]} ({block['train_args']})"
             best = max(s["retrieval_ndcg@10"]["mean"], s["dot_ndcg@10"]["mean"])
             ratio = s["learned_ndcg@10"]["mean"] / best if best > 0 else float("nan")
             users = block["runs"][0][segment]["users"]
@@ -280,18 +285,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=500, help="test users per segment")
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--work", type=Path, default=None, help="keep runs here (reused)")
+    parser.add_argument(
+        "--train-args",
+        default="",
+        help="extra training options, space-separated (e.g. --strategies=finetune)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     seeds = [int(s) for s in args.seeds.split(",")]
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-system-"))
     results: dict[str, Any] = {"pairs": {}, "train_seconds": {}, "depth": None}
-    previous = RESULTS / "system.json"
-    if previous.is_file():  # pairs measured before are kept (rerun a subset with --pairs)
-        results |= json.loads(previous.read_text())
     for pair in args.pairs.split(","):
         runs, validation = [], []
         for seed in seeds:
-            run_dir, repo, seconds = train(pair, seed, args.data_dir, work)
+            run_dir, repo, seconds = train(pair, seed, args.data_dir, work, args.train_args.split())
             results["train_seconds"][f"{pair}-s{seed}"] = round(seconds, 1)
             report = json.loads((run_dir / "results.json").read_text())
             domain = report["target"]
@@ -306,12 +313,18 @@ def main(argv: list[str] | None = None) -> int:
             validation.append(report["ranker"]["validation"])
             print(f"{pair} seed {seed}: {json.dumps(measured)}", flush=True)  # noqa: T201
         results["pairs"][pair] = {
+            "train_args": args.train_args,
             "seeds": seeds,
             "runs": runs,
             "summary": summarize(runs),
             "validation": validation,
         }
     RESULTS.mkdir(parents=True, exist_ok=True)
+    previous = RESULTS / "system.json"
+    if previous.is_file():  # pairs measured before are kept (rerun a subset with --pairs)
+        old = json.loads(previous.read_text())
+        results["pairs"] = old.get("pairs", {}) | results["pairs"]
+        results["train_seconds"] = old.get("train_seconds", {}) | results["train_seconds"]
     (RESULTS / "system.json").write_text(json.dumps(results, indent=1) + "\n")
     (RESULTS / "system.md").write_text(markdown(results))
     print(markdown(results))  # noqa: T201
