@@ -65,9 +65,7 @@ class Config:
     ranker_depth: int = 500  # personal candidates per user, as the gateway asks retrieval
     ranker_popular: int = 50  # popular candidates merged in, as the gateway does
     ranker_users: int = 3000  # at most this many warm validation users label the ranker
-    ranker_cold_share: float = (
-        0.3  # share of them also shown to the ranker as if cold (source history only)
-    )
+    ranker_cold_share: float = 0.3  # share of them also shown as if cold (source history only)
     neighbours: int = 50  # item-to-item neighbours kept per item (published with retrieval)
     # --- run ------------------------------------------------------------------------------
     seed: int = 0  # seeds the split, initialisation and batch order
