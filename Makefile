@@ -11,9 +11,9 @@ PROTO_SRC := $(wildcard protos/recsys/v1/*.proto protos/recsys/inference/*.proto
 PROTO_OUT := $(patsubst protos/%.proto,%_pb2.py,$(PROTO_SRC))
 
 .PHONY: help setup tools protos check-protos lint fmt test test-fast e2e bench bench-quality \
-	bench-ranker bench-gateway bench-rollout probe demo train serve serve-ranking serve-retrieval \
-	serve-gateway docs check-docs base-image images images-smoke images-prune images-gpu k8s-render \
-	k8s-check clean
+	bench-ranker bench-gateway bench-rollout bench-system probe demo train serve serve-ranking \
+	serve-retrieval serve-gateway docs check-docs base-image images images-smoke images-prune \
+	images-gpu k8s-render k8s-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -57,6 +57,9 @@ bench-ranker: $(STAMP) ## the ranking service against the in-process ONNX Runtim
 
 bench-gateway: $(STAMP) ## the whole stack under load: throughput, latency, where the time goes, HNSW recall (slow)
 	$(PY) -m bench.gateway
+
+bench-system: $(STAMP) ## the served pipeline on test splits: retrieval order vs dot-product vs learned ranker (slow)
+	$(PY) -m bench.system $(SYSTEM_ARGS)
 
 bench-rollout: $(STAMP) ## rolling update of the rankers and a model version rollout under load (slow)
 	$(PY) -m bench.rollout

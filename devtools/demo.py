@@ -91,7 +91,9 @@ def train(config: str, data_flags: list[str], workdir: Path) -> Path:
 
 def published(repo: Path) -> tuple[str, int]:
     domains = sorted(
-        p.name[: -len("-ranker")] for p in repo.iterdir() if p.name.endswith("-ranker")
+        p.name[: -len("-ranker")]
+        for p in repo.iterdir()
+        if p.name.endswith("-ranker") and not p.name.endswith("-dot-ranker")
     )
     if not domains:
         raise SystemExit(f"training published no ranker into {repo}")
@@ -163,11 +165,23 @@ def recommend(gateway: ServiceProcess, user: str, domain: str, k: int, label: st
             for d in reply.degradations
         )
         print(f"  DEGRADED: {reasons}")
-    print(f"  {'#':>2}  {'score':>8}  {'source':<10}  item")
+    # `was`: the item's place in the merged retrieval order before the ranker reordered it;
+    # `sources`: every candidate source that proposed it (the first is the one it came from).
+    print(f"  {'#':>2}  {'was':>4}  {'score':>8}  {'sources':<26}  item")
     for rank, item in enumerate(reply.items, 1):
-        source = source_name(item.source).removeprefix("CANDIDATE_SOURCE_").lower()
+        sources = "+".join(
+            source_name(s).removeprefix("CANDIDATE_SOURCE_").lower()
+            for s in (item.sources or [item.source])
+        )
         title = f"{item.item_id}  {item.title}" if item.title else item.item_id
-        print(f"  {rank:>2}  {item.score:8.3f}  {source:<10}  {title[:90]}")
+        was = str(item.retrieval_position) if item.retrieval_position else "-"
+        print(f"  {rank:>2}  {was:>4}  {item.score:8.3f}  {sources:<26}  {title[:80]}")
+    moved = sum(1 for item in reply.items if item.retrieval_position > len(reply.items))
+    if any(item.retrieval_position for item in reply.items):
+        print(
+            f"  the ranker moved {moved} of these {len(reply.items)} items up from below "
+            f"retrieval's top {len(reply.items)}"
+        )
 
 
 def show_metrics(procs: list[ServiceProcess]) -> None:
@@ -204,9 +218,20 @@ def main() -> int:
 
     step(2, "Published model versions")
     domain, version = published(repo)
-    for kind in ("ranker", "retrieval"):
+    for kind in ("ranker", "dot-ranker", "retrieval"):
+        if not version_dir(repo, f"{domain}-{kind}", version).is_dir():
+            continue
         meta = read_metadata(version_dir(repo, f"{domain}-{kind}", version))
-        print(f"  {repo / meta['name'] / str(version)}  ({meta.get('strategy', '?')})")
+        what = meta.get("strategy", "?")
+        if "features" in meta:
+            v = meta.get("training", {}).get("validation", {})
+            what = (
+                f"learned ranker over {len(meta['features']['names'])} features of "
+                f"{meta['features']['retrieval_model']} v{meta['features']['retrieval_version']}; "
+                f"validation NDCG@10 retrieval order {v.get('retrieval', 0):.4f}, dot product "
+                f"{v.get('dot', 0):.4f}, learned {v.get('learned', 0):.4f}"
+            )
+        print(f"  {repo / meta['name'] / str(version)}  ({what})")
 
     step(3, "Starting retrieval, ranking and the gateway as processes")
     procs = start_services(repo, domain, workdir / "logs")

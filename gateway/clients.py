@@ -13,7 +13,8 @@ import grpc
 from gateway import metrics
 from gateway.config import GatewaySettings
 from gateway.pipeline import Ranked, RankQuery, Retrieval, RetrieveQuery, UpstreamError
-from recsys.candidates import SOURCE_BY_VALUE, Candidate, Source
+from recsys.candidates import SOURCE_BY_VALUE, Candidate, Source, SourceScore
+from recsys.features import UserContext
 from recsys.rpc.tls import channel_options
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 
@@ -52,15 +53,29 @@ class GrpcRetriever:
             raise upstream_error("retrieval", exc) from None
         finally:
             self._duration.observe(time.perf_counter() - start)
+        source_of = SOURCE_BY_VALUE.get
         return Retrieval(
             [
                 Candidate(
-                    c.item_id, c.score, SOURCE_BY_VALUE.get(c.source, Source.UNSPECIFIED), c.title
+                    c.item_id,
+                    c.score,
+                    source_of(c.source, Source.UNSPECIFIED),
+                    c.title,
+                    tuple(
+                        SourceScore(source_of(s.source, Source.UNSPECIFIED), s.score, s.rank)
+                        for s in c.source_scores
+                    ),
                 )
                 for c in reply.candidates
             ],
             reply.model.model_name,
             reply.model.model_version,
+            UserContext(
+                known=reply.user.known,
+                mapped=reply.user.mapped,
+                target_history=reply.user.target_history,
+                source_history=reply.user.source_history,
+            ),
         )
 
 
@@ -135,6 +150,8 @@ class GrpcRankers:
             model_version=query.model_version,
             user_id=query.user_id,
             item_ids=query.item_ids,
+            features=query.features.ravel().tolist() if query.features is not None else [],
+            features_version=query.features_version,
         )
         start = time.perf_counter()
         call = next(self._calls)

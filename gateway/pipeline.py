@@ -25,6 +25,13 @@ sources (inner products, interaction counts) are not comparable. A shard a repli
 answered within `hedge_s` is also sent to another replica and the first answer wins; calls that
 failed for their own size are never retried.
 
+Feature rankers score the features that retrieval's answer carries (recsys.features, built here
+once per request and sent with each shard together with the retrieval version that computed
+them). A ranker version that expects another retrieval version's features refuses the shard with
+FAILED_PRECONDITION; the shard is re-sent pinned to the ranker version published with the
+features' retrieval version (one publish gives both the same number), and stays unranked if no
+replica has it.
+
 Version skew: all scores of one answer come from one ranker model version. Shards are first sent
 with no version; if the answers name different versions, the version that answered most shards
 (the newer one on a tie) is chosen and the other shards are re-sent pinned to it, on other
@@ -43,7 +50,12 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import NamedTuple, Protocol
 
-from recsys.candidates import PERSONAL_SOURCES, Candidate, Source
+import numpy as np
+
+from recsys.candidates import PERSONAL_SOURCES, Candidate, Source, merge_candidates
+from recsys.features import UserContext, candidate_features
+
+__all__ = ["merge_candidates"]
 
 
 class Reason(IntEnum):
@@ -127,6 +139,7 @@ class Retrieval:
     candidates: list[Candidate]
     model_name: str
     model_version: str
+    user: UserContext = UserContext()
 
 
 @dataclass(frozen=True)
@@ -135,6 +148,10 @@ class RankQuery:
     model_version: str
     user_id: str
     item_ids: tuple[str, ...]
+    # The shard's rows of the request's features (FP32 [N, F]) and the retrieval version that
+    # computed them; feature rankers need both, dot-product rankers ignore them.
+    features: np.ndarray | None = None
+    features_version: str = ""
 
 
 @dataclass(frozen=True)
@@ -240,6 +257,8 @@ class Recommendation:
     retrieval_late: bool = False
     # Seconds spent per stage: "retrieval", "ranking", "merge".
     timings: dict[str, float] = field(default_factory=dict)
+    # Per item of `items`, its 1-based position in the merged retrieval order.
+    retrieval_positions: list[int] = field(default_factory=list)
 
     @property
     def degraded(self) -> bool:
@@ -247,22 +266,6 @@ class Recommendation:
 
 
 # --- pure helpers -----------------------------------------------------------------------------
-
-
-def merge_candidates(
-    lists: Sequence[Sequence[Candidate]], exclude: frozenset[str] = frozenset()
-) -> list[Candidate]:
-    """Concatenate candidate lists in priority order, keeping each item's first (best-source)
-    occurrence and dropping excluded ids."""
-    seen: set[str] = set(exclude)
-    merged: list[Candidate] = []
-    for candidates in lists:
-        for candidate in candidates:
-            if candidate.item_id in seen:
-                continue
-            seen.add(candidate.item_id)
-            merged.append(candidate)
-    return merged
 
 
 def split_shards(n: int, shards: int, min_shard_size: int) -> list[tuple[int, int]]:
@@ -286,6 +289,7 @@ class Recommended(NamedTuple):
     source: Source
     title: str = ""
     ranked: bool = False
+    proposed_by: tuple[Source, ...] = ()
 
 
 def top_k(
@@ -298,14 +302,19 @@ def top_k(
     ranked.sort(key=lambda pair: (-pair[0], pair[1]))
     out = [
         Recommended(
-            candidates[i].item_id, float(s), candidates[i].source, candidates[i].title, True
+            candidates[i].item_id,
+            float(s),
+            candidates[i].source,
+            candidates[i].title,
+            True,
+            candidates[i].proposed_by,
         )
         for s, i in ranked[:k]
     ]
     if len(out) < k:
         chosen = {i for _, i in ranked[:k]}
         out.extend(
-            Recommended(c.item_id, 0.0, c.source, c.title, False)
+            Recommended(c.item_id, 0.0, c.source, c.title, False, c.proposed_by)
             for i, c in enumerate(candidates)
             if i not in chosen and (scores[i] is None or not math.isfinite(scores[i]))  # type: ignore[arg-type]
         )
@@ -367,32 +376,41 @@ class Pipeline:
 
         start = time.perf_counter()
         retrieval_timeout = max(0.0, (timeout - cfg.margin_s) * cfg.retrieval_fraction)
-        candidates, rank, retrieved = await self._retrieve(query, retrieval_timeout, result)
+        candidates, rank, retrieved, personal = await self._retrieve(
+            query, retrieval_timeout, result
+        )
         result.timings["retrieval"] = time.perf_counter() - start
 
         scores: list[float | None] = [None] * len(candidates)
         if candidates and rank:
             start = time.perf_counter()
             ranking_timeout = deadline - loop.time() - cfg.margin_s
-            scores = await self._rank(query, candidates, ranking_timeout, result)
+            scores, needs_features = await self._rank(
+                query, candidates, ranking_timeout, result, personal
+            )
             result.timings["ranking"] = time.perf_counter() - start
             reasons = {d.reason for d in result.degradations}
             # Retrieval is down and no shard was ranked. The cached popular items are answered
             # when the ranker does not know the user (nothing better exists for them) or when
             # both were only late (the deadline is too short for the pipeline); when both are
-            # down the gateway refuses rather than answer unranked, unpersonalised items.
+            # down the gateway refuses rather than answer unranked, unpersonalised items. A feature
+            # ranker cannot rank the cached popular items (no retrieval, no features): they are
+            # answered unranked rather than not at all.
             late = result.retrieval_late and Reason.RANKING_DEADLINE in reasons
             if (
                 not retrieved
                 and all(score is None for score in scores)
                 and Reason.UNKNOWN_USER not in reasons
                 and not late
+                and not needs_features
             ):
                 details = "; ".join(d.detail for d in result.degradations)
                 raise PipelineUnavailable(f"retrieval and ranking are both unavailable ({details})")
 
         start = time.perf_counter()
         result.items = top_k(candidates, scores, query.k)
+        position = {c.item_id: i for i, c in enumerate(candidates, 1)}
+        result.retrieval_positions = [position[c.item_id] for c in result.items]
         result.timings["merge"] = time.perf_counter() - start
         return result
 
@@ -419,8 +437,9 @@ class Pipeline:
 
     async def _retrieve(
         self, query: RecommendQuery, timeout: float, result: Recommendation
-    ) -> tuple[list[Candidate], bool, bool]:
-        """Merged candidates, whether to rank them, and whether retrieval answered at all.
+    ) -> tuple[list[Candidate], bool, bool, Retrieval | None]:
+        """Merged candidates, whether to rank them, whether retrieval answered at all, and the
+        personal call's answer (None when it failed).
 
         Users the retrieval model knows (ANN or TRANSFER candidates) are ranked. Users it does not
         know (history neighbours or popular items only) are unknown to the ranker of the same
@@ -478,9 +497,9 @@ class Pipeline:
             lists = [fallback[: cfg.retrieval_candidates + cfg.popular_candidates]]
         candidates = merge_candidates(lists, exclude)
         if personal is None:
-            return candidates, True, bool(ok)
+            return candidates, True, bool(ok), None
         known = any(c.source in (Source.ANN, Source.TRANSFER) for c in personal.candidates)
-        return candidates, known, True
+        return candidates, known, True, personal
 
     # -- ranking --------------------------------------------------------------------------------
 
@@ -550,6 +569,22 @@ class Pipeline:
             except UpstreamError as exc:
                 tried += 1
                 retry = exc.retryable or (bool(query.model_version) and exc.code == "NOT_FOUND")
+                if (
+                    exc.code == "FAILED_PRECONDITION"
+                    and query.features_version
+                    and query.model_version != query.features_version
+                ):
+                    # The ranker expects another retrieval version's features: ask for the
+                    # ranker version published with the features' retrieval version.
+                    query = RankQuery(
+                        query.model_name,
+                        query.features_version,
+                        query.user_id,
+                        query.item_ids,
+                        query.features,
+                        query.features_version,
+                    )
+                    retry = True
                 if not retry or tried >= attempts or not self.budget.try_spend():
                     raise
                 replica = (replica if exc.replica is None else exc.replica) + 1
@@ -560,7 +595,10 @@ class Pipeline:
         candidates: list[Candidate],
         timeout: float,
         result: Recommendation,
-    ) -> list[float | None]:
+        retrieval: Retrieval | None = None,
+    ) -> tuple[list[float | None], bool]:
+        """Scores per candidate (None: unranked), and whether every shard was refused for
+        lack of features (a feature ranker asked without a retrieval answer)."""
         cfg = self.config
         loop = asyncio.get_running_loop()
         end = loop.time() + max(0.0, timeout)
@@ -568,9 +606,16 @@ class Pipeline:
         ranges = split_shards(len(candidates), cfg.shards, cfg.min_shard_size)
         attempts = max(cfg.max_rank_attempts, 1)
 
+        features: np.ndarray | None = None
+        features_version = ""
+        if retrieval is not None:
+            features = candidate_features(candidates, retrieval.user)
+            features_version = retrieval.model_version
+
         def shard_query(lo: int, hi: int, version: str) -> RankQuery:
             ids = tuple(c.item_id for c in candidates[lo:hi])
-            return RankQuery(model, version, query.user_id, ids)
+            rows = features[lo:hi] if features is not None else None
+            return RankQuery(model, version, query.user_id, ids, rows, features_version)
 
         first = await asyncio.gather(
             *(
@@ -636,4 +681,9 @@ class Pipeline:
                 )
             )
         result.ranked = len(errors) < len(answers)
-        return scores
+        needs_features = (
+            features is None
+            and bool(errors)
+            and all(e.code == "FAILED_PRECONDITION" for e in errors)
+        )
+        return scores, needs_features

@@ -70,8 +70,14 @@ def to_response(result: Recommendation) -> recommendation_pb2.RecommendResponse:
                 title=c.title,
                 source=int(c.source),  # type: ignore[arg-type]
                 ranked=c.ranked,
+                sources=[int(s) for s in c.proposed_by],  # type: ignore[misc]
+                retrieval_position=position,
             )
-            for c in result.items
+            for c, position in zip(
+                result.items,
+                result.retrieval_positions or [0] * len(result.items),
+                strict=True,
+            )
         ],
         model_versions=[
             common_pb2.ModelVersion(model_name=name, model_version=version)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from gateway.pipeline import (
     Pipeline,
     PipelineConfig,
@@ -16,7 +18,9 @@ from gateway.pipeline import (
     UpstreamError,
 )
 from recsys.repository import list_versions, version_dir
-from serving.ranking.model import ModelLoadError, RankerModel, SessionOptions, UnknownIds
+from recsys.rpc.errors import RecsysError
+from serving.ranking.engine import check_features
+from serving.ranking.model import FEATURES, ModelLoadError, RankerModel, SessionOptions, UnknownIds
 from serving.retrieval.index import IndexOptions, RetrievalIndex
 
 logger = logging.getLogger(__name__)
@@ -50,15 +54,18 @@ class LocalRetriever:
             history_item_ids=query.history_item_ids,
             sources=query.sources,
         )
-        return Retrieval(result.candidates, index.model_name, str(index.version))
+        return Retrieval(result.candidates, index.model_name, str(index.version), result.user)
 
 
 class LocalRanker:
     """Ranker over the latest ranker model version of each domain, in-process (one replica), with
     the ranking service's own model loader (serving.ranking.model)."""
 
-    def __init__(self, repository: Path, threads: int = 1) -> None:
+    def __init__(self, repository: Path, threads: int = 1, *, suffix: str = "") -> None:
+        """`suffix` scores with `<domain>-ranker<suffix>` instead of the model asked for (the
+        system benchmark ranks with `-ranker` and the dot-product `-dot-ranker`)."""
         self.repository = Path(repository)
+        self.suffix = suffix
         self.options = SessionOptions(intra_op_threads=threads, inter_op_threads=1)
         self._models: dict[str, RankerModel] = {}
 
@@ -67,6 +74,7 @@ class LocalRanker:
         return 1
 
     def model(self, name: str, version: str) -> RankerModel:
+        name = f"{name.removesuffix('-ranker')}-{self.suffix}" if self.suffix else name
         if name not in self._models:
             versions = list_versions(self.repository, name)
             if not versions:
@@ -83,6 +91,18 @@ class LocalRanker:
 
     async def rank(self, query: RankQuery, *, replica: int, timeout: float) -> Ranked:
         model = self.model(query.model_name, query.model_version)
+        if model.kind == FEATURES:
+            try:
+                rows = check_features(
+                    model,
+                    query.features if query.features is not None else np.zeros(0, np.float32),
+                    len(query.item_ids),
+                    query.features_version,
+                )
+            except RecsysError as exc:
+                raise UpstreamError(exc.code.name, str(exc)) from exc
+            scores = model.score(rows, np.zeros(len(rows), np.int64))
+            return Ranked(scores.tolist(), model.name, str(model.version))
         try:
             users, items = model.lookup(query.user_id, query.item_ids)
         except UnknownIds as exc:

@@ -72,6 +72,14 @@ class Config:
     ease_max_items: int = 4000  # EASE solves on at most this many (most popular) items
     neural: bool = True  # train the two-tower models (false: evaluate the baselines only)
     blend: bool = True  # also evaluate the validated blend of the exported model and best baseline
+    # --- second stage (training/ranker.py) ----------------------------------------------------
+    ranker: str = "learned"  # "learned": train the feature ranker (published as the target's
+    # ranker, the dot product beside it as its dot ranker); "dot": the dot product only
+    ranker_depth: int = 500  # personal candidates per user, as the gateway asks retrieval
+    ranker_popular: int = 50  # popular candidates merged in, as the gateway does
+    ranker_users: int = 3000  # at most this many warm validation users label the ranker
+    ranker_cold_share: float = 0.3  # share of them also shown as if cold (source history only)
+    neighbours: int = 50  # item-to-item neighbours kept per item (published with retrieval)
     # --- run ------------------------------------------------------------------------------
     seed: int = 0  # seeds the split, initialisation and batch order
     device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
@@ -109,6 +117,15 @@ class Config:
         for name in ("dim", "epochs", "batch_size", "eval_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive")
+        if self.ranker not in ("learned", "dot"):
+            raise ConfigError(f"ranker: expected 'learned' or 'dot', got {self.ranker!r}")
+        for name in ("ranker_depth", "ranker_users", "neighbours"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be positive")
+        if not 0 <= self.ranker_cold_share <= 1:
+            raise ConfigError("ranker_cold_share: must be in [0, 1]")
+        if self.ranker_popular < 0:
+            raise ConfigError("ranker_popular: must be >= 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device: expected auto, cpu or cuda, got {self.device!r}")
 

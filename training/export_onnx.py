@@ -39,6 +39,7 @@ from recsys.repository import (
     write_items,
     write_users,
 )
+from recsys.sources import NEIGHBOURS_FILE
 from training.errors import TrainingError
 
 logger = logging.getLogger(__name__)
@@ -225,9 +226,22 @@ def publish(checkpoint: dict[str, Any], repository: Path, seed: int = 0) -> int:
         }
         logger.info("export checks passed, max relative errors %s", errors)
         ranker_name, retrieval_name = f"{domain}-ranker", f"{domain}-retrieval"
-        with VersionPublisher(repository, [ranker_name, retrieval_name]) as pub:
+        # With a learned ranker (training/ranker.py) it is <domain>-ranker and the dot-product
+        # graph is published beside it as <domain>-dot-ranker; the retrieval version then also
+        # holds the item-to-item neighbour lists.
+        learned = checkpoint.get("learned_ranker")
+        dot_name = f"{domain}-dot-ranker" if learned else ranker_name
+        names = (
+            [ranker_name, dot_name, retrieval_name] if learned else [ranker_name, retrieval_name]
+        )
+        with VersionPublisher(repository, names) as pub:
+            if learned:
+                from training.ranker import stage_learned_ranker
+
+                d = stage_learned_ranker(pub, ranker_name, retrieval_name, learned, base_meta, seed)
+                _write_vocabularies(d, checkpoint)
             d = pub.describe(
-                ranker_name,
+                dot_name,
                 kind="ranker",
                 signature=ranker_io,
                 metadata=base_meta | {"export_check": {"max_relative_error": errors["ranker"]}},
@@ -251,6 +265,8 @@ def publish(checkpoint: dict[str, Any], repository: Path, seed: int = 0) -> int:
             (d / "item_tower.onnx").write_bytes((tmp / "item.onnx").read_bytes())
             np.save(d / "item_embeddings.npy", items.detach().float().numpy())
             np.savez(d / "seen.npz", indptr=seen[0], indices=seen[1])
+            if checkpoint.get("neighbours") is not None:
+                checkpoint["neighbours"].save(d / NEIGHBOURS_FILE)
             _write_vocabularies(d, checkpoint)
         version = pub.version
     assert version is not None

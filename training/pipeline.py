@@ -460,6 +460,23 @@ def run(
                 if k in sel
             }
             checkpoint = build_checkpoint(cfg, dataset, split, name, tables[name], metrics)
+            if cfg.ranker == "learned" and rank == 0:
+                from training.ranker import fit_second_stage
+
+                t0 = time.perf_counter()
+                checkpoint |= fit_second_stage(
+                    split,
+                    checkpoint,
+                    depth=cfg.ranker_depth,
+                    popular=cfg.ranker_popular,
+                    max_users=cfg.ranker_users,
+                    n_neighbours=cfg.neighbours,
+                    seed=cfg.seed,
+                    cold_share=cfg.ranker_cold_share,
+                )
+                results["ranker"] = checkpoint["learned_ranker"]["info"] | {
+                    "seconds": time.perf_counter() - t0
+                }
             results["exported_strategy"] = checkpoint["strategy"]
             results["selection"] = block["selection"]
             results["popularity_gate"] = popularity_gate(name, block["selection"])
@@ -491,7 +508,8 @@ def run(
             results["published"] = {
                 "repository": str(repository),
                 "version": version,
-                "models": [f"{cfg.target}-ranker", f"{cfg.target}-retrieval"],
+                "models": [f"{cfg.target}-ranker", f"{cfg.target}-retrieval"]
+                + ([f"{cfg.target}-dot-ranker"] if "learned_ranker" in checkpoint else []),
                 "seconds": time.perf_counter() - t0,
             }
         results["seconds_total"] = time.perf_counter() - t_start

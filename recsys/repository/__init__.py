@@ -4,6 +4,7 @@ and the version follower both services use (`follower`); docs/model-repository.m
 from recsys.repository.follower import LATEST, Failure, FollowPolicy, Policy, VersionFollower
 from recsys.repository.layout import (
     CONFIG_FILE,
+    FEATURES_INPUT,
     ITEMS_FILE,
     METADATA_FILE,
     MODEL_FILE,
@@ -16,10 +17,12 @@ from recsys.repository.layout import (
     Tensor,
     Users,
     check_signature,
+    feature_ranker_signature,
     item_tower_signature,
     list_models,
     list_versions,
     parse_version_name,
+    ranker_signature_for,
     read_items,
     read_json,
     read_metadata,
@@ -37,6 +40,7 @@ from recsys.repository.publish import VersionPublisher, clean_leftovers
 
 __all__ = [
     "CONFIG_FILE",
+    "FEATURES_INPUT",
     "ITEMS_FILE",
     "LATEST",
     "METADATA_FILE",
@@ -55,6 +59,7 @@ __all__ = [
     "VersionFollower",
     "VersionPublisher",
     "check_signature",
+    "feature_ranker_signature",
     "clean_leftovers",
     "item_tower_signature",
     "list_models",
@@ -63,6 +68,7 @@ __all__ = [
     "read_items",
     "read_json",
     "read_metadata",
+    "ranker_signature_for",
     "read_users",
     "scan_versions",
     "sha256_file",

@@ -262,6 +262,34 @@ RANKER_SIGNATURE = Signature(
 )
 
 
+# Feature rankers: one row of request-time features per candidate in, one score per row out. The
+# metadata's `features` names the columns and the retrieval version whose features it expects.
+FEATURES_INPUT = "features"
+
+
+def feature_ranker_signature(n_features: int) -> Signature:
+    """features FP32 [-1, n_features] -> score FP32 [-1]."""
+    return Signature(
+        inputs=(Tensor(FEATURES_INPUT, "FP32", (-1, n_features)),),
+        outputs=(Tensor(SCORE_OUTPUT, "FP32", (-1,)),),
+    )
+
+
+def ranker_signature_for(metadata: dict[str, Any], where: Path) -> Signature:
+    """The contract a ranker version must meet, by what its metadata declares: the feature
+    ranker's when its inputs are `features` (with as many columns as `features.names`), else the
+    dot-product ranker's (user_index, item_index)."""
+    declared = declared_signature(metadata, where)
+    if declared.input_names != [FEATURES_INPUT]:
+        return RANKER_SIGNATURE
+    names = (metadata.get("features") or {}).get("names")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise RepositoryError(
+            f"{where}/{METADATA_FILE}: a feature ranker needs features.names (a list of strings)"
+        )
+    return feature_ranker_signature(len(names))
+
+
 def user_tower_signature(dim: int) -> Signature:
     """The retrieval model's user tower: user_index INT64 [-1] -> user_embedding FP32 [-1, dim]."""
     return Signature(
@@ -328,8 +356,9 @@ def _show(t: Tensor) -> str:
     return f"{t.name} {t.datatype} {list(t.shape)}"
 
 
-def _layout(tensors: Iterable[Tensor]) -> list[tuple[str, str, int]]:
-    return [(t.name, t.datatype, len(t.shape)) for t in tensors]
+def _shapes(tensors: Iterable[Tensor]) -> list[tuple[str, str, int, tuple[int, ...]]]:
+    """Names, datatypes, ranks and the fixed (non-batch) dimensions."""
+    return [(t.name, t.datatype, len(t.shape), tuple(t.shape[1:])) for t in tensors]
 
 
 def check_signature(
@@ -349,7 +378,7 @@ def check_signature(
         ("inputs", expected.inputs if expected else None, declared.inputs),
         ("outputs", expected.outputs if expected else None, declared.outputs),
     ):
-        if want is not None and _layout(want) != _layout(have):
+        if want is not None and _shapes(want) != _shapes(have):
             raise RepositoryError(
                 f"{where}/{METADATA_FILE} declares {what} {[_show(t) for t in have]}; "
                 f"this model kind needs {[_show(t) for t in want]}"

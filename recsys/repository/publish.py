@@ -173,6 +173,10 @@ class VersionPublisher:
         metadata = read_metadata(staged)
         metadata["name"] = model_name
         metadata["version"] = version
+        features = metadata.get("features")
+        if isinstance(features, dict) and features.get("retrieval_model") in self.model_names:
+            # A feature ranker expects the features of the retrieval version published with it.
+            features["retrieval_version"] = str(version)
         metadata["files"] = {
             str(p.relative_to(staged)): sha256_file(p)
             for p in sorted(staged.rglob("*"))

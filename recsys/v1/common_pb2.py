@@ -24,15 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16recsys/v1/common.proto\x12\trecsys.v1\"9\n\x0cModelVersion\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t*\xa8\x01\n\x0f\x43\x61ndidateSource\x12 \n\x1c\x43\x41NDIDATE_SOURCE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43\x41NDIDATE_SOURCE_ANN\x10\x01\x12\x1c\n\x18\x43\x41NDIDATE_SOURCE_POPULAR\x10\x02\x12\x1d\n\x19\x43\x41NDIDATE_SOURCE_TRANSFER\x10\x03\x12\x1c\n\x18\x43\x41NDIDATE_SOURCE_HISTORY\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16recsys/v1/common.proto\x12\trecsys.v1\"V\n\x0bSourceScore\x12*\n\x06source\x18\x01 \x01(\x0e\x32\x1a.recsys.v1.CandidateSource\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\r\"9\n\x0cModelVersion\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t*\xe5\x01\n\x0f\x43\x61ndidateSource\x12 \n\x1c\x43\x41NDIDATE_SOURCE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43\x41NDIDATE_SOURCE_ANN\x10\x01\x12\x1c\n\x18\x43\x41NDIDATE_SOURCE_POPULAR\x10\x02\x12\x1d\n\x19\x43\x41NDIDATE_SOURCE_TRANSFER\x10\x03\x12\x1c\n\x18\x43\x41NDIDATE_SOURCE_HISTORY\x10\x04\x12\x1e\n\x1a\x43\x41NDIDATE_SOURCE_ITEM2ITEM\x10\x05\x12\x1b\n\x17\x43\x41NDIDATE_SOURCE_RECENT\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'recsys.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CANDIDATESOURCE']._serialized_start=97
-  _globals['_CANDIDATESOURCE']._serialized_end=265
-  _globals['_MODELVERSION']._serialized_start=37
-  _globals['_MODELVERSION']._serialized_end=94
+  _globals['_CANDIDATESOURCE']._serialized_start=185
+  _globals['_CANDIDATESOURCE']._serialized_end=414
+  _globals['_SOURCESCORE']._serialized_start=37
+  _globals['_SOURCESCORE']._serialized_end=123
+  _globals['_MODELVERSION']._serialized_start=125
+  _globals['_MODELVERSION']._serialized_end=182
 # @@protoc_insertion_point(module_scope)

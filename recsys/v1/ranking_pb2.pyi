@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RankRequest(_message.Message):
-    __slots__ = ("model_name", "model_version", "user_id", "item_ids", "context", "allow_unknown_items")
+    __slots__ = ("model_name", "model_version", "user_id", "item_ids", "context", "allow_unknown_items", "features", "features_version")
     class ContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -21,13 +21,17 @@ class RankRequest(_message.Message):
     ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     ALLOW_UNKNOWN_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_VERSION_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     user_id: str
     item_ids: _containers.RepeatedScalarFieldContainer[str]
     context: _containers.ScalarMap[str, str]
     allow_unknown_items: bool
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., user_id: _Optional[str] = ..., item_ids: _Optional[_Iterable[str]] = ..., context: _Optional[_Mapping[str, str]] = ..., allow_unknown_items: _Optional[bool] = ...) -> None: ...
+    features: _containers.RepeatedScalarFieldContainer[float]
+    features_version: str
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., user_id: _Optional[str] = ..., item_ids: _Optional[_Iterable[str]] = ..., context: _Optional[_Mapping[str, str]] = ..., allow_unknown_items: _Optional[bool] = ..., features: _Optional[_Iterable[float]] = ..., features_version: _Optional[str] = ...) -> None: ...
 
 class RankResponse(_message.Message):
     __slots__ = ("scores", "model_name", "model_version", "missing")

@@ -64,6 +64,11 @@ class RankingServiceServicer:
         DEADLINE_EXCEEDED   the deadline passed before the request was computed (never computed).
         CANCELLED           the caller cancelled (dropped before compute if still queued).
         UNAVAILABLE         no version of the model is loaded yet, or the server is shutting down.
+        FAILED_PRECONDITION a feature ranker was sent features of another retrieval version than
+        the one it expects (or no features_version); pin the version that
+        was published with that retrieval version, or rank elsewhere.
+        INVALID_ARGUMENT    also: a feature ranker's features are missing, not len(item_ids) * F
+        values, NaN/infinite or above 1e6 in magnitude.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -25,23 +25,23 @@ _sym_db = _symbol_database.Default()
 from recsys.v1 import common_pb2 as recsys_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1erecsys/v1/recommendation.proto\x12\trecsys.v1\x1a\x16recsys/v1/common.proto\"\x83\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64omain\x18\x02 \x01(\t\x12\t\n\x01k\x18\x03 \x01(\r\x12\x19\n\x0c\x65xclude_seen\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x17\n\x0frecent_item_ids\x18\x05 \x03(\tB\x0f\n\r_exclude_seen\"|\n\x0fRecommendedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05title\x18\x03 \x01(\t\x12*\n\x06source\x18\x04 \x01(\x0e\x32\x1a.recsys.v1.CandidateSource\x12\x0e\n\x06ranked\x18\x05 \x01(\x08\"K\n\x0b\x44\x65gradation\x12,\n\x06reason\x18\x01 \x01(\x0e\x32\x1c.recsys.v1.DegradationReason\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"\xaf\x01\n\x11RecommendResponse\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.recsys.v1.RecommendedItem\x12/\n\x0emodel_versions\x18\x02 \x03(\x0b\x32\x17.recsys.v1.ModelVersion\x12\x10\n\x08\x64\x65graded\x18\x03 \x01(\x08\x12,\n\x0c\x64\x65gradations\x18\x04 \x03(\x0b\x32\x16.recsys.v1.Degradation*\xb6\x02\n\x11\x44\x65gradationReason\x12\"\n\x1e\x44\x45GRADATION_REASON_UNSPECIFIED\x10\x00\x12*\n&DEGRADATION_REASON_RANKING_UNAVAILABLE\x10\x01\x12\'\n#DEGRADATION_REASON_RANKING_DEADLINE\x10\x02\x12&\n\"DEGRADATION_REASON_RANKING_PARTIAL\x10\x03\x12,\n(DEGRADATION_REASON_RETRIEVAL_UNAVAILABLE\x10\x04\x12#\n\x1f\x44\x45GRADATION_REASON_UNKNOWN_USER\x10\x05\x12-\n)DEGRADATION_REASON_RANKING_INVALID_SCORES\x10\x06\x32_\n\x15RecommendationService\x12\x46\n\tRecommend\x12\x1b.recsys.v1.RecommendRequest\x1a\x1c.recsys.v1.RecommendResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1erecsys/v1/recommendation.proto\x12\trecsys.v1\x1a\x16recsys/v1/common.proto\"\x83\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64omain\x18\x02 \x01(\t\x12\t\n\x01k\x18\x03 \x01(\r\x12\x19\n\x0c\x65xclude_seen\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x17\n\x0frecent_item_ids\x18\x05 \x03(\tB\x0f\n\r_exclude_seen\"\xc5\x01\n\x0fRecommendedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05title\x18\x03 \x01(\t\x12*\n\x06source\x18\x04 \x01(\x0e\x32\x1a.recsys.v1.CandidateSource\x12\x0e\n\x06ranked\x18\x05 \x01(\x08\x12+\n\x07sources\x18\x06 \x03(\x0e\x32\x1a.recsys.v1.CandidateSource\x12\x1a\n\x12retrieval_position\x18\x07 \x01(\r\"K\n\x0b\x44\x65gradation\x12,\n\x06reason\x18\x01 \x01(\x0e\x32\x1c.recsys.v1.DegradationReason\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"\xaf\x01\n\x11RecommendResponse\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.recsys.v1.RecommendedItem\x12/\n\x0emodel_versions\x18\x02 \x03(\x0b\x32\x17.recsys.v1.ModelVersion\x12\x10\n\x08\x64\x65graded\x18\x03 \x01(\x08\x12,\n\x0c\x64\x65gradations\x18\x04 \x03(\x0b\x32\x16.recsys.v1.Degradation*\xb6\x02\n\x11\x44\x65gradationReason\x12\"\n\x1e\x44\x45GRADATION_REASON_UNSPECIFIED\x10\x00\x12*\n&DEGRADATION_REASON_RANKING_UNAVAILABLE\x10\x01\x12\'\n#DEGRADATION_REASON_RANKING_DEADLINE\x10\x02\x12&\n\"DEGRADATION_REASON_RANKING_PARTIAL\x10\x03\x12,\n(DEGRADATION_REASON_RETRIEVAL_UNAVAILABLE\x10\x04\x12#\n\x1f\x44\x45GRADATION_REASON_UNKNOWN_USER\x10\x05\x12-\n)DEGRADATION_REASON_RANKING_INVALID_SCORES\x10\x06\x32_\n\x15RecommendationService\x12\x46\n\tRecommend\x12\x1b.recsys.v1.RecommendRequest\x1a\x1c.recsys.v1.RecommendResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'recsys.v1.recommendation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DEGRADATIONREASON']._serialized_start=585
-  _globals['_DEGRADATIONREASON']._serialized_end=895
+  _globals['_DEGRADATIONREASON']._serialized_start=659
+  _globals['_DEGRADATIONREASON']._serialized_end=969
   _globals['_RECOMMENDREQUEST']._serialized_start=70
   _globals['_RECOMMENDREQUEST']._serialized_end=201
-  _globals['_RECOMMENDEDITEM']._serialized_start=203
-  _globals['_RECOMMENDEDITEM']._serialized_end=327
-  _globals['_DEGRADATION']._serialized_start=329
-  _globals['_DEGRADATION']._serialized_end=404
-  _globals['_RECOMMENDRESPONSE']._serialized_start=407
-  _globals['_RECOMMENDRESPONSE']._serialized_end=582
-  _globals['_RECOMMENDATIONSERVICE']._serialized_start=897
-  _globals['_RECOMMENDATIONSERVICE']._serialized_end=992
+  _globals['_RECOMMENDEDITEM']._serialized_start=204
+  _globals['_RECOMMENDEDITEM']._serialized_end=401
+  _globals['_DEGRADATION']._serialized_start=403
+  _globals['_DEGRADATION']._serialized_end=478
+  _globals['_RECOMMENDRESPONSE']._serialized_start=481
+  _globals['_RECOMMENDRESPONSE']._serialized_end=656
+  _globals['_RECOMMENDATIONSERVICE']._serialized_start=971
+  _globals['_RECOMMENDATIONSERVICE']._serialized_end=1066
 # @@protoc_insertion_point(module_scope)

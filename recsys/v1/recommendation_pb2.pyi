@@ -40,18 +40,22 @@ class RecommendRequest(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., domain: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., recent_item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RecommendedItem(_message.Message):
-    __slots__ = ("item_id", "score", "title", "source", "ranked")
+    __slots__ = ("item_id", "score", "title", "source", "ranked", "sources", "retrieval_position")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     RANKED_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_POSITION_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     score: float
     title: str
     source: _common_pb2.CandidateSource
     ranked: bool
-    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., title: _Optional[str] = ..., source: _Optional[_Union[_common_pb2.CandidateSource, str]] = ..., ranked: _Optional[bool] = ...) -> None: ...
+    sources: _containers.RepeatedScalarFieldContainer[_common_pb2.CandidateSource]
+    retrieval_position: int
+    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., title: _Optional[str] = ..., source: _Optional[_Union[_common_pb2.CandidateSource, str]] = ..., ranked: _Optional[bool] = ..., sources: _Optional[_Iterable[_Union[_common_pb2.CandidateSource, str]]] = ..., retrieval_position: _Optional[int] = ...) -> None: ...
 
 class Degradation(_message.Message):
     __slots__ = ("reason", "detail")

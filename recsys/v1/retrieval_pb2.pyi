@@ -28,21 +28,37 @@ class RetrieveRequest(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., domain: _Optional[str] = ..., k: _Optional[int] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., exclude_seen: _Optional[bool] = ..., history_item_ids: _Optional[_Iterable[str]] = ..., sources: _Optional[_Iterable[_Union[_common_pb2.CandidateSource, str]]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class Candidate(_message.Message):
-    __slots__ = ("item_id", "score", "source", "title")
+    __slots__ = ("item_id", "score", "source", "title", "source_scores")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_SCORES_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     score: float
     source: _common_pb2.CandidateSource
     title: str
-    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., source: _Optional[_Union[_common_pb2.CandidateSource, str]] = ..., title: _Optional[str] = ...) -> None: ...
+    source_scores: _containers.RepeatedCompositeFieldContainer[_common_pb2.SourceScore]
+    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., source: _Optional[_Union[_common_pb2.CandidateSource, str]] = ..., title: _Optional[str] = ..., source_scores: _Optional[_Iterable[_Union[_common_pb2.SourceScore, _Mapping]]] = ...) -> None: ...
+
+class UserContext(_message.Message):
+    __slots__ = ("known", "mapped", "target_history", "source_history")
+    KNOWN_FIELD_NUMBER: _ClassVar[int]
+    MAPPED_FIELD_NUMBER: _ClassVar[int]
+    TARGET_HISTORY_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_HISTORY_FIELD_NUMBER: _ClassVar[int]
+    known: bool
+    mapped: bool
+    target_history: int
+    source_history: int
+    def __init__(self, known: _Optional[bool] = ..., mapped: _Optional[bool] = ..., target_history: _Optional[int] = ..., source_history: _Optional[int] = ...) -> None: ...
 
 class RetrieveResponse(_message.Message):
-    __slots__ = ("candidates", "model")
+    __slots__ = ("candidates", "model", "user")
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
     candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
     model: _common_pb2.ModelVersion
-    def __init__(self, candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., model: _Optional[_Union[_common_pb2.ModelVersion, _Mapping]] = ...) -> None: ...
+    user: UserContext
+    def __init__(self, candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., model: _Optional[_Union[_common_pb2.ModelVersion, _Mapping]] = ..., user: _Optional[_Union[UserContext, _Mapping]] = ...) -> None: ...

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 import numpy as np
 from prometheus_client import Counter, Histogram
 
-from recsys.rpc.errors import InvalidRequest, NotFound, status_for
+from recsys.features import FEATURE_LIMIT
+from recsys.rpc.errors import FailedPrecondition, InvalidRequest, NotFound, status_for
 from serving.ranking import metrics
 from serving.ranking.checks import check_ids, check_length, parse_version, quote
 from serving.ranking.manager import ModelManager
-from serving.ranking.model import UnknownIds
+from serving.ranking.model import FEATURES, RankerModel, UnknownIds
 from serving.ranking.stats import VersionStats
 
 
@@ -70,6 +71,38 @@ def _duration_histogram(model: str) -> Histogram:
     return metrics.REQUEST_DURATION.labels(model)
 
 
+def check_features(
+    model: RankerModel, features: np.ndarray, n: int, features_version: str
+) -> np.ndarray:
+    """A feature ranker's input rows, checked: the retrieval version they come from must be the
+    one the ranker expects (FAILED_PRECONDITION otherwise), then n rows of F finite values of at
+    most FEATURE_LIMIT in magnitude (INVALID_ARGUMENT otherwise). Returns FP32 [n, F]."""
+    where = f"{model.name} version {model.version}"
+    expected = model.features_version
+    if features_version != expected:
+        got = f"version {quote(features_version)}" if features_version else "no features_version"
+        raise FailedPrecondition(
+            f"{where} scores features of {model.features_model} version {expected}; the request "
+            f"has {got} (rank with the {model.name} version published with that retrieval "
+            "version)"
+        )
+    width = len(model.feature_names)
+    if features.size != n * width:
+        raise InvalidRequest(
+            f"{where} takes {width} features per candidate ({', '.join(model.feature_names)}): "
+            f"{n} candidates need {n * width} values, got {features.size}"
+        )
+    rows = np.asarray(features, dtype=np.float32).reshape(n, width)
+    bad = ~np.isfinite(rows) | (np.abs(rows) > FEATURE_LIMIT)
+    if bad.any():
+        i, j = (int(x) for x in np.argwhere(bad)[0])
+        raise InvalidRequest(
+            f"features: {int(bad.sum())} values are NaN, infinite or above {FEATURE_LIMIT:g} in "
+            f"magnitude, e.g. candidate {i} feature {model.feature_names[j]!r} = {rows[i, j]}"
+        )
+    return rows
+
+
 class RankingEngine:
     """Rank (wire ids) and Infer (model indices) over the versions a ModelManager serves."""
 
@@ -115,9 +148,13 @@ class RankingEngine:
         timeout: float | None,
         *,
         allow_unknown_items: bool = False,
+        features: Sequence[float] | np.ndarray = (),
+        features_version: str = "",
     ) -> Scored:
         """Scores of item ids for a user id. With `allow_unknown_items`, ids the version does not
-        know are scored -inf and flagged in `missing` instead of failing the request."""
+        know are scored -inf and flagged in `missing` instead of failing the request. A feature
+        ranker scores `features` (len(item_ids) rows, row-major) computed by retrieval version
+        `features_version`, and looks neither the user nor the items up."""
         with _Outcome(self.manager, model_name, "rank") as outcome:
             version = self.check_model(model_name, version)
             if not user_id:
@@ -130,6 +167,15 @@ class RankingEngine:
                 outcome.version = str(served.version)
                 outcome.stats = served.batcher.stats
                 model = served.model
+                if model.kind == FEATURES:
+                    rows = check_features(
+                        model, np.asarray(features, np.float32), len(ids), features_version
+                    )
+                    if "" in ids:
+                        raise InvalidRequest("item_ids must not contain empty ids")
+                    scores = await served.batcher.score(rows, np.zeros(len(ids), np.int64), timeout)
+                    missing = np.zeros(len(ids), bool) if allow_unknown_items else None
+                    return Scored(scores, model.name, model.version, missing)
                 try:
                     user = model.user_index_of(user_id)
                 except UnknownIds as exc:
@@ -164,8 +210,10 @@ class RankingEngine:
         users: np.ndarray,
         items: np.ndarray,
         timeout: float | None,
+        features_version: str = "",
     ) -> Scored:
-        """Score index pairs (already checked for names, dtypes and shapes)."""
+        """Score index pairs, or feature rows ([N, F] FP32 as `users`) for a feature ranker
+        (already checked for names, dtypes and shapes)."""
         with _Outcome(self.manager, model_name, "oip") as outcome:
             version = self.check_model(model_name, version)
             self._check_count(len(items), "candidates (elements of item_index)")
@@ -173,6 +221,20 @@ class RankingEngine:
                 outcome.version = str(served.version)
                 outcome.stats = served.batcher.stats
                 model = served.model
+                if (users.ndim == 2) != (model.kind == FEATURES):
+                    takes = "features" if model.kind == FEATURES else "user_index and item_index"
+                    raise InvalidRequest(
+                        f"{model.name} version {model.version} takes {takes} (see its metadata)"
+                    )
+                if model.kind == FEATURES:
+                    if users.shape[1] != len(model.feature_names):
+                        raise InvalidRequest(
+                            f"input 'features': shape {list(users.shape)}; {model.name} version "
+                            f"{model.version} takes [N, {len(model.feature_names)}]"
+                        )
+                    rows = check_features(model, users, len(users), features_version)
+                    scores = await served.batcher.score(rows, items, timeout)
+                    return Scored(scores, model.name, model.version)
                 for name, array, bound in (
                     ("user_index", users, model.n_users),
                     ("item_index", items, model.n_items),

@@ -16,12 +16,14 @@ import numpy as np
 import onnxruntime as ort
 
 from recsys.repository import (
+    FEATURES_INPUT,
     ITEMS_FILE,
     MODEL_FILE,
     RANKER_SIGNATURE,
     USERS_FILE,
     RepositoryError,
     check_signature,
+    ranker_signature_for,
     read_items,
     read_users,
     verify_version,
@@ -34,7 +36,10 @@ logger = logging.getLogger(__name__)
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 PLATFORM = "onnxruntime_onnx"
-__all__ = ["ITEM_INPUT", "MODEL_FILE", "SCORE_OUTPUT", "USER_INPUT"]
+__all__ = ["FEATURES_INPUT", "ITEM_INPUT", "MODEL_FILE", "SCORE_OUTPUT", "USER_INPUT"]
+
+DOT = "dot"
+FEATURES = "features"
 
 # The ranker contract (recsys.repository.RANKER_SIGNATURE) as the wire adapters read it.
 CONTRACT_INPUTS = {t.name: t.datatype for t in RANKER_SIGNATURE.inputs}
@@ -182,6 +187,14 @@ class RankerModel:
         self.provider = session.get_providers()[0]
         self.io_binding = io_binding
         self._device = "cuda" if self.provider == CUDA else "cpu"
+        # The kind the signature declares: DOT (user_index, item_index) or FEATURES (features
+        # [N, F], whose columns and expected retrieval version the metadata names).
+        self.input_names = [spec["name"] for spec in metadata["inputs"]]
+        self.kind = FEATURES if self.input_names == [FEATURES_INPUT] else DOT
+        features = metadata.get("features") or {}
+        self.feature_names: list[str] = list(features.get("names", []))
+        self.features_model: str = str(features.get("retrieval_model", ""))
+        self.features_version: str = str(features.get("retrieval_version", ""))
 
     @property
     def n_users(self) -> int:
@@ -242,8 +255,15 @@ class RankerModel:
                 session.get_inputs(),
                 session.get_outputs(),
                 directory,
-                expected=RANKER_SIGNATURE,
+                expected=ranker_signature_for(metadata, directory),
             )
+            features = metadata.get("features")
+            if isinstance(features, dict) and metadata["inputs"][0]["name"] == FEATURES_INPUT:
+                if not features.get("retrieval_version") or not features.get("retrieval_model"):
+                    raise RepositoryError(
+                        f"{directory}: a feature ranker's metadata must name the retrieval "
+                        "model and version whose features it expects"
+                    )
         except RepositoryError as exc:
             raise ModelLoadError(str(exc)) from exc
         model = cls(
@@ -271,15 +291,23 @@ class RankerModel:
         sizes = sorted({1, 7, min(1000, largest), largest})
         rng = np.random.default_rng(0)
         for n in sizes:
-            users = np.arange(n, dtype=np.int64) % self.n_users
-            items = np.arange(n, dtype=np.int64) % self.n_items
-            if n == largest and n > 2:
-                users[-1], items[-1] = self.n_users - 1, self.n_items - 1
-                if n > self.n_items:  # every item is covered: pair them with random users too
-                    users[self.n_items : -1] = rng.integers(0, self.n_users, n - self.n_items - 1)
-                else:
-                    half = n // 2
-                    items[half:-1] = rng.integers(0, self.n_items, n - half - 1)
+            users: np.ndarray
+            if self.kind == FEATURES:
+                # Feature rows of both signs and a few magnitudes; no vocabulary to cover.
+                users = rng.standard_normal((n, len(self.feature_names))).astype(np.float32)
+                items = np.zeros(n, dtype=np.int64)
+            else:
+                users = np.arange(n, dtype=np.int64) % self.n_users
+                items = np.arange(n, dtype=np.int64) % self.n_items
+                if n == largest and n > 2:
+                    users[-1], items[-1] = self.n_users - 1, self.n_items - 1
+                    if n > self.n_items:  # every item is covered: pair them with random users
+                        users[self.n_items : -1] = rng.integers(
+                            0, self.n_users, n - self.n_items - 1
+                        )
+                    else:
+                        half = n // 2
+                        items[half:-1] = rng.integers(0, self.n_items, n - half - 1)
             try:
                 scores = self.score(users, items)
             except Exception as exc:
@@ -291,7 +319,7 @@ class RankerModel:
                 bad = np.flatnonzero(~finite)[:1].tolist() if scores.shape == (n,) else []
                 where = (
                     f" (e.g. user index {int(users[bad[0]])}, item index {int(items[bad[0]])})"
-                    if bad
+                    if bad and self.kind == DOT
                     else ""
                 )
                 raise ModelLoadError(
@@ -326,8 +354,13 @@ class RankerModel:
         return np.fromiter(map(self.item_index.get, ids, repeat(-1)), np.int64, len(ids))
 
     def score(self, user_index: np.ndarray, item_index: np.ndarray) -> np.ndarray:
-        """Scores (float32, one per pair) from one session run; thread-safe."""
-        feeds = {USER_INPUT: user_index, ITEM_INPUT: item_index}
+        """Scores (float32, one per pair) from one session run; thread-safe. A feature ranker
+        takes its FP32 [N, F] feature rows as `user_index` (the batcher joins either kind row
+        by row) and ignores `item_index`."""
+        if self.kind == FEATURES:
+            feeds = {FEATURES_INPUT: np.ascontiguousarray(user_index, dtype=np.float32)}
+        else:
+            feeds = {USER_INPUT: user_index, ITEM_INPUT: item_index}
         if self.io_binding:
             binding = self.session.io_binding()
             for name, array in feeds.items():
@@ -357,4 +390,5 @@ class RankerModel:
             "provider": self.provider,
             "users": self.n_users,
             "items": self.n_items,
+            "kind": self.kind,
         }

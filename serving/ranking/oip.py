@@ -18,6 +18,7 @@ from recsys.rpc.errors import InvalidRequest
 from serving.ranking.checks import quote
 from serving.ranking.model import (
     CONTRACT_INPUTS,
+    FEATURES_INPUT,
     ITEM_INPUT,
     PLATFORM,
     SCORE_OUTPUT,
@@ -27,6 +28,9 @@ from serving.ranking.model import (
 
 logger = logging.getLogger(__name__)
 
+# Columns a feature ranker's input may have (the element limit of a request scales with it; the
+# served model's own width is checked when the request reaches it).
+MAX_FEATURES = 256
 # Dimensions an input shape may have ([N] or [N, 1]; more is refused before any arithmetic).
 MAX_DIMS = 8
 
@@ -90,9 +94,15 @@ def _decode(
 class Decoded:
     """The inputs of a ModelInfer request as vectors, and the shape the output takes."""
 
-    users: np.ndarray
+    users: np.ndarray  # [N] user indices, or [N, F] FP32 feature rows (feature rankers)
     items: np.ndarray
-    shape: list[int]  # item_index's shape on the wire: [N] or [N, 1]
+    shape: list[int]  # the output's shape: item_index's on the wire ([N] or [N, 1]), or [N]
+    features_version: str = ""  # the request parameter of that name (feature rankers)
+
+
+def _features_version(request: pb.ModelInferRequest) -> str:
+    param = request.parameters.get("features_version")
+    return param.string_param if param is not None else ""
 
 
 def decode_inputs(request: pb.ModelInferRequest, max_elements: int) -> Decoded:
@@ -104,11 +114,14 @@ def decode_inputs(request: pb.ModelInferRequest, max_elements: int) -> Decoded:
             f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs"
         )
     names = [t.name for t in request.inputs]
+    if names == [FEATURES_INPUT]:
+        return _decode_features(request, raw, max_elements)
     unknown = sorted(set(names) - set(CONTRACT_INPUTS))
     if unknown:
         raise InvalidRequest(
             f"unknown input {', '.join(quote(n) for n in unknown[:5])}; the model takes "
-            f"{sorted(CONTRACT_INPUTS)}"
+            f"{sorted(CONTRACT_INPUTS)} (dot-product rankers) or [{FEATURES_INPUT!r}] (feature "
+            "rankers)"
         )
     if len(set(names)) != len(names):
         raise InvalidRequest(f"inputs {names} name a tensor twice")
@@ -154,6 +167,34 @@ def decode_inputs(request: pb.ModelInferRequest, max_elements: int) -> Decoded:
     return Decoded(
         users.astype(np.int64, copy=False), items.astype(np.int64, copy=False), shapes[ITEM_INPUT]
     )
+
+
+def _decode_features(request: pb.ModelInferRequest, raw: list[bytes], max_elements: int) -> Decoded:
+    """A feature ranker's one input: FP32 [N, F]; the model's F is checked by the engine."""
+    tensor = request.inputs[0]
+    if raw and tensor.HasField("contents"):
+        raise InvalidRequest(
+            f"input {FEATURES_INPUT!r} has contents while the request also uses "
+            "raw_input_contents; use one or the other"
+        )
+    if tensor.datatype != "FP32":
+        raise InvalidRequest(
+            f"input {FEATURES_INPUT!r}: datatype {quote(tensor.datatype)} does not match the "
+            "model's FP32"
+        )
+    array = _decode(tensor, raw[0] if raw else None, max_elements * MAX_FEATURES)
+    if array.ndim != 2 or not 1 <= array.shape[1] <= MAX_FEATURES:
+        raise InvalidRequest(
+            f"input {FEATURES_INPUT!r}: shape {list(array.shape)} must be [N, F] (one row of "
+            f"features per candidate, F at most {MAX_FEATURES})"
+        )
+    for requested in request.outputs:
+        if requested.name != SCORE_OUTPUT:
+            raise InvalidRequest(
+                f"unknown output {quote(requested.name)}; the model produces [{SCORE_OUTPUT!r}]"
+            )
+    n = int(array.shape[0])
+    return Decoded(array, np.zeros(n, np.int64), [n], _features_version(request))
 
 
 def encode_scores(

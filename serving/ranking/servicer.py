@@ -49,6 +49,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             request.item_ids,
             context.time_remaining(),
             allow_unknown_items=request.allow_unknown_items,
+            features=request.features,
+            features_version=request.features_version,
         )
         return ranking_pb2.RankResponse(
             scores=scored.scores.tolist(),
@@ -129,6 +131,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             decoded.users,
             decoded.items,
             context.time_remaining(),
+            decoded.features_version,
         )
         return oip.encode_scores(
             request, scored.scores, scored.model_name, scored.version, decoded.shape

@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from recsys.candidates import Candidate, Source
+from recsys.features import UserContext
 from recsys.repository import (
     ITEMS_FILE,
     MODEL_FILE,
@@ -25,6 +26,13 @@ from recsys.repository import (
     read_users,
     user_tower_signature,
     verify_version,
+)
+from recsys.sources import (
+    NEIGHBOURS_FILE,
+    CandidateSources,
+    Neighbours,
+    NeighboursError,
+    UserState,
 )
 
 logger = logging.getLogger(__name__)
@@ -53,6 +61,7 @@ class IndexOptions:
 class RetrieveResult:
     candidates: list[Candidate]
     sources: tuple[Source, ...]  # sources that contributed, in order
+    user: UserContext = UserContext()
 
 
 def _user_tower(
@@ -123,6 +132,7 @@ class RetrievalIndex:
         seen_indptr: np.ndarray,
         seen_indices: np.ndarray,
         options: IndexOptions,
+        neighbours: Neighbours | None = None,
     ) -> None:
         self.model_name = model_name
         self.domain = domain_of(model_name)
@@ -142,6 +152,15 @@ class RetrievalIndex:
         self.seen_indices = seen_indices
         self.options = options
         self.index, self.index_kind = build_faiss_index(item_embeddings, options)
+        self.neighbours = neighbours or Neighbours.empty(len(item_ids), len(user_ids))
+        self.sources = CandidateSources(
+            item_ids=item_ids,
+            titles=titles,
+            item_embeddings=item_embeddings,
+            popularity=self.popularity,
+            neighbours=self.neighbours,
+            search=self.search,
+        )
 
     @property
     def n_items(self) -> int:
@@ -198,6 +217,14 @@ class RetrievalIndex:
                 f"{directory}/seen.npz: indptr must rise from 0 to len(indices), and indices "
                 f"must be item rows in [0, {len(item_ids)})"
             )
+        neighbours = None
+        if NEIGHBOURS_FILE in metadata.get("files", {}):
+            try:
+                neighbours = Neighbours.load(
+                    directory / NEIGHBOURS_FILE, len(item_ids), len(user_ids)
+                )
+            except NeighboursError as exc:
+                raise RepositoryError(str(exc)) from exc
         try:
             user_embeddings = _user_tower(
                 directory / MODEL_FILE,
@@ -234,6 +261,7 @@ class RetrievalIndex:
             seen_indptr=seen_indptr,
             seen_indices=seen_indices,
             options=options,
+            neighbours=neighbours,
         )
         loaded.warm_up()
         logger.info(
@@ -296,10 +324,7 @@ class RetrievalIndex:
 
     def popular(self, k: int, excluded: set[int] | frozenset[int] = frozenset()) -> list[int]:
         """The k most popular item rows not in `excluded`."""
-        if k <= 0:
-            return []
-        head = self.popular_order[: k + len(excluded)]
-        return [int(j) for j in head if int(j) not in excluded][:k]
+        return self.sources.popular(k, excluded)
 
     def seen_rows(self, user_row: int) -> np.ndarray:
         return self.seen_indices[self.seen_indptr[user_row] : self.seen_indptr[user_row + 1]]
@@ -317,22 +342,31 @@ class RetrievalIndex:
         history_item_ids: Sequence[str] = (),
         sources: Sequence[Source] = (),
     ) -> RetrieveResult:
-        """Up to k candidates, best first, no duplicates.
+        """Up to k candidates, best first, no duplicates, each with every source's score.
 
-        The personalised source depends on the user: ANN for users with target-domain history,
+        The personal source depends on the user: ANN for users with target-domain history,
         TRANSFER for users known only from the source domain (their row holds the mapped
         representation), HISTORY (the mean of the embeddings of `history_item_ids`) for users the
-        model does not know; POPULAR fills the rest. `sources` limits which are used (empty:
-        all). Unknown item ids in the exclusions and history are ignored.
+        model does not know. ITEM2ITEM votes with the user's source and target training items
+        through the published neighbour lists, RECENT with `history_item_ids`; the personal and
+        item-to-item lists are interleaved by rank, POPULAR fills the rest. `sources` limits
+        which are used (empty: all). Unknown item ids in the exclusions and history are ignored.
         """
-        wanted = set(sources) or {Source.ANN, Source.TRANSFER, Source.HISTORY, Source.POPULAR}
+        wanted = set(sources) or {
+            Source.ANN,
+            Source.TRANSFER,
+            Source.HISTORY,
+            Source.ITEM2ITEM,
+            Source.RECENT,
+            Source.POPULAR,
+        }
         row = self.user_rows.get(user_id) if user_id else None
         history_rows = self._rows(history_item_ids)
         excluded: set[int] = set(self._rows(exclude_item_ids))
+        seen = self.seen_rows(row) if row is not None else np.zeros(0, np.int64)
         if exclude_seen:
             excluded.update(history_rows)
-            if row is not None:
-                excluded.update(int(j) for j in self.seen_rows(row))
+            excluded.update(int(j) for j in seen)
 
         vector: np.ndarray | None = None
         personal: Source | None = None
@@ -342,23 +376,21 @@ class RetrievalIndex:
         elif history_rows:
             personal = Source.HISTORY
             vector = self.item_embeddings[history_rows].mean(axis=0)
-
-        candidates: list[Candidate] = []
-        used: list[Source] = []
-        if personal is not None and personal in wanted and vector is not None:
-            for j, score in self.search(vector, k, excluded):
-                candidates.append(Candidate(self.item_ids[j], score, personal, self.titles[j]))
-            if candidates:
-                used.append(personal)
-        if Source.POPULAR in wanted and len(candidates) < k:
-            taken = excluded | {self.item_rows[c.item_id] for c in candidates}
-            rows = self.popular(k - len(candidates), taken)
-            candidates.extend(
-                Candidate(
-                    self.item_ids[j], float(self.popularity[j]), Source.POPULAR, self.titles[j]
-                )
-                for j in rows
-            )
-            if rows:
-                used.append(Source.POPULAR)
-        return RetrieveResult(candidates, tuple(used))
+        source_rows = self.neighbours.source_rows(row) if row is not None else np.zeros(0, np.int64)
+        state = UserState(
+            row=row,
+            mapped=bool(row is not None and self.mapped[row]),
+            vector=vector,
+            personal=personal,
+            target_rows=seen,
+            source_rows=source_rows,
+            recent_rows=np.asarray(history_rows, np.int64),
+        )
+        generated = self.sources.generate(state, k, wanted, excluded)
+        user = UserContext(
+            known=row is not None,
+            mapped=state.mapped,
+            target_history=len(seen),
+            source_history=len(source_rows),
+        )
+        return RetrieveResult(generated.candidates, generated.sources, user)

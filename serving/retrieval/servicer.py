@@ -106,10 +106,24 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
                     score=c.score,
                     source=int(c.source),  # type: ignore[arg-type]
                     title=c.title,
+                    source_scores=[
+                        common_pb2.SourceScore(
+                            source=int(s.source),  # type: ignore[arg-type]
+                            score=s.score,
+                            rank=s.rank,
+                        )
+                        for s in c.scores
+                    ],
                 )
                 for c in result.candidates
             ],
             model=common_pb2.ModelVersion(
                 model_name=index.model_name, model_version=str(index.version)
+            ),
+            user=retrieval_pb2.UserContext(
+                known=result.user.known,
+                mapped=result.user.mapped,
+                target_history=result.user.target_history,
+                source_history=result.user.source_history,
             ),
         )

@@ -39,15 +39,24 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     # The evaluation table puts the transfer strategies beside both baselines.
     for row in ("| popularity |", "| target_only |", "| finetune |", "| lora |"):
         assert row in out, row
-    assert re.search(r"Published models: target-ranker, target-retrieval version \d+", out)
+    assert re.search(
+        r"Published models: target-ranker, target-retrieval, target-dot-ranker version \d+", out
+    )
+    assert "learned ranker over 13 features of target-retrieval" in out
     for service in ("serving.retrieval", "serving.ranking", "gateway"):
         assert re.search(rf"{re.escape(service)}\s+SERVING on 127\.0\.0\.1:\d+", out), service
         assert re.search(rf"{re.escape(service)}\s+exited with 0", out), service
-    # A warm user gets nearest neighbours, a cold-start user transferred recommendations.
+    # A warm user gets nearest neighbours and item-to-item neighbours, a cold-start user
+    # transferred recommendations; each row shows its place before ranking and its sources.
     warm = out.split("Warm user")[1].split("Cold-start user")[0]
     cold = out.split("Cold-start user")[1].split("==> [5/6]")[0]
-    assert len(re.findall(r"^\s+\d+\s+-?\d+\.\d{3}\s+ann\s", warm, re.M)) == 5
-    assert len(re.findall(r"^\s+\d+\s+-?\d+\.\d{3}\s+transfer\s", cold, re.M)) == 5
+    row = r"^\s+\d+\s+(\d+)\s+-?\d+\.\d{3}\s+([a-z0-9+]+)\s"
+    warm_rows, cold_rows = re.findall(row, warm, re.M), re.findall(row, cold, re.M)
+    assert len(warm_rows) == 5 == len(cold_rows)
+    assert any("ann" in sources.split("+") for _, sources in warm_rows)
+    assert not any("transfer" in sources for _, sources in warm_rows)
+    assert any("transfer" in sources.split("+") for _, sources in cold_rows)
+    assert "items up from below retrieval's top 5" in warm
     assert "DEGRADED" not in out
     assert 'grpc_method="Recommend"' in out
     assert re.search(r'recsys_ranker_model_loaded\{.*provider="cpu".*\} 1\.0', out)

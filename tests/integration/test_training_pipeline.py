@@ -66,7 +66,9 @@ def test_published_models_match_the_checkpoint(synthetic_run: dict[str, Any]) ->
     repo: Path = synthetic_run["repo"]
     ckpt = torch.load(synthetic_run["run_dir"] / "checkpoint.pt", weights_only=False)
     assert list_versions(repo, "target-ranker") == [1] == list_versions(repo, "target-retrieval")
-    ranker_dir, retrieval_dir = repo / "target-ranker" / "1", repo / "target-retrieval" / "1"
+    # The learned ranker is target-ranker (tests/integration/test_second_stage.py); the
+    # dot-product graph of the towers is published beside it.
+    ranker_dir, retrieval_dir = repo / "target-dot-ranker" / "1", repo / "target-retrieval" / "1"
     for d in (ranker_dir, retrieval_dir):
         meta = verify_version(d)
         for key in (
@@ -90,7 +92,7 @@ def test_published_models_match_the_checkpoint(synthetic_run: dict[str, Any]) ->
         assert (d.parent / "config.pbtxt").is_file()
     # Training writes the one config.pbtxt the tests publish too.
     assert (ranker_dir / "config.pbtxt").read_text() == triton_config(
-        "target-ranker", RANKER_SIGNATURE
+        "target-dot-ranker", RANKER_SIGNATURE
     )
     dim = int(ckpt["user_table"].shape[1])
     assert (retrieval_dir / "config.pbtxt").read_text() == triton_config(

@@ -1,0 +1,287 @@
+"""Candidate generation shared by the retrieval service and the training of the ranker: the
+sources (the user representation's nearest items, cross-domain item-to-item neighbours, the
+neighbours of recent items, popular items), their interleaving, and every source's score of
+every candidate, so that the ranker is trained on the candidates and scores it is served."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from recsys.candidates import EMBEDDING_SOURCES, Candidate, Source, SourceScore
+
+NEIGHBOURS_FILE = "neighbours.npz"
+
+# (vector, k, excluded rows) -> [(item row, inner product)], best first
+Search = Callable[[np.ndarray, int, "set[int] | frozenset[int]"], list[tuple[int, float]]]
+
+
+class NeighboursError(ValueError):
+    """A neighbours file that does not fit the version it is published with."""
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    """Top-N target-item neighbours of every target item and every source item (row -1 pads a
+    short list), and each user's source-domain training items (rows of the source item list, in
+    the order of the version's users.json)."""
+
+    target: np.ndarray  # int32 [n_items, N]
+    target_scores: np.ndarray  # float32 [n_items, N]
+    source: np.ndarray  # int32 [n_source_items, N]
+    source_scores: np.ndarray  # float32 [n_source_items, N]
+    source_seen_indptr: np.ndarray  # int64 [n_users + 1]
+    source_seen_indices: np.ndarray  # int64
+
+    @classmethod
+    def empty(cls, n_items: int, n_users: int) -> Neighbours:
+        return cls(
+            np.full((n_items, 0), -1, np.int32),
+            np.zeros((n_items, 0), np.float32),
+            np.full((0, 0), -1, np.int32),
+            np.zeros((0, 0), np.float32),
+            np.zeros(n_users + 1, np.int64),
+            np.zeros(0, np.int64),
+        )
+
+    def save(self, path: Path) -> None:
+        np.savez(
+            path,
+            target=self.target,
+            target_scores=self.target_scores,
+            source=self.source,
+            source_scores=self.source_scores,
+            source_seen_indptr=self.source_seen_indptr,
+            source_seen_indices=self.source_seen_indices,
+        )
+
+    @classmethod
+    def load(cls, path: Path, n_items: int, n_users: int) -> Neighbours:
+        """Read and check a neighbours file; NeighboursError names what does not fit."""
+        try:
+            with np.load(path) as data:
+                loaded = cls(
+                    np.asarray(data["target"], np.int32),
+                    np.asarray(data["target_scores"], np.float32),
+                    np.asarray(data["source"], np.int32),
+                    np.asarray(data["source_scores"], np.float32),
+                    np.asarray(data["source_seen_indptr"], np.int64),
+                    np.asarray(data["source_seen_indices"], np.int64),
+                )
+        except (OSError, ValueError, KeyError) as exc:
+            raise NeighboursError(f"{path}: cannot be read: {exc}") from exc
+        loaded.check(n_items, n_users, str(path))
+        return loaded
+
+    def check(self, n_items: int, n_users: int, where: str) -> None:
+        for name, rows, scores, n_rows in (
+            ("target", self.target, self.target_scores, n_items),
+            ("source", self.source, self.source_scores, None),
+        ):
+            if rows.ndim != 2 or rows.shape != scores.shape:
+                raise NeighboursError(f"{where}: {name} lists and scores must be equal 2-D arrays")
+            if n_rows is not None and rows.shape[0] != n_rows:
+                raise NeighboursError(f"{where}: {name} has {rows.shape[0]} rows, not {n_rows}")
+            if rows.size and (rows.min() < -1 or rows.max() >= n_items):
+                raise NeighboursError(f"{where}: {name} neighbours must be item rows or -1")
+            if not np.isfinite(scores).all():
+                raise NeighboursError(f"{where}: {name}_scores holds NaN or infinite values")
+        indptr, indices = self.source_seen_indptr, self.source_seen_indices
+        if (
+            len(indptr) != n_users + 1
+            or indptr[0] != 0
+            or indptr[-1] != len(indices)
+            or (np.diff(indptr) < 0).any()
+            or (len(indices) and (indices.min() < 0 or indices.max() >= self.source.shape[0]))
+        ):
+            raise NeighboursError(
+                f"{where}: source_seen must have n_users + 1 rising offsets and source item rows"
+            )
+
+    def source_rows(self, user_row: int) -> np.ndarray:
+        return self.source_seen_indices[
+            self.source_seen_indptr[user_row] : self.source_seen_indptr[user_row + 1]
+        ]
+
+    def vote(self, target_rows: np.ndarray, source_rows: np.ndarray, n_items: int) -> np.ndarray:
+        """Per target item, the sum of its similarities to the given items (0 for most)."""
+        rows = [self.target[target_rows].ravel(), self.source[source_rows].ravel()]
+        weights = [self.target_scores[target_rows].ravel(), self.source_scores[source_rows].ravel()]
+        index, weight = np.concatenate(rows), np.concatenate(weights)
+        keep = index >= 0
+        return np.bincount(index[keep], weights=weight[keep], minlength=n_items).astype(np.float32)
+
+
+def top_positive(
+    scores: np.ndarray, k: int, excluded: set[int] | frozenset[int]
+) -> list[tuple[int, float]]:
+    """The k rows with the largest positive scores, best first (ties by row), not excluded."""
+    rows = np.flatnonzero(scores > 0)
+    if excluded and rows.size:
+        rows = rows[~np.isin(rows, np.fromiter(excluded, np.int64, len(excluded)))]
+    if rows.size > k:
+        part = np.argpartition(-scores[rows], k - 1)[:k]
+        rows = rows[part]
+    order = np.lexsort((rows, -scores[rows]))
+    rows = rows[order]
+    return list(zip(rows.tolist(), scores[rows].tolist(), strict=True))
+
+
+def exact_search(item_embeddings: np.ndarray) -> Search:
+    """Exact inner-product search over a matrix (what the flat FAISS index computes)."""
+
+    def search(
+        vector: np.ndarray, k: int, excluded: set[int] | frozenset[int]
+    ) -> list[tuple[int, float]]:
+        scores = item_embeddings @ vector.astype(np.float32)
+        if excluded:
+            scores = scores.copy()
+            scores[np.fromiter(excluded, np.int64, len(excluded))] = -np.inf
+        k = min(k, int(np.isfinite(scores).sum()))
+        if k <= 0:
+            return []
+        part = np.argpartition(-scores, k - 1)[:k]
+        order = np.lexsort((part, -scores[part]))
+        rows = part[order]
+        return list(zip(rows.tolist(), scores[rows].tolist(), strict=True))
+
+    return search
+
+
+@dataclass(frozen=True)
+class UserState:
+    """What a version knows of the requesting user."""
+
+    row: int | None  # the user's row, None for users the version does not know
+    mapped: bool
+    vector: np.ndarray | None  # user representation (or the mean of the recent items)
+    personal: Source | None  # ANN, TRANSFER or HISTORY: the source of `vector`
+    target_rows: np.ndarray  # target-domain training items
+    source_rows: np.ndarray  # source-domain training items
+    recent_rows: np.ndarray  # the request's recent items
+
+
+@dataclass(frozen=True)
+class Generated:
+    candidates: list[Candidate]
+    sources: tuple[Source, ...]  # the sources that proposed at least one candidate, in order
+
+
+class CandidateSources:
+    """The sources over one version's arrays; `search` finds the nearest items of a vector."""
+
+    def __init__(
+        self,
+        *,
+        item_ids: Sequence[str],
+        titles: Sequence[str],
+        item_embeddings: np.ndarray,
+        popularity: np.ndarray,
+        neighbours: Neighbours,
+        search: Search,
+    ) -> None:
+        self.item_ids = list(item_ids)
+        self.titles = list(titles)
+        self.item_embeddings = item_embeddings
+        self.popularity = np.asarray(popularity, np.float32)
+        self.neighbours = neighbours
+        self.search = search
+        # Most popular first; ties by item row, so the order is deterministic.
+        self.popular_order = np.lexsort((np.arange(len(self.item_ids)), -self.popularity))
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    def popular(self, k: int, excluded: set[int] | frozenset[int] = frozenset()) -> list[int]:
+        """The k most popular item rows not in `excluded`."""
+        if k <= 0:
+            return []
+        head = self.popular_order[: k + len(excluded)]
+        return [int(j) for j in head if int(j) not in excluded][:k]
+
+    def generate(
+        self,
+        user: UserState,
+        k: int,
+        wanted: set[Source],
+        excluded: set[int] | frozenset[int],
+    ) -> Generated:
+        """Up to k candidates: the personal and item-to-item lists interleaved by rank (each
+        item once, from the first list that reaches it), then popular items to fill; each
+        carries every source's score and its rank in each list."""
+        lists: list[tuple[Source, list[tuple[int, float]]]] = []
+        vote: np.ndarray | None = None
+        recent: np.ndarray | None = None
+        if user.personal is not None and user.personal in wanted and user.vector is not None:
+            lists.append((user.personal, self.search(user.vector, k, excluded)))
+        if user.target_rows.size or user.source_rows.size:
+            vote = self.neighbours.vote(user.target_rows, user.source_rows, self.n_items)
+            if Source.ITEM2ITEM in wanted:
+                lists.append((Source.ITEM2ITEM, top_positive(vote, k, excluded)))
+        if user.recent_rows.size:
+            recent = self.neighbours.vote(user.recent_rows, np.zeros(0, np.int64), self.n_items)
+            if Source.RECENT in wanted:
+                lists.append((Source.RECENT, top_positive(recent, k, excluded)))
+        ranks: dict[Source, dict[int, int]] = {
+            source: {row: r for r, (row, _) in enumerate(found, 1)} for source, found in lists
+        }
+        order: list[tuple[int, Source]] = []
+        taken: set[int] = set()
+        depth = max((len(found) for _, found in lists), default=0)
+        for position in range(depth):
+            if len(order) >= k:
+                break
+            for source, found in lists:
+                if position < len(found) and found[position][0] not in taken:
+                    taken.add(found[position][0])
+                    order.append((found[position][0], source))
+        order = order[:k]
+        if Source.POPULAR in wanted and len(order) < k:
+            rows = self.popular(k - len(order), set(excluded) | taken)
+            ranks[Source.POPULAR] = {row: r for r, row in enumerate(rows, 1)}
+            order.extend((row, Source.POPULAR) for row in rows)
+        used = tuple(
+            source
+            for source in (*(s for s, _ in lists), Source.POPULAR)
+            if any(s == source for _, s in order)
+        )
+        at = np.fromiter((row for row, _ in order), np.int64, len(order))
+        dot = (
+            self.item_embeddings[at] @ user.vector
+            if user.vector is not None
+            else np.zeros(len(at), np.float32)
+        )
+        vote_of = vote[at] if vote is not None else np.zeros(len(at), np.float32)
+        recent_of = recent[at] if recent is not None else np.zeros(len(at), np.float32)
+        personal = user.personal or Source.ANN
+        columns = (
+            (personal, dot),
+            (Source.ITEM2ITEM, vote_of),
+            (Source.RECENT, recent_of),
+            (Source.POPULAR, self.popularity[at]),
+        )
+        rank_lists = [[ranks.get(src, {}).get(row, 0) for row, _ in order] for src, _ in columns]
+        score_lists = [values.tolist() for _, values in columns]
+        candidates = []
+        for i, (row, source) in enumerate(order):
+            scores = tuple(
+                SourceScore(src, score_lists[c][i], rank_lists[c][i])
+                for c, (src, _) in enumerate(columns)
+            )
+            score = next(s.score for s in scores if s.source == source)
+            candidates.append(
+                Candidate(self.item_ids[row], score, source, self.titles[row], scores)
+            )
+        return Generated(candidates, used)
+
+
+def personal_score(candidate: Candidate) -> float:
+    """The user representation's inner product with the item (0 where none was computed)."""
+    for s in candidate.scores:
+        if s.source in EMBEDDING_SOURCES:
+            return s.score
+    return candidate.score if candidate.source in EMBEDDING_SOURCES else 0.0
