@@ -161,8 +161,8 @@ def _main(argv: list[str] | None) -> int:
             from tqdm.contrib.logging import logging_redirect_tqdm
 
             from training.config import load_config
-            from training.pipeline import run
             from training.report import table
+            from training.run import run
 
             known = [o for a in parser_train(parser)._actions for o in a.option_strings]
             cfg = load_config(args.config, _overrides(args, extra, known))

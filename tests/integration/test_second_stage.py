@@ -25,7 +25,7 @@ from recsys.sources import NEIGHBOURS_FILE, Neighbours
 from recsys.v1 import ranking_pb2
 from tests.integration.test_ranking_server import Ranker
 from training.config import load_config
-from training.pipeline import run
+from training.run import run
 
 pytestmark = pytest.mark.integration
 

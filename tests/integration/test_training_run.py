@@ -22,7 +22,7 @@ from recsys.repository import (
 from training.cli import main
 from training.config import load_config
 from training.export_onnx import ExportError, TableTower, _export, check_graph, publish
-from training.pipeline import run
+from training.run import run
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SYNTHETIC = REPO_ROOT / "training" / "configs" / "synthetic.toml"
