@@ -47,6 +47,7 @@ def create_manager(settings: RankingSettings) -> ModelManager:
             max_queue_delay_s=settings.max_queue_delay_us / 1e6,
             max_queue_requests=settings.max_queue_requests,
             concurrency=settings.session_concurrency,
+            mode=settings.batching,
         ),
         poll_interval_s=settings.poll_interval_s,
     )
