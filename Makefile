@@ -11,7 +11,7 @@ PROTO_SRC := $(wildcard protos/recsys/v1/*.proto protos/recsys/inference/*.proto
 PROTO_OUT := $(patsubst protos/%.proto,%_pb2.py,$(PROTO_SRC))
 
 .PHONY: help setup tools protos check-protos lint fmt test test-fast e2e bench bench-quality \
-	bench-ranker bench-gateway bench-rollout probe demo train serve serve-ranking serve-retrieval \
+	bench-ranker bench-vocab bench-gateway bench-rollout bench-peers probe demo train serve serve-ranking serve-retrieval \
 	serve-gateway docs check-docs images k8s-render k8s-check clean
 
 help: ## list the targets
@@ -53,6 +53,9 @@ bench-quality: $(STAMP) ## model quality: ML-1M vs RecBole, every cross-domain p
 
 bench-ranker: $(STAMP) ## the ranking service against the in-process ONNX Runtime ceiling (slow)
 	$(PY) -m bench.ranker
+
+bench-vocab: $(STAMP) ## the Rank API's id mapping in-process: dict, sorted hashes, the vectorised table
+	$(PY) -m bench.vocab
 
 bench-gateway: $(STAMP) ## the whole stack under load: throughput, latency, where the time goes, HNSW recall (slow)
 	$(PY) -m bench.gateway

@@ -28,6 +28,7 @@ from recsys.repository import (
 )
 from recsys.repository.layout import ITEM_INPUT, SCORE_OUTPUT, USER_INPUT
 from serving.ranking.checks import quote
+from serving.ranking.vocab import build_vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -129,30 +130,6 @@ def _index(ids: list[str], path: Path) -> dict[str, int]:
     return index
 
 
-class HashedVocabulary:
-    """Id -> index for many ids at once: the 64-bit string hashes of the vocabulary, sorted, and
-    a binary search per id. A dict lookup per id touches three scattered objects (slot, entry,
-    key string) and costs more than the model on large catalogues; the sorted hashes are one
-    compact array. Python's str hash is keyed per process (SipHash), so an unknown id matches a
-    known one's hash with probability ~len(vocabulary) / 2**64 per lookup."""
-
-    def __init__(self, ids: list[str]) -> None:
-        hashes = np.fromiter(map(hash, ids), np.int64, len(ids))
-        self.order = np.argsort(hashes, kind="stable")
-        self.sorted = hashes[self.order]
-        self.unique = bool(len(ids) < 2 or (np.diff(self.sorted) != 0).all())
-
-    def lookup(self, ids: list[str]) -> np.ndarray:
-        """Indices of `ids` (-1 for unknown ids)."""
-        query = np.fromiter(map(hash, ids), np.int64, len(ids))
-        pos = np.searchsorted(self.sorted, query)
-        np.minimum(pos, len(self.sorted) - 1, out=pos)
-        found = self.sorted[pos] == query
-        out = self.order[pos]
-        out[~found] = -1
-        return out
-
-
 class RankerModel:
     """A loaded, checked and warmed ranker version. `score` is thread-safe (one shared session)."""
 
@@ -176,9 +153,8 @@ class RankerModel:
         self.item_ids = item_ids
         self.user_index = _index(user_ids, directory / USERS_FILE)
         self.item_index = _index(item_ids, directory / ITEMS_FILE)
-        hashed = HashedVocabulary(item_ids)
-        # Two ids with one hash (~n**2 / 2**65): keep to the exact dict lookups.
-        self._hashed_items = hashed if hashed.unique else None
+        # None where two ids share a hash (~n**2 / 2**65): then exact dict lookups.
+        self._hashed_items = build_vocabulary(item_ids)
         self.provider = session.get_providers()[0]
         self.io_binding = io_binding
         self._device = "cuda" if self.provider == CUDA else "cpu"
