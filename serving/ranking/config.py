@@ -70,6 +70,11 @@ class RankingSettings(ServerSettings):
         description="Let idle ONNX Runtime pool threads spin (lower latency, more CPU); false "
         "leaves the cores to gRPC and the clients.",
     )
+    precision: Literal["fp32", "int8"] = Field(
+        "fp32",
+        description="The graph to serve: fp32, or int8 (the quantised graph training exports "
+        "beside it; a version without one serves fp32 and logs a warning).",
+    )
     io_binding: bool = Field(
         False,
         description="Run sessions through IO binding: inputs and outputs bound explicitly "

@@ -28,6 +28,7 @@ from recsys.repository import (
 )
 from recsys.repository.layout import ITEM_INPUT, SCORE_OUTPUT, USER_INPUT
 from serving.ranking.checks import quote
+from serving.ranking.precision import SelectedGraph, select_graph
 from serving.ranking.vocab import build_vocabulary
 
 logger = logging.getLogger(__name__)
@@ -121,6 +122,7 @@ class SessionOptions:
     warmup_candidates: int = 1024
     allow_spinning: bool = True
     require_provider: bool = False  # the first provider or nothing (RANKING_PROVIDER=cuda)
+    precision: str = "fp32"  # the graph to serve where the version has it (RANKING_PRECISION)
 
 
 def _index(ids: list[str], path: Path) -> dict[str, int]:
@@ -132,6 +134,8 @@ def _index(ids: list[str], path: Path) -> dict[str, int]:
 
 class RankerModel:
     """A loaded, checked and warmed ranker version. `score` is thread-safe (one shared session)."""
+
+    graph = SelectedGraph()  # the file, precision and tensor names it is served from
 
     def __init__(
         self,
@@ -183,6 +187,7 @@ class RankerModel:
                 )
             user_ids = read_users(directory / USERS_FILE).ids
             item_ids = read_items(directory / ITEMS_FILE).ids
+            graph = select_graph(name, version, directory, metadata, options.precision)
         except RepositoryError as exc:
             raise ModelLoadError(str(exc)) from exc
         so = ort.SessionOptions()
@@ -196,12 +201,10 @@ class RankerModel:
             so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
             session = ort.InferenceSession(
-                str(directory / MODEL_FILE), sess_options=so, providers=list(options.providers)
+                str(graph.path), sess_options=so, providers=list(options.providers)
             )
         except Exception as exc:  # ORT raises several exception types for unreadable graphs
-            raise ModelLoadError(
-                f"{directory / MODEL_FILE}: ONNX Runtime cannot load it: {exc}"
-            ) from exc
+            raise ModelLoadError(f"{graph.path}: ONNX Runtime cannot load it: {exc}") from exc
         actual = session.get_providers()[0]
         if actual != options.providers[0]:
             if options.require_provider:
@@ -215,22 +218,25 @@ class RankerModel:
         try:
             check_signature(
                 metadata,
-                session.get_inputs(),
-                session.get_outputs(),
+                graph.names.as_contract(session.get_inputs()),
+                graph.names.as_contract(session.get_outputs(), outputs=True),
                 directory,
                 expected=RANKER_SIGNATURE,
+                graph_file=graph.path.name,
             )
         except RepositoryError as exc:
             raise ModelLoadError(str(exc)) from exc
         model = cls(
             name, version, directory, metadata, session, user_ids, item_ids, options.io_binding
         )
+        model.graph = graph
         model.warm_up(options.warmup_candidates)
         logger.info(
-            "Loaded %s version %d from %s on %s (%d users, %d items) in %.2f s",
+            "Loaded %s version %d from %s (%s) on %s (%d users, %d items) in %.2f s",
             name,
             version,
-            directory,
+            graph.path,
+            graph.precision,
             model.provider,
             model.n_users,
             model.n_items,
@@ -303,7 +309,8 @@ class RankerModel:
 
     def score(self, user_index: np.ndarray, item_index: np.ndarray) -> np.ndarray:
         """Scores (float32, one per pair) from one session run; thread-safe."""
-        feeds = {USER_INPUT: user_index, ITEM_INPUT: item_index}
+        feeds = self.graph.names.feeds({USER_INPUT: user_index, ITEM_INPUT: item_index})
+        output = self.graph.names.output(SCORE_OUTPUT)
         if self.io_binding:
             binding = self.session.io_binding()
             for name, array in feeds.items():
@@ -313,11 +320,11 @@ class RankerModel:
                     binding.bind_ortvalue_input(
                         name, ort.OrtValue.ortvalue_from_numpy(array, self._device, 0)
                     )
-            binding.bind_output(SCORE_OUTPUT, self._device)
+            binding.bind_output(output, self._device)
             self.session.run_with_iobinding(binding)
             out = binding.copy_outputs_to_cpu()[0]
         else:
-            out = self.session.run([SCORE_OUTPUT], feeds)[0]
+            out = self.session.run([output], feeds)[0]
         scores = np.asarray(out, dtype=np.float32).reshape(-1)
         if scores.shape[0] != user_index.shape[0]:
             raise RuntimeError(
@@ -331,6 +338,7 @@ class RankerModel:
             "name": self.name,
             "version": self.version,
             "provider": self.provider,
+            "precision": self.graph.precision,
             "users": self.n_users,
             "items": self.n_items,
         }

@@ -38,6 +38,7 @@ def create_manager(settings: RankingSettings) -> ModelManager:
             intra_op_threads=settings.intra_op_threads,
             inter_op_threads=settings.inter_op_threads,
             io_binding=settings.io_binding,
+            precision=settings.precision,
             allow_spinning=settings.allow_spinning,
             require_provider=settings.provider == "cuda",
             warmup_candidates=settings.max_batch_candidates,
