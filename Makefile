@@ -60,6 +60,10 @@ bench-vocab: $(STAMP) ## the Rank API's id mapping in-process: dict, sorted hash
 bench-gateway: $(STAMP) ## the whole stack under load: throughput, latency, where the time goes, HNSW recall (slow)
 	$(PY) -m bench.gateway
 
+bench-peers: $(STAMP) ## the ranker beside a plain grpc.aio server, KServe and Triton (PyTriton), each in its own venv (slow)
+	scripts/setup-peers.sh $(PYTHON) .venv-peers
+	$(PY) -m bench.peers $(ARGS)
+
 bench-rollout: $(STAMP) ## rolling update of the rankers and a model version rollout under load (slow)
 	$(PY) -m bench.rollout
 

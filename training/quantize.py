@@ -15,7 +15,7 @@ and MIN_TOP10."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -116,7 +116,7 @@ class _Reader:
 
 
 def quantise(
-    fp32: Path, out: Path, input_names: list[str], calibration: list[tuple[np.ndarray, ...]]
+    fp32: Path, out: Path, input_names: list[str], calibration: Sequence[tuple[np.ndarray, ...]]
 ) -> str:
     """Write the int8 graph of `fp32` to `out`; returns the method used."""
     from onnxruntime.quantization import (
