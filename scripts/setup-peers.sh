@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Create one virtualenv per peer server of `make bench-peers` under .venv-peers/ (KServe,
-# Triton through PyTriton), from bench/peers/<peer>.txt; a peer that does not install is reported
+# Triton through PyTriton), from bench/peer_requirements/<peer>.txt; a peer that does not install is reported
 # and skipped, the others still are.
 set -uo pipefail
 python=${1:-python3}
 root=${2:-.venv-peers}
 mkdir -p "$root"
-for requirements in bench/peers/*.txt; do
+for requirements in bench/peer_requirements/*.txt; do
     peer=$(basename "$requirements" .txt)
     venv="$root/$peer"
     stamp="$venv/.installed"
