@@ -133,26 +133,31 @@ def infer_payloads(
 
 
 def start_peers(
-    repo: Path, model: str, model_path: Path, logs: Path, threads: int
+    repo: Path, model: str, model_path: Path, logs: Path, threads: int, leave_out: set[str]
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """Every server that can start here; and, for each that cannot, why."""
+    """Every server that can start here (but those left out); and, for each that cannot, why."""
     servers: dict[str, Any] = {}
     skipped: dict[str, str] = {}
-    ranker = Service(repo, model, logs / "ranker.log", provider="cpu", intra_op_threads=threads)
-    servers[RANKER] = ranker
+    if "ranker" not in leave_out:
+        servers[RANKER] = Service(
+            repo, model, logs / "ranker.log", provider="cpu", intra_op_threads=threads
+        )
     common = ["--model", str(model_path), "--name", model, "--threads", str(threads)]
     port = free_port()
-    servers[PLAIN] = Peer(
-        PLAIN,
-        [sys.executable, "-m", "bench.peer_servers.plain", "--port", str(port), *common],
-        port,
-        logs / "plain.log",
-    )
+    if "plain" not in leave_out:
+        servers[PLAIN] = Peer(
+            PLAIN,
+            [sys.executable, "-m", "bench.peer_servers.plain", "--port", str(port), *common],
+            port,
+            logs / "plain.log",
+        )
     for label, venv, script, ports in (
         (KSERVE, "kserve", "kserve_server.py", ["--port", "--http-port"]),
         (TRITON, "pytriton", "pytriton_server.py", ["--port", "--http-port", "--metrics-port"]),
     ):
         python = PEERS_VENV / venv / "bin" / "python"
+        if {"kserve": "kserve", "pytriton": "triton"}[venv] in leave_out:
+            continue
         if not (PEERS_VENV / venv / ".installed").exists():
             skipped[label] = f"{PEERS_VENV / venv} is not installed (scripts/setup-peers.sh)"
             continue
@@ -194,6 +199,9 @@ def main() -> int:
     parser.add_argument("--duration-s", type=float, default=5.0)
     parser.add_argument("--warmup-s", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads of every server")
+    parser.add_argument(
+        "--skip", default="", help="servers to leave out: ranker, plain, kserve, triton"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "peers")
     args = parser.parse_args()
 
@@ -208,7 +216,8 @@ def main() -> int:
         publish_bench_model(repo, model, args.users, args.items, int8=False)
         _, users, items, model_path = load_vocabulary(repo, model)
         payloads = infer_payloads(model, len(users), len(items), args.candidates)
-        servers, skipped = start_peers(repo, model, model_path, logs, args.threads)
+        leave_out = {k for k in args.skip.split(",") if k}
+        servers, skipped = start_peers(repo, model, model_path, logs, args.threads, leave_out)
         for label, why in skipped.items():
             print(f"skipped {label}: {why}", flush=True)
         try:

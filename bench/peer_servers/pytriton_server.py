@@ -9,7 +9,9 @@ inference function that runs one ONNX Runtime session on each batch. Runs in
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import sysconfig
 
 import numpy as np
 import onnxruntime as ort
@@ -26,6 +28,13 @@ def main() -> int:
     parser.add_argument("--max-batch", type=int, default=16384)
     parser.add_argument("--max-queue-delay-us", type=int, default=500)
     args = parser.parse_args()
+    # Triton's Python backend stub links libpython: this interpreter's, not another of the same
+    # minor version found first on the loader's path (its C objects would not match the stdlib).
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if libdir:
+        os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(
+            [libdir, *filter(None, [os.environ.get("LD_LIBRARY_PATH")])]
+        )
     from pytriton.decorators import batch
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig
