@@ -353,8 +353,12 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"- Target (p99 <= 50 ms at 50 req/s, no errors): **{'met' if s['target_met'] else 'missed'}** "
         f"(p99 {s['p99_at_50_rps_ms']} ms, {s['errors_at_50_rps']} errors).",
         f"- Breaking point (highest rate with p99 < 100 ms, no errors, 90 % of the rate "
-        f"delivered): **{s['breaking_point_rps']} req/s**; the next rate, "
-        f"{s['first_failing_rate']} req/s, did not hold.",
+        f"delivered): **{s['breaking_point_rps']} req/s**; "
+        + (
+            f"the next rate, {s['first_failing_rate']} req/s, did not hold."
+            if s["first_failing_rate"] is not None
+            else "no rate tried failed (raise --max-rate)."
+        ),
         f"- CPU per Recommend at the breaking point, summed over the service processes: "
         f"**{s['cpu_ms_per_recommend_total_at_breaking_point']} ms** "
         f"({s['cpu_ms_per_recommend_at_breaking_point']}).",
