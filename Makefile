@@ -46,7 +46,7 @@ test: $(STAMP) tools ## the whole test suite (unit, integration, e2e, k8s)
 test-fast: $(STAMP) ## unit tests only
 	$(BIN)/pytest -q tests/unit
 
-bench: bench-quality bench-ranker bench-gateway bench-rollout ## every benchmark (slow)
+bench: bench-quality bench-ranker bench-vocab bench-gateway bench-rollout ## every benchmark but bench-peers (slow)
 
 bench-quality: $(STAMP) ## model quality: ML-1M vs RecBole, every cross-domain pair both ways, demo time (slow)
 	$(PY) -m bench.quality
