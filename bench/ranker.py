@@ -235,7 +235,9 @@ def _flag(key: str, value: Any) -> str:
 class Service:
     """`python -m serving.ranking` as a child process, stopped with SIGTERM."""
 
-    def __init__(self, repo: Path, model: str, log: Path, **settings: Any) -> None:
+    def __init__(
+        self, repo: Path, model: str, log: Path, *, source: Path = ROOT, **settings: Any
+    ) -> None:
         self.port, self.metrics_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
         args = [
@@ -254,7 +256,7 @@ class Service:
         env = dict(os.environ)
         self._log = log.open("wb")
         self.proc = subprocess.Popen(
-            args, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT
+            args, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=source
         )
         self.log_path = log
 
@@ -422,6 +424,7 @@ def oip_payloads(
     return tuple(out)
 
 
+BEFORE = "before (the earlier tree, its defaults)"
 CONFIGS: dict[str, dict[str, Any]] = {
     "defaults (BATCHING=queued)": {},
     "BATCHING=delay 2000us": {"batching": "delay", "max_queue_delay_us": 2000},
@@ -465,6 +468,12 @@ def main() -> int:
         metavar="KEY=VALUE",
         help="extra ranker setting for every configuration, e.g. allow_spinning=false",
     )
+    parser.add_argument(
+        "--before",
+        type=Path,
+        help="the source tree of an earlier version (e.g. `git archive <commit> | tar -x -C "
+        "DIR`): its server, with its defaults, runs beside the others as 'before'",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ranker")
     args = parser.parse_args()
 
@@ -472,6 +481,8 @@ def main() -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     apis = [a for a in args.apis.split(",") if a]
     configs = {k: v for k, v in CONFIGS.items() if k in args.configs.split(",")}
+    if args.before is not None:
+        configs = {BEFORE: {}} | configs
     extra = dict(item.split("=", 1) for item in args.server_setting)
     int8_check: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-ranker-") as tmp:
@@ -537,6 +548,7 @@ def main() -> int:
                 repo,
                 args.model,
                 tmpdir / f"ranker-{k}.log",
+                source=args.before if label == BEFORE else ROOT,
                 provider="cpu",
                 intra_op_threads=args.intra_op_threads,
                 **{**settings, **extra},
@@ -600,7 +612,7 @@ def main() -> int:
         return None if r is None else float(r["p50_ms"])
 
     c8 = 8 if 8 in levels else max(levels)
-    checks = {
+    checks: dict[str, Any] = {
         "defaults_vs_batching_off_req_s": {
             f"{api} c={c}": ratio(find(default, api, c), find(off, api, c))
             for api in apis
@@ -624,8 +636,23 @@ def main() -> int:
         },
         "zero_errors": all(r["errors"] == 0 for r in rows),
     }
+    if args.before is not None:
+        checks["defaults_vs_before_req_s"] = {
+            f"{api} c={c}": ratio(find(default, api, c), find(BEFORE, api, c))
+            for api in apis
+            for c in levels
+        }
+        checks["defaults_vs_before_server_cpu_per_request"] = {
+            f"{api} c={c}": _over(
+                (find(default, api, c) or {}).get("server_cpu_ms_per_request"),
+                (find(BEFORE, api, c) or {}).get("server_cpu_ms_per_request"),
+            )
+            for api in apis
+            for c in levels
+        }
     result = {
         "model": source,
+        "before_tree": str(args.before) if args.before else None,
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
