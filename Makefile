@@ -11,9 +11,9 @@ PROTO_SRC := $(wildcard protos/recsys/v1/*.proto protos/recsys/inference/*.proto
 PROTO_OUT := $(patsubst protos/%.proto,%_pb2.py,$(PROTO_SRC))
 
 .PHONY: help setup tools protos check-protos lint fmt test test-fast e2e bench bench-quality \
-	bench-ranker bench-gateway bench-rollout bench-system probe demo train serve serve-ranking \
-	serve-retrieval serve-gateway docs check-docs base-image images images-smoke images-prune \
-	images-gpu k8s-render k8s-check clean
+	bench-ranker bench-vocab bench-gateway bench-rollout bench-system bench-peers probe demo train \
+	serve serve-ranking serve-retrieval serve-gateway docs check-docs base-image images images-smoke \
+	images-prune images-gpu k8s-render k8s-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -47,7 +47,7 @@ test: $(STAMP) tools ## the whole test suite (unit, integration, e2e, k8s)
 test-fast: $(STAMP) ## unit tests only
 	$(BIN)/pytest -q tests/unit
 
-bench: bench-quality bench-ranker bench-gateway bench-rollout ## every benchmark (slow)
+bench: bench-quality bench-ranker bench-vocab bench-gateway bench-rollout ## every benchmark but bench-peers (slow)
 
 bench-quality: $(STAMP) ## model quality: ML-1M vs RecBole, every cross-domain pair both ways, demo time (slow)
 	$(PY) -m bench.quality
@@ -55,11 +55,18 @@ bench-quality: $(STAMP) ## model quality: ML-1M vs RecBole, every cross-domain p
 bench-ranker: $(STAMP) ## the ranking service against the in-process ONNX Runtime ceiling (slow)
 	$(PY) -m bench.ranker
 
+bench-vocab: $(STAMP) ## the Rank API's id mapping in-process: dict, sorted hashes, the vectorised table
+	$(PY) -m bench.vocab
+
 bench-gateway: $(STAMP) ## the whole stack under load: throughput, latency, where the time goes, HNSW recall (slow)
 	$(PY) -m bench.gateway
 
 bench-system: $(STAMP) ## the served pipeline on test splits: retrieval order vs dot-product vs learned ranker (slow)
 	$(PY) -m bench.system $(SYSTEM_ARGS)
+
+bench-peers: $(STAMP) ## the ranker beside a plain grpc.aio server, KServe and Triton (PyTriton), each in its own venv (slow)
+	scripts/setup-peers.sh $(PYTHON) .venv-peers
+	$(PY) -m bench.peers $(ARGS)
 
 bench-rollout: $(STAMP) ## rolling update of the rankers and a model version rollout under load (slow)
 	$(PY) -m bench.rollout

@@ -1,6 +1,8 @@
 """Gateway benchmark: the whole stack (retrieval, two rankers, gateway) as processes on this
-machine, driven by a load generator in separate processes at concurrency 1, 8 and 32 and at fixed
-request rates; every request retrieves 500 candidates and ranks all of them.
+machine, driven by a load generator in separate processes at concurrency 1, 8 and 32 and at
+request rates that rise (by --rate-step, from --start-rate) until p99 passes 100 ms or calls fail:
+the breaking point is the highest rate that held. Every request retrieves 500 candidates and ranks
+all of them.
 
 Reports throughput, p50/p95/p99 latency, errors and degradations per phase, where the time goes
 (retrieval, ranking, merging, response building and transport, from the services' own
@@ -299,6 +301,28 @@ def recall_benchmark(n_items: int, dim: int, queries: int, seed: int) -> dict[st
 # --- report -----------------------------------------------------------------------------------
 
 
+def _rates(fixed: str, start: float, step: float, most: float) -> list[float]:
+    """The fixed rates, or the rising ones start, start * step, ... up to `most`."""
+    if fixed:
+        return [float(x) for x in fixed.split(",") if x]
+    rates, rate = [], start
+    while rate <= most:
+        rates.append(round(rate, 1))
+        rate *= step
+    return rates
+
+
+def _holds(phase: dict[str, Any]) -> bool:
+    """p99 under 100 ms, no errors, and the rate was delivered (90 %)."""
+    p99 = phase["latency_ms"]["p99"]
+    return (
+        p99 is not None
+        and p99 < 100
+        and not phase["errors"]
+        and phase["throughput_rps"] >= 0.9 * phase["target"]
+    )
+
+
 def to_markdown(result: dict[str, Any]) -> str:
     cfg = result["config"]
     lines = [
@@ -328,7 +352,16 @@ def to_markdown(result: dict[str, Any]) -> str:
         "",
         f"- Target (p99 <= 50 ms at 50 req/s, no errors): **{'met' if s['target_met'] else 'missed'}** "
         f"(p99 {s['p99_at_50_rps_ms']} ms, {s['errors_at_50_rps']} errors).",
-        f"- Highest fixed rate with p99 < 100 ms and no errors: **{s['max_rate_p99_under_100ms']} req/s**.",
+        f"- Breaking point (highest rate with p99 < 100 ms, no errors, 90 % of the rate "
+        f"delivered): **{s['breaking_point_rps']} req/s**; "
+        + (
+            f"the next rate, {s['first_failing_rate']} req/s, did not hold."
+            if s["first_failing_rate"] is not None
+            else "no rate tried failed (raise --max-rate)."
+        ),
+        f"- CPU per Recommend at the breaking point, summed over the service processes: "
+        f"**{s['cpu_ms_per_recommend_total_at_breaking_point']} ms** "
+        f"({s['cpu_ms_per_recommend_at_breaking_point']}).",
         "",
         "## Where the time goes (mean ms per request or call, per phase)",
         "",
@@ -391,7 +424,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
     parser.add_argument("--concurrency", default="1,8,32")
-    parser.add_argument("--rates", default="25,50,75,100,150,200")
+    parser.add_argument(
+        "--rates", default="", help="fixed rates instead of the rising ones, e.g. 25,50,100"
+    )
+    parser.add_argument("--start-rate", type=float, default=50.0)
+    parser.add_argument("--rate-step", type=float, default=1.25, help="factor between rates")
+    parser.add_argument("--max-rate", type=float, default=5000.0)
     parser.add_argument("--n-items", type=int, default=20_000)
     parser.add_argument("--n-users", type=int, default=2_000)
     parser.add_argument("--dim", type=int, default=64)
@@ -404,7 +442,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="short phases, small recall run")
     args = parser.parse_args()
     if args.quick:
-        args.duration, args.rates, args.concurrency, args.recall_items = 3.0, "50", "8", 20_000
+        args.duration, args.concurrency, args.recall_items = 3.0, "8", 20_000
+        args.rates = args.rates or "50"
 
     from devtools.stack import Stack, StackOptions
 
@@ -454,7 +493,7 @@ def main() -> int:
                 print(
                     json.dumps(phases[-1]["latency_ms"]), phases[-1]["throughput_rps"], flush=True
                 )
-            for r in [float(x) for x in args.rates.split(",") if x]:
+            for r in _rates(args.rates, args.start_rate, args.rate_step, args.max_rate):
                 print(f"phase: rate {r:g}/s", flush=True)
                 phases.append(
                     run_phase(
@@ -464,6 +503,8 @@ def main() -> int:
                 print(
                     json.dumps(phases[-1]["latency_ms"]), phases[-1]["throughput_rps"], flush=True
                 )
+                if not args.rates and not _holds(phases[-1]):
+                    break  # the breaking point: higher rates only queue up
                 p99 = phases[-1]["latency_ms"]["p99"]
                 if p99 is None or p99 > 1000:
                     break  # saturated: higher rates only queue up
@@ -474,14 +515,10 @@ def main() -> int:
     recall = recall_benchmark(args.recall_items, args.dim, 200, seed=1)
     rate_phases = [p for p in phases if p["mode"] == "rate"]
     at_50 = next((p for p in rate_phases if p["target"] == 50), None)
-    holding = [
-        p["target"]
-        for p in rate_phases
-        if p["latency_ms"]["p99"] is not None
-        and p["latency_ms"]["p99"] < 100
-        and not p["errors"]
-        and p["throughput_rps"] >= 0.9 * p["target"]
-    ]
+    holding = [p["target"] for p in rate_phases if _holds(p)]
+    breaking = (
+        next((p for p in rate_phases if p["target"] == max(holding)), None) if holding else None
+    )
     summary = {
         "p99_at_50_rps_ms": at_50["latency_ms"]["p99"] if at_50 else None,
         "errors_at_50_rps": sum(at_50["errors"].values()) if at_50 else None,
@@ -492,6 +529,16 @@ def main() -> int:
             and not at_50["errors"]
         ),
         "max_rate_p99_under_100ms": max(holding) if holding else None,
+        "breaking_point_rps": max(holding) if holding else None,
+        "first_failing_rate": next((p["target"] for p in rate_phases if not _holds(p)), None),
+        "cpu_ms_per_recommend_at_breaking_point": breaking["cpu_ms_per_request"]
+        if breaking
+        else None,
+        "cpu_ms_per_recommend_total_at_breaking_point": round(
+            sum(breaking["cpu_ms_per_request"].values()), 3
+        )
+        if breaking
+        else None,
     }
     result = {
         "benchmark": "gateway",

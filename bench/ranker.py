@@ -1,13 +1,17 @@
 """Benchmark of the ranking service against the raw ONNX Runtime ceiling (`make bench-ranker`).
 
 Builds a DLRM-sized ranker (64-dim user and item embeddings, an MLP over [u, v, u*v] of
-192-256-128-1; or `--repository` to use a trained one), then in one run:
+192-256-128-1, and its int8 graph from training/quantize.py; or `--repository` to use a trained
+one), then in one run:
 
-- the ceiling: the same ONNX session, same thread settings, run in this process on batches of
-  the request size (1,000 candidates) and of the sizes dynamic batching forms;
-- the service (`python -m serving.ranking` as its own process) driven by bench/loadgen.py client
-  processes sending 1,000-candidate Rank requests at concurrency 1, 8 and 32, with dynamic
-  batching on (the defaults) and off (MAX_QUEUE_DELAY_US=0).
+- the ceiling: the same ONNX session with the server's thread settings, run in this process on
+  batches of the request size (1,000 candidates) and of the sizes dynamic batching forms, fp32
+  and int8 (the curve that chooses MAX_BATCH_CANDIDATES on this device);
+- the service (`python -m serving.ranking` as its own process, one per configuration: the
+  defaults, BATCHING=delay, BATCHING=off, PRECISION=int8) driven by bench/loadgen.py client
+  processes sending 1,000-candidate requests over both APIs (Rank with ids, the Open Inference
+  Protocol's ModelInfer with indices) at each concurrency; per point the server's CPU time per
+  request (psutil) beside ONNX Runtime's own run time per request (its compute histogram).
 
 Writes bench/results/ranker.json and ranker.md and prints the table.
 
@@ -34,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 from bench.loadgen import LoadResult, UnaryBytesCall, run_load  # noqa: E402
 
 RANK_METHOD = "/recsys.v1.RankingService/Rank"
+INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+METHODS = {"rank": RANK_METHOD, "oip": INFER_METHOD}
 
 
 # -- the model -------------------------------------------------------------------------------------
@@ -86,8 +92,12 @@ def dlrm_ranker_graph(n_users: int, n_items: int, dim: int = 64, seed: int = 0) 
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def publish_bench_model(repo: Path, name: str, n_users: int, n_items: int) -> int:
-    """Publish the DLRM-sized ranker as a version of `name` in `repo`."""
+def publish_bench_model(
+    repo: Path, name: str, n_users: int, n_items: int, *, int8: bool = True
+) -> dict[str, Any]:
+    """Publish the DLRM-sized ranker (and its int8 graph, calibrated on random pairs: the model
+    has no training data) as a version of `name` in `repo`. Returns the int8 check (or {})."""
+    import numpy as np
     import onnx
 
     from recsys.repository import (
@@ -99,6 +109,8 @@ def publish_bench_model(repo: Path, name: str, n_users: int, n_items: int) -> in
         write_items,
         write_users,
     )
+    from recsys.repository.graphs import INT8_MODEL_FILE
+    from training.quantize import check_against_fp32, quantise
 
     with VersionPublisher(repo, [name]) as pub:
         d = pub.describe(
@@ -113,10 +125,25 @@ def publish_bench_model(repo: Path, name: str, n_users: int, n_items: int) -> in
             },
         )
         onnx.save(dlrm_ranker_graph(n_users, n_items), d / MODEL_FILE)
+        check: dict[str, Any] = {}
+        if int8:
+            rng = np.random.default_rng(2)
+            pairs = [
+                (rng.integers(0, n_users, 1000), rng.integers(0, n_items, 1000)) for _ in range(16)
+            ]
+            names = RANKER_SIGNATURE.input_names
+            method = quantise(d / MODEL_FILE, d / INT8_MODEL_FILE, names, pairs)
+            check = check_against_fp32(
+                d / MODEL_FILE, d / INT8_MODEL_FILE, names, n_users, n_items, method=method
+            ).to_json()
+            metadata = json.loads((d / "metadata.json").read_text())
+            metadata["graphs"] = {"fp32": MODEL_FILE, "int8": INT8_MODEL_FILE}
+            metadata["int8_check"] = check
+            (d / "metadata.json").write_text(json.dumps(metadata, indent=2))
         write_users(d / USERS_FILE, [f"user{i}" for i in range(n_users)])
         write_items(d / ITEMS_FILE, [f"item{j}" for j in range(n_items)])
     assert pub.version is not None
-    return pub.version
+    return check
 
 
 def load_vocabulary(repo: Path, name: str) -> tuple[int, list[str], list[str], Path]:
@@ -151,7 +178,7 @@ def measure_ceiling(
     providers: list[str],
     intra_op_threads: int = 0,
     seconds: float = 3.0,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Candidates/s of one session run back to back in this process on batches of `batch`."""
     import numpy as np
     import onnxruntime as ort
@@ -208,7 +235,9 @@ def _flag(key: str, value: Any) -> str:
 class Service:
     """`python -m serving.ranking` as a child process, stopped with SIGTERM."""
 
-    def __init__(self, repo: Path, model: str, log: Path, **settings: Any) -> None:
+    def __init__(
+        self, repo: Path, model: str, log: Path, *, source: Path = ROOT, **settings: Any
+    ) -> None:
         self.port, self.metrics_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
         args = [
@@ -227,7 +256,7 @@ class Service:
         env = dict(os.environ)
         self._log = log.open("wb")
         self.proc = subprocess.Popen(
-            args, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT
+            args, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=source
         )
         self.log_path = log
 
@@ -295,6 +324,13 @@ def rank_payloads(
     return tuple(out)
 
 
+def _cpu_seconds(pid: int) -> float:
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
 def drive(
     service: Service,
     payloads: tuple[bytes, ...],
@@ -305,10 +341,13 @@ def drive(
     duration_s: float,
     warmup_s: float,
     processes: int,
+    method: str = RANK_METHOD,
 ) -> dict[str, Any]:
-    """One load point, with the batch sizes the server formed meanwhile (from its metrics)."""
+    """One load point, with the batch sizes the server formed meanwhile (from its metrics), the
+    server's CPU time per request and ONNX Runtime's run time per request over the same span."""
     before = service.metrics()
-    factory = UnaryBytesCall(service.address, RANK_METHOD, payloads, (candidates,) * len(payloads))
+    cpu_before = _cpu_seconds(service.proc.pid)
+    factory = UnaryBytesCall(service.address, method, payloads, (candidates,) * len(payloads))
     result: LoadResult = run_load(
         factory,
         concurrency=concurrency,
@@ -316,13 +355,19 @@ def drive(
         warmup_s=warmup_s,
         processes=processes,
     )
+    cpu = _cpu_seconds(service.proc.pid) - cpu_before
     after = service.metrics()
 
     def delta(name: str) -> float:
         return metric_value(after, name, model=model) - metric_value(before, name, model=model)
 
     runs = delta("recsys_ranker_batch_requests_count")
+    served = delta("recsys_ranker_batch_requests_sum")  # every request the server scored
     point = result.as_dict()
+    point["server_cpu_ms_per_request"] = 1000 * cpu / served if served else None
+    point["ort_ms_per_request"] = (
+        1000 * delta("recsys_ranker_compute_duration_seconds_sum") / served if served else None
+    )
     point["mean_batch_requests"] = delta("recsys_ranker_batch_requests_sum") / runs if runs else 0.0
     point["mean_batch_candidates"] = (
         delta("recsys_ranker_batch_candidates_sum") / runs if runs else 0.0
@@ -331,20 +376,61 @@ def drive(
     return point
 
 
+def _over(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _fmt(value: Any, spec: str = ".2f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
 def _table(rows: list[dict[str, Any]], ceiling: float) -> str:
     lines = [
-        "| batching | candidates/request | concurrency | client procs | req/s | candidates/s | % of ceiling | p50 ms | p95 ms | p99 ms | errors | mean batch (req / cand) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| configuration | API | candidates | concurrency | req/s | candidates/s | % of ceiling "
+        "| p50 ms | p99 ms | server CPU ms/req | ORT ms/req | errors | mean batch (req / cand) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['batching']} | {r['candidates']:,} | {r['concurrency']} | {r['processes']} | "
-            f"{r['requests_per_s']:.1f} | "
-            f"{r['items_per_s']:,.0f} | {100 * r['items_per_s'] / ceiling:.0f}% | {r['p50_ms']:.1f} | "
-            f"{r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | "
-            f"{r['mean_batch_requests']:.1f} / {r['mean_batch_candidates']:,.0f} |"
+            f"| {r['batching']} | {r['api']} | {r['candidates']:,} | {r['concurrency']} | "
+            f"{r['requests_per_s']:.1f} | {r['items_per_s']:,.0f} | "
+            f"{100 * r['items_per_s'] / ceiling:.0f}% | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+            f"{_fmt(r['server_cpu_ms_per_request'])} | {_fmt(r['ort_ms_per_request'])} | "
+            f"{r['errors']} | {r['mean_batch_requests']:.1f} / {r['mean_batch_candidates']:,.0f} |"
         )
     return "\n".join(lines)
+
+
+def oip_payloads(
+    model: str, n_users: int, n_items: int, candidates: int, pool: int = 64, seed: int = 1
+) -> tuple[bytes, ...]:
+    """ModelInfer requests with raw INT64 tensors, as tritonclient sends them."""
+    import numpy as np
+
+    from recsys.inference import grpc_service_pb2 as pb
+    from recsys.repository.layout import ITEM_INPUT, SCORE_OUTPUT, USER_INPUT
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(pool):
+        request = pb.ModelInferRequest(model_name=model)
+        for name in (USER_INPUT, ITEM_INPUT):
+            request.inputs.add(name=name, datatype="INT64", shape=[candidates])
+        request.outputs.add(name=SCORE_OUTPUT)
+        users = np.full(candidates, rng.integers(0, n_users), np.int64)
+        items = rng.integers(0, n_items, candidates).astype(np.int64)
+        request.raw_input_contents.extend([users.tobytes(), items.tobytes()])
+        out.append(request.SerializeToString())
+    return tuple(out)
+
+
+BEFORE = "before (the earlier tree, its defaults)"
+CONFIGS: dict[str, dict[str, Any]] = {
+    "defaults (BATCHING=queued)": {},
+    "BATCHING=delay 2000us": {"batching": "delay", "max_queue_delay_us": 2000},
+    "BATCHING=off": {"batching": "off"},
+    "PRECISION=int8": {"precision": "int8"},
+}
 
 
 def main() -> int:
@@ -356,94 +442,113 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=20_000)
     parser.add_argument("--items", type=int, default=50_000)
     parser.add_argument("--candidates", type=int, default=1000)
-    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--concurrency", default="1,4,8,16")
+    parser.add_argument("--apis", default="rank,oip", help="rank, oip or both")
     parser.add_argument(
-        "--cpu-batch-candidates",
-        type=int,
-        default=2048,
-        help="MAX_BATCH_CANDIDATES of the CPU-tuned batching configuration",
+        "--configs", default=",".join(CONFIGS), help="configurations to run (comma-separated)"
     )
     parser.add_argument(
-        "--small-candidates",
-        type=int,
-        default=100,
-        help="also measure requests this small at the highest concurrency (0: skip)",
+        "--ceiling-batches", default="1000,2000,4000,8000,16384", help="in-process batch sizes"
     )
     parser.add_argument("--processes", type=int, default=2, help="client processes (at most)")
     parser.add_argument("--duration-s", type=float, default=8.0)
     parser.add_argument("--warmup-s", type=float, default=2.0)
-    parser.add_argument("--ceiling-s", type=float, default=4.0)
+    parser.add_argument("--ceiling-s", type=float, default=3.0)
     parser.add_argument(
         "--intra-op-threads",
         type=int,
         default=1,
-        help="the server's ONNX Runtime threads (default 1: clients share the cores)",
+        help="the server's ONNX Runtime threads, also the ceiling's (default 1: clients share "
+        "the cores)",
     )
     parser.add_argument(
         "--server-setting",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="extra ranker setting for both runs, e.g. allow_spinning=false (repeatable)",
+        help="extra ranker setting for every configuration, e.g. allow_spinning=false",
+    )
+    parser.add_argument(
+        "--before",
+        type=Path,
+        help="the source tree of an earlier version (e.g. `git archive <commit> | tar -x -C "
+        "DIR`): its server, with its defaults, runs beside the others as 'before'",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ranker")
     args = parser.parse_args()
 
     load_before = os.getloadavg()
     levels = [int(c) for c in args.concurrency.split(",")]
+    apis = [a for a in args.apis.split(",") if a]
+    configs = {k: v for k, v in CONFIGS.items() if k in args.configs.split(",")}
+    if args.before is not None:
+        configs = {BEFORE: {}} | configs
     extra = dict(item.split("=", 1) for item in args.server_setting)
+    int8_check: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-ranker-") as tmp:
         tmpdir = Path(tmp)
         if args.repository is None:
             repo = tmpdir / "repo"
-            publish_bench_model(repo, args.model, args.users, args.items)
-            source = f"synthetic DLRM-sized ranker ({args.users} users, {args.items} items, dim 64, MLP 192-256-128-1)"
+            int8_check = publish_bench_model(repo, args.model, args.users, args.items)
+            source = (
+                f"synthetic DLRM-sized ranker ({args.users} users, {args.items} items, dim 64, "
+                "MLP 192-256-128-1)"
+            )
         else:
             repo = args.repository
             source = f"{args.model} from {repo}"
         version, users, items, model_path = load_vocabulary(repo, args.model)
+        int8_path = model_path.with_name("model.int8.onnx")
         print(f"model: {source}, version {version}", flush=True)
 
-        # The ceiling at every thread setting (the server's and ONNX Runtime's default of one
-        # thread per core); the comparison uses the best of them at the request size.
+        # The ceiling with the server's own thread settings, fp32 (and int8 where present).
         ceilings = []
-        for batch in sorted({args.candidates, 8 * args.candidates, 16384}):
-            for threads in sorted({args.intra_op_threads, 0}):
+        graphs = [("fp32", model_path)] + ([("int8", int8_path)] if int8_path.exists() else [])
+        for precision, path in graphs:
+            for batch in sorted({int(b) for b in args.ceiling_batches.split(",")}):
                 c = measure_ceiling(
-                    model_path,
+                    path,
                     len(users),
                     len(items),
                     batch,
                     providers=["CPUExecutionProvider"],
-                    intra_op_threads=threads,
+                    intra_op_threads=args.intra_op_threads,
                     seconds=args.ceiling_s,
                 )
-                c["intra_op_threads"] = threads
+                c["intra_op_threads"] = args.intra_op_threads
+                c["precision"] = precision
                 ceilings.append(c)
                 print(
-                    f"ceiling batch {batch}, intra-op threads {threads or 'default'}: "
-                    f"{c['candidates_per_s']:,.0f} candidates/s ({c['run_p50_ms']:.2f} ms/run)",
+                    f"ceiling {precision} batch {batch}: {c['candidates_per_s']:,.0f} "
+                    f"candidates/s ({c['run_p50_ms']:.2f} ms/run)",
                     flush=True,
                 )
-        ceiling = max(c["candidates_per_s"] for c in ceilings if c["batch"] == args.candidates)
 
-        payloads = rank_payloads(args.model, users, items, args.candidates)
-        small_payloads = rank_payloads(args.model, users, items, args.small_candidates or 1)
+        def ceiling_at(precision: str, batch: int) -> float | None:
+            return next(
+                (
+                    c["candidates_per_s"]
+                    for c in ceilings
+                    if c["precision"] == precision and c["batch"] == batch
+                ),
+                None,
+            )
+
+        ceiling = ceiling_at("fp32", args.candidates) or max(
+            c["candidates_per_s"] for c in ceilings
+        )
+        pools = {
+            "rank": rank_payloads(args.model, users, items, args.candidates),
+            "oip": oip_payloads(args.model, len(users), len(items), args.candidates),
+        }
         # Every configuration runs at once (idle when not driven) and the points alternate
         # between them, so that the load of other jobs on the machine drifts evenly over all.
-        configs = {
-            "on": {"max_queue_delay_us": 2000},
-            f"on, max {args.cpu_batch_candidates}": {
-                "max_queue_delay_us": 2000,
-                "max_batch_candidates": args.cpu_batch_candidates,
-            },
-            "off": {"max_queue_delay_us": 0},
-        }
         services = {
             label: Service(
                 repo,
                 args.model,
                 tmpdir / f"ranker-{k}.log",
+                source=args.before if label == BEFORE else ROOT,
                 provider="cpu",
                 intra_op_threads=args.intra_op_threads,
                 **{**settings, **extra},
@@ -454,68 +559,100 @@ def main() -> int:
         try:
             for service in services.values():
                 service.wait_ready()
-            points = [(args.candidates, c, payloads) for c in levels]
-            if args.small_candidates:
-                points.append((args.small_candidates, max(levels), small_payloads))
-            for candidates, concurrency, pool in points:
-                for label, service in services.items():
-                    point = drive(
-                        service,
-                        pool,
-                        candidates,
-                        concurrency,
-                        model=args.model,
-                        duration_s=args.duration_s,
-                        warmup_s=args.warmup_s,
-                        processes=args.processes,
-                    )
-                    point["batching"] = label
-                    point["candidates"] = candidates
-                    point["percent_of_ceiling"] = 100 * point["items_per_s"] / ceiling
-                    rows.append(point)
-                    print(
-                        f"batching {label} c={concurrency} x{candidates}: "
-                        f"{point['items_per_s']:,.0f} cand/s, p99 {point['p99_ms']:.1f} ms, "
-                        f"errors {point['errors']}, mean batch {point['mean_batch_requests']:.1f} req",
-                        flush=True,
-                    )
+            for api in apis:
+                for concurrency in levels:
+                    for label, service in services.items():
+                        point = drive(
+                            service,
+                            pools[api],
+                            args.candidates,
+                            concurrency,
+                            model=args.model,
+                            duration_s=args.duration_s,
+                            warmup_s=args.warmup_s,
+                            processes=args.processes,
+                            method=METHODS[api],
+                        )
+                        point["batching"] = label
+                        point["api"] = api
+                        point["candidates"] = args.candidates
+                        point["percent_of_ceiling"] = 100 * point["items_per_s"] / ceiling
+                        rows.append(point)
+                        print(
+                            f"{label} {api} c={concurrency}: {point['requests_per_s']:,.0f} req/s, "
+                            f"p50 {point['p50_ms']:.2f} ms, p99 {point['p99_ms']:.1f} ms, "
+                            f"CPU {_fmt(point['server_cpu_ms_per_request'])} ms/req, ORT "
+                            f"{_fmt(point['ort_ms_per_request'])} ms/req, errors "
+                            f"{point['errors']}, mean batch {point['mean_batch_requests']:.1f} req",
+                            flush=True,
+                        )
         finally:
             for service in services.values():
                 service.stop()
 
-    def find(batching: str, c: int, n: int = args.candidates) -> dict[str, Any] | None:
+    def find(label: str, api: str, c: int) -> dict[str, Any] | None:
         return next(
             (
                 r
                 for r in rows
-                if r["batching"] == batching and r["concurrency"] == c and r["candidates"] == n
+                if r["batching"] == label and r["api"] == api and r["concurrency"] == c
             ),
             None,
         )
 
-    tuned = f"on, max {args.cpu_batch_candidates}"
-    c8, on32, off32 = find("on", 8), find("on", 32), find("off", 32)
-    tuned8, tuned32 = find(tuned, 8), find(tuned, 32)
-    top = max(levels)
-    small_on = find("on", top, args.small_candidates)
-    small_off = find("off", top, args.small_candidates)
-    checks = {
-        "c8_percent_of_ceiling": c8["percent_of_ceiling"] if c8 else None,
-        "c8_meets_70_percent": bool(c8 and c8["percent_of_ceiling"] >= 70),
-        "c8_percent_of_ceiling_cpu_tuned_batch": tuned8["percent_of_ceiling"] if tuned8 else None,
-        "c32_batching_gain_cpu_tuned_batch": (tuned32["items_per_s"] / off32["items_per_s"])
-        if tuned32 and off32
-        else None,
-        "c32_batching_gain": (on32["items_per_s"] / off32["items_per_s"])
-        if on32 and off32
-        else None,
-        "small_requests_batching_gain": (small_on["items_per_s"] / small_off["items_per_s"])
-        if small_on and small_off
-        else None,
+    default, off, int8 = list(CONFIGS)[0], list(CONFIGS)[2], list(CONFIGS)[3]
+
+    def ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:
+        if a is None or b is None or not b["requests_per_s"]:
+            return None
+        return float(a["requests_per_s"] / b["requests_per_s"])
+
+    def p50(api: str) -> float | None:
+        r = find(default, api, 1)
+        return None if r is None else float(r["p50_ms"])
+
+    c8 = 8 if 8 in levels else max(levels)
+    checks: dict[str, Any] = {
+        "defaults_vs_batching_off_req_s": {
+            f"{api} c={c}": ratio(find(default, api, c), find(off, api, c))
+            for api in apis
+            for c in levels
+        },
+        "c1_p50_ms": {"rank": p50("rank"), "oip": p50("oip")},
+        "c1_p50_targets_met": {
+            "oip <= 1.5 ms": (p50("oip") or 1e9) <= 1.5,
+            "rank <= 2 ms": (p50("rank") or 1e9) <= 2.0,
+        },
+        f"rank_vs_oip_req_s_c{c8}": ratio(find(default, "rank", c8), find(default, "oip", c8)),
+        f"int8_vs_fp32_served_req_s_c{c8}": {
+            api: ratio(find(int8, api, c8), find(default, api, c8)) for api in apis
+        },
+        "int8_in_process_candidates_per_s_batch_1000": ceiling_at("int8", 1000),
+        "int8_vs_fp32_in_process_batch_1000": _over(
+            ceiling_at("int8", 1000), ceiling_at("fp32", 1000)
+        ),
+        f"c{c8}_percent_of_ceiling": {
+            api: (find(default, api, c8) or {}).get("percent_of_ceiling") for api in apis
+        },
         "zero_errors": all(r["errors"] == 0 for r in rows),
     }
+    if args.before is not None:
+        checks["defaults_vs_before_req_s"] = {
+            f"{api} c={c}": ratio(find(default, api, c), find(BEFORE, api, c))
+            for api in apis
+            for c in levels
+        }
+        checks["defaults_vs_before_server_cpu_per_request"] = {
+            f"{api} c={c}": _over(
+                (find(default, api, c) or {}).get("server_cpu_ms_per_request"),
+                (find(BEFORE, api, c) or {}).get("server_cpu_ms_per_request"),
+            )
+            for api in apis
+            for c in levels
+        }
     result = {
         "model": source,
+        "before_tree": str(args.before) if args.before else None,
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
@@ -528,8 +665,11 @@ def main() -> int:
         },
         "candidates_per_request": args.candidates,
         "duration_s": args.duration_s,
+        "warmup_s": args.warmup_s,
         "client_processes": args.processes,
         "server_settings": {"provider": "cpu", "intra_op_threads": args.intra_op_threads, **extra},
+        "configurations": configs,
+        "int8_check": int8_check,
         "ceiling_candidates_per_s": ceiling,
         "ceiling": ceilings,
         "service": rows,
@@ -538,49 +678,47 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     ceiling_rows = "\n".join(
-        f"| {c['batch']:,} | {c['intra_op_threads'] or 'default (one per core)'} | "
+        f"| {c['precision']} | {c['batch']:,} | {c['intra_op_threads'] or 'default'} | "
         f"{c['candidates_per_s']:,.0f} | {c['run_p50_ms']:.2f} |"
         for c in ceilings
     )
+    check_lines = "\n".join(f"- `{k}`: {json.dumps(v)}" for k, v in checks.items())
     md = f"""# Ranking service benchmark
 
 Model: {source}. Machine: {os.cpu_count()} CPUs ({platform.platform()}), ONNX Runtime
 {result["machine"]["onnxruntime"]}, CPU provider. Requests of {args.candidates:,} candidates from
 {args.processes} client processes (fewer for concurrency 1) on the same machine as the server;
-{args.duration_s:g} s measured per point after {args.warmup_s:g} s of warm-up. Other jobs shared the
-machine: 1-minute load average {load_before[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.
+{args.duration_s:g} s measured per point after {args.warmup_s:g} s of warm-up. 1-minute load
+average {load_before[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (other jobs count).
 Throughputs are totals over the measured window (preemption included), for the ceiling too.
 
-## Ceiling: the same ONNX session in-process
+## Ceiling: the same ONNX session in-process, the server's thread settings
 
-| batch | intra-op threads | candidates/s | ms per run (p50) |
-|---|---|---|---|
+| graph | batch | intra-op threads | candidates/s | ms per run (p50) |
+|---|---|---|---|---|
 {ceiling_rows}
 
-## Service (`python -m serving.ranking`), Rank over gRPC
+int8 against fp32 on 64 users × 1,000 candidates: {json.dumps(int8_check) if int8_check else "no int8 graph"}
+
+## Service (`python -m serving.ranking`), both APIs
 
 {_table(rows, ceiling)}
 
-The server runs ONNX Runtime with {args.intra_op_threads or "default"} intra-op thread(s), the
-rest of its settings at their defaults, except `MAX_QUEUE_DELAY_US=0` for "batching off" and
-`MAX_BATCH_CANDIDATES={args.cpu_batch_candidates}` for the CPU-tuned batching (the default 16,384 suits GPUs;
-on this CPU larger batches cost more per candidate, see the ceiling table). The three servers run
-side by side and the points alternate between them.
-% of ceiling is against the best in-process ceiling at batch {args.candidates:,}
-({ceiling:,.0f} candidates/s), whatever its thread setting.
+Every configuration runs {args.intra_op_threads or "the default number of"} ONNX Runtime intra-op
+thread(s) and the remaining settings at their defaults, except as its name says. Server CPU is the
+process's user + system time over the point (warm-up included) per request it scored; ORT is the
+session runs' wall time per request (runs overlap nothing: one slot). The servers run side by side
+and the points alternate between them. % of ceiling is against the fp32 ceiling at batch
+{args.candidates:,} ({ceiling:,.0f} candidates/s).
 
 ## Checks
 
-- concurrency 8, batching on: {checks["c8_percent_of_ceiling"] if checks["c8_percent_of_ceiling"] is None else f"{checks['c8_percent_of_ceiling']:.0f}%"} of the ceiling (target 70%): {"met" if checks["c8_meets_70_percent"] else "MISSED"}
-- concurrency 8, batching on with MAX_BATCH_CANDIDATES={args.cpu_batch_candidates}: {checks["c8_percent_of_ceiling_cpu_tuned_batch"] if checks["c8_percent_of_ceiling_cpu_tuned_batch"] is None else f"{checks['c8_percent_of_ceiling_cpu_tuned_batch']:.0f}%"} of the ceiling
-- concurrency 32, batching on vs off: {checks["c32_batching_gain"] if checks["c32_batching_gain"] is None else f"{checks['c32_batching_gain']:.2f}x"} (default MAX_BATCH_CANDIDATES), {checks["c32_batching_gain_cpu_tuned_batch"] if checks["c32_batching_gain_cpu_tuned_batch"] is None else f"{checks['c32_batching_gain_cpu_tuned_batch']:.2f}x"} (MAX_BATCH_CANDIDATES={args.cpu_batch_candidates})
-- {args.small_candidates}-candidate requests at concurrency {max(levels)}, batching on vs off: {checks["small_requests_batching_gain"] if checks["small_requests_batching_gain"] is None else f"{checks['small_requests_batching_gain']:.2f}x"}
-- errors: {"none" if checks["zero_errors"] else "SOME (see the table)"}
+{check_lines}
 """
     args.out.with_suffix(".md").write_text(md)
     print()
     print(_table(rows, ceiling))
-    print(json.dumps(checks))
+    print(json.dumps(checks, indent=1))
     return 0
 
 

@@ -3,7 +3,9 @@
 Graphs (opset 17, dynamic batch dimension):
 
 * ``<domain>-ranker/model.onnx``: ``user_index`` INT64 [-1], ``item_index`` INT64 [-1] ->
-  ``score`` FP32 [-1], row i scores user_index[i] with item_index[i] (dot product of the towers).
+  ``score`` FP32 [-1], row i scores user_index[i] with item_index[i] (dot product of the towers);
+  beside it ``model.int8.onnx``, its quantised copy (training/quantize.py), where that ranks
+  like fp32; metadata.json's ``graphs`` lists the graphs and ``int8_check`` the comparison.
 * ``<domain>-retrieval/model.onnx``: user tower ``user_index`` -> ``user_embedding`` FP32 [-1, D];
   ``item_tower.onnx``: ``item_index`` -> ``item_embedding``; ``item_embeddings.npy`` for the index.
 
@@ -39,8 +41,10 @@ from recsys.repository import (
     write_items,
     write_users,
 )
+from recsys.repository.graphs import FP32, INT8, INT8_MODEL_FILE
 from recsys.sources import NEIGHBOURS_FILE
 from training.errors import TrainingError
+from training.quantize import int8_graph
 
 logger = logging.getLogger(__name__)
 
@@ -225,6 +229,15 @@ def publish(checkpoint: dict[str, Any], repository: Path, seed: int = 0) -> int:
             "item_tower": check_graph(tmp / "item.onnx", item_tower, {item_in: i_idx}),
         }
         logger.info("export checks passed, max relative errors %s", errors)
+        int8 = int8_graph(
+            tmp / "ranker.onnx",
+            tmp / "ranker.int8.onnx",
+            ranker_io.input_names,
+            seen,
+            n_users,
+            n_items,
+        )
+        graphs = {FP32: MODEL_FILE} | ({INT8: INT8_MODEL_FILE} if int8.passed else {})
         ranker_name, retrieval_name = f"{domain}-ranker", f"{domain}-retrieval"
         # With a learned ranker (training/ranker.py) it is <domain>-ranker and the dot-product
         # graph is published beside it as <domain>-dot-ranker; the retrieval version then also
@@ -244,9 +257,16 @@ def publish(checkpoint: dict[str, Any], repository: Path, seed: int = 0) -> int:
                 dot_name,
                 kind="ranker",
                 signature=ranker_io,
-                metadata=base_meta | {"export_check": {"max_relative_error": errors["ranker"]}},
+                metadata=base_meta
+                | {
+                    "export_check": {"max_relative_error": errors["ranker"]},
+                    "graphs": graphs,
+                    "int8_check": int8.to_json(),
+                },
             )
             (d / MODEL_FILE).write_bytes((tmp / "ranker.onnx").read_bytes())
+            if INT8 in graphs:
+                (d / INT8_MODEL_FILE).write_bytes((tmp / "ranker.int8.onnx").read_bytes())
             _write_vocabularies(d, checkpoint)
 
             d = pub.describe(

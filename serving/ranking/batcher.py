@@ -1,6 +1,6 @@
-"""Dynamic batching for one model version: requests that arrive together are scored in one
-session run, within a candidate budget and a queue delay; expired or cancelled requests are
-dropped before compute; a bounded queue refuses work instead of growing without end."""
+"""Dynamic batching for one model version that never idles the session: requests queue while a
+batch computes and go out together the moment a session-run slot frees; expired or cancelled
+requests are dropped before compute; a bounded queue refuses work instead of growing without end."""
 
 from __future__ import annotations
 
@@ -11,34 +11,56 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
 import numpy as np
 
 from recsys.rpc.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from serving.ranking import metrics
-from serving.ranking.model import RankerModel
 from serving.ranking.stats import VersionStats
 
 logger = logging.getLogger(__name__)
 
-# Adaptive wait: hold batches open while waiting has recently gained this many requests...
+# Delay mode's adaptive wait: hold batches open while waiting has recently gained this many
+# requests...
 WAIT_GAIN_THRESHOLD = 0.25
 # ...and otherwise still wait on one batch in this many, to notice when load returns.
 PROBE_EVERY = 16
 
+BatchingMode = Literal["queued", "delay", "off"]
+MODES: tuple[str, ...] = ("queued", "delay", "off")
+
+
+class Scorer(Protocol):
+    """What a batcher runs: a model version's thread-safe `score` (RankerModel)."""
+
+    name: str
+    version: int
+
+    def score(self, user_index: np.ndarray, item_index: np.ndarray) -> np.ndarray: ...
+
 
 @dataclass
 class BatchingOptions:
-    """Limits of one batcher (from RankingSettings)."""
+    """Limits of one batcher (from RankingSettings).
+
+    `mode`: "queued" (batch what is queued when a slot frees, never wait), "delay" (the same,
+    and while the session is idle hold a batch open up to `max_queue_delay_s` for more requests)
+    or "off" (one request per session run)."""
 
     max_batch_candidates: int = 16384
     max_queue_delay_s: float = 0.002
     max_queue_requests: int = 256
     concurrency: int = 1
+    mode: BatchingMode = "queued"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"batching mode {self.mode!r}: use one of {', '.join(MODES)}")
 
     @property
     def enabled(self) -> bool:
-        return self.max_queue_delay_s > 0 and self.max_batch_candidates > 1
+        return self.mode != "off" and self.max_batch_candidates > 1
 
 
 @dataclass
@@ -52,21 +74,25 @@ class _Pending:
 
 
 class Batcher:
-    """Queues scoring requests for one RankerModel and runs them in batches on a worker thread.
+    """Queues scoring requests for one model version and runs them in batches on worker threads.
 
-    One collector task forms a batch as soon as a session-run slot is free: it takes the oldest
-    request, then every request that arrives until the batch holds `max_batch_candidates`, or the
-    oldest request has waited `max_queue_delay_s`. While a batch computes, the next one gathers,
-    so under load batches fill without any added delay.
+    One collector task waits for work, then for a free session-run slot (`concurrency` of them),
+    then takes every live request queued, oldest first, up to `max_batch_candidates` (a request
+    larger than that runs alone) and starts the run. While a run computes, requests queue; the
+    moment it ends they go out as the next batch. So the session is idle only while the queue is
+    empty, except in "delay" mode, which, when no run is in flight, holds a batch open for up to
+    the queue delay (skipping the wait while recent waits gained nothing).
     """
 
-    def __init__(self, model: RankerModel, options: BatchingOptions) -> None:
+    def __init__(self, model: Scorer, options: BatchingOptions) -> None:
         self.model = model
         self.options = options
         self._label = model.name
         self._queue: deque[_Pending] = deque()
+        self._queued_candidates = 0
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(options.concurrency)
+        self._running = 0  # session runs in flight
         self._executor = ThreadPoolExecutor(
             max_workers=options.concurrency,
             thread_name_prefix=f"ort-{model.name}-v{model.version}",
@@ -117,12 +143,14 @@ class Batcher:
             None if timeout is None else now + timeout,
         )
         self._queue.append(pending)
+        self._queued_candidates += len(items)
         self._depth.inc()
         self._wakeup.set()
         return await pending.future
 
     def _take(self) -> _Pending:
         pending = self._queue.popleft()
+        self._queued_candidates -= len(pending.items)
         self._depth.dec()
         return pending
 
@@ -140,10 +168,15 @@ class Batcher:
             return False
         return True
 
+    @property
+    def running(self) -> int:
+        """Session runs in flight."""
+        return self._running
+
     def _should_wait(self) -> bool:
-        """Whether to hold a batch open for the queue delay. Waiting only pays when more requests
-        arrive meanwhile; while recent waits gained nothing (say, one caller at a time), batches
-        go out at once, and every PROBE_EVERY-th batch waits again to notice when load returns."""
+        """Whether delay mode holds this batch open. Waiting only pays when more requests arrive
+        meanwhile; while recent waits gained nothing (say, one caller at a time), batches go out
+        at once, and every PROBE_EVERY-th batch waits again to notice when load returns."""
         self._batches_since_probe += 1
         if self._wait_gain >= WAIT_GAIN_THRESHOLD or self._batches_since_probe >= PROBE_EVERY:
             self._batches_since_probe = 0
@@ -153,63 +186,67 @@ class Batcher:
     def _record_wait(self, gained: int) -> None:
         self._wait_gain = 0.7 * self._wait_gain + 0.3 * gained
 
-    async def _collect(self) -> list[_Pending]:
+    async def _hold_open(self) -> None:
+        """Delay mode with the session idle: wait until the queue holds a full batch, the oldest
+        request has waited the queue delay, or the soonest deadline comes."""
         loop = asyncio.get_running_loop()
+        limit = self.options.max_batch_candidates
+        if self._queued_candidates >= limit or not self._should_wait():
+            return
+        before = len(self._queue)
+        while self._queue and self._queued_candidates < limit:
+            now = loop.time()
+            remaining = self._queue[0].enqueued + self.options.max_queue_delay_s - now
+            deadlines = [p.deadline for p in self._queue if p.deadline is not None]
+            if deadlines:  # a caller that gives up sooner is answered sooner
+                remaining = min(remaining, min(deadlines) - now)
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+        self._record_wait(len(self._queue) - before)
+
+    def _take_batch(self, now: float) -> list[_Pending]:
+        """The live requests queued, oldest first, within the candidate budget (the first one
+        always: a request larger than the budget runs alone); one request with batching off."""
         limit = self.options.max_batch_candidates
         batch: list[_Pending] = []
         size = 0
-        waiting_from: int | None = None  # batch length when the wait began
-        while True:
-            while self._queue:
-                head = self._queue[0]
-                if not self._alive(head, loop.time()):
-                    self._take()
-                    continue
-                n = len(head.items)
-                if batch and size + n > limit:
-                    break
-                batch.append(self._take())
-                size += n
-                if not self.options.enabled or size >= limit:
-                    break
-            else:
-                self._wakeup.clear()
-                if not batch:
-                    await self._wakeup.wait()
-                    continue
-                now = loop.time()
-                remaining = batch[0].enqueued + self.options.max_queue_delay_s - now
-                deadlines = [p.deadline for p in batch if p.deadline is not None]
-                if deadlines:  # a caller that gives up sooner is answered sooner
-                    remaining = min(remaining, min(deadlines) - now)
-                if remaining > 0:
-                    if waiting_from is None:
-                        if not self._should_wait():
-                            return batch
-                        waiting_from = len(batch)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wakeup.wait(), remaining)
-                    if self._queue:
-                        continue
-            if waiting_from is not None:
-                self._record_wait(len(batch) - waiting_from)
-            return batch
+        while self._queue:
+            head = self._queue[0]
+            if not self._alive(head, now):
+                self._take()
+                continue
+            n = len(head.items)
+            if batch and size + n > limit:
+                break
+            batch.append(self._take())
+            size += n
+            if not self.options.enabled or size >= limit:
+                break
+        return batch
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            # Requests keep queueing while this waits for a run in flight to end.
             await self._slots.acquire()
             try:
-                batch = await self._collect()
-                now = loop.time()
-                # The delay may have outlived a deadline or a caller: check once more.
-                batch = [p for p in batch if self._alive(p, now)]
+                if self.options.mode == "delay" and self._running == 0:
+                    await self._hold_open()
+                batch = self._take_batch(loop.time())
             except BaseException:
                 self._slots.release()
                 raise
             if not batch:
                 self._slots.release()
                 continue
+            self._running += 1
             task = loop.create_task(self._compute(batch))
             self._computing.add(task)
             task.add_done_callback(self._computing.discard)
@@ -249,6 +286,7 @@ class Batcher:
                 if not pending.future.done():
                     pending.future.set_exception(exc)
         finally:
+            self._running -= 1
             self._slots.release()
 
     async def close(self) -> None:

@@ -70,6 +70,11 @@ class RankingSettings(ServerSettings):
         description="Let idle ONNX Runtime pool threads spin (lower latency, more CPU); false "
         "leaves the cores to gRPC and the clients.",
     )
+    precision: Literal["fp32", "int8"] = Field(
+        "fp32",
+        description="The graph to serve: fp32, or int8 (the quantised graph training exports "
+        "beside it; a version without one serves fp32 and logs a warning).",
+    )
     io_binding: bool = Field(
         False,
         description="Run sessions through IO binding: inputs and outputs bound explicitly "
@@ -81,8 +86,17 @@ class RankingSettings(ServerSettings):
         description="Most candidates scored in one session run (dynamic batching); also the "
         "warm-up size.",
     )
+    batching: Literal["queued", "delay", "off"] = Field(
+        "queued",
+        description="Dynamic batching: 'queued' scores what is queued the moment a session run "
+        "slot frees and never waits; 'delay' also holds a batch open up to MAX_QUEUE_DELAY_US "
+        "while the session is idle; 'off' scores one request per run.",
+    )
     max_queue_delay_us: int = Field(
-        2000, ge=0, description="Longest wait for more requests to join a batch; 0: no batching."
+        2000,
+        ge=0,
+        description="With BATCHING=delay: longest wait for more requests to join a batch while "
+        "the session is idle (0: none).",
     )
     max_queue_requests: int = Field(
         256, ge=1, description="Requests waiting per model version before RESOURCE_EXHAUSTED."
@@ -116,4 +130,4 @@ class RankingSettings(ServerSettings):
 
     @property
     def batching_enabled(self) -> bool:
-        return self.max_queue_delay_us > 0 and self.max_batch_candidates > 1
+        return self.batching != "off" and self.max_batch_candidates > 1

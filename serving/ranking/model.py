@@ -30,6 +30,8 @@ from recsys.repository import (
 )
 from recsys.repository.layout import ITEM_INPUT, SCORE_OUTPUT, USER_INPUT
 from serving.ranking.checks import quote
+from serving.ranking.precision import SelectedGraph, select_graph
+from serving.ranking.vocab import build_vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +127,7 @@ class SessionOptions:
     warmup_candidates: int = 1024
     allow_spinning: bool = True
     require_provider: bool = False  # the first provider or nothing (RANKING_PROVIDER=cuda)
+    precision: str = "fp32"  # the graph to serve where the version has it (RANKING_PRECISION)
 
 
 def _index(ids: list[str], path: Path) -> dict[str, int]:
@@ -134,32 +137,10 @@ def _index(ids: list[str], path: Path) -> dict[str, int]:
     return index
 
 
-class HashedVocabulary:
-    """Id -> index for many ids at once: the 64-bit string hashes of the vocabulary, sorted, and
-    a binary search per id. A dict lookup per id touches three scattered objects (slot, entry,
-    key string) and costs more than the model on large catalogues; the sorted hashes are one
-    compact array. Python's str hash is keyed per process (SipHash), so an unknown id matches a
-    known one's hash with probability ~len(vocabulary) / 2**64 per lookup."""
-
-    def __init__(self, ids: list[str]) -> None:
-        hashes = np.fromiter(map(hash, ids), np.int64, len(ids))
-        self.order = np.argsort(hashes, kind="stable")
-        self.sorted = hashes[self.order]
-        self.unique = bool(len(ids) < 2 or (np.diff(self.sorted) != 0).all())
-
-    def lookup(self, ids: list[str]) -> np.ndarray:
-        """Indices of `ids` (-1 for unknown ids)."""
-        query = np.fromiter(map(hash, ids), np.int64, len(ids))
-        pos = np.searchsorted(self.sorted, query)
-        np.minimum(pos, len(self.sorted) - 1, out=pos)
-        found = self.sorted[pos] == query
-        out = self.order[pos]
-        out[~found] = -1
-        return out
-
-
 class RankerModel:
     """A loaded, checked and warmed ranker version. `score` is thread-safe (one shared session)."""
+
+    graph = SelectedGraph()  # the file, precision and tensor names it is served from
 
     def __init__(
         self,
@@ -181,9 +162,8 @@ class RankerModel:
         self.item_ids = item_ids
         self.user_index = _index(user_ids, directory / USERS_FILE)
         self.item_index = _index(item_ids, directory / ITEMS_FILE)
-        hashed = HashedVocabulary(item_ids)
-        # Two ids with one hash (~n**2 / 2**65): keep to the exact dict lookups.
-        self._hashed_items = hashed if hashed.unique else None
+        # None where two ids share a hash (~n**2 / 2**65): then exact dict lookups.
+        self._hashed_items = build_vocabulary(item_ids)
         self.provider = session.get_providers()[0]
         self.io_binding = io_binding
         self._device = "cuda" if self.provider == CUDA else "cpu"
@@ -220,6 +200,7 @@ class RankerModel:
                 )
             user_ids = read_users(directory / USERS_FILE).ids
             item_ids = read_items(directory / ITEMS_FILE).ids
+            graph = select_graph(name, version, directory, metadata, options.precision)
         except RepositoryError as exc:
             raise ModelLoadError(str(exc)) from exc
         so = ort.SessionOptions()
@@ -233,12 +214,10 @@ class RankerModel:
             so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
             session = ort.InferenceSession(
-                str(directory / MODEL_FILE), sess_options=so, providers=list(options.providers)
+                str(graph.path), sess_options=so, providers=list(options.providers)
             )
         except Exception as exc:  # ORT raises several exception types for unreadable graphs
-            raise ModelLoadError(
-                f"{directory / MODEL_FILE}: ONNX Runtime cannot load it: {exc}"
-            ) from exc
+            raise ModelLoadError(f"{graph.path}: ONNX Runtime cannot load it: {exc}") from exc
         actual = session.get_providers()[0]
         if actual != options.providers[0]:
             if options.require_provider:
@@ -252,10 +231,11 @@ class RankerModel:
         try:
             check_signature(
                 metadata,
-                session.get_inputs(),
-                session.get_outputs(),
+                graph.names.as_contract(session.get_inputs()),
+                graph.names.as_contract(session.get_outputs(), outputs=True),
                 directory,
                 expected=ranker_signature_for(metadata, directory),
+                graph_file=graph.path.name,
             )
             features = metadata.get("features")
             if isinstance(features, dict) and metadata["inputs"][0]["name"] == FEATURES_INPUT:
@@ -269,12 +249,14 @@ class RankerModel:
         model = cls(
             name, version, directory, metadata, session, user_ids, item_ids, options.io_binding
         )
+        model.graph = graph
         model.warm_up(options.warmup_candidates)
         logger.info(
-            "Loaded %s version %d from %s on %s (%d users, %d items) in %.2f s",
+            "Loaded %s version %d from %s (%s) on %s (%d users, %d items) in %.2f s",
             name,
             version,
-            directory,
+            graph.path,
+            graph.precision,
             model.provider,
             model.n_users,
             model.n_items,
@@ -358,9 +340,11 @@ class RankerModel:
         takes its FP32 [N, F] feature rows as `user_index` (the batcher joins either kind row
         by row) and ignores `item_index`."""
         if self.kind == FEATURES:
-            feeds = {FEATURES_INPUT: np.ascontiguousarray(user_index, dtype=np.float32)}
+            contract = {FEATURES_INPUT: np.ascontiguousarray(user_index, dtype=np.float32)}
         else:
-            feeds = {USER_INPUT: user_index, ITEM_INPUT: item_index}
+            contract = {USER_INPUT: user_index, ITEM_INPUT: item_index}
+        feeds = self.graph.names.feeds(contract)
+        output = self.graph.names.output(SCORE_OUTPUT)
         if self.io_binding:
             binding = self.session.io_binding()
             for name, array in feeds.items():
@@ -370,11 +354,11 @@ class RankerModel:
                     binding.bind_ortvalue_input(
                         name, ort.OrtValue.ortvalue_from_numpy(array, self._device, 0)
                     )
-            binding.bind_output(SCORE_OUTPUT, self._device)
+            binding.bind_output(output, self._device)
             self.session.run_with_iobinding(binding)
             out = binding.copy_outputs_to_cpu()[0]
         else:
-            out = self.session.run([SCORE_OUTPUT], feeds)[0]
+            out = self.session.run([output], feeds)[0]
         scores = np.asarray(out, dtype=np.float32).reshape(-1)
         if scores.shape[0] != user_index.shape[0]:
             raise RuntimeError(
@@ -388,6 +372,7 @@ class RankerModel:
             "name": self.name,
             "version": self.version,
             "provider": self.provider,
+            "precision": self.graph.precision,
             "users": self.n_users,
             "items": self.n_items,
             "kind": self.kind,

@@ -38,6 +38,7 @@ def create_manager(settings: RankingSettings) -> ModelManager:
             intra_op_threads=settings.intra_op_threads,
             inter_op_threads=settings.inter_op_threads,
             io_binding=settings.io_binding,
+            precision=settings.precision,
             allow_spinning=settings.allow_spinning,
             require_provider=settings.provider == "cuda",
             warmup_candidates=settings.max_batch_candidates,
@@ -47,6 +48,7 @@ def create_manager(settings: RankingSettings) -> ModelManager:
             max_queue_delay_s=settings.max_queue_delay_us / 1e6,
             max_queue_requests=settings.max_queue_requests,
             concurrency=settings.session_concurrency,
+            mode=settings.batching,
         ),
         poll_interval_s=settings.poll_interval_s,
     )

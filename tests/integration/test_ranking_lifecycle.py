@@ -167,7 +167,7 @@ def test_retired_version_finishes_its_requests(
 
 def test_new_versions_swap_in_under_load_without_failed_calls(tmp_path: Path) -> None:
     models = {1: publish_tiny_model(tmp_path, make_tiny_model("swap", seed=1))}
-    server = Ranker(tmp_path, "swap-ranker", max_queue_delay_us=500)
+    server = Ranker(tmp_path, "swap-ranker", batching="delay", max_queue_delay_us=500)
     stop = threading.Event()
     errors: list[BaseException] = []
     answers: list[tuple[str, list[str], str, list[float]]] = []

@@ -228,7 +228,11 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TinyModel
 @pytest.fixture(scope="module")
 def ranker(tiny_repo: tuple[Path, TinyModel]) -> Iterator[Ranker]:
     server = Ranker(
-        tiny_repo[0], "rk-ranker", max_queue_delay_us=20_000, max_candidates_per_request=500
+        tiny_repo[0],
+        "rk-ranker",
+        batching="delay",
+        max_queue_delay_us=20_000,
+        max_candidates_per_request=500,
     )
     yield server
     server.close()

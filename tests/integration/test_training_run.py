@@ -141,6 +141,30 @@ def test_published_models_match_the_checkpoint(synthetic_run: dict[str, Any]) ->
     assert np.argmax(full) == np.argmax(ranker_all)
 
 
+def test_the_int8_ranker_is_checked_and_recorded(synthetic_run: dict[str, Any]) -> None:
+    """Beside the fp32 graph, the quantised one where it ranks like fp32; metadata.json lists
+    the graphs and the comparison either way, and the listed files are hashed like the rest. The
+    dot-product graph is published as the dot ranker beside the learned ranker."""
+    ranker_dir = synthetic_run["repo"] / "target-dot-ranker" / "1"
+    meta = verify_version(ranker_dir)
+    check = meta["int8_check"]
+    assert check["method"].startswith("weight-only")  # the dot-product ranker: 8-bit tables
+    assert check["users"] > 0 and 0 < check["spearman_min"] <= check["spearman_mean"] <= 1
+    assert check["passed"] == (
+        check["spearman_mean"] >= 0.999 and check["top10_agreement_mean"] >= 0.99
+    )
+    expected = {"fp32": "model.onnx"} | ({"int8": "model.int8.onnx"} if check["passed"] else {})
+    assert meta["graphs"] == expected
+    assert ("model.int8.onnx" in meta["files"]) == check["passed"]
+    if check["passed"]:
+        u = np.arange(50, dtype=np.int64) % meta["n_users"]
+        i = np.arange(50, dtype=np.int64) % meta["n_items"]
+        feeds = {"user_index": u, "item_index": i}
+        fp32 = ort.InferenceSession(str(ranker_dir / "model.onnx")).run(None, feeds)[0]
+        int8 = ort.InferenceSession(str(ranker_dir / "model.int8.onnx")).run(None, feeds)[0]
+        assert np.corrcoef(fp32, int8)[0, 1] > 0.99
+
+
 def test_export_from_checkpoint_alone_adds_a_version(
     synthetic_run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -66,12 +66,13 @@ async def _score_all(
 @pytest.mark.parametrize(
     ("options", "expected_runs"),
     [
-        (BatchingOptions(max_batch_candidates=1000, max_queue_delay_s=0.05), 1),
-        (BatchingOptions(max_batch_candidates=64, max_queue_delay_s=0.05), 3),
-        (BatchingOptions(max_batch_candidates=1000, max_queue_delay_s=0.0), 5),
-        (BatchingOptions(max_batch_candidates=64, max_queue_delay_s=0.05, concurrency=2), 3),
+        (BatchingOptions(max_batch_candidates=1000), 1),
+        (BatchingOptions(max_batch_candidates=1000, max_queue_delay_s=0.05, mode="delay"), 1),
+        (BatchingOptions(max_batch_candidates=64), 3),
+        (BatchingOptions(max_batch_candidates=1000, mode="off"), 5),
+        (BatchingOptions(max_batch_candidates=64, concurrency=2), 3),
     ],
-    ids=["one batch", "candidate budget", "batching off", "two runs at once"],
+    ids=["one batch", "one batch, delay", "candidate budget", "batching off", "two runs at once"],
 )
 def test_concurrent_requests_share_runs_and_get_their_own_scores(
     model: RankerModel, options: BatchingOptions, expected_runs: int
@@ -88,9 +89,7 @@ def test_concurrent_requests_share_runs_and_get_their_own_scores(
 
 
 def test_full_queue_refuses(model: RankerModel) -> None:
-    options = BatchingOptions(
-        max_batch_candidates=1000, max_queue_delay_s=0.01, max_queue_requests=2
-    )
+    options = BatchingOptions(max_batch_candidates=1000, max_queue_requests=2)
     results = asyncio.run(_score_all(model, options, _requests(model, 4, 10)))
     refused = [r for r in results if isinstance(r, ResourceExhausted)]
     assert len(refused) == 2 and "queue" in str(refused[0])
@@ -99,7 +98,7 @@ def test_full_queue_refuses(model: RankerModel) -> None:
 
 def test_expired_requests_are_not_computed(model: RankerModel) -> None:
     async def scenario() -> tuple[BaseException | None, BaseException | None]:
-        batcher = Batcher(model, BatchingOptions(max_queue_delay_s=0.2))
+        batcher = Batcher(model, BatchingOptions(max_queue_delay_s=0.2, mode="delay"))
         batcher.start()
         users, items = _requests(model, 1, 10)[0]
         outcomes: list[BaseException | None] = []
@@ -124,7 +123,7 @@ def test_one_caller_at_a_time_stops_paying_the_queue_delay(model: RankerModel) -
     an occasional probe): 20 sequential requests do not each wait the 0.25 s delay."""
 
     async def sequential() -> float:
-        batcher = Batcher(model, BatchingOptions(max_queue_delay_s=0.25))
+        batcher = Batcher(model, BatchingOptions(max_queue_delay_s=0.25, mode="delay"))
         batcher.start()
         users, items = _requests(model, 1, 10)[0]
         start = time.perf_counter()

@@ -15,6 +15,7 @@ def test_defaults() -> None:
     assert s.version_policy == "latest" and s.poll_interval_s == 5
     assert s.provider == "auto"
     assert (s.max_batch_candidates, s.max_queue_delay_us) == (16384, 2000)
+    assert s.batching == "queued"
     assert (s.max_queue_requests, s.max_candidates_per_request) == (256, 10000)
     assert s.batching_enabled
 
@@ -22,7 +23,7 @@ def test_defaults() -> None:
 def test_environment_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RANKING_MODELS", "books-ranker, movies-ranker")
     monkeypatch.setenv("RANKING_VERSION_POLICY", "specific:3,1")
-    monkeypatch.setenv("RANKING_MAX_QUEUE_DELAY_US", "0")
+    monkeypatch.setenv("RANKING_BATCHING", "off")
     s = load_settings(RankingSettings, ["--provider=cpu", "--intra-op-threads=2"])
     assert s.model_names == ["books-ranker", "movies-ranker"]
     assert s.policy == VersionPolicy("specific", (1, 3))

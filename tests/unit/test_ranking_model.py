@@ -26,7 +26,6 @@ from recsys.repository import VersionPublisher, version_dir
 from serving.ranking.model import (
     CPU,
     CUDA,
-    HashedVocabulary,
     ModelLoadError,
     ProviderUnavailable,
     RankerModel,
@@ -160,18 +159,6 @@ def test_provider_choice(caplog: pytest.LogCaptureFixture) -> None:
     assert "CUDAExecutionProvider is not available" in caplog.text
     with pytest.raises(ProviderUnavailable, match="onnxruntime-gpu"):
         resolve_providers("cuda")
-
-
-def test_hashed_vocabulary_agrees_with_exact_lookups() -> None:
-    vocabulary = [f"B{j:09d}" for j in range(5000)]
-    exact = {item: i for i, item in enumerate(vocabulary)}
-    hashed = HashedVocabulary(vocabulary)
-    assert hashed.unique
-    rng = np.random.default_rng(0)
-    query = [vocabulary[j] for j in rng.integers(0, 5000, 500)] + ["", "nope", "B000000000 "]
-    expected = [exact.get(item, -1) for item in query]
-    assert hashed.lookup(query).tolist() == expected
-    assert HashedVocabulary(["a"]).lookup(["a", "b"]).tolist() == [0, -1]
 
 
 @pytest.mark.skipif(CUDA in ort.get_available_providers(), reason="CUDA is present here")
