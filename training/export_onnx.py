@@ -157,6 +157,61 @@ def _write_vocabularies(directory: Path, checkpoint: dict[str, Any]) -> None:
     )
 
 
+def _base_metadata(
+    checkpoint: dict[str, Any], dim: int, n_users: int, n_items: int
+) -> dict[str, Any]:
+    """What every published model of a checkpoint records about where it comes from."""
+    return {
+        "domain": checkpoint["target"],
+        "source_domain": checkpoint["source"] or None,
+        "opset": OPSET,
+        "embedding_dim": dim,
+        "dataset": {"name": checkpoint["dataset"], "fingerprint": checkpoint["fingerprint"]},
+        "strategy": checkpoint["strategy"],
+        "metrics": checkpoint["metrics"],
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "code_version": code_version(),
+        "config": checkpoint["config"],
+        "n_users": n_users,
+        "n_items": n_items,
+    }
+
+
+def _export_and_check(
+    tmp: Path,
+    ranker: nn.Module,
+    user_tower: nn.Module,
+    item_tower: nn.Module,
+    u_idx: np.ndarray,
+    i_idx: np.ndarray,
+    dim: int,
+) -> dict[str, float]:
+    """Export the ranker and both towers into `tmp` (ranker.onnx, user.onnx, item.onnx) and check
+    each against torch on the sample indices; the maximum relative error of each."""
+    ranker_io, user_io, item_io = (
+        RANKER_SIGNATURE,
+        user_tower_signature(dim),
+        item_tower_signature(dim),
+    )
+    (user_in,), (item_in,) = user_io.input_names, item_io.input_names
+    for module, sample, io, name in (
+        (ranker, (u_idx[:3], i_idx[:3]), ranker_io, "ranker"),
+        (user_tower, (u_idx[:3],), user_io, "user"),
+        (item_tower, (i_idx[:3],), item_io, "item"),
+    ):
+        args = tuple(torch.from_numpy(a) for a in sample)
+        _export(module, args, io.input_names, io.output_names, tmp / f"{name}.onnx")
+    return {
+        "ranker": check_graph(
+            tmp / "ranker.onnx",
+            ranker,
+            dict(zip(ranker_io.input_names, (u_idx, i_idx), strict=True)),
+        ),
+        "user_tower": check_graph(tmp / "user.onnx", user_tower, {user_in: u_idx}),
+        "item_tower": check_graph(tmp / "item.onnx", item_tower, {item_in: i_idx}),
+    }
+
+
 def publish(checkpoint: dict[str, Any], repository: Path, seed: int = 0) -> int:
     """Export, check and publish the two models of a checkpoint; returns the new version."""
     domain = checkpoint["target"]
@@ -176,58 +231,15 @@ def publish(checkpoint: dict[str, Any], repository: Path, seed: int = 0) -> int:
     ranker = DotRanker(users, items).eval()
     user_tower = TableTower(users).eval()
     item_tower = TableTower(items).eval()
-    base_meta = {
-        "domain": domain,
-        "source_domain": checkpoint["source"] or None,
-        "opset": OPSET,
-        "embedding_dim": dim,
-        "dataset": {"name": checkpoint["dataset"], "fingerprint": checkpoint["fingerprint"]},
-        "strategy": checkpoint["strategy"],
-        "metrics": checkpoint["metrics"],
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "code_version": code_version(),
-        "config": checkpoint["config"],
-        "n_users": n_users,
-        "n_items": n_items,
-    }
+    base_meta = _base_metadata(checkpoint, dim, n_users, n_items)
     seen = checkpoint["seen"]  # (indptr, indices)
     ranker_io = RANKER_SIGNATURE
     user_io = user_tower_signature(dim)
     item_io = item_tower_signature(dim)
-    (user_in,), (item_in,) = user_io.input_names, item_io.input_names
     # export and check everything before staging anything
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        _export(
-            ranker,
-            (torch.from_numpy(u_idx[:3]), torch.from_numpy(i_idx[:3])),
-            ranker_io.input_names,
-            ranker_io.output_names,
-            tmp / "ranker.onnx",
-        )
-        _export(
-            user_tower,
-            (torch.from_numpy(u_idx[:3]),),
-            user_io.input_names,
-            user_io.output_names,
-            tmp / "user.onnx",
-        )
-        _export(
-            item_tower,
-            (torch.from_numpy(i_idx[:3]),),
-            item_io.input_names,
-            item_io.output_names,
-            tmp / "item.onnx",
-        )
-        errors = {
-            "ranker": check_graph(
-                tmp / "ranker.onnx",
-                ranker,
-                dict(zip(ranker_io.input_names, (u_idx, i_idx), strict=True)),
-            ),
-            "user_tower": check_graph(tmp / "user.onnx", user_tower, {user_in: u_idx}),
-            "item_tower": check_graph(tmp / "item.onnx", item_tower, {item_in: i_idx}),
-        }
+        errors = _export_and_check(tmp, ranker, user_tower, item_tower, u_idx, i_idx, dim)
         logger.info("export checks passed, max relative errors %s", errors)
         int8 = int8_graph(
             tmp / "ranker.onnx",
