@@ -11,6 +11,7 @@ import re
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -185,6 +186,21 @@ def write_json(path: Path, value: Any) -> None:
 def read_metadata(directory: Path) -> dict[str, Any]:
     """The parsed metadata.json of a version directory."""
     return read_json(directory / METADATA_FILE)
+
+
+def published_timestamp(metadata: dict[str, Any]) -> float | None:
+    """When training made the version (`created_at`, ISO 8601), as Unix seconds; None when the
+    metadata does not say or says it in another form."""
+    created = metadata.get("created_at")
+    if not isinstance(created, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(created)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
 
 
 def verify_version(directory: Path) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from recsys.repository import FollowPolicy, VersionFollower
+from recsys.repository import FollowPolicy, VersionFollower, published_timestamp
 from recsys.rpc.errors import InvalidRequest
 from serving.ranking import metrics
 from serving.ranking.batcher import Batcher, BatchingOptions
@@ -77,6 +77,9 @@ class ModelManager:
     def _serve(self, name: str, version: int, served: ServedVersion) -> None:
         served.batcher.start()
         metrics.MODEL_LOADED.labels(name, str(version), served.model.provider_label).set(1)
+        published = published_timestamp(served.model.metadata)
+        if published is not None:
+            metrics.MODEL_PUBLISHED.labels(name, str(version)).set(published)
 
     def _retire(self, name: str, version: int, served: ServedVersion) -> None:
         metrics.MODEL_LOADED.labels(name, str(version), served.model.provider_label).set(0)
@@ -139,4 +142,6 @@ def _remove_version_series(model: str, version: str, provider: str) -> None:
     """Drop the per-version series of an unloaded version (loaded gauge, compute histogram), so
     /metrics lists only what is loaded. The request counters stay: they count what was answered."""
     metrics.MODEL_LOADED.remove(model, version, provider)
+    with contextlib.suppress(KeyError):  # absent when the metadata had no created_at
+        metrics.MODEL_PUBLISHED.remove(model, version)
     metrics.COMPUTE_DURATION.remove(model, version)

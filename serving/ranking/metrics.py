@@ -67,6 +67,11 @@ MODEL_LOADED = Gauge(
     "1 for each model version loaded and serving, with its execution provider.",
     ["model", "version", "provider"],
 )
+MODEL_PUBLISHED = Gauge(
+    "recsys_ranker_model_published_timestamp_seconds",
+    "When training made each loaded model version (Unix seconds; model age = time() - this).",
+    ["model", "version"],
+)
 LOAD_FAILURES = Counter(
     "recsys_ranker_model_load_failures",
     "Model versions that failed to load (corrupt files, wrong signature, bad vocabulary).",

@@ -8,7 +8,7 @@ import logging
 import threading
 from pathlib import Path
 
-from recsys.repository import LATEST, VersionFollower
+from recsys.repository import LATEST, VersionFollower, published_timestamp, read_metadata
 from recsys.rpc.errors import ModelNotReady, NotFound
 from serving.retrieval import metrics
 from serving.retrieval.index import RETRIEVAL_SUFFIX, IndexOptions, RetrievalIndex, domain_of
@@ -49,19 +49,27 @@ class IndexManager:
             retry_base_s=retry_base_s,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._published: dict[tuple[str, int], float | None] = {}
         self._sync = threading.Lock()  # refresh() calls without a service loop, one at a time
 
     # -- retrieval's loading -----------------------------------------------------------------
 
     def _load(self, name: str, version: int, directory: Path) -> RetrievalIndex:
-        return RetrievalIndex.load(directory, name, self.options)
+        index = RetrievalIndex.load(directory, name, self.options)  # verifies the metadata too
+        self._published[(name, version)] = published_timestamp(read_metadata(directory))
+        return index
 
     def _serve(self, name: str, version: int, index: RetrievalIndex) -> None:
         metrics.MODEL_LOADED.labels(name, str(version), index.index_kind).set(1)
+        published = self._published.get((name, version))
+        if published is not None:
+            metrics.MODEL_PUBLISHED.labels(name, str(version)).set(published)
 
     def _unload(self, name: str, version: int, index: RetrievalIndex) -> None:
         # Searches still holding the index finish on it; its memory goes with the last of them.
         metrics.MODEL_LOADED.remove(name, str(version), index.index_kind)
+        if self._published.pop((name, version), None) is not None:
+            metrics.MODEL_PUBLISHED.remove(name, str(version))
         logger.info("Unloaded %s version %d", name, version)
 
     # -- what is served ---------------------------------------------------------------------

@@ -22,6 +22,11 @@ MODEL_LOADED = Gauge(
     "1 while this version of the retrieval model is served; the series goes when it is unloaded.",
     ["model", "version", "index"],
 )
+MODEL_PUBLISHED = Gauge(
+    "recsys_retrieval_model_published_timestamp_seconds",
+    "When training made each served retrieval version (Unix seconds; age = time() - this).",
+    ["model", "version"],
+)
 MODEL_LOAD_FAILURES = Counter(
     "recsys_retrieval_model_load_failures",
     "Versions of a retrieval model that failed verification or loading.",

@@ -10,6 +10,7 @@ import shutil
 import signal
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -101,8 +102,18 @@ def test_both_fall_back_to_the_previous_version_when_the_newest_is_deleted(both:
             {"model": both.retrieval_name, "index": "flat"},
         ),
     }
+    published = {
+        "ranker": ("recsys_ranker_model_published_timestamp_seconds", {"model": both.ranker_name}),
+        "retrieval": (
+            "recsys_retrieval_model_published_timestamp_seconds",
+            {"model": both.retrieval_name},
+        ),
+    }
     for name, labels in loaded.values():
         assert sample(name, version="2", **labels) == 1
+    created = datetime(2026, 1, 1, tzinfo=UTC).timestamp()  # the tiny models' created_at
+    for name, labels in published.values():
+        assert sample(name, version="2", **labels) == created
     for model in (both.ranker_name, both.retrieval_name):
         shutil.rmtree(version_dir(both.repo, model, 2))
     both.poll()
@@ -117,6 +128,9 @@ def test_both_fall_back_to_the_previous_version_when_the_newest_is_deleted(both:
     for name, labels in loaded.values():
         assert not _has_series(name, version="2", **labels)
         assert sample(name, version="1", **labels) == 1
+    for name, labels in published.values():
+        assert not _has_series(name, version="2", **labels)
+        assert sample(name, version="1", **labels) == created
 
 
 def test_both_retry_a_failed_version_with_backoff_on_later_polls(both: Both) -> None:
