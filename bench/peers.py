@@ -35,6 +35,7 @@ from bench.ranker import (  # noqa: E402
     Service,
     free_port,
     load_vocabulary,
+    oip_payloads,
     publish_bench_model,
 )
 
@@ -107,29 +108,6 @@ def cpu_seconds(pid: int) -> float:
         return total
     except psutil.NoSuchProcess:
         return 0.0
-
-
-def infer_payloads(
-    model: str, n_users: int, n_items: int, candidates: int, pool: int = 64, seed: int = 1
-) -> tuple[bytes, ...]:
-    """ModelInfer requests with raw INT64 [N, 1] tensors."""
-    import numpy as np
-
-    from recsys.inference import grpc_service_pb2 as pb
-    from recsys.repository.layout import ITEM_INPUT, SCORE_OUTPUT, USER_INPUT
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(pool):
-        request = pb.ModelInferRequest(model_name=model)
-        for name in (USER_INPUT, ITEM_INPUT):
-            request.inputs.add(name=name, datatype="INT64", shape=[candidates, 1])
-        request.outputs.add(name=SCORE_OUTPUT)
-        users = np.full(candidates, rng.integers(0, n_users), np.int64)
-        items = rng.integers(0, n_items, candidates).astype(np.int64)
-        request.raw_input_contents.extend([users.tobytes(), items.tobytes()])
-        out.append(request.SerializeToString())
-    return tuple(out)
 
 
 def start_peers(
@@ -215,7 +193,7 @@ def main() -> int:
         logs.mkdir()
         publish_bench_model(repo, model, args.users, args.items, int8=False)
         _, users, items, model_path = load_vocabulary(repo, model)
-        payloads = infer_payloads(model, len(users), len(items), args.candidates)
+        payloads = oip_payloads(model, len(users), len(items), args.candidates, batch_dim=True)
         leave_out = {k for k in args.skip.split(",") if k}
         servers, skipped = start_peers(repo, model, model_path, logs, args.threads, leave_out)
         for label, why in skipped.items():

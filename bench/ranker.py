@@ -402,9 +402,17 @@ def _table(rows: list[dict[str, Any]], ceiling: float) -> str:
 
 
 def oip_payloads(
-    model: str, n_users: int, n_items: int, candidates: int, pool: int = 64, seed: int = 1
+    model: str,
+    n_users: int,
+    n_items: int,
+    candidates: int,
+    pool: int = 64,
+    seed: int = 1,
+    *,
+    batch_dim: bool = False,
 ) -> tuple[bytes, ...]:
-    """ModelInfer requests with raw INT64 tensors, as tritonclient sends them."""
+    """ModelInfer requests with raw INT64 tensors, as tritonclient sends them: shape [N], or
+    [N, 1] with `batch_dim` (what a client sends a batching model)."""
     import numpy as np
 
     from recsys.inference import grpc_service_pb2 as pb
@@ -415,7 +423,8 @@ def oip_payloads(
     for _ in range(pool):
         request = pb.ModelInferRequest(model_name=model)
         for name in (USER_INPUT, ITEM_INPUT):
-            request.inputs.add(name=name, datatype="INT64", shape=[candidates])
+            shape = [candidates, 1] if batch_dim else [candidates]
+            request.inputs.add(name=name, datatype="INT64", shape=shape)
         request.outputs.add(name=SCORE_OUTPUT)
         users = np.full(candidates, rng.integers(0, n_users), np.int64)
         items = rng.integers(0, n_items, candidates).astype(np.int64)
