@@ -104,12 +104,6 @@ class RankingSettings(ServerSettings):
     max_candidates_per_request: int = Field(
         10000, ge=1, description="Most candidates one request may carry."
     )
-    max_id_length: int = Field(
-        512,
-        ge=1,
-        le=16384,
-        description="Longest model name, user id or item id a request may carry, in characters.",
-    )
     session_concurrency: int = Field(
         1, ge=1, le=64, description="Session runs in flight at once per model version."
     )

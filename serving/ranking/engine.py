@@ -111,7 +111,7 @@ class RankingEngine:
         manager: ModelManager,
         *,
         max_candidates_per_request: int,
-        max_id_length: int = 512,
+        max_id_length: int = 1024,
     ) -> None:
         self.manager = manager
         self.max_candidates = max_candidates_per_request
