@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from importlib import metadata as importlib_metadata
 from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
@@ -64,6 +65,14 @@ GRPC_IN_FLIGHT = Gauge(
     ["grpc_service", "grpc_method"],
 )
 BUILD_INFO = Info("recsys_build", "Version of the running code.")
+
+
+def package_version() -> str:
+    """The installed recsys-transfer version ("0+unknown" when run from a tree not installed)."""
+    try:
+        return importlib_metadata.version("recsys-transfer")
+    except importlib_metadata.PackageNotFoundError:
+        return "0+unknown"
 
 
 def start_metrics_server(

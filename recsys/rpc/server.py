@@ -136,6 +136,7 @@ class RpcServer:
                 + (", or tls_cert_file/tls_key_file unusable)" if credentials else ")")
             )
         await self.server.start()
+        metrics.BUILD_INFO.info({"version": metrics.package_version()})
         metrics_host = settings.metrics_host or settings.host
         tls = settings.metrics_tls
         try:

@@ -9,7 +9,6 @@ import signal
 import grpc
 
 from recsys.inference import grpc_service_pb2_grpc as pb_grpc
-from recsys.rpc import metrics as kit_metrics
 from recsys.rpc.server import RpcServer, serve_until_signal
 from recsys.v1 import ranking_pb2_grpc
 from serving.ranking.batcher import BatchingOptions
@@ -17,7 +16,7 @@ from serving.ranking.config import RankingSettings
 from serving.ranking.engine import RankingEngine
 from serving.ranking.manager import ModelManager
 from serving.ranking.model import SessionOptions, resolve_providers
-from serving.ranking.servicer import InferenceServicer, RankingServicer, _package_version
+from serving.ranking.servicer import InferenceServicer, RankingServicer
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +73,6 @@ def build_server(settings: RankingSettings, manager: ModelManager) -> RpcServer:
 
 async def serve(settings: RankingSettings) -> None:
     """Start, load and warm every model, go SERVING; reload on SIGHUP; drain on SIGTERM."""
-    kit_metrics.BUILD_INFO.info({"version": _package_version()})
     manager = create_manager(settings)
     server = build_server(settings, manager)
     loop = asyncio.get_running_loop()

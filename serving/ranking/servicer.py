@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from importlib import metadata as importlib_metadata
 
 import grpc
 
@@ -13,6 +12,7 @@ from recsys.inference import grpc_service_pb2 as pb
 from recsys.inference import grpc_service_pb2_grpc as pb_grpc
 from recsys.repository import RepositoryError, list_versions
 from recsys.rpc.errors import InvalidRequest, ModelNotReady, NotFound
+from recsys.rpc.metrics import package_version
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc
 from serving.ranking import oip
 from serving.ranking.checks import check_length, parse_version
@@ -24,13 +24,6 @@ from serving.ranking.stats import Duration, VersionStats
 SERVER_NAME = "recsys-ranker"
 
 logger = logging.getLogger(__name__)
-
-
-def _package_version() -> str:
-    try:
-        return importlib_metadata.version("recsys-transfer")
-    except importlib_metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
@@ -66,7 +59,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, engine: RankingEngine, serving: Callable[[], bool] | None = None) -> None:
         self.engine = engine
         self.manager = engine.manager
-        self.version = _package_version()
+        self.version = package_version()
         # Whether the server is SERVING (false while it drains at shutdown).
         self._serving = serving or (lambda: True)
 

@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from devtools.processes import REPO_ROOT, ServiceProcess, health_status, project_env
 from recsys.inference import grpc_service_pb2 as pb
 from recsys.inference import grpc_service_pb2_grpc as pb_grpc
+from recsys.rpc.metrics import package_version
 from recsys.rpc.settings import ServerSettings
 from recsys.rpc.tls import ClientTLS, create_channel
 from tests.utils.kit_server import SERVICE_NAME, build_server
@@ -323,6 +324,23 @@ def test_metrics_over_https_on_their_own_address(certs: Path) -> None:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
     finally:
         server.stop()
+
+
+def test_every_kit_server_reports_its_build() -> None:
+    settings = ServerSettings(host="127.0.0.1", port=0, metrics_port=0)
+
+    async def factory():
+        return build_server(settings)[0]
+
+    server = BackgroundServer(factory)
+    try:
+        url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+    finally:
+        server.stop()
+    expected = f'recsys_build_info{{version="{package_version()}"}} 1.0'
+    assert expected in text.splitlines()
+    assert package_version() != "0+unknown"  # the test venv installs the project
 
 
 @pytest.mark.parametrize("swap", [True, False])

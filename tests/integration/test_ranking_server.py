@@ -469,7 +469,7 @@ def _short_escaped(details: str) -> None:
 def test_rank_long_names_and_ids(ranker: Ranker, request_args: tuple[str, str, list[str]]) -> None:
     code, details = _code(ranker.rank.Rank, rank_request(*request_args))
     assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details[:200])
-    assert "limit of 512 characters" in details
+    assert "limit of 1024 characters" in details
     _short_escaped(details)
 
 
