@@ -168,6 +168,26 @@ def encode_ids(values: Ids) -> tuple[np.ndarray, pa.Array]:
     return codes.astype(np.int32, copy=False), vocab
 
 
+def stable_argsort(keys: np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
+    """The stable ``argsort`` of non-negative integer ``keys`` (of the rows in ``order``, when
+    given: ties keep that order), as an LSD radix sort: one stable pass per 16 bits, each a
+    linear-time counting sort in numpy instead of a comparison sort."""
+    if order is None:
+        order = np.arange(keys.size, dtype=np.int64)
+    if keys.size < 1 << 16:
+        return order[np.argsort(keys[order], kind="stable")]
+    k = keys[order]
+    top = int(k.max()) if k.size else 0
+    shift = 0
+    while shift == 0 or top >> shift:
+        o = np.argsort(((k >> shift) & 0xFFFF).astype(np.uint16), kind="stable")
+        order = order[o]
+        k = k[o]
+        del o
+        shift += 16
+    return order
+
+
 def compact(codes: np.ndarray, vocab: pa.Array) -> tuple[np.ndarray, pa.Array]:
     """Drop the vocabulary entries no code uses (order kept); returns the new codes and vocab."""
     used = np.bincount(codes, minlength=len(vocab)) > 0
@@ -288,7 +308,7 @@ def deduplicate(domain: DomainData) -> DomainData:
     """
     n = len(domain)
     pairs = domain.user_codes.astype(np.int64) * max(1, len(domain.item_vocab)) + domain.item_codes
-    order = np.argsort(pairs, kind="stable")
+    order = stable_argsort(pairs)
     sp = pairs[order]
     del pairs
     starts = np.flatnonzero(np.r_[True, sp[1:] != sp[:-1]]) if n else np.zeros(0, np.int64)
@@ -710,6 +730,23 @@ def _first(mask: pa.Array) -> int:
     return int(np.flatnonzero(mask.to_numpy(zero_copy_only=False))[0])
 
 
+_TEXT_BYTES = np.ones(256, dtype=bool)
+_TEXT_BYTES[[*range(0, 9), 11, 12, *range(14, 32)]] = False
+
+
+def _has_control(ids: pa.Array) -> bool:
+    """Whether any string of ``ids`` holds a control character (other than tab, CR, LF): one
+    vectorised look at its UTF-8 data buffer."""
+    if pa.types.is_large_string(ids.type):
+        ids = pc.cast(ids, pa.string())
+    bufs = ids.buffers()
+    if len(ids) == 0 or bufs[2] is None:
+        return False
+    offsets = np.frombuffer(bufs[1], dtype=np.int32)[ids.offset : ids.offset + len(ids) + 1]
+    data = np.frombuffer(bufs[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    return not bool(_TEXT_BYTES[data].all())
+
+
 def _clean_parquet_batch(
     path: Path, b: pa.RecordBatch, cols: dict[str, str], row: int
 ) -> pa.RecordBatch:
@@ -721,8 +758,8 @@ def _clean_parquet_batch(
         bad = pc.fill_null(pc.equal(pc.utf8_length(ids), 0), True)
         if pc.any(bad).as_py():
             raise DataError(f"{path}: row {row + _first(bad) + 1}: empty {role} id")
-        control = pc.match_substring_regex(ids, r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
-        if pc.any(control).as_py():
+        if _has_control(ids):
+            control = pc.match_substring_regex(ids, r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
             raise DataError(
                 f"{path}: row {row + _first(control) + 1}: control character in the {role} id"
             )

@@ -33,6 +33,7 @@ from training.data.dataset import (
     DomainData,
     compact,
     joint_codes,
+    stable_argsort,
 )
 from training.errors import ConfigError, DataError
 
@@ -188,7 +189,9 @@ class _Groups:
 
 
 def _groups(user_idx: np.ndarray, rng: np.random.Generator) -> _Groups:
-    order = np.lexsort((rng.random(user_idx.size), user_idx))
+    # users in order, a random order within each user: np.lexsort((random, user)), computed as
+    # a sort of the random keys and a stable radix sort by user
+    order = stable_argsort(user_idx, np.argsort(rng.random(user_idx.size)))
     su = user_idx[order]
     starts = np.flatnonzero(np.r_[True, su[1:] != su[:-1]]) if su.size else np.zeros(0, np.int64)
     del su
