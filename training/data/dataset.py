@@ -172,12 +172,14 @@ def stable_argsort(keys: np.ndarray, order: np.ndarray | None = None) -> np.ndar
     """The stable ``argsort`` of non-negative integer ``keys`` (of the rows in ``order``, when
     given: ties keep that order), as an LSD radix sort: one stable pass per 16 bits, each a
     linear-time counting sort in numpy instead of a comparison sort."""
-    if order is None:
-        order = np.arange(keys.size, dtype=np.int64)
+    index = np.int32 if keys.size < 1 << 31 else np.int64  # 4 bytes a row where they suffice
+    order = np.arange(keys.size, dtype=index) if order is None else order.astype(index)
     if keys.size < 1 << 16:
         return order[np.argsort(keys[order], kind="stable")]
     k = keys[order]
     top = int(k.max()) if k.size else 0
+    if top < 1 << 31:
+        k = k.astype(np.int32)
     shift = 0
     while shift == 0 or top >> shift:
         o = np.argsort(((k >> shift) & 0xFFFF).astype(np.uint16), kind="stable")
