@@ -172,10 +172,16 @@ def stable_argsort(keys: np.ndarray, order: np.ndarray | None = None) -> np.ndar
     """The stable ``argsort`` of non-negative integer ``keys`` (of the rows in ``order``, when
     given: ties keep that order), as an LSD radix sort: one stable pass per 16 bits, each a
     linear-time counting sort in numpy instead of a comparison sort."""
+    return _radix(keys, order)[0]
+
+
+def _radix(keys: np.ndarray, order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``stable_argsort`` and the keys in that order."""
     index = np.int32 if keys.size < 1 << 31 else np.int64  # 4 bytes a row where they suffice
     order = np.arange(keys.size, dtype=index) if order is None else order.astype(index)
     if keys.size < 1 << 16:
-        return order[np.argsort(keys[order], kind="stable")]
+        order = order[np.argsort(keys[order], kind="stable")]
+        return order, keys[order]
     k = keys[order]
     top = int(k.max()) if k.size else 0
     if top < 1 << 31:
@@ -187,7 +193,7 @@ def stable_argsort(keys: np.ndarray, order: np.ndarray | None = None) -> np.ndar
         k = k[o]
         del o
         shift += 16
-    return order
+    return order, k
 
 
 def compact(codes: np.ndarray, vocab: pa.Array) -> tuple[np.ndarray, pa.Array]:
@@ -310,8 +316,7 @@ def deduplicate(domain: DomainData) -> DomainData:
     """
     n = len(domain)
     pairs = domain.user_codes.astype(np.int64) * max(1, len(domain.item_vocab)) + domain.item_codes
-    order = stable_argsort(pairs)
-    sp = pairs[order]
+    order, sp = _radix(pairs)
     del pairs
     starts = np.flatnonzero(np.r_[True, sp[1:] != sp[:-1]]) if n else np.zeros(0, np.int64)
     del sp

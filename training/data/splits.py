@@ -169,23 +169,26 @@ def _ratio_counts(tot: int, ratios: tuple[float, float, float]) -> tuple[int, in
 @dataclass
 class _Groups:
     """Rows grouped by user in a random order within each user: ``order`` lists the row indices,
-    ``size`` every row's group size, ``rank`` every row's position in its group (both in the
+    ``sizes`` the size of every group (user), ``rank`` every row's position in its group (in the
     order of ``order``)."""
 
     order: np.ndarray
     starts: np.ndarray
-    size: np.ndarray
+    sizes: np.ndarray
     rank: np.ndarray
 
+    def per_row(self, values: np.ndarray) -> np.ndarray:
+        """A value per group, repeated for each of the group's rows (in the order of ``order``)."""
+        return np.repeat(values, self.sizes)
+
     def rank_among(self, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For rows in ``order`` where ``mask`` holds: their rank among such rows of their group,
-        and how many such rows the group has (both per row)."""
-        m = mask.astype(np.int64)
-        csum = np.cumsum(m)
+        """For rows in ``order`` where ``mask`` holds: their rank among such rows of their group
+        (per row), and how many such rows each group has (per group)."""
+        m = mask.astype(np.int32)
+        csum = np.cumsum(m, dtype=np.int64)
         before = (csum - m)[self.starts]
         counts = np.add.reduceat(m, self.starts) if m.size else m
-        sizes = np.diff(np.r_[self.starts, m.size])
-        return csum - m - np.repeat(before, sizes), np.repeat(counts, sizes)
+        return (csum - m - self.per_row(before)).astype(np.int32), counts
 
 
 def _groups(user_idx: np.ndarray, rng: np.random.Generator) -> _Groups:
@@ -195,9 +198,9 @@ def _groups(user_idx: np.ndarray, rng: np.random.Generator) -> _Groups:
     su = user_idx[order]
     starts = np.flatnonzero(np.r_[True, su[1:] != su[:-1]]) if su.size else np.zeros(0, np.int64)
     del su
-    sizes = np.diff(np.r_[starts, order.size])
-    rank = np.arange(order.size, dtype=np.int64) - np.repeat(starts, sizes)
-    return _Groups(order, starts, np.repeat(sizes, sizes), rank)
+    sizes = np.diff(np.r_[starts, order.size]).astype(np.int32)
+    rank = np.arange(order.size, dtype=np.int32) - np.repeat(starts.astype(np.int32), sizes)
+    return _Groups(order, starts, sizes, rank)
 
 
 def _target_parts(
@@ -220,20 +223,24 @@ def _target_parts(
             is_test = given[g.order] == TEST
             rank, count = g.rank_among(~is_test)
             n_tr, _, _ = _ratio_counts_many(count, (0.9, 0.1, 0.0))
-            out[~is_test & (rank >= n_tr)] = VALID
+            out[~is_test & (rank >= g.per_row(n_tr))] = VALID
             out[is_test] = TEST
         else:
-            n_tr, n_va, _ = _ratio_counts_many(g.size, ratios)
-            out[(g.rank >= n_tr) & (g.rank < n_tr + n_va)] = VALID
-            out[g.rank >= n_tr + n_va] = TEST
+            n_tr, n_va, _ = _ratio_counts_many(g.sizes, ratios)
+            row_tr, row_te = (
+                g.per_row(n_tr.astype(np.int32)),
+                g.per_row((n_tr + n_va).astype(np.int32)),
+            )
+            out[(g.rank >= row_tr) & (g.rank < row_te)] = VALID
+            out[g.rank >= row_te] = TEST
     elif given is not None:  # loo with the data set's test items
         is_test = given[g.order] == TEST
         rank, count = g.rank_among(~is_test)
         out[is_test] = TEST
-        out[~is_test & (rank == 0) & (count >= 3)] = VALID
+        out[~is_test & (rank == 0) & g.per_row(count >= 3)] = VALID
     else:  # loo: the first shuffled row tests (2+ rows), the next validates (3+ rows left)
-        out[(g.rank == 0) & (g.size >= 2)] = TEST
-        out[(g.rank == 1) & (g.size >= 4)] = VALID
+        out[(g.rank == 0) & g.per_row(g.sizes >= 2)] = TEST
+        out[(g.rank == 1) & g.per_row(g.sizes >= 4)] = VALID
     part[g.order] = out
     return part
 
@@ -276,9 +283,9 @@ def _source_split(
     """A 9:1 per-user train/validation split of the source domain for early stopping of
     pretraining (its own generator: independent of the target split and the cold share)."""
     g = _groups(s_u, np.random.default_rng(seed + 1))
-    n_tr, _, _ = _ratio_counts_many(g.size, (0.9, 0.1, 0.0))
+    n_tr, _, _ = _ratio_counts_many(g.sizes, (0.9, 0.1, 0.0))
     s_part = np.zeros(len(s_u), dtype=np.int8)
-    s_part[g.order[g.rank >= n_tr]] = VALID
+    s_part[g.order[g.rank >= g.per_row(n_tr.astype(np.int32))]] = VALID
     del g
     s_train = np.stack([s_u[s_part == TRAIN], src_items[s_part == TRAIN]], 1).astype(np.int64)
     s_valid = np.stack([s_u[s_part == VALID], src_items[s_part == VALID]], 1).astype(np.int64)
@@ -343,7 +350,7 @@ def make_split(
     if src is not None:
         s_items, s_vocab = compact(src.item_codes, src.item_vocab)
         sitems = s_vocab.to_pylist()
-        s_train, s_valid = _source_split(s_items, user_codes[1].astype(np.int64), seed)
+        s_train, s_valid = _source_split(s_items, user_codes[1], seed)
 
     split = Split(
         protocol=protocol,
