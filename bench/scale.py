@@ -284,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the generated data")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument(
+        "--merge", type=Path, action="append", default=[], help="also take the rows of this JSON"
+    )
+    p.add_argument(
         "--child", choices=[s for s in STAGES if s != "generate"], help=argparse.SUPPRESS
     )
     p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -310,13 +313,15 @@ def main(argv: list[str] | None = None) -> int:
     if ROOT in args.work_dir.resolve().parents or args.work_dir.resolve() == ROOT:
         p.error("--work-dir must be outside the repository")
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    json_path = args.results / "scale.json"
-    previous = json.loads(json_path.read_text()) if json_path.is_file() else {"rows": []}
     rows: list[dict[str, Any]] = []
     for n in sizes:
         rows += run_size(n, stages, args.work_dir, args.overrides, caps.get(n, 0), args.items_ratio)
         if not args.keep and "generate" in stages:
             shutil.rmtree(args.work_dir / size_name(n), ignore_errors=True)
+    for other in args.merge:  # rows of another run (its own --results), taken as they are
+        rows += json.loads(other.read_text())["rows"]
+    json_path = args.results / "scale.json"  # read now: another run may have written meanwhile
+    previous = json.loads(json_path.read_text()) if json_path.is_file() else {"rows": []}
     done = {(r["size"], r["stage"]) for r in rows}
     merged = [r for r in previous["rows"] if (r["size"], r["stage"]) not in done] + rows
     load = os.getloadavg()
