@@ -320,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(args.work_dir / size_name(n), ignore_errors=True)
     for other in args.merge:  # rows of another run (its own --results), taken as they are
         rows += json.loads(other.read_text())["rows"]
+    rows = list({(r["size"], r["stage"]): r for r in rows}.values())  # the last of each wins
     json_path = args.results / "scale.json"  # read now: another run may have written meanwhile
     previous = json.loads(json_path.read_text()) if json_path.is_file() else {"rows": []}
     done = {(r["size"], r["stage"]) for r in rows}
