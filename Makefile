@@ -11,7 +11,7 @@ PROTO_SRC := $(wildcard protos/recsys/v1/*.proto protos/recsys/inference/*.proto
 PROTO_OUT := $(patsubst protos/%.proto,%_pb2.py,$(PROTO_SRC))
 
 .PHONY: help setup tools protos check-protos lint fmt test test-fast e2e bench bench-quality \
-	bench-ranker bench-vocab bench-gateway bench-rollout bench-system bench-peers probe demo train \
+	bench-ranker bench-vocab bench-gateway bench-rollout bench-system bench-peers bench-scale probe demo train \
 	serve serve-ranking serve-retrieval serve-gateway docs check-docs base-image images images-smoke \
 	images-prune images-gpu k8s-render k8s-check clean
 
@@ -60,6 +60,9 @@ bench-vocab: $(STAMP) ## the Rank API's id mapping in-process: dict, sorted hash
 
 bench-gateway: $(STAMP) ## the whole stack under load: throughput, latency, where the time goes, HNSW recall (slow)
 	$(PY) -m bench.gateway
+
+bench-scale: $(STAMP) ## data at 1 M, 10 M, 100 M interactions: generate, load, split, one train epoch (time, rows/s, peak memory) (slow; data under /tmp)
+	$(PY) -m bench.scale $(SCALE_ARGS)
 
 bench-system: $(STAMP) ## the served pipeline on test splits: retrieval order vs dot-product vs learned ranker (slow)
 	$(PY) -m bench.system $(SYSTEM_ARGS)

@@ -15,9 +15,11 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import scipy.sparse as sp
 
-from training.data.dataset import Dataset, DomainData
+from training.data.dataset import Dataset, DomainData, joint_codes
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +43,15 @@ class Duplicates:
         }
 
 
-def _matrix(domain: DomainData, users: dict[str, int]) -> tuple[sp.csr_matrix, np.ndarray]:
-    items, inv = np.unique(domain.items, return_inverse=True)
-    rows = np.fromiter((users[u] for u in domain.users), np.int64, len(domain))
+def _matrix(user_codes: np.ndarray, domain: DomainData, n_users: int) -> sp.csr_matrix:
+    """The binary [users, items] matrix of a domain, columns in the order of its item vocabulary."""
     m = sp.csr_matrix(
-        (np.ones(len(domain), dtype=np.float32), (rows, inv)), shape=(len(users), items.size)
+        (np.ones(len(domain), dtype=np.float32), (user_codes, domain.item_codes)),
+        shape=(n_users, len(domain.item_vocab)),
     )
     m.sum_duplicates()
     m.data[:] = 1.0
-    return m, items
+    return m
 
 
 def find_duplicates(
@@ -57,9 +59,11 @@ def find_duplicates(
 ) -> Duplicates:
     """Target items with at least ``min_users`` users whose user set has Jaccard similarity
     ``>= jaccard`` with some source item's (1.0: identical sets only)."""
-    users = {u: i for i, u in enumerate(sorted(set(target.users) | set(source.users)))}
-    xt, t_items = _matrix(target, users)
-    xs, s_items = _matrix(source, users)
+    vocab, (tu, su) = joint_codes(
+        [(target.user_codes, target.user_vocab), (source.user_codes, source.user_vocab)]
+    )
+    xt, xs = _matrix(tu, target, len(vocab)), _matrix(su, source, len(vocab))
+    t_items, s_items = target.item_vocab.to_pylist(), source.item_vocab.to_pylist()
     nt = np.asarray(xt.sum(0)).ravel()
     ns = np.asarray(xs.sum(0)).ravel()
     inter = (xs.T @ xt).tocoo()  # [source items, target items] shared users
@@ -86,18 +90,8 @@ def find_duplicates(
 def drop_items(dataset: Dataset, domain: str, items: list[str]) -> Dataset:
     """The data set with ``items`` removed from ``domain``."""
     d = dataset.domains[domain]
-    keep = ~np.isin(d.items, np.asarray(items, dtype=d.items.dtype))
-
-    def cut(a: np.ndarray | None) -> np.ndarray | None:
-        return None if a is None else a[keep]
-
-    new = dataclasses.replace(
-        d,
-        users=d.users[keep],
-        items=d.items[keep],
-        ratings=cut(d.ratings),
-        timestamps=cut(d.timestamps),
-        given_split=cut(d.given_split),
-        stats=dict(d.stats, duplicate_item_rows_dropped=int((~keep).sum())),
-    )
+    found = pc.index_in(pa.array(items, pa.string()), value_set=d.item_vocab)
+    codes = found.drop_null().to_numpy().astype(np.int32)
+    keep = ~np.isin(d.item_codes, codes)
+    new = d.take(keep, duplicate_item_rows_dropped=int((~keep).sum()))
     return dataclasses.replace(dataset, domains={**dataset.domains, domain: new})

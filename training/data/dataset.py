@@ -20,17 +20,23 @@ Duplicate (user, item) rows are removed deterministically (the last row wins) an
 
 from __future__ import annotations
 
+import codecs
 import csv
 import difflib
 import hashlib
 import logging
 import re
 import tomllib
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeAlias
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.dataset as pads
 
 from training.errors import DataError
 
@@ -39,21 +45,87 @@ logger = logging.getLogger(__name__)
 TRAIN, VALID, TEST = 0, 1, 2  # codes of a split given with the data
 
 
-@dataclass
-class DomainData:
-    """All interactions of one domain, with raw (string) ids."""
+Ids: TypeAlias = "np.ndarray | list[str] | pa.Array | pa.ChunkedArray"  # string ids
 
-    name: str
-    users: np.ndarray  # str (object array of Python strings), one per interaction
-    items: np.ndarray  # str (object array of Python strings), one per interaction
-    ratings: np.ndarray | None = None  # float32, explicit feedback
-    timestamps: np.ndarray | None = None  # int64
-    given_split: np.ndarray | None = None  # int8 TRAIN/VALID/TEST when the data fixes the split
-    titles: dict[str, str] = field(default_factory=dict)
-    stats: dict[str, int] = field(default_factory=dict)
+
+class DomainData:
+    """All interactions of one domain. Ids are strings, held dictionary-encoded: ``user_codes`` and
+    ``item_codes`` (int32, one per interaction) index the sorted, unique ``user_vocab`` and
+    ``item_vocab`` (Arrow string arrays). ``users`` and ``items`` give the strings per interaction
+    (an object array, built on demand: small data, tests and reports only)."""
+
+    def __init__(
+        self,
+        name: str,
+        users: Ids | None = None,
+        items: Ids | None = None,
+        ratings: np.ndarray | None = None,  # float32, explicit feedback
+        timestamps: np.ndarray | None = None,  # int64
+        given_split: np.ndarray | None = None,  # int8 TRAIN/VALID/TEST when the data fixes it
+        titles: dict[str, str] | None = None,
+        stats: dict[str, int] | None = None,
+        *,
+        user_codes: np.ndarray | None = None,
+        user_vocab: pa.Array | None = None,
+        item_codes: np.ndarray | None = None,
+        item_vocab: pa.Array | None = None,
+    ) -> None:
+        if user_codes is None or user_vocab is None:
+            if users is None:
+                raise ValueError("DomainData needs users or user_codes and user_vocab")
+            user_codes, user_vocab = encode_ids(users)
+        if item_codes is None or item_vocab is None:
+            if items is None:
+                raise ValueError("DomainData needs items or item_codes and item_vocab")
+            item_codes, item_vocab = encode_ids(items)
+        self.name = name
+        self.user_codes = np.asarray(user_codes, dtype=np.int32)
+        self.item_codes = np.asarray(item_codes, dtype=np.int32)
+        self.user_vocab = user_vocab
+        self.item_vocab = item_vocab
+        self.ratings = ratings
+        self.timestamps = timestamps
+        self.given_split = given_split
+        self.titles = titles if titles is not None else {}
+        self.stats = stats if stats is not None else {}
 
     def __len__(self) -> int:
-        return int(self.users.shape[0])
+        return int(self.user_codes.shape[0])
+
+    def __repr__(self) -> str:
+        return (
+            f"DomainData({self.name!r}, {len(self)} interactions, {len(self.user_vocab)} users, "
+            f"{len(self.item_vocab)} items)"
+        )
+
+    @property
+    def users(self) -> np.ndarray:
+        """The user id of every interaction (an object array of Python strings)."""
+        return _strings(self.user_vocab)[self.user_codes]
+
+    @property
+    def items(self) -> np.ndarray:
+        """The item id of every interaction (an object array of Python strings)."""
+        return _strings(self.item_vocab)[self.item_codes]
+
+    def take(self, keep: np.ndarray, **stats: int) -> DomainData:
+        """The interactions selected by ``keep`` (a mask or indices), same vocabularies."""
+
+        def cut(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[keep]
+
+        return DomainData(
+            name=self.name,
+            ratings=cut(self.ratings),
+            timestamps=cut(self.timestamps),
+            given_split=cut(self.given_split),
+            titles=self.titles,
+            stats=dict(self.stats, **stats),
+            user_codes=self.user_codes[keep],
+            user_vocab=self.user_vocab,
+            item_codes=self.item_codes[keep],
+            item_vocab=self.item_vocab,
+        )
 
     def positives(self, threshold: float | None) -> DomainData:
         """Interactions that count as positive feedback (rating >= threshold)."""
@@ -68,16 +140,83 @@ class DomainData:
                 f"(ratings {low:g} to {high:g}), so every row would be dropped{implicit}; set "
                 "rating_threshold, or declare no rating column for implicit feedback"
             )
-        return DomainData(
-            name=self.name,
-            users=self.users[keep],
-            items=self.items[keep],
-            ratings=self.ratings[keep],
-            timestamps=None if self.timestamps is None else self.timestamps[keep],
-            given_split=None if self.given_split is None else self.given_split[keep],
-            titles=self.titles,
-            stats=dict(self.stats, positives=int(keep.sum())),
-        )
+        return self.take(keep, positives=int(keep.sum()))
+
+
+def _strings(vocab: pa.Array) -> np.ndarray:
+    out = np.empty(len(vocab), dtype=object)
+    out[:] = vocab.to_pylist()
+    return out
+
+
+def sorted_unique(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """The distinct strings of ``values`` in code-point order (UTF-8 byte order is the same)."""
+    uniq = pc.unique(values)
+    if isinstance(uniq, pa.ChunkedArray):
+        uniq = uniq.combine_chunks()
+    return uniq.take(pc.array_sort_indices(uniq))
+
+
+def encode_ids(values: Ids) -> tuple[np.ndarray, pa.Array]:
+    """Dictionary-encode string ids: (int32 codes, the sorted unique ids they index)."""
+    if isinstance(values, pa.Array | pa.ChunkedArray):
+        arr = values
+    else:
+        arr = pa.array(np.asarray(values, dtype=object), type=pa.string())
+    vocab = sorted_unique(arr)
+    codes = pc.index_in(arr, value_set=vocab).to_numpy()
+    return codes.astype(np.int32, copy=False), vocab
+
+
+def stable_argsort(keys: np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
+    """The stable ``argsort`` of non-negative integer ``keys`` (of the rows in ``order``, when
+    given: ties keep that order), as an LSD radix sort: one stable pass per 16 bits, each a
+    linear-time counting sort in numpy instead of a comparison sort."""
+    return _radix(keys, order)[0]
+
+
+def _radix(keys: np.ndarray, order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``stable_argsort`` and the keys in that order."""
+    index = np.int32 if keys.size < 1 << 31 else np.int64  # 4 bytes a row where they suffice
+    order = np.arange(keys.size, dtype=index) if order is None else order.astype(index)
+    if keys.size < 1 << 16:
+        order = order[np.argsort(keys[order], kind="stable")]
+        return order, keys[order]
+    k = keys[order]
+    top = int(k.max()) if k.size else 0
+    if top < 1 << 31:
+        k = k.astype(np.int32)
+    shift = 0
+    while shift == 0 or top >> shift:
+        o = np.argsort(((k >> shift) & 0xFFFF).astype(np.uint16), kind="stable")
+        order = order[o]
+        k = k[o]
+        del o
+        shift += 16
+    return order, k
+
+
+def compact(codes: np.ndarray, vocab: pa.Array) -> tuple[np.ndarray, pa.Array]:
+    """Drop the vocabulary entries no code uses (order kept); returns the new codes and vocab."""
+    used = np.bincount(codes, minlength=len(vocab)) > 0
+    if used.all():
+        return codes, vocab
+    new = (np.cumsum(used, dtype=np.int64) - 1).astype(np.int32)
+    return new[codes], vocab.filter(pa.array(used))
+
+
+def joint_codes(
+    parts: list[tuple[np.ndarray, pa.Array]],
+) -> tuple[pa.Array, list[np.ndarray]]:
+    """One sorted vocabulary over several (codes, vocab) pairs, holding only the used ids, and
+    every part's codes into it."""
+    used = [compact(c, v) for c, v in parts]
+    vocab = sorted_unique(pa.chunked_array([v for _, v in used], type=pa.string()))
+    out = []
+    for codes, v in used:
+        remap = pc.index_in(v, value_set=vocab).to_numpy().astype(np.int32)
+        out.append(remap[codes])
+    return vocab, out
 
 
 @dataclass
@@ -109,7 +248,8 @@ def _require(path: Path) -> Path:
 
 def _fingerprint(paths: list[Path]) -> str:
     digest = hashlib.sha256()
-    for p in sorted(paths):
+    expanded = [q for p in paths for q in (sorted(p.rglob("*.parquet")) if p.is_dir() else [p])]
+    for p in sorted(expanded):
         digest.update(p.name.encode())
         with p.open("rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -170,23 +310,27 @@ def _int(value: str, path: Path, lineno: int, what: str) -> int:
 
 
 def deduplicate(domain: DomainData) -> DomainData:
-    """Keep the last row of every (user, item) pair; record how many rows went and conflicted."""
+    """Keep the last row of every (user, item) pair; record how many rows went and conflicted.
+
+    Vectorised over the int32 codes: one stable sort of the int64 pair keys.
+    """
     n = len(domain)
-    # "\x1f" (unit separator, refused in ids) keeps ("1", "23") and ("12", "3") apart
-    pairs = _ids(
-        [f"{u}\x1f{i}" for u, i in zip(domain.users.tolist(), domain.items.tolist(), strict=True)]
-    )
-    # last occurrence: unique over the reversed array
-    _, rev_first = np.unique(pairs[::-1], return_index=True)
-    keep = np.sort(n - 1 - rev_first)
+    pairs = domain.user_codes.astype(np.int64) * max(1, len(domain.item_vocab)) + domain.item_codes
+    order, sp = _radix(pairs)
+    del pairs
+    starts = np.flatnonzero(np.r_[True, sp[1:] != sp[:-1]]) if n else np.zeros(0, np.int64)
+    del sp
+    # the last row of each group of equal keys (the sort is stable: original order within a group)
+    last = np.r_[starts[1:] - 1, n - 1] if n else starts
     conflicting = 0
-    if domain.ratings is not None and keep.size < n:
-        order = np.argsort(pairs, kind="stable")
-        sp, sr = pairs[order], domain.ratings[order]
-        starts = np.flatnonzero(np.r_[True, sp[1:] != sp[:-1]])
+    if domain.ratings is not None and starts.size < n:
+        sr = domain.ratings[order]
         mins = np.minimum.reduceat(sr, starts)
         maxs = np.maximum.reduceat(sr, starts)
         conflicting = int((mins != maxs).sum())
+        del sr
+    keep = np.sort(order[last])
+    del order
     stats = dict(
         domain.stats,
         rows=n,
@@ -194,34 +338,32 @@ def deduplicate(domain: DomainData) -> DomainData:
         duplicate_rows_removed=int(n - keep.size),
         conflicting_pairs=conflicting,
     )
-    if keep.size < n:
-        logger.info(
-            "domain %s: removed %d duplicate rows (%d pairs with conflicting ratings; last row kept)",
-            domain.name,
-            n - keep.size,
-            conflicting,
-        )
-    return DomainData(
-        name=domain.name,
-        users=domain.users[keep],
-        items=domain.items[keep],
-        ratings=None if domain.ratings is None else domain.ratings[keep],
-        timestamps=None if domain.timestamps is None else domain.timestamps[keep],
-        given_split=None if domain.given_split is None else domain.given_split[keep],
-        titles=domain.titles,
-        stats=stats,
+    if keep.size == n:
+        domain.stats = stats
+        return domain
+    logger.info(
+        "domain %s: removed %d duplicate rows (%d pairs with conflicting ratings; last row kept)",
+        domain.name,
+        n - keep.size,
+        conflicting,
     )
-
-
-def _ids(values: list[str]) -> np.ndarray:
-    """Ids as an object array of Python strings: each costs its own length.
-
-    (A fixed-width numpy string array costs its longest id on every row: one 20,000-character id
-    among 100,000 rows is 8 GB of ``<U20000``.)
-    """
-    out = np.empty(len(values), dtype=object)
-    out[:] = values
+    out = domain.take(keep)
+    out.stats = stats
     return out
+
+
+def _batch(
+    users: list[str],
+    items: list[str],
+    ratings: list[float] | None = None,
+    timestamps: list[int] | None = None,
+) -> pa.RecordBatch:
+    cols = {"user": pa.array(users, pa.string()), "item": pa.array(items, pa.string())}
+    if ratings is not None:
+        cols["rating"] = pa.array(ratings, pa.float32())
+    if timestamps is not None:
+        cols["timestamp"] = pa.array(timestamps, pa.int64())
+    return pa.RecordBatch.from_pydict(cols)
 
 
 def _make(
@@ -233,16 +375,94 @@ def _make(
     given_split: list[int] | None = None,
     titles: dict[str, str] | None = None,
 ) -> DomainData:
-    return deduplicate(
-        DomainData(
-            name=name,
-            users=_ids(users),
-            items=_ids(items),
-            ratings=None if ratings is None else np.asarray(ratings, dtype=np.float32),
-            timestamps=None if timestamps is None else np.asarray(timestamps, dtype=np.int64),
-            given_split=None if given_split is None else np.asarray(given_split, dtype=np.int8),
-            titles=titles or {},
-        )
+    """A de-duplicated domain from Python lists (the small built-in text layouts)."""
+    b = _batch(users, items, ratings, timestamps)
+    d = _encode(name, [(lambda: iter([b]), None)], ratings is not None, timestamps is not None)
+    if given_split is not None:
+        d.given_split = np.asarray(given_split, dtype=np.int8)
+    d.titles = titles or {}
+    return deduplicate(d)
+
+
+# ----------------------------------------------------------------------------- encoding
+
+# A source of cleaned record batches (columns user, item: string; rating: float32; timestamp:
+# int64), callable more than once: the encoder reads it twice (vocabulary, then codes).
+Batches = Callable[[], Iterator[pa.RecordBatch]]
+
+ENCODE_CHUNK_ROWS = 1 << 23  # rows looked up against the vocabulary in one call
+
+
+def _vocab_pass(parts: list[tuple[Batches, int | None]]) -> tuple[pa.Array, pa.Array, int]:
+    """First pass: the sorted distinct users and items, and the number of rows."""
+    seen: dict[str, list[pa.Array]] = {"user": [], "item": []}
+    held = {"user": 0, "item": 0}
+    n = 0
+    for batches, _ in parts:
+        for b in batches():
+            n += b.num_rows
+            for col in ("user", "item"):
+                u = pc.unique(b.column(col))
+                seen[col].append(u)
+                held[col] += len(u)
+                if held[col] > ENCODE_CHUNK_ROWS and len(seen[col]) > 1:  # bound what is held
+                    merged = pc.unique(pa.chunked_array(seen[col], type=pa.string()))
+                    seen[col], held[col] = [merged], len(merged)
+    vocabs = [sorted_unique(pa.chunked_array(seen[c], type=pa.string())) for c in ("user", "item")]
+    return vocabs[0], vocabs[1], n
+
+
+def _encode(
+    name: str,
+    parts: list[tuple[Batches, int | None]],
+    has_rating: bool,
+    has_timestamp: bool,
+) -> DomainData:
+    """Dictionary-encode the batches of every part (a part code: its given split, or None) into
+    one domain: two passes, holding only the vocabularies, the codes and the numeric columns."""
+    user_vocab, item_vocab, n = _vocab_pass(parts)
+    ucodes = np.empty(n, dtype=np.int32)
+    icodes = np.empty(n, dtype=np.int32)
+    ratings = np.empty(n, dtype=np.float32) if has_rating else None
+    stamps = np.empty(n, dtype=np.int64) if has_timestamp else None
+    split = np.empty(n, dtype=np.int8) if any(code is not None for _, code in parts) else None
+    pos = 0
+    pending: list[pa.RecordBatch] = []
+
+    def flush() -> None:
+        nonlocal pos
+        if not pending:
+            return
+        rows = sum(b.num_rows for b in pending)
+        for col, vocab, out in (("user", user_vocab, ucodes), ("item", item_vocab, icodes)):
+            chunk = pa.chunked_array([b.column(col) for b in pending], type=pa.string())
+            out[pos : pos + rows] = pc.index_in(chunk, value_set=vocab).to_numpy()
+        for col, out_arr in (("rating", ratings), ("timestamp", stamps)):
+            if out_arr is not None:
+                out_arr[pos : pos + rows] = np.concatenate(
+                    [b.column(col).to_numpy(zero_copy_only=False) for b in pending]
+                )
+        pos += rows
+        pending.clear()
+
+    for batches, code in parts:
+        start = pos + sum(b.num_rows for b in pending)
+        for b in batches():
+            pending.append(b)
+            if sum(x.num_rows for x in pending) >= ENCODE_CHUNK_ROWS:
+                flush()
+        flush()
+        if split is not None:
+            split[start:pos] = TRAIN if code is None else code
+    return DomainData(
+        name=name,
+        ratings=ratings,
+        timestamps=stamps,
+        given_split=split,
+        user_codes=ucodes,
+        user_vocab=user_vocab,
+        item_codes=icodes,
+        item_vocab=item_vocab,
     )
 
 
@@ -333,6 +553,244 @@ def _read_rows(
     return cols["user"], cols["item"], ratings, stamps
 
 
+# ----------------------------------------------------------------------------- columnar readers
+
+PARQUET_SUFFIXES = (".parquet", ".pq")
+FORMATS = ("csv", "tsv", "parquet")
+BATCH_ROWS = 1 << 20  # rows per record batch read from Parquet
+SCAN_BYTES = 1 << 26  # bytes of a text file checked at a time for encoding and control characters
+
+
+def file_format(path: Path, fmt: str | None) -> str:
+    """``csv``, ``tsv`` (any other delimited text) or ``parquet``: given, or from the name."""
+    if fmt is not None:
+        return fmt
+    if path.suffix.lower() in PARQUET_SUFFIXES or path.is_dir():
+        return "parquet"
+    return "csv" if path.suffix.lower() == ".csv" else "tsv"
+
+
+def table_batches(
+    path: Path,
+    wanted: dict[str, Column | None],
+    header: bool,
+    delimiter: str | None,
+    fmt: str | None = None,
+) -> Batches:
+    """The cleaned record batches of one interactions table (any supported format)."""
+    if file_format(path, fmt) == "parquet":
+        return _parquet_batches(path, wanted, header)
+    if delimiter is None:
+        delimiter = "," if file_format(path, fmt) == "csv" else "\t"
+    batches = _arrow_text(_require(path), wanted, header, delimiter)
+    if batches is None:  # the exact reader: names the line of the first problem, or reads it
+        u, i, r, t = _read_rows(
+            path,
+            wanted["user"] if wanted["user"] is not None else "user_id",
+            wanted["item"] if wanted["item"] is not None else "item_id",
+            wanted["rating"],
+            wanted["timestamp"],
+            delimiter,
+            header,
+        )
+        batches = [_batch(u, i, r, t)]
+    return lambda: iter(batches)
+
+
+class _Refused(Exception):
+    """The columnar text reader cannot vouch for this file: the exact line reader decides."""
+
+
+def _text_is_clean(path: Path) -> bool:
+    """Whether the whole file is UTF-8 without control characters (tab, CR, LF allowed)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    allowed = np.zeros(256, dtype=bool)
+    allowed[32:] = True
+    allowed[[9, 10, 13]] = True
+    with path.open("rb") as fh:
+        while chunk := fh.read(SCAN_BYTES):
+            if not allowed[np.frombuffer(chunk, dtype=np.uint8)].all():
+                return False
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError:
+                return False
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return False
+    return True
+
+
+def _arrow_text(
+    path: Path, wanted: dict[str, Column | None], header: bool, delimiter: str
+) -> list[pa.RecordBatch] | None:
+    """A delimited text file parsed by pyarrow.csv, or None when any line needs the exact reader
+    (bad bytes, wrong field count, empty id, a number that does not parse, blank-looking rows)."""
+    if not _text_is_clean(path):
+        return None
+    with path.open("rb") as fh:
+        first = fh.readline().decode("utf-8")
+    if not first.strip():
+        return None
+    try:
+        fields = next(csv.reader([first], delimiter=delimiter))
+    except (csv.Error, StopIteration):
+        return None
+    width = len(fields)
+    if header:
+        names = [h.split(":", 1)[0].strip() for h in fields]
+        for role, col in wanted.items():
+            if col is not None and col not in names:
+                raise DataError(
+                    f"{path}:1: no {role} column {col!r} in header {names}{_close(str(col), names)}"
+                )
+        index = {role: names.index(str(col)) for role, col in wanted.items() if col is not None}
+    else:
+        index = {role: int(col) for role, col in wanted.items() if col is not None}
+        if any(i >= width for i in index.values()):
+            return None
+    generated = [f"c{i}" for i in range(width)]
+    chosen = sorted(set(index.values()))
+    try:
+        reader = pacsv.open_csv(
+            path,
+            read_options=pacsv.ReadOptions(
+                column_names=generated, skip_rows=1 if header else 0, block_size=1 << 24
+            ),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter),
+            convert_options=pacsv.ConvertOptions(
+                include_columns=[generated[i] for i in chosen],
+                column_types={generated[i]: pa.string() for i in chosen},
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
+            ),
+        )
+        out = []
+        for b in reader:
+            out.append(_clean_text_batch(b, {r: generated[i] for r, i in index.items()}))
+        return out
+    except (pa.ArrowInvalid, _Refused):
+        return None
+
+
+def _clean_text_batch(b: pa.RecordBatch, cols: dict[str, str]) -> pa.RecordBatch:
+    out: dict[str, pa.Array] = {}
+    for role in ("user", "item"):
+        ids = pc.utf8_trim_whitespace(b.column(cols[role]))
+        if pc.any(pc.equal(pc.utf8_length(ids), 0)).as_py():
+            raise _Refused(role)
+        out[role] = ids
+    if "rating" in cols:
+        r = pc.cast(pc.utf8_trim_whitespace(b.column(cols["rating"])), pa.float64())
+        if len(r) and not pc.all(pc.is_finite(r)).as_py():
+            raise _Refused("rating")
+        out["rating"] = pc.cast(r, pa.float32())
+    if "timestamp" in cols:
+        out["timestamp"] = pc.cast(pc.utf8_trim_whitespace(b.column(cols["timestamp"])), pa.int64())
+    return pa.RecordBatch.from_pydict(out)
+
+
+def _parquet_batches(path: Path, wanted: dict[str, Column | None], header: bool) -> Batches:
+    """Batches streamed from a Parquet file, or a folder of them, read by pyarrow.dataset: only
+    the wanted columns, ``BATCH_ROWS`` rows at a time; rows are counted from 1 in file order."""
+    if not path.exists():
+        raise DataError(f"missing data file: expected {path}")
+    if not header:
+        raise DataError(f"{path}: a Parquet file names its columns; header = false does not apply")
+    try:
+        ds = pads.dataset(path, format="parquet")
+        names = ds.schema.names
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{path}: not a Parquet file ({exc})") from None
+    cols = {role: str(col) for role, col in wanted.items() if col is not None}
+    for role, col in cols.items():
+        if col not in names:
+            raise DataError(
+                f"{path}: no {role} column {col!r} in columns {names}{_close(col, names)}"
+            )
+    types = {role: ds.schema.field(col).type for role, col in cols.items()}
+    for role in ("rating", "timestamp"):
+        if role in types and not (
+            pa.types.is_integer(types[role])
+            or pa.types.is_floating(types[role])
+            and role == "rating"
+            or pa.types.is_timestamp(types[role])
+            and role == "timestamp"
+        ):
+            raise DataError(f"{path}: {role} column {cols[role]!r} is {types[role]}, not a number")
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        row = 0
+        try:
+            scan = ds.to_batches(columns=list(cols.values()), batch_size=BATCH_ROWS)
+            for b in scan:
+                yield _clean_parquet_batch(path, b, cols, row)
+                row += b.num_rows
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(f"{path}: unreadable Parquet data after row {row} ({exc})") from None
+
+    return batches
+
+
+def _first(mask: pa.Array) -> int:
+    return int(np.flatnonzero(mask.to_numpy(zero_copy_only=False))[0])
+
+
+_TEXT_BYTES = np.ones(256, dtype=bool)
+_TEXT_BYTES[[*range(0, 9), 11, 12, *range(14, 32)]] = False
+
+
+def _has_control(ids: pa.Array) -> bool:
+    """Whether any string of ``ids`` holds a control character (other than tab, CR, LF): one
+    vectorised look at its UTF-8 data buffer."""
+    if pa.types.is_large_string(ids.type):
+        ids = pc.cast(ids, pa.string())
+    bufs = ids.buffers()
+    if len(ids) == 0 or bufs[2] is None:
+        return False
+    offsets = np.frombuffer(bufs[1], dtype=np.int32)[ids.offset : ids.offset + len(ids) + 1]
+    data = np.frombuffer(bufs[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    return not bool(_TEXT_BYTES[data].all())
+
+
+def _clean_parquet_batch(
+    path: Path, b: pa.RecordBatch, cols: dict[str, str], row: int
+) -> pa.RecordBatch:
+    out: dict[str, pa.Array] = {}
+    for role in ("user", "item"):
+        ids = b.column(cols[role])
+        if not pa.types.is_string(ids.type):
+            ids = pc.cast(ids, pa.string())
+        bad = pc.fill_null(pc.equal(pc.utf8_length(ids), 0), True)
+        if pc.any(bad).as_py():
+            raise DataError(f"{path}: row {row + _first(bad) + 1}: empty {role} id")
+        if _has_control(ids):
+            control = pc.match_substring_regex(ids, r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+            raise DataError(
+                f"{path}: row {row + _first(control) + 1}: control character in the {role} id"
+            )
+        out[role] = ids
+    if "rating" in cols:
+        r = pc.cast(b.column(cols["rating"]), pa.float64())
+        bad = pc.invert(pc.fill_null(pc.is_finite(r), False))
+        if pc.any(bad).as_py():
+            at = _first(bad)
+            raise DataError(
+                f"{path}: row {row + at + 1}: rating is not a finite number: {r[at].as_py()!r}"
+            )
+        out["rating"] = pc.cast(r, pa.float32())
+    if "timestamp" in cols:
+        t = b.column(cols["timestamp"])
+        if pa.types.is_timestamp(t.type):
+            t = pc.cast(pc.cast(t, pa.timestamp("s")), pa.int64())
+        t = pc.cast(t, pa.int64())
+        if t.null_count:
+            raise DataError(f"{path}: row {row + _first(pc.is_null(t)) + 1}: empty timestamp")
+        out["timestamp"] = t
+    return pa.RecordBatch.from_pydict(out)
+
+
 def read_table(
     path: Path,
     domain: str,
@@ -342,16 +800,19 @@ def read_table(
     timestamp: Column | None = None,
     delimiter: str | None = None,
     header: bool = True,
+    fmt: str | None = None,
 ) -> DomainData:
-    """Read a CSV/TSV with a header, or a RecBole atomic ``.inter`` file (``name:type`` headers).
+    """Read a CSV/TSV with a header, a RecBole atomic ``.inter`` file (``name:type`` headers), or
+    a Parquet file or folder of Parquet files (``fmt``, default from the extension).
 
     With ``header=False`` the columns are 0-based indices. The delimiter defaults to ``,`` for
     ``.csv`` files and a tab otherwise.
     """
-    users, items, ratings, stamps = _read_rows(
-        path, user, item, rating, timestamp, delimiter, header
+    wanted = {"user": user, "item": item, "rating": rating, "timestamp": timestamp}
+    batches = table_batches(path, wanted, header, delimiter, fmt)
+    return deduplicate(
+        _encode(domain, [(batches, None)], rating is not None, timestamp is not None)
     )
-    return _make(domain, users, items, ratings, stamps)
 
 
 def read_titles(path: Path, item: str = "item_id", delimiter: str | None = None) -> dict[str, str]:
@@ -541,6 +1002,7 @@ DOMAIN_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "rating": ((str, int), "a column name, or a 0-based index when header = false"),
     "timestamp": ((str, int), "a column name, or a 0-based index when header = false"),
     "titles": ((str,), "a file name"),
+    "format": ((str,), '"csv", "tsv" or "parquet"'),
 }
 SPLIT_FILES = (("train", TRAIN), ("valid", VALID), ("test", TEST))
 
@@ -598,45 +1060,39 @@ def _declared_domain(
         )
     if split_keys and not {"train", "test"} <= set(split_keys):
         raise DataError(f"{decl_file}: [domains.{name}] a given split needs train and test")
+    fmt = spec.get("format")
+    if fmt is not None and fmt not in FORMATS:
+        raise DataError(
+            f"{decl_file}: {where}format must be one of {', '.join(FORMATS)}, got {fmt!r}"
+        )
     parts = [("file", None)] if "file" in spec else [(k, c) for k, c in SPLIT_FILES if k in spec]
-    users: list[str] = []
-    items: list[str] = []
-    ratings: list[float] = []
-    stamps: list[int] = []
-    split: list[int] = []
+    sources: list[tuple[Batches, int | None]] = []
     files = []
     for key, code in parts:
         f = path / str(spec[key])
         files.append(f)
-        u, i, r, t = _read_rows(
-            f,
-            columns["user"],  # type: ignore[arg-type]
-            columns["item"],  # type: ignore[arg-type]
-            columns["rating"],
-            columns["timestamp"],
-            None if delimiter is None else str(delimiter),
-            header,
+        sources.append(
+            (
+                table_batches(
+                    f,
+                    columns,
+                    header,
+                    None if delimiter is None else str(delimiter),
+                    None if fmt is None else str(fmt),
+                ),
+                code,
+            )
         )
-        users += u
-        items += i
-        ratings += r or []
-        stamps += t or []
-        if code is not None:
-            split += [code] * len(u)
     titles: dict[str, str] = {}
     if "titles" in spec:
         tf = path / str(spec["titles"])
         item_col = columns["item"] if isinstance(columns["item"], str) else "item_id"
         titles = read_titles(tf, item_col)
-    domain = _make(
-        name,
-        users,
-        items,
-        ratings if columns["rating"] is not None else None,
-        stamps if columns["timestamp"] is not None else None,
-        given_split=split or None,
-        titles=titles,
+    encoded = _encode(
+        name, sources, columns["rating"] is not None, columns["timestamp"] is not None
     )
+    encoded.titles = titles
+    domain = deduplicate(encoded)
     return domain, files
 
 

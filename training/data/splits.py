@@ -25,7 +25,16 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data.dataset import TEST, TRAIN, VALID, Dataset, DomainData
+from training.data.dataset import (
+    TEST,
+    TRAIN,
+    VALID,
+    Dataset,
+    DomainData,
+    compact,
+    joint_codes,
+    stable_argsort,
+)
 from training.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -117,48 +126,81 @@ class Split:
 
 
 def kcore(domain: DomainData, k: int) -> DomainData:
-    """Iteratively drop users and items with fewer than ``k`` interactions."""
+    """Iteratively drop users and items with fewer than ``k`` interactions (over the codes)."""
     if k <= 1:
         return domain
     keep = np.ones(len(domain), dtype=bool)
+    nu, ni = len(domain.user_vocab), len(domain.item_vocab)
     while True:
-        _, uinv, ucnt = np.unique(domain.users[keep], return_inverse=True, return_counts=True)
-        _, iinv, icnt = np.unique(domain.items[keep], return_inverse=True, return_counts=True)
-        ok = (ucnt[uinv] >= k) & (icnt[iinv] >= k)
+        u, i = domain.user_codes[keep], domain.item_codes[keep]
+        ucnt = np.bincount(u, minlength=nu)
+        icnt = np.bincount(i, minlength=ni)
+        ok = (ucnt[u] >= k) & (icnt[i] >= k)
         if ok.all():
             break
         idx = np.flatnonzero(keep)
         keep[idx[~ok]] = False
-    return DomainData(
-        name=domain.name,
-        users=domain.users[keep],
-        items=domain.items[keep],
-        ratings=None if domain.ratings is None else domain.ratings[keep],
-        given_split=None if domain.given_split is None else domain.given_split[keep],
-        titles=domain.titles,
-        stats=dict(domain.stats, kcore_kept=int(keep.sum())),
-    )
+    return domain.take(keep, kcore_kept=int(keep.sum()))
+
+
+def _ratio_counts_many(
+    tot: np.ndarray, ratios: tuple[float, float, float]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``_ratio_counts`` of every group size in ``tot`` at once."""
+    tot = np.asarray(tot, dtype=np.int64)
+    cnt = [(r * tot.astype(np.float64)).astype(np.int64) for r in ratios]
+    cnt[0] = tot - cnt[1] - cnt[2]
+    active = np.ones(tot.shape, dtype=bool)
+    for i in range(1, len(ratios)):
+        active &= cnt[0] > 1
+        share = ratios[-i] * tot
+        bump = active & (share > 0) & (share < 1)
+        cnt[-i] = cnt[-i] + bump
+        cnt[0] = cnt[0] - bump
+    return cnt[0], cnt[1], cnt[2]
 
 
 def _ratio_counts(tot: int, ratios: tuple[float, float, float]) -> tuple[int, int, int]:
     """RecBole's ``_calcu_split_ids``: sizes of the train/valid/test parts of ``tot`` rows."""
-    cnt = [int(r * tot) for r in ratios]
-    cnt[0] = tot - sum(cnt[1:])
-    for i in range(1, len(ratios)):
-        if cnt[0] <= 1:
-            break
-        if 0 < ratios[-i] * tot < 1:
-            cnt[-i] += 1
-            cnt[0] -= 1
-    return cnt[0], cnt[1], cnt[2]
+    a, b, c = _ratio_counts_many(np.array([tot]), ratios)
+    return int(a[0]), int(b[0]), int(c[0])
 
 
-def _groups(user_idx: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
-    """Row indices grouped by user, in a random order within each user."""
-    order = np.lexsort((rng.random(user_idx.size), user_idx))
+@dataclass
+class _Groups:
+    """Rows grouped by user in a random order within each user: ``order`` lists the row indices,
+    ``sizes`` the size of every group (user), ``rank`` every row's position in its group (in the
+    order of ``order``)."""
+
+    order: np.ndarray
+    starts: np.ndarray
+    sizes: np.ndarray
+    rank: np.ndarray
+
+    def per_row(self, values: np.ndarray) -> np.ndarray:
+        """A value per group, repeated for each of the group's rows (in the order of ``order``)."""
+        return np.repeat(values, self.sizes)
+
+    def rank_among(self, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For rows in ``order`` where ``mask`` holds: their rank among such rows of their group
+        (per row), and how many such rows each group has (per group)."""
+        m = mask.astype(np.int32)
+        csum = np.cumsum(m, dtype=np.int64)
+        before = (csum - m)[self.starts]
+        counts = np.add.reduceat(m, self.starts) if m.size else m
+        return (csum - m - self.per_row(before)).astype(np.int32), counts
+
+
+def _groups(user_idx: np.ndarray, rng: np.random.Generator) -> _Groups:
+    # users in order, a random order within each user: np.lexsort((random, user)), computed as
+    # a sort of the random keys and a stable radix sort by user
+    order = stable_argsort(user_idx, np.argsort(rng.random(user_idx.size)))
     su = user_idx[order]
-    bounds = np.flatnonzero(np.r_[True, su[1:] != su[:-1], True])
-    return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    starts = np.flatnonzero(np.r_[True, su[1:] != su[:-1]]) if su.size else np.zeros(0, np.int64)
+    del su
+    sizes = np.diff(np.r_[starts, order.size]).astype(np.int32)
+    rank = np.arange(order.size, dtype=np.int32) - np.repeat(starts.astype(np.int32), sizes)
+    return _Groups(order, starts, sizes, rank)
 
 
 def _target_parts(
@@ -169,34 +211,37 @@ def _target_parts(
     rng: np.random.Generator,
 ) -> np.ndarray:
     """TRAIN / VALID / TEST of every target interaction: per user by `ratios` (or the data set's
-    own split), or leave-one-out (the first shuffled row tests, the next validates)."""
+    own split), or leave-one-out (the first shuffled row tests, the next validates). Vectorised
+    over every user at once."""
     part = np.full(len(t_u), TRAIN, dtype=np.int8)
+    if protocol == "ratio" and given is not None and (given == VALID).any():
+        return given.copy()
+    g = _groups(t_u, rng)
+    out = np.full(len(t_u), TRAIN, dtype=np.int8)  # in the order of g.order
     if protocol == "ratio":
-        if given is not None and (given == VALID).any():
-            return given.copy()
-        for rows in _groups(t_u, rng):
-            if given is not None:  # a given test set: keep it, split the rest into train/valid
-                rows = rows[given[rows] != TEST]
-                n_tr, _, _ = _ratio_counts(rows.size, (0.9, 0.1, 0.0))
-                part[rows[n_tr:]] = VALID
-                continue
-            n_tr, n_va, _ = _ratio_counts(rows.size, ratios)
-            part[rows[n_tr : n_tr + n_va]] = VALID
-            part[rows[n_tr + n_va :]] = TEST
-        if given is not None:
-            part[given == TEST] = TEST
-        return part
-    for rows in _groups(t_u, rng):  # loo
-        if given is not None:
-            part[rows[given[rows] == TEST]] = TEST
-            rest = rows[given[rows] != TEST]
-        elif rows.size >= 2:
-            part[rows[0]] = TEST
-            rest = rows[1:]
+        if given is not None:  # a given test set: keep it, split the rest into train/valid
+            is_test = given[g.order] == TEST
+            rank, count = g.rank_among(~is_test)
+            n_tr, _, _ = _ratio_counts_many(count, (0.9, 0.1, 0.0))
+            out[~is_test & (rank >= g.per_row(n_tr))] = VALID
+            out[is_test] = TEST
         else:
-            rest = rows
-        if rest.size >= 3:
-            part[rest[0]] = VALID
+            n_tr, n_va, _ = _ratio_counts_many(g.sizes, ratios)
+            row_tr, row_te = (
+                g.per_row(n_tr.astype(np.int32)),
+                g.per_row((n_tr + n_va).astype(np.int32)),
+            )
+            out[(g.rank >= row_tr) & (g.rank < row_te)] = VALID
+            out[g.rank >= row_te] = TEST
+    elif given is not None:  # loo with the data set's test items
+        is_test = given[g.order] == TEST
+        rank, count = g.rank_among(~is_test)
+        out[is_test] = TEST
+        out[~is_test & (rank == 0) & g.per_row(count >= 3)] = VALID
+    else:  # loo: the first shuffled row tests (2+ rows), the next validates (3+ rows left)
+        out[(g.rank == 0) & g.per_row(g.sizes >= 2)] = TEST
+        out[(g.rank == 1) & g.per_row(g.sizes >= 4)] = VALID
+    part[g.order] = out
     return part
 
 
@@ -233,21 +278,18 @@ def _mark_cold(
 
 
 def _source_split(
-    src: DomainData, uindex: dict[str, int], seed: int
-) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """The source domain's items and a 9:1 per-user train/validation split for early stopping of
+    src_items: np.ndarray, s_u: np.ndarray, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A 9:1 per-user train/validation split of the source domain for early stopping of
     pretraining (its own generator: independent of the target split and the cold share)."""
-    sitems = sorted(set(src.items.tolist()))
-    sindex = {it: i for i, it in enumerate(sitems)}
-    s_u = np.fromiter((uindex[u] for u in src.users), np.int64, len(src))
-    s_i = np.fromiter((sindex[i] for i in src.items), np.int64, len(src))
-    s_part = np.zeros(len(src), dtype=np.int8)
-    for rows in _groups(s_u, np.random.default_rng(seed + 1)):
-        n_tr, _, _ = _ratio_counts(rows.size, (0.9, 0.1, 0.0))
-        s_part[rows[n_tr:]] = VALID
-    s_train = np.stack([s_u[s_part == TRAIN], s_i[s_part == TRAIN]], 1).astype(np.int64)
-    s_valid = np.stack([s_u[s_part == VALID], s_i[s_part == VALID]], 1).astype(np.int64)
-    return sitems, s_train, s_valid
+    g = _groups(s_u, np.random.default_rng(seed + 1))
+    n_tr, _, _ = _ratio_counts_many(g.sizes, (0.9, 0.1, 0.0))
+    s_part = np.zeros(len(s_u), dtype=np.int8)
+    s_part[g.order[g.rank >= g.per_row(n_tr.astype(np.int32))]] = VALID
+    del g
+    s_train = np.stack([s_u[s_part == TRAIN], src_items[s_part == TRAIN]], 1).astype(np.int64)
+    s_valid = np.stack([s_u[s_part == VALID], src_items[s_part == VALID]], 1).astype(np.int64)
+    return s_train, s_valid
 
 
 def make_split(
@@ -274,19 +316,21 @@ def make_split(
     if len(tgt) == 0:
         raise DataError(f"{dataset.path}: domain {target!r} has no positive interactions")
 
-    users = sorted(
-        set(tgt.users.tolist()) | (set(src.users.tolist()) if src is not None else set())
-    )
-    uindex = {u: i for i, u in enumerate(users)}
-    titems = sorted(set(tgt.items.tolist()))
-    tindex = {it: i for i, it in enumerate(titems)}
-    t_u = np.fromiter((uindex[u] for u in tgt.users), np.int64, len(tgt))
-    t_i = np.fromiter((tindex[i] for i in tgt.items), np.int64, len(tgt))
-
+    # ids are mapped to codes once: one sorted user vocabulary over both domains, the items of
+    # each domain that remain (sorted), every interaction as (user code, item code)
+    coded = [(tgt.user_codes, tgt.user_vocab)]
+    if src is not None:
+        coded.append((src.user_codes, src.user_vocab))
+    user_vocab, user_codes = joint_codes(coded)
+    users = user_vocab.to_pylist()
+    t_u = user_codes[0].astype(np.int64)
+    t_items, t_vocab = compact(tgt.item_codes, tgt.item_vocab)
+    t_i = t_items.astype(np.int64)
+    titems = t_vocab.to_pylist()
     part = _target_parts(t_u, tgt.given_split if use_given_split else None, protocol, ratios, rng)
     source_users = np.zeros(0, dtype=np.int64)
     if src is not None:
-        source_users = np.unique(np.fromiter((uindex[u] for u in src.users), np.int64, len(src)))
+        source_users = np.flatnonzero(np.bincount(user_codes[1], minlength=len(users)) > 0)
     cold = _mark_cold(
         part, t_u, source_users, cold_share, protocol, rng, has_source=src is not None
     )
@@ -304,7 +348,9 @@ def make_split(
     sitems: list[str] = []
     s_train = s_valid = np.zeros((0, 2), dtype=np.int64)
     if src is not None:
-        sitems, s_train, s_valid = _source_split(src, uindex, seed)
+        s_items, s_vocab = compact(src.item_codes, src.item_vocab)
+        sitems = s_vocab.to_pylist()
+        s_train, s_valid = _source_split(s_items, user_codes[1], seed)
 
     split = Split(
         protocol=protocol,

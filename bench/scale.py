@@ -1,0 +1,343 @@
+"""Data and training at scale (`make bench-scale`): for each size of synthetic data (1 M, 10 M and
+100 M interactions by default, a tenth as many items, one user per 50 interactions), every stage
+runs in its own process and reports wall time, throughput and the peak resident memory of that
+process (``ru_maxrss`` from ``wait4``):
+
+* ``generate``: ``python -m training.data.synthetic`` writes the two Parquet domains;
+* ``load``: ``load_dataset`` reads them (dictionary-encoded ids, de-duplication);
+* ``split``: load, then ``make_split`` (ratio protocol, 10 % cold-start users); its memory is
+  the peak of loading and splitting together, the figure the 8 GB target is about;
+* ``train-epoch``: load, split, then one epoch of ``training.trainer.fit`` on the target training
+  pairs (a target-only model), configured by ``Config`` defaults and ``--set key=value``
+  overrides; ``--train-pairs`` caps the pairs of the epoch (fewer steps, said in the table).
+  Validation is not part of the timed epoch (the stage's validator is a constant).
+
+Data goes to ``--work-dir`` (default /tmp/recsys-scale), one folder per size, removed after
+the size's stages unless ``--keep``. Results merge into bench/results/scale.json and scale.md
+(a size run again replaces its rows), with how time and memory grow between sizes.
+
+    python -m bench.scale [--sizes 1M,10M,100M] [--stages generate,load,split,train-epoch]
+        [--set loss=bpr] [--train-pairs 100M=2000000] [--work-dir DIR] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+STAGES = ("generate", "load", "split", "train-epoch")
+SUFFIX = {"k": 10**3, "M": 10**6, "G": 10**9}
+
+
+def parse_size(text: str) -> int:
+    text = text.strip()
+    if text and text[-1] in SUFFIX:
+        return int(float(text[:-1]) * SUFFIX[text[-1]])
+    return int(text)
+
+
+def size_name(n: int) -> str:
+    for suffix, k in (("G", 10**9), ("M", 10**6), ("k", 10**3)):
+        if n >= k and n % k == 0:
+            return f"{n // k}{suffix}"
+    return str(n)
+
+
+# ----------------------------------------------------------------------------- in the child
+
+
+def _child(stage: str, data: Path, out: Path, overrides: list[str], train_pairs: int) -> None:
+    """One stage, in this process; writes what it measured to ``out`` (JSON)."""
+    import logging
+
+    import numpy as np
+
+    logging.basicConfig(level=logging.WARNING)
+    from training.data.dataset import load_dataset
+    from training.data.splits import make_split
+
+    report: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    ds = load_dataset(data)
+    report["load_s"] = time.perf_counter() - t0
+    report["rows"] = sum(d.stats.get("rows", len(d)) for d in ds.domains.values())
+    report["unique_pairs"] = sum(len(d) for d in ds.domains.values())
+    report["stage_rows"] = report["rows"]
+    report["stage_s"] = report["load_s"]
+    if stage in ("split", "train-epoch"):
+        t0 = time.perf_counter()
+        split = make_split(ds, "target", "source", "ratio", None, cold_share=0.1, seed=0)
+        report["split_s"] = time.perf_counter() - t0
+        report["users"] = split.n_users
+        report["target_items"] = split.n_target_items
+        report["source_items"] = split.n_source_items
+        report["train_pairs"] = len(split.train)
+        report["stage_rows"] = report["unique_pairs"]
+        report["stage_s"] = report["split_s"]
+        del ds
+    if stage == "train-epoch":
+        import torch
+
+        from training.config import load_config
+        from training.trainer import fit
+        from training.transfer import new_model
+
+        cfg = load_config(None, overrides)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        train = split.train
+        if train_pairs and len(train) > train_pairs:
+            pick = np.random.default_rng(0).choice(len(train), train_pairs, replace=False)
+            train = train[np.sort(pick)]
+        torch.manual_seed(cfg.seed)
+        model = new_model(cfg, split.n_users, split.n_target_items)
+        t0 = time.perf_counter()
+        fit(
+            model,
+            train,
+            lambda _model: 0.0,  # not timed: the epoch's training steps only
+            epochs=1,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            loss=cfg.loss,
+            reg=cfg.reg,
+            temperature=cfg.temperature,
+            patience=cfg.patience,
+            eval_every=1,
+            seed=cfg.seed,
+            device=torch.device("cpu"),
+            desc="bench-scale",
+            progress=False,
+        )
+        report["epoch_s"] = time.perf_counter() - t0
+        report["epoch_pairs"] = len(train)
+        report["loss"] = cfg.loss
+        report["stage_rows"] = len(train)
+        report["stage_s"] = report["epoch_s"]
+    out.write_text(json.dumps(report))
+
+
+# ----------------------------------------------------------------------------- in the parent
+
+
+def _run(cmd: list[str], log: Path) -> tuple[int, float, float]:
+    """Run ``cmd``; (exit status, wall seconds, peak RSS in MiB of that process)."""
+    t0 = time.perf_counter()
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, time.perf_counter() - t0, usage.ru_maxrss / 1024.0
+
+
+def run_size(
+    n: int,
+    stages: list[str],
+    work: Path,
+    overrides: list[str],
+    train_pairs: int,
+    items_ratio: float,
+) -> list[dict[str, Any]]:
+    data = work / size_name(n)
+    items = max(2, int(n * items_ratio))
+    rows: list[dict[str, Any]] = []
+    for stage in stages:
+        log = work / f"{size_name(n)}-{stage}.log"
+        row: dict[str, Any] = {"size": size_name(n), "interactions": n, "stage": stage}
+        if stage == "generate":
+            cmd = [sys.executable, "-m", "training.data.synthetic", "--interactions", str(n)]
+            cmd += ["--items", str(items), "--out", str(data)]
+            rc, wall, rss = _run(cmd, log)
+            row |= {"stage_s": wall, "stage_rows": n, "items": items}
+        else:
+            if not (data / "dataset.toml").is_file():
+                raise SystemExit(f"bench-scale: no data at {data}; run the generate stage first")
+            out = work / f"{size_name(n)}-{stage}.json"
+            cmd = [sys.executable, "-m", "bench.scale", "--child", stage, "--data", str(data)]
+            cmd += ["--child-out", str(out), "--train-pairs", str(train_pairs)]
+            cmd += [f"--set={o}" for o in overrides]
+            rc, wall, rss = _run(cmd, log)
+            if rc == 0:
+                row |= json.loads(out.read_text())
+        row |= {"rc": rc, "process_s": wall, "peak_rss_mb": rss}
+        if rc != 0:
+            tail = log.read_text()[-2000:]
+            row["error"] = tail.strip().splitlines()[-1] if tail.strip() else f"exit {rc}"
+        row["rows_per_s"] = row["stage_rows"] / row["stage_s"] if row.get("stage_s") else None
+        print(json.dumps(row), flush=True)  # noqa: T201 - the benchmark's progress
+        rows.append(row)
+        if rc != 0:
+            break
+    return rows
+
+
+def growth(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each stage and consecutive pair of sizes: factors of time and memory, and the exponent
+    k of time ~ size^k."""
+    out = []
+    for stage in STAGES:
+        done = sorted(
+            (r for r in rows if r["stage"] == stage and r.get("rc") == 0 and r.get("stage_s")),
+            key=lambda r: r["interactions"],
+        )
+        for a, b in zip(done, done[1:], strict=False):
+            size = b["stage_rows"] / a["stage_rows"]
+            t = b["stage_s"] / a["stage_s"]
+            out.append(
+                {
+                    "stage": stage,
+                    "from": a["size"],
+                    "to": b["size"],
+                    "rows_x": size,
+                    "time_x": t,
+                    "memory_x": b["peak_rss_mb"] / a["peak_rss_mb"],
+                    "time_exponent": math.log(t) / math.log(size) if size > 1 else None,
+                }
+            )
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "# bench-scale: data and training at scale",
+        "",
+        "`make bench-scale` (bench/scale.py): synthetic two-domain data (training/data/synthetic.py,"
+        " Parquet, power-law item popularity, 30 % of the rows and items in the target domain), "
+        "every stage in its own process. Time: the stage itself (generate: the whole process); "
+        "rows/s over the stage's rows (generate and load: rows read or written; split: unique "
+        "pairs; train-epoch: training pairs of the epoch); memory: peak RSS of the stage's "
+        "process (split and train-epoch include loading; train-epoch includes the split).",
+        "",
+        f"Machine: {result['machine']}. Train-epoch configuration: "
+        f"`{' '.join(result['overrides']) or 'Config defaults'}`.",
+        "",
+        "| size | stage | time (s) | rows/s | peak memory (MiB) | notes |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for r in sorted(result["rows"], key=lambda r: (r["interactions"], STAGES.index(r["stage"]))):
+        notes = []
+        if r.get("rc"):
+            notes.append(f"FAILED: {r.get('error', '')}")
+        if r["stage"] == "generate":
+            notes.append(f"{r.get('items', 0):,} items")
+        if r["stage"] == "load" and r.get("unique_pairs"):
+            notes.append(f"{r['unique_pairs']:,} unique pairs")
+        if r["stage"] == "split" and r.get("users"):
+            notes.append(
+                f"{r['users']:,} users, {r['target_items']:,} + {r['source_items']:,} items, "
+                f"{r['train_pairs']:,} target train pairs; load {r['load_s']:.1f} s"
+            )
+        if r["stage"] == "train-epoch" and r.get("epoch_pairs"):
+            part = "" if r["epoch_pairs"] == r["train_pairs"] else " (capped: fewer steps)"
+            notes.append(
+                f"loss {r['loss']}, {r['epoch_pairs']:,} of {r['train_pairs']:,} pairs{part}"
+            )
+        t = r.get("stage_s")
+        rate = r.get("rows_per_s")
+        lines.append(
+            f"| {r['size']} | {r['stage']} | {t:.1f} | {rate:,.0f} | {r['peak_rss_mb']:,.0f} | "
+            f"{'; '.join(notes)} |"
+            if t and rate
+            else f"| {r['size']} | {r['stage']} | - | - | {r['peak_rss_mb']:,.0f} | "
+            f"{'; '.join(notes)} |"
+        )
+    lines += [
+        "",
+        "How each stage grows (consecutive sizes; exponent k of time ~ rows^k):",
+        "",
+        "| stage | sizes | rows x | time x | memory x | k |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for g in result["growth"]:
+        k = "-" if g["time_exponent"] is None else f"{g['time_exponent']:.2f}"
+        lines.append(
+            f"| {g['stage']} | {g['from']} -> {g['to']} | {g['rows_x']:.1f} | "
+            f"{g['time_x']:.1f} | {g['memory_x']:.1f} | {k} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="1M,10M,100M", help="interactions per size, e.g. 1M,10M")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"any of {', '.join(STAGES)}")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--train-pairs",
+        default="",
+        help="cap of the train-epoch pairs, for all sizes (N) or per size (100M=2M,...)",
+    )
+    p.add_argument("--items-ratio", type=float, default=0.1, help="items per interaction")
+    p.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "recsys-scale")
+    p.add_argument("--keep", action="store_true", help="keep the generated data")
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument(
+        "--merge", type=Path, action="append", default=[], help="also take the rows of this JSON"
+    )
+    p.add_argument(
+        "--child", choices=[s for s in STAGES if s != "generate"], help=argparse.SUPPRESS
+    )
+    p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        _child(args.child, args.data, args.child_out, args.overrides, int(args.train_pairs or 0))
+        return 0
+    try:
+        sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+        caps: dict[int, int] = {}
+        for part in filter(None, (s.strip() for s in args.train_pairs.split(","))):
+            key, sep, value = part.partition("=")
+            if sep:
+                caps[parse_size(key)] = parse_size(value)
+            else:
+                caps |= {n: parse_size(key) for n in sizes}
+    except ValueError as exc:
+        p.error(f"--sizes/--train-pairs: {exc}")
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        p.error(f"--stages: unknown {', '.join(unknown)}; known: {', '.join(STAGES)}")
+    if ROOT in args.work_dir.resolve().parents or args.work_dir.resolve() == ROOT:
+        p.error("--work-dir must be outside the repository")
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    for n in sizes:
+        rows += run_size(n, stages, args.work_dir, args.overrides, caps.get(n, 0), args.items_ratio)
+        if not args.keep and "generate" in stages:
+            shutil.rmtree(args.work_dir / size_name(n), ignore_errors=True)
+    for other in args.merge:  # rows of another run (its own --results), taken as they are
+        rows += json.loads(other.read_text())["rows"]
+    rows = list({(r["size"], r["stage"]): r for r in rows}.values())  # the last of each wins
+    json_path = args.results / "scale.json"  # read now: another run may have written meanwhile
+    previous = json.loads(json_path.read_text()) if json_path.is_file() else {"rows": []}
+    done = {(r["size"], r["stage"]) for r in rows}
+    merged = [r for r in previous["rows"] if (r["size"], r["stage"]) not in done] + rows
+    load = os.getloadavg()
+    result = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, load average "
+        f"{load[0]:.1f} at the end of the last run (shared)",
+        "overrides": args.overrides or previous.get("overrides", []),
+        "rows": merged,
+        "growth": growth(merged),
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    (args.results / "scale.md").write_text(markdown(result))
+    return 1 if any(r.get("rc") for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
