@@ -405,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = json.loads(out_json.read_text()) if out_json.is_file() else {}
     if results.get("format") != 2:
         results = {"format": 2, "jobs": {}, "commands": []}
+    for entry in results["jobs"].values():  # summaries of stored runs, by this code
+        if any("error" not in r for r in entry.get("seeds", {}).values()):
+            entry["summary"] = summarize(entry)
     command = "python -m bench.quality " + " ".join(argv if argv is not None else sys.argv[1:])
     results["commands"].append(command.strip())
     overrides = [f"--{kv}" for kv in args.set]
@@ -414,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
             config = CONFIGS / f"{DEMO if job == 'demo' else job}.toml"
             extra = [f"--cold_shares={args.cold_shares}"] if job in PAIRS else []
             entry: dict[str, Any] = {"seeds": {}, "overrides": args.set}
+            old = results["jobs"].get(job) or {}
+            if old.get("overrides", []) == args.set:  # same settings: add to its other seeds
+                entry["seeds"] = {k: v for k, v in old.get("seeds", {}).items() if k not in seeds}
             for seed in seeds if job != "demo" else ["0"]:
                 print(f"running {job} seed {seed} ...", flush=True)
                 res = run_job(
