@@ -395,7 +395,7 @@ def _selection(
                     if row in factor_info
                     else {}
                 ),
-                **({"blend": rows["blend"]["train"]} if row == "blend" else {}),
+                **({"blend": _blend_info(rows["blend"]["train"], seg)} if row == "blend" else {}),
             }
             for seg, row, f in (("warm", row_w, form_w), ("cold", row_c, form_c))
             if seg in validators or seg == "warm"
@@ -436,6 +436,12 @@ def _selection(
                 base[best],
             )
     return out, exported
+
+
+def _blend_info(train: dict[str, Any], seg: str) -> dict[str, Any]:
+    """The partner, weight and partner rank of the blend that serves ``seg``."""
+    part = train.get("cold", train) if seg == "cold" else train
+    return {"model": train.get("model"), "rank": part.get("rank"), **part.get("params", {})}
 
 
 def choose(cfg: Config, block: dict[str, Any], tables: dict[str, Tables]) -> str:
