@@ -159,8 +159,13 @@ def _export_choice(split):  # type: ignore[no-untyped-def]
     return {k: sel[k] for k in keys}, exported
 
 
-def test_export_is_the_row_validation_chooses(split) -> None:  # type: ignore[no-untyped-def]
-    sel, exported = _export_choice(split)
+@pytest.fixture(scope="module")
+def choice(split):  # type: ignore[no-untyped-def]
+    return _export_choice(split)
+
+
+def test_export_is_the_row_validation_chooses(split, choice) -> None:  # type: ignore[no-untyped-def]
+    sel, exported = choice
     assert sel["exported_rows"]["warm"] == max(sel["valid_ndcg@10"], key=sel["valid_ndcg@10"].get)
     cold = sel["valid_cold_ndcg@10"]
     assert sel["exported_rows"]["cold"] == max(cold, key=cold.get)
@@ -169,8 +174,8 @@ def test_export_is_the_row_validation_chooses(split) -> None:  # type: ignore[no
     assert sel["exported_rows"]["warm"] != "target_only"
 
 
-def test_export_choice_never_reads_the_test_split(split) -> None:  # type: ignore[no-untyped-def]
-    before, exp = _export_choice(split)
+def test_export_choice_never_reads_the_test_split(split, choice) -> None:  # type: ignore[no-untyped-def]
+    before, exp = choice
     rng = np.random.default_rng(99)
     poisoned = dataclasses.replace(
         split,
