@@ -366,8 +366,8 @@ def _selection(
         "two_tower_valid_ndcg@10": valid[model_row] if model_row else None,
     }
     exported: Served | None = None
-    if model_row is not None:
-        if cfg.export_strategy != "best":
+    if valid:  # with neural = false the baselines alone compete
+        if cfg.export_strategy != "best" and model_row is not None:
             row_w = row_c = model_row
         else:
             row_w = select_on_validation(valid)
@@ -605,9 +605,9 @@ def run(
             results["selection"] = block["selection"]
             results["popularity_gate"] = popularity_gate(name, block["selection"])
     results["seconds_total_train"] = time.perf_counter() - t_start
-    if checkpoint is None:  # neural = false: baselines only, nothing to export
+    if checkpoint is None:  # nothing to export
         results["selection"] = results["shares"][str(cfg.cold_shares[0])]["selection"]
-        logger.warning("neural = false: baselines evaluated only; no checkpoint, nothing published")
+        logger.warning("no row to export: no checkpoint, nothing published")
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         if checkpoint is not None:
