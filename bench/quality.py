@@ -95,10 +95,12 @@ def _role_row(block: dict[str, Any], role: str, seg: str) -> str | None:
     chosen on validation (in memory), the best baseline, the exported tables (measured through
     the published ONNX graphs where the run published, else in memory) or the two-tower model."""
     sel, rows = block["selection"], block["strategies"]
+    # runs from before baselines were exportable published a two-tower row, named by "exported"
+    legacy = sel.get("exported") if "exported" not in rows else None
     if role == "exported":
-        return next((n for n in ("served_graph", "exported") if n in rows), None)
+        return next((n for n in ("served_graph", "exported") if n in rows), legacy)
     if role == "two_tower":
-        return sel.get("two_tower")
+        return sel.get("two_tower") or legacy
     return sel.get(f"{role}_cold", sel.get(role)) if seg == "cold" else sel.get(role)
 
 
