@@ -407,9 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = json.loads(out_json.read_text()) if out_json.is_file() else {}
     if results.get("format") != 2:
         results = {"format": 2, "jobs": {}, "commands": []}
-    for entry in results["jobs"].values():  # summaries of stored runs, by this code
-        if any("error" not in r for r in entry.get("seeds", {}).values()):
-            entry["summary"] = summarize(entry)
+    for stored in results["jobs"].values():  # summaries of stored runs, by this code
+        if any("error" not in r for r in stored.get("seeds", {}).values()):
+            stored["summary"] = summarize(stored)
     command = "python -m bench.quality " + " ".join(argv if argv is not None else sys.argv[1:])
     results["commands"].append(command.strip())
     overrides = [f"--{kv}" for kv in args.set]
