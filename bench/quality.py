@@ -73,8 +73,8 @@ def run_job(
         "WARNING",
         *extra,
     ]
-    if publish:
-        cmd += ["--repository", str(work / "repository")]
+    if publish:  # its own repository: the exported row is measured from the published graphs
+        cmd += ["--repository", str(work / f"{name}-repository")]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -87,6 +87,21 @@ def run_job(
 
 
 PARTS = {"": None, "full ": "full", "nodup ": "nodup"}  # key prefix -> results sub-block
+ROLES = ("chosen", "best_baseline", "exported", "two_tower")
+
+
+def _role_row(block: dict[str, Any], role: str, seg: str) -> str | None:
+    """The row of ``block`` whose test figures stand for ``role`` on segment ``seg``: the row
+    chosen on validation (in memory), the best baseline, the exported tables (measured through
+    the published ONNX graphs where the run published, else in memory) or the two-tower model."""
+    sel, rows = block["selection"], block["strategies"]
+    # runs from before baselines were exportable published a two-tower row, named by "exported"
+    legacy = sel.get("exported") if "exported" not in rows else None
+    if role == "exported":
+        return next((n for n in ("served_graph", "exported") if n in rows), legacy)
+    if role == "two_tower":
+        return sel.get("two_tower") or legacy
+    return sel.get(f"{role}_cold", sel.get(role)) if seg == "cold" else sel.get(role)
 
 
 def _metric(rows: dict[str, Any], name: str | None, seg: str, key: str, prefix: str = "") -> float:
@@ -122,15 +137,13 @@ def summarize(job: dict[str, Any]) -> dict[str, Any]:
     for share in shares:
         blocks = [r["shares"][share] for r in seeds.values() if share in r["shares"]]
         roles: dict[str, Any] = {}
-        for role in ("chosen", "best_baseline", "exported"):
-            names = {
-                "warm": [b["selection"].get(role) for b in blocks],
-                "cold": [
-                    b["selection"].get(f"{role}_cold", b["selection"].get(role)) for b in blocks
-                ],
-            }
+        for role in ROLES:
+            names = {seg: [_role_row(b, role, seg) for b in blocks] for seg in ("warm", "cold")}
             names["all"] = names["warm"]
             cell: dict[str, Any] = {"names": names["warm"], "cold_names": names["cold"]}
+            if role == "exported":  # the rows published for warm and cold users, per seed
+                cell["names"] = [b["selection"].get("exported") for b in blocks]
+                cell["cold_names"] = []
             for prefix in PARTS:
                 for seg in ("warm", "cold", "all"):
                     for key in ("ndcg@10", "recall@10"):
@@ -186,10 +199,13 @@ def markdown(results: dict[str, Any]) -> str:
         "the seeds named (each seed draws its own split, cold-start users and initialisation). "
         "Main tables report only rows chosen on validation: **chosen** is the row with the best "
         "validation NDCG@10 among every baseline, two-tower strategy and the blend; **best "
-        "baseline** the best baseline on validation; **exported** the two-tower model that is "
-        "published (chosen on validation among the two-tower strategies). The row a role names "
-        "can differ by seed (listed). Hyper-parameters of every row are chosen on validation "
-        "only (grids in training/baselines.py).",
+        "baseline** the best baseline on validation (in memory); **exported** what is "
+        "published: the row chosen on validation in its served form (baselines factorised at the "
+        "rank validation chooses, training/served.py), for warm and cold users, its test figures "
+        "computed from the published ONNX graphs under ONNX Runtime; **two-tower** the best "
+        "two-tower strategy on validation. The row a role names can differ by seed (listed). "
+        "Hyper-parameters of every row are chosen on validation only (grids in "
+        "training/baselines.py).",
         "",
     ]
     ml = jobs.get("ml1m")
@@ -204,7 +220,7 @@ def markdown(results: dict[str, Any]) -> str:
             "| row | Recall@10 | NDCG@10 | valid NDCG@10 |",
             "|---|---|---|---|",
         ]
-        for role in ("chosen", "best_baseline", "exported"):
+        for role in ROLES:
             c = s["roles"][role]
             lines.append(
                 f"| {role} ({', '.join(map(str, c['names']))}) | {fmt(c['all recall@10'])} | "
@@ -243,10 +259,11 @@ def markdown(results: dict[str, Any]) -> str:
         "shares 0.2 and 0.5, warm ≥ 1.00 at cold share 0.",
         "",
         "| pair | share | seeds | chosen warm; cold (per seed) | warm | cold | best baseline warm; "
-        "cold (per seed) | warm | cold | warm ratio | cold ratio | exported two-tower | warm | "
-        "cold | full warm chosen / baseline | full cold chosen / baseline | "
-        "no-duplicates warm chosen / baseline | no-duplicates cold chosen / baseline | verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "cold (per seed) | warm | cold | warm ratio | cold ratio | exported (served graph) | "
+        "warm | cold | two-tower | warm | cold | full warm chosen / baseline | full cold chosen / "
+        "baseline | no-duplicates warm chosen / baseline | no-duplicates cold chosen / baseline | "
+        "verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     misses: list[str] = []
     for name in [*PAIRS, *(j for j in jobs if j not in PAIRS and j not in ("ml1m", "demo"))]:
@@ -254,7 +271,7 @@ def markdown(results: dict[str, Any]) -> str:
         if not job or not job.get("summary"):
             continue
         for share, s in job["summary"].items():
-            ch, bb, ex = (s["roles"][r] for r in ("chosen", "best_baseline", "exported"))
+            ch, bb, ex, tt = (s["roles"][r] for r in ROLES)
             wr = _ratio(ch["warm ndcg@10"], bb["warm ndcg@10"])
             cr = _ratio(ch["cold ndcg@10"], bb["cold ndcg@10"])
             verdict: list[str] = []
@@ -278,7 +295,8 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{fmt(ch['cold ndcg@10'])} | {_names(bb)} | "
                 f"{fmt(bb['warm ndcg@10'])} | {fmt(bb['cold ndcg@10'])} | {wr:.3f} | {cr:.3f} | "
                 f"{', '.join(map(str, ex['names']))} | {fmt(ex['warm ndcg@10'])} | "
-                f"{fmt(ex['cold ndcg@10'])} | "
+                f"{fmt(ex['cold ndcg@10'])} | {_names(tt)} | {fmt(tt['warm ndcg@10'])} | "
+                f"{fmt(tt['cold ndcg@10'])} | "
                 f"{fmt(ch['full warm ndcg@10'])} / {fmt(bb['full warm ndcg@10'])} | "
                 f"{fmt(ch['full cold ndcg@10'])} / {fmt(bb['full cold ndcg@10'])} | "
                 f"{fmt(ch['nodup warm ndcg@10'])} / {fmt(bb['nodup warm ndcg@10'])} | "
@@ -389,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = json.loads(out_json.read_text()) if out_json.is_file() else {}
     if results.get("format") != 2:
         results = {"format": 2, "jobs": {}, "commands": []}
+    for stored in results["jobs"].values():  # summaries of stored runs, by this code
+        if any("error" not in r for r in stored.get("seeds", {}).values()):
+            stored["summary"] = summarize(stored)
     command = "python -m bench.quality " + " ".join(argv if argv is not None else sys.argv[1:])
     results["commands"].append(command.strip())
     overrides = [f"--{kv}" for kv in args.set]
@@ -398,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
             config = CONFIGS / f"{DEMO if job == 'demo' else job}.toml"
             extra = [f"--cold_shares={args.cold_shares}"] if job in PAIRS else []
             entry: dict[str, Any] = {"seeds": {}, "overrides": args.set}
+            old = results["jobs"].get(job) or {}
+            if old.get("overrides", []) == args.set:  # same settings: add to its other seeds
+                entry["seeds"] = {k: v for k, v in old.get("seeds", {}).items() if k not in seeds}
             for seed in seeds if job != "demo" else ["0"]:
                 print(f"running {job} seed {seed} ...", flush=True)
                 res = run_job(
@@ -406,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.data_dir,
                     work,
                     [*extra, f"--seed={seed}", *overrides],
-                    publish=job == "demo",
+                    publish=job != "ml1m",
                 )
                 entry["seeds"][seed] = res
                 entry["protocol"] = res.get("protocol", entry.get("protocol"))

@@ -61,6 +61,7 @@ class Selected:
     valid_ndcg: float
     scorer: Scorer
     grid: list[dict[str, Any]] = field(default_factory=list)  # every point with its score
+    linear: Linear | None = None  # the chosen point as a linear map (baselines only)
 
     def summary(self) -> dict[str, Any]:
         return {"params": self.params, "valid_ndcg@10": self.valid_ndcg, "grid": self.grid}
@@ -88,13 +89,49 @@ def _dense(m: sp.spmatrix) -> torch.Tensor:
     return torch.from_numpy(np.asarray(m.toarray(), dtype=np.float32))
 
 
+@dataclass
+class Linear:
+    """A baseline as a linear map: score(u, cols[j]) = votes[u] . weights[:, j]; items not in
+    ``cols`` score ``fill`` (None: ``cols`` is every item). Popularity, ItemKNN and EASE are all
+    of this form, which is what lets them be factorised into user and item tables
+    (training/served.py) and published like a two-tower model."""
+
+    votes: sp.csr_matrix  # [n_users, n_cols]
+    weights: np.ndarray | sp.csr_matrix  # [n_cols, len(cols)]
+    n_items: int
+    cols: np.ndarray | None = None
+    fill: np.ndarray | None = None  # [n_items]
+
+    def scorer(self) -> Scorer:
+        dense = isinstance(self.weights, np.ndarray)
+        w: Any = torch.from_numpy(np.asarray(self.weights, np.float32)) if dense else self.weights
+        cols = None if self.cols is None else torch.from_numpy(self.cols)
+        fill = None if self.fill is None else torch.from_numpy(self.fill.astype(np.float32))
+
+        def score(batch: np.ndarray) -> torch.Tensor:
+            part = _dense(self.votes[batch]) @ w if dense else _dense(self.votes[batch] @ w)
+            if cols is None:
+                return part
+            out = (
+                torch.zeros(batch.size, self.n_items)
+                if fill is None
+                else fill.expand(batch.size, -1).clone()
+            )
+            out[:, cols] = part
+            return out
+
+        return score
+
+
+def popularity_linear(xt: sp.csr_matrix) -> Linear:
+    """A constant vote of every user against the item counts."""
+    counts = np.asarray(xt.sum(0), dtype=np.float32).reshape(1, -1)
+    ones = sp.csr_matrix(np.ones((xt.shape[0], 1), np.float32))
+    return Linear(ones, counts, xt.shape[1])
+
+
 def popularity(xt: sp.csr_matrix) -> Scorer:
-    counts = torch.from_numpy(np.asarray(xt.sum(0), dtype=np.float32).ravel())
-
-    def score(batch: np.ndarray) -> torch.Tensor:
-        return counts.expand(batch.size, -1).clone()
-
-    return score
+    return popularity_linear(xt).scorer()
 
 
 def cosine_neighbours(x: sp.csr_matrix, n_target: int, k: int) -> sp.csc_matrix:
@@ -121,14 +158,13 @@ def cosine_neighbours(x: sp.csr_matrix, n_target: int, k: int) -> sp.csc_matrix:
     return sim
 
 
-def itemknn(votes: sp.csr_matrix, sim: sp.csc_matrix) -> Scorer:
+def itemknn_linear(votes: sp.csr_matrix, sim: sp.csc_matrix) -> Linear:
     """Score = the user's vote row times the similarity matrix."""
-    sim_r = sim.tocsr()
+    return Linear(votes.tocsr(), sim.tocsr(), sim.shape[1])
 
-    def score(batch: np.ndarray) -> torch.Tensor:
-        return _dense(votes[batch] @ sim_r)
 
-    return score
+def itemknn(votes: sp.csr_matrix, sim: sp.csc_matrix) -> Scorer:
+    return itemknn_linear(votes, sim).scorer()
 
 
 def ease_solve(x: sp.csr_matrix, lam: float) -> np.ndarray:
@@ -150,23 +186,24 @@ def ease_keep(x: sp.csr_matrix, max_items: int) -> np.ndarray:
     return cols
 
 
-def ease(votes: sp.csr_matrix, n_target: int, b: np.ndarray, keep: np.ndarray) -> Scorer:
+def ease_linear(votes: sp.csr_matrix, n_target: int, b: np.ndarray, keep: np.ndarray) -> Linear:
     """EASE scores on the target columns (the last ``n_target`` of ``votes``)."""
     offset = votes.shape[1] - n_target
     tgt_in_keep = np.flatnonzero(keep >= offset)
-    tgt_cols = torch.from_numpy(keep[tgt_in_keep] - offset)
-    b_t = torch.from_numpy(b[:, tgt_in_keep].astype(np.float32))
     counts = np.asarray(votes[:, offset:].sum(0), dtype=np.float64).ravel()
     # items left out of the solve rank after every kept item, by popularity
-    fill = torch.from_numpy((-1e4 + counts / (counts.max() + 1.0)).astype(np.float32))
-    v = votes[:, keep].tocsr()
+    fill = (-1e4 + counts / (counts.max() + 1.0)).astype(np.float32)
+    return Linear(
+        votes[:, keep].tocsr(),
+        np.ascontiguousarray(b[:, tgt_in_keep], dtype=np.float32),
+        n_target,
+        cols=(keep[tgt_in_keep] - offset).astype(np.int64),
+        fill=fill,
+    )
 
-    def score(batch: np.ndarray) -> torch.Tensor:
-        out = fill.expand(batch.size, -1).clone()
-        out[:, tgt_cols] = _dense(v[batch]) @ b_t
-        return out
 
-    return score
+def ease(votes: sp.csr_matrix, n_target: int, b: np.ndarray, keep: np.ndarray) -> Scorer:
+    return ease_linear(votes, n_target, b, keep).scorer()
 
 
 def standardise(scores: torch.Tensor) -> torch.Tensor:
@@ -227,16 +264,17 @@ class Validator:
 
 
 def _search(
-    name: str, build: Callable[[dict[str, float]], Scorer], validate: Validator
+    name: str, build: Callable[[dict[str, float]], Linear], validate: Validator
 ) -> Selected:
     best: Selected | None = None
     grid: list[dict[str, Any]] = []
     for params in GRIDS[name]:
-        scorer = build(params)
+        lin = build(params)
+        scorer = lin.scorer()
         score = validate(scorer)
         grid.append({**params, "valid_ndcg@10": score})
         if best is None or score > best.valid_ndcg:
-            best = Selected(name, dict(params), score, scorer)
+            best = Selected(name, dict(params), score, scorer, linear=lin)
     assert best is not None
     best.grid = grid
     logger.info("baseline %s: %s valid NDCG@10 %.4f", name, best.params, best.valid_ndcg)
@@ -259,18 +297,18 @@ def fit_baselines(
         if name in CROSS_DOMAIN and not has_source:
             continue
         if name == "popularity":
-            out[name] = _search(name, lambda p: popularity(xt), validate)
+            out[name] = _search(name, lambda p: popularity_linear(xt), validate)
         elif name in ("itemknn", "cd_itemknn"):
             both = sp.hstack([xs, xt]).tocsr() if name == "cd_itemknn" else xt
 
-            def build_knn(p: dict[str, float], name: str = name, both: Any = both) -> Scorer:
+            def build_knn(p: dict[str, float], name: str = name, both: Any = both) -> Linear:
                 key = (name, p["k"])
                 if key not in cache:
                     cache[key] = cosine_neighbours(both, nt, int(p["k"]))
                 if name == "itemknn":
-                    return itemknn(xt, cache[key])
+                    return itemknn_linear(xt, cache[key])
                 votes = sp.hstack([xs * float(p["source_weight"]), xt]).tocsr()
-                return itemknn(votes, cache[key])
+                return itemknn_linear(votes, cache[key])
 
             out[name] = _search(name, build_knn, validate)
         elif name in ("ease", "cd_ease"):
@@ -280,8 +318,8 @@ def fit_baselines(
 
             def build_ease(
                 p: dict[str, float], x: Any = x, xk: Any = xk, keep: np.ndarray = keep
-            ) -> Scorer:
-                return ease(x, nt, ease_solve(xk, float(p["lam"])), keep)
+            ) -> Linear:
+                return ease_linear(x, nt, ease_solve(xk, float(p["lam"])), keep)
 
             sel = _search(name, build_ease, validate)
             sel.params["items_in_solve"] = int(keep.size)

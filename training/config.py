@@ -64,12 +64,15 @@ class Config:
     anchor_tau: float = 5.0  # anchored: target pairs at which the pull to the source halves
     mapping_hidden: int = 128  # emcdr: hidden width of the source->target mapping MLP
     mapping_epochs: int = 300  # emcdr: full-batch epochs fitting the mapping
-    export_strategy: str = "best"  # strategy to publish: "best" (on validation) or a name
+    export_strategy: str = "best"  # what to publish: "best" (the row validation chooses among
+    # baselines, two-tower strategies and the blend, for warm and cold users) or a strategy name
     allow_below_popularity: bool = False  # publish even when the exported model's validation
     # NDCG@10 is below popularity's (otherwise nothing is published and the run exits 2)
     # --- baselines (training/baselines.py; grids declared there, chosen on validation) --------
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))  # baselines to evaluate
     ease_max_items: int = 4000  # EASE solves on at most this many (most popular) items
+    factor_ranks: list[int] = field(default_factory=lambda: [64, 128, 256, 512])  # ranks of the
+    # truncated SVD a baseline is published at (chosen on validation, capped by the catalogue)
     neural: bool = True  # train the two-tower models (false: evaluate the baselines only)
     blend: bool = True  # also evaluate the validated blend of the exported model and best baseline
     # --- second stage (training/ranker.py) ----------------------------------------------------
@@ -105,6 +108,8 @@ class Config:
                 )
         if self.export_strategy not in ("best", "target_only", *STRATEGIES):
             raise ConfigError(f"export_strategy: unknown strategy {self.export_strategy!r}")
+        if not self.factor_ranks or any(int(r) <= 0 for r in self.factor_ranks):
+            raise ConfigError("factor_ranks: at least one rank, every rank positive")
         if not self.target:
             raise ConfigError("target: a target domain is required")
         if not self.cold_shares:

@@ -306,3 +306,26 @@ def publish(checkpoint: dict[str, Any], repository: Path, seed: int = 0) -> int:
         "published %s and %s version %d to %s", ranker_name, retrieval_name, version, repository
     )
     return version
+
+
+def served_tables(
+    repository: Path, domain: str, version: int
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(user ids, user embeddings, item embeddings) of every user and item of a published
+    retrieval version, computed by its own graphs under ONNX Runtime (what retrieval serves)."""
+    from recsys.repository import read_users, version_dir
+
+    d = version_dir(repository, f"{domain}-retrieval", version)
+    ids = read_users(d / USERS_FILE).ids
+    n_users = len(ids)
+    n_items = int(np.load(d / "item_embeddings.npy", mmap_mode="r").shape[0])
+    out = []
+    for graph, n in ((MODEL_FILE, n_users), ("item_tower.onnx", n_items)):
+        sess = ort.InferenceSession(str(d / graph), providers=["CPUExecutionProvider"])
+        name = sess.get_inputs()[0].name
+        chunks = [
+            sess.run(None, {name: np.arange(a, min(a + 4096, n), dtype=np.int64)})[0]
+            for a in range(0, n, 4096)
+        ]
+        out.append(np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32))
+    return ids, out[0], out[1]

@@ -19,7 +19,6 @@ from training.baselines import (
     CROSS_DOMAIN,
     Selected,
     Validator,
-    by_history,
     fit_baselines,
     fit_blend,
 )
@@ -32,6 +31,8 @@ from training.errors import ConfigError
 from training.evaluate import Scorer, rank_full, rank_sampled, table_scorer
 from training.model import TwoTower
 from training.report import write_report
+from training.served import Served, blend_tables, choose_rank
+from training.served import by_history as by_history_tables
 from training.trainer import init_distributed, pick_device, world
 from training.transfer import (
     Tables,
@@ -107,6 +108,24 @@ def without_items(split: Split, items: np.ndarray) -> Split | None:
     return dataclasses.replace(split, test=split.test[~drop], negatives=negs)
 
 
+def evaluate_published(
+    repository: Path, domain: str, version: int, at: tuple[Split, np.ndarray, np.ndarray]
+) -> dict[str, Any]:
+    """Test metrics of a published retrieval version: user and item embeddings from its ONNX
+    graphs under ONNX Runtime, scored by inner product (users it does not hold score zero)."""
+    from training.export_onnx import served_tables
+
+    split, warm, cold = at
+    ids, users, items = served_tables(repository, domain, version)
+    index = {u: i for i, u in enumerate(split.users)}
+    table = torch.zeros(split.n_users, users.shape[1])
+    table[torch.from_numpy(np.array([index[u] for u in ids], np.int64))] = torch.from_numpy(users)
+    rows = segment_rows(table_scorer(table, torch.from_numpy(items)), split, warm, cold)
+    rows["kind"] = "served_graph"
+    rows["train"] = {"version": version}
+    return rows
+
+
 def select_on_validation(valid: dict[str, float]) -> str:
     """The row with the best validation NDCG@10 (ties: the first listed)."""
     return max(valid, key=lambda n: (valid[n], -list(valid).index(n)))
@@ -127,8 +146,9 @@ def run_share(
     source_model: torch.nn.Module | None,
     run_dir: Path | None,
     duplicate_items: list[str] | None = None,
-) -> tuple[dict[str, Any], dict[str, Tables], Split, Any]:
-    """Train and evaluate everything on the split of one cold-start share."""
+) -> tuple[dict[str, Any], dict[str, Tables], Split, Any, Served | None]:
+    """Train and evaluate everything on the split of one cold-start share; also returns the
+    tables chosen for export."""
     split = make_split(
         dataset,
         cfg.target,
@@ -207,7 +227,9 @@ def run_share(
             rows[f"{name}+emcdr"]["train"] = info
             rows[f"{name}+emcdr"]["kind"] = "model"
         logger.info("cold share %s strategy %s done in %.1fs", share, name, timings[name])
-    block_selection = _selection(cfg, rows, tables, baselines, validator, split, warm, cold, nodup)
+    block_selection, exported = _selection(
+        cfg, rows, tables, baselines, validator, split, warm, cold, nodup
+    )
     block = {
         "strategies": rows,
         "split": {
@@ -227,7 +249,7 @@ def run_share(
         "seconds": timings,
         "selection": block_selection,
     }
-    return block, tables, split, source_model
+    return block, tables, split, source_model, exported
 
 
 def _selection(
@@ -240,90 +262,186 @@ def _selection(
     warm: np.ndarray,
     cold: np.ndarray,
     nodup: Split | None,
-) -> dict[str, Any]:
-    """Validation NDCG@10 of every row, the blend, and which row validation chooses.
+) -> tuple[dict[str, Any], Served | None]:
+    """Validation NDCG@10 of every row in its served form, the blend, which row validation
+    chooses and the tables that are exported.
 
-    Warm users are chosen for on the validation split; users without target history on the
-    cold-start validation users (``Split.cold_valid``), when the split has them. Only validation
+    Every row is validated as the tables it would be published as (training/served.py): the
+    two-tower rows as they are, each baseline factorised at the rank its validation chooses, the
+    blend concatenated from those. Warm users are chosen for on the validation split; users
+    without target history on the cold-start validation users (``Split.cold_valid``), when the
+    split has them; the exported tables serve each group with its chosen row. Only validation
     scores are read here; test metrics of the rows are reported, never compared.
     """
+    cold_validator = Validator.cold(split)
+    has_cold_valid = cold_validator.users.size > 0
+    has_target = np.zeros(split.n_users, dtype=bool)
+    has_target[split.train[:, 0]] = True
+    validators = {"warm": validator} | ({"cold": cold_validator} if has_cold_valid else {})
+    ranks = [int(r) for r in cfg.factor_ranks]
+    served: dict[str, dict[str, Served]] = {seg: {} for seg in validators}
+    factor_info: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    for n, sel in baselines.items():
+        if sel.linear is None:
+            continue
+        forms = choose_rank(n, sel.linear, validators, ranks)
+        for seg, f in forms.items():
+            served[seg][n] = f
+        factor_info[n] = {
+            seg: {
+                "rank": f.info["rank"],
+                "relative_frobenius_error": f.info["relative_frobenius_error"],
+                "valid_ndcg@10": f.info["valid_ndcg@10"],
+                "dense_valid_ndcg@10": (
+                    float(sel.valid_ndcg) if seg == "warm" else cold_validator(sel.scorer)
+                ),
+                "grid": f.info["grid"],
+            }
+            for seg, f in forms.items()
+        }
+    logger.info("baselines factorised in %.1fs", time.perf_counter() - t0)
     model_row: str | None = None
     if tables:
         name = choose(cfg, {"strategies": rows}, tables)
         model_row = f"{name}+emcdr" if f"{name}+emcdr" in rows else name
-    cold_validator = Validator.cold(split)
-    has_cold_valid = cold_validator.users.size > 0
-
-    def model_scorer(row: str) -> Scorer:
-        tab = tables[row.removesuffix("+emcdr")]
-        if row.endswith("+emcdr") and tab.cold_users is not None:
-            return table_scorer(tab.cold_users, tab.items)
-        return table_scorer(tab.users, tab.items)
-
-    valid = {n: float(sel.valid_ndcg) for n, sel in baselines.items()}
-    valid_cold: dict[str, float] = {}
     for n, r in rows.items():
         if r.get("kind") == "model":
-            valid[n] = float(r["train"]["valid_ndcg@10"])
-    if has_cold_valid:
-        for n, sel in baselines.items():
-            valid_cold[n] = cold_validator(sel.scorer)
-        for n, r in rows.items():
-            if r.get("kind") == "model":
-                valid_cold[n] = cold_validator(model_scorer(n))
+            tab = tables[n.removesuffix("+emcdr")]
+            users = (
+                tab.cold_users if n.endswith("+emcdr") and tab.cold_users is not None else tab.users
+            )
+            form = Served(n, users, tab.items)
+            for seg in served:
+                served[seg][n] = form
+    valid = {n: validators["warm"](f.scorer()) for n, f in served["warm"].items()}
+    valid_cold = (
+        {n: cold_validator(f.scorer()) for n, f in served["cold"].items()} if has_cold_valid else {}
+    )
+    for seg, scores in (("warm", valid), ("cold", valid_cold)):
+        for n, f in served.get(seg, {}).items():
+            f.info["valid_ndcg@10"] = scores[n]
+    dense_valid = {n: float(sel.valid_ndcg) for n, sel in baselines.items()}
+    dense_valid_cold = (
+        {n: factor_info[n]["cold"]["dense_valid_ndcg@10"] for n in baselines if n in factor_info}
+        if has_cold_valid
+        else {}
+    )
     if cfg.blend and baselines and model_row is not None:
-        # warm users: the best baseline on warm validation; users without target history (when
-        # cold-start validation users exist): the best cross-domain one on cold validation
-        cross = [n for n in baselines if n in CROSS_DOMAIN] or list(baselines)
+        # warm users: the best served baseline on warm validation; users without target history
+        # (when cold-start validation users exist): the best cross-domain one on cold validation
+        cross = [n for n in served["warm"] if n in CROSS_DOMAIN] or list(baselines)
         pool = list(baselines) if has_cold_valid else cross
-        partner = baselines[select_on_validation({n: valid[n] for n in pool})]
-        mix = fit_blend(model_scorer(model_row), partner, validator)
-        train_info: dict[str, Any] = mix.summary() | {"model": model_row}
-        scorer, valid["blend"] = mix.scorer, float(mix.valid_ndcg)
+        model_form = served["warm"][model_row]
+
+        def fit(partner: str, seg: str) -> tuple[Served, dict[str, Any]]:
+            base = served[seg][partner]
+            as_selected = Selected(partner, {}, base.info["valid_ndcg@10"], base.scorer())
+            mix = fit_blend(model_form.scorer(), as_selected, validators[seg])
+            form = blend_tables(model_form, base, float(mix.params["weight"]))
+            return form, mix.summary() | {"rank": base.info["rank"]}
+
+        partner = select_on_validation({n: valid[n] for n in pool})
+        form_w, train_info = fit(partner, "warm")
+        train_info["model"] = model_row
+        served["warm"]["blend"] = form_w
+        scorer = form_w.scorer()
+        valid["blend"] = validator(scorer)
         if has_cold_valid:
-            partner_c = baselines[select_on_validation({n: valid_cold[n] for n in cross})]
-            mix_c = fit_blend(model_scorer(model_row), partner_c, cold_validator)
-            has_target = np.zeros(split.n_users, dtype=bool)
-            has_target[split.train[:, 0]] = True
-            scorer = by_history(has_target, mix.scorer, mix_c.scorer)
-            valid_cold["blend"] = float(mix_c.valid_ndcg)
-            train_info["cold"] = mix_c.summary()
+            partner_c = select_on_validation({n: valid_cold[n] for n in cross})
+            form_c, train_info["cold"] = fit(partner_c, "cold")
+            served["cold"]["blend"] = form_c
+            valid_cold["blend"] = cold_validator(form_c.scorer())
+            scorer = by_history_tables(has_target, form_w, form_c, "blend").scorer()
         rows["blend"] = segment_rows(scorer, split, warm, cold, nodup)
         rows["blend"]["train"] = train_info
         rows["blend"]["kind"] = "blend"
     out: dict[str, Any] = {
         "valid_ndcg@10": valid,
         "valid_cold_ndcg@10": valid_cold,
-        "exported": model_row,
-        "exported_valid_ndcg@10": valid[model_row] if model_row else None,
+        "dense_valid_ndcg@10": dense_valid,
+        "dense_valid_cold_ndcg@10": dense_valid_cold,
+        "factorised": factor_info,
+        "two_tower": model_row,
+        "two_tower_valid_ndcg@10": valid[model_row] if model_row else None,
     }
-    for suffix, scores in (("", valid), ("_cold", valid_cold)):
+    exported: Served | None = None
+    if valid:  # with neural = false the baselines alone compete
+        if cfg.export_strategy != "best" and model_row is not None:
+            row_w = row_c = model_row
+        else:
+            row_w = select_on_validation(valid)
+            row_c = select_on_validation(valid_cold) if has_cold_valid else row_w
+        form_w = served["warm"][row_w]
+        form_c = served["cold"][row_c] if has_cold_valid else form_w
+        label = row_w if row_w == row_c else f"{row_w} (warm), {row_c} (cold)"
+        exported = by_history_tables(has_target, form_w, form_c, label)
+        exp_scorer = exported.scorer()
+        out["exported"] = label
+        out["exported_rows"] = {"warm": row_w, "cold": row_c}
+        out["exported_valid_ndcg@10"] = validator(exp_scorer)
+        if has_cold_valid:
+            out["exported_valid_cold_ndcg@10"] = cold_validator(exp_scorer)
+        out["exported_form"] = {
+            seg: {
+                "row": row,
+                "dim": int(f.users.shape[1]),
+                **{k: f.info[k] for k in ("rank", "relative_frobenius_error") if k in f.info},
+                **(
+                    {
+                        "factorisation_valid_loss": factor_info[row][seg]["dense_valid_ndcg@10"]
+                        - factor_info[row][seg]["valid_ndcg@10"]
+                    }
+                    if row in factor_info
+                    else {}
+                ),
+                **({"blend": _blend_info(rows["blend"]["train"], seg)} if row == "blend" else {}),
+            }
+            for seg, row, f in (("warm", row_w, form_w), ("cold", row_c, form_c))
+            if seg in validators or seg == "warm"
+        }
+        out["exported_form"]["dim"] = int(exported.users.shape[1])
+        rows["exported"] = segment_rows(exp_scorer, split, warm, cold, nodup)
+        rows["exported"]["train"] = {"rows": out["exported_rows"]}
+        rows["exported"]["kind"] = "exported"
+    for suffix, scores, dense in (
+        ("", valid, dense_valid),
+        ("_cold", valid_cold, dense_valid_cold),
+    ):
         if not scores:
             continue
         out[f"chosen{suffix}"] = select_on_validation(scores)
-        base = {n: scores[n] for n in baselines}
+        # the best baseline as evaluated in memory (its strongest form, before factorisation)
+        base = {n: dense[n] for n in baselines if n in dense}
         if not base:
             continue
         best = select_on_validation(base)
         out[f"best_baseline{suffix}"] = best
-        if model_row is None:
+        if exported is None:
             continue
-        below = scores[model_row] < base[best]
+        got = float(out[f"exported_valid{suffix}_ndcg@10"])
+        below = got < base[best]
         out[f"exported_below_best_baseline{suffix}"] = below
         out[f"exported_vs_best_baseline_valid{suffix}"] = (
-            scores[model_row] / base[best] - 1.0 if base[best] else 0.0
+            got / base[best] - 1.0 if base[best] else 0.0
         )
         if below:
             logger.warning(
                 "the exported model %s is below the best baseline %s on %s validation "
-                "(%.4f vs %.4f); the benchmark reports the chosen row, not the exported one",
-                model_row,
+                "(%.4f vs %.4f in memory; factorisation loses the difference)",
+                out["exported"],
                 best,
                 "cold-start" if suffix else "warm",
-                scores[model_row],
+                got,
                 base[best],
             )
-    return out
+    return out, exported
+
+
+def _blend_info(train: dict[str, Any], seg: str) -> dict[str, Any]:
+    """The partner, weight and partner rank of the blend that serves ``seg``."""
+    part = train.get("cold", train) if seg == "cold" else train
+    return {"model": train.get("model"), "rank": part.get("rank"), **part.get("params", {})}
 
 
 def choose(cfg: Config, block: dict[str, Any], tables: dict[str, Tables]) -> str:
@@ -434,17 +552,17 @@ def run(
             duplicate_items = []
     source_model = None
     checkpoint = None
+    exported_split: tuple[Split, np.ndarray, np.ndarray] | None = None
     for i, share in enumerate(cfg.cold_shares):
-        block, tables, split, source_model = run_share(
+        block, tables, split, source_model, exported = run_share(
             cfg, dataset, share, device, source_model, run_dir, duplicate_items
         )
         results["shares"][str(share)] = block
-        if i == 0 and tables:
-            name = choose(cfg, block, tables)
-            key = f"{name}+emcdr" if f"{name}+emcdr" in block["strategies"] else name
-            metrics = {seg: block["strategies"][key][seg] for seg in ("warm", "cold", "all")}
-            # what validation says of the exported model against every other row, so that the
-            # published metadata states when a baseline or the blend did better on validation
+        if i == 0 and exported is not None:
+            name = exported.name
+            metrics = {seg: block["strategies"]["exported"][seg] for seg in ("warm", "cold", "all")}
+            # what validation says of the exported tables against every other row, and what
+            # they are (the row of each user group, its rank and what factorising cost)
             sel = block["selection"]
             metrics["validation"] = {
                 k: sel[k]
@@ -453,13 +571,19 @@ def run(
                     "chosen_cold",
                     "best_baseline",
                     "best_baseline_cold",
+                    "two_tower",
+                    "exported_rows",
+                    "exported_form",
                     "exported_valid_ndcg@10",
+                    "exported_valid_cold_ndcg@10",
                     "exported_below_best_baseline",
                     "exported_below_best_baseline_cold",
                 )
                 if k in sel
             }
-            checkpoint = build_checkpoint(cfg, dataset, split, name, tables[name], metrics)
+            tab = Tables(users=exported.users, items=exported.items)
+            checkpoint = build_checkpoint(cfg, dataset, split, name, tab, metrics)
+            exported_split = (split, *_segments(split))
             if cfg.ranker == "learned" and rank == 0:
                 from training.ranker import fit_second_stage
 
@@ -481,9 +605,9 @@ def run(
             results["selection"] = block["selection"]
             results["popularity_gate"] = popularity_gate(name, block["selection"])
     results["seconds_total_train"] = time.perf_counter() - t_start
-    if checkpoint is None:  # neural = false: baselines only, nothing to export
+    if checkpoint is None:  # nothing to export
         results["selection"] = results["shares"][str(cfg.cold_shares[0])]["selection"]
-        logger.warning("neural = false: baselines evaluated only; no checkpoint, nothing published")
+        logger.warning("no row to export: no checkpoint, nothing published")
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         if checkpoint is not None:
@@ -505,6 +629,12 @@ def run(
 
             t0 = time.perf_counter()
             version = publish(checkpoint, repository, cfg.seed)
+            # the published graphs, evaluated as the retrieval service computes them
+            assert exported_split is not None
+            first = results["shares"][str(cfg.cold_shares[0])]
+            first["strategies"]["served_graph"] = evaluate_published(
+                repository, cfg.target, version, exported_split
+            )
             results["published"] = {
                 "repository": str(repository),
                 "version": version,

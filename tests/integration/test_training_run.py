@@ -251,6 +251,12 @@ def test_selection_reads_validation_and_the_blend_covers_its_ends(
     ckpt = torch.load(synthetic_run["run_dir"] / "checkpoint.pt", weights_only=False)
     assert ckpt["metrics"]["validation"]["best_baseline"] == sel["best_baseline"]
     assert ckpt["strategy"] == sel["exported"]
+    # what is published is the row validation chooses, for warm and for cold users, and the
+    # published graphs score the test users as the in-memory exported tables do
+    assert sel["exported_rows"] == {"warm": sel["chosen"], "cold": sel["chosen_cold"]}
+    for seg in ("warm", "cold"):
+        served, exported = rows["served_graph"][seg], rows["exported"][seg]
+        assert served["ndcg@10"] == pytest.approx(exported["ndcg@10"], abs=1e-6)
 
 
 @pytest.mark.parametrize("strategy", ["anchored", "joint"])
