@@ -2,12 +2,12 @@
 (a small MLP over the request-time features of recsys.features) trained on the candidates that
 the served retrieval generates, with its ONNX export and parity check.
 
-Labels come from the validation interactions of warm users, which the retrieval model was not
-fitted on (its own training items would carry inflated scores): half of those users train the
-ranker, the other half choose its epoch and report (a) retrieval order, (b) the dot product and
-(c) the ranker on the same candidates. A share of those users is also presented as if cold-start
-(source history only), since real cold-start users have no validation items. The test split is
-never read here.
+Warm labels come from the validation interactions of warm users, which the retrieval model was
+not fitted on (its own training items would carry inflated scores): half of those users train
+the ranker (a share of them also with recent items), the other half choose its epoch. Cold-start
+examples are training users presented as retrieval serves source-only users (no target history,
+their mapped vector), labelled with their own target training items; the split's cold-start
+validation users select. The test split is never read (ranker_examples).
 """
 
 from __future__ import annotations
