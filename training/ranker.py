@@ -431,6 +431,38 @@ def ranker_examples(
     return out
 
 
+def published_arrays(
+    checkpoint: dict[str, Any], neighbours: Neighbours, rows: np.ndarray
+) -> _Published:
+    """The candidate sources over a checkpoint's tables (`rows`: the split's user index of each
+    published user, in order)."""
+    item_table = checkpoint["item_table"].detach().float().numpy()
+    mapped = checkpoint.get("mapped_table")
+    if mapped is None:
+        logger.warning(
+            "ranker: no mapped vectors in the checkpoint; simulated cold users keep their own"
+        )
+    indptr, indices = checkpoint["seen"]
+    return _Published(
+        sources=CandidateSources(
+            item_ids=checkpoint["items"],
+            titles=[t or "" for t in checkpoint["titles"]],
+            item_embeddings=item_table,
+            popularity=np.asarray(checkpoint["popularity"], np.float32),
+            neighbours=neighbours,
+            search=exact_search(item_table),
+        ),
+        neighbours=neighbours,
+        user_table=checkpoint["user_table"].detach().float().numpy(),
+        mapped_table=None if mapped is None else mapped.detach().float().numpy(),
+        indptr=np.asarray(indptr),
+        indices=np.asarray(indices),
+        row_of={int(r): i for i, r in enumerate(rows)},
+        kinds=list(checkpoint["user_kinds"]),
+        items=list(checkpoint["items"]),
+    )
+
+
 _ROLES = ("train_warm", "train_recent", "train_cold", "select_warm", "select_cold")
 
 
@@ -461,31 +493,7 @@ def fit_second_stage(
         rows,
         n_neighbours,
     )
-    item_table = checkpoint["item_table"].detach().float().numpy()
-    mapped = checkpoint.get("mapped_table")
-    if mapped is None:
-        logger.warning(
-            "ranker: no mapped vectors in the checkpoint; simulated cold users keep their own"
-        )
-    indptr, indices = checkpoint["seen"]
-    published = _Published(
-        sources=CandidateSources(
-            item_ids=checkpoint["items"],
-            titles=[t or "" for t in checkpoint["titles"]],
-            item_embeddings=item_table,
-            popularity=np.asarray(checkpoint["popularity"], np.float32),
-            neighbours=neighbours,
-            search=exact_search(item_table),
-        ),
-        neighbours=neighbours,
-        user_table=checkpoint["user_table"].detach().float().numpy(),
-        mapped_table=None if mapped is None else mapped.detach().float().numpy(),
-        indptr=np.asarray(indptr),
-        indices=np.asarray(indices),
-        row_of={int(r): i for i, r in enumerate(rows)},
-        kinds=list(checkpoint["user_kinds"]),
-        items=list(checkpoint["items"]),
-    )
+    published = published_arrays(checkpoint, neighbours, rows)
     sets = ranker_examples(
         split,
         published,
@@ -529,6 +537,80 @@ def export_ranker(module: FeatureRanker, path: Path, seed: int) -> float:
     sample = (mean + scale * rng.standard_normal((257, len(mean)))).astype(np.float32)
     _export(module, (torch.from_numpy(sample[:3]),), ["features"], ["score"], path)
     return check_graph(path, module, {"features": sample})
+
+
+def int8_ranker(
+    module: FeatureRanker, calibration: list[CandidateSet], folder: Path, seed: int
+) -> tuple[Path, Path, str]:
+    """The ranker's fp32 graph and its int8 graph (training/quantize.py: static, calibrated on
+    the feature rows of `calibration`, at most 16 batches of 1,000 rows) in `folder`."""
+    from training.quantize import CALIBRATION_BATCH, CALIBRATION_BATCHES, quantise
+
+    fp32, int8 = folder / "ranker.onnx", folder / "ranker.int8.onnx"
+    export_ranker(module, fp32, seed)
+    rows = np.concatenate([s.features for s in calibration])
+    rng = np.random.default_rng(seed)
+    batches = [
+        (rows[rng.integers(0, len(rows), min(CALIBRATION_BATCH, len(rows)))],)
+        for _ in range(CALIBRATION_BATCHES)
+    ]
+    method = quantise(fp32, int8, ["features"], batches)
+    return fp32, int8, method
+
+
+def compare_precisions(fp32: Path, int8: Path, sets: list[CandidateSet]) -> dict[str, float]:
+    """NDCG@10 of the fp32 and the int8 graph on the same labelled candidate sets, and how
+    alike they rank (Spearman's rho and the top-10 agreement per user, means)."""
+    import onnxruntime as ort
+
+    from training.quantize import spearman, top_k_agreement
+
+    sessions = [
+        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (fp32, int8)
+    ]
+    out = {"fp32_ndcg@10": 0.0, "int8_ndcg@10": 0.0, "spearman_mean": 0.0, "top10_agreement": 0.0}
+    for s in sets:
+        a, b = (np.asarray(x.run(None, {"features": s.features})[0], np.float64) for x in sessions)
+        out["fp32_ndcg@10"] += ndcg_at(a, s.labels, s.n_relevant)
+        out["int8_ndcg@10"] += ndcg_at(b, s.labels, s.n_relevant)
+        out["spearman_mean"] += float(spearman(a[None], b[None])[0])
+        out["top10_agreement"] += float(top_k_agreement(a[None], b[None])[0])
+    return {k: v / max(1, len(sets)) for k, v in out.items()} | {"users": len(sets)}
+
+
+def int8_report(run_dir: Path, seed: int) -> dict[str, Any]:
+    """int8 beside fp32 for a finished run (its checkpoint and split): the learned ranker
+    quantised with calibration on its training examples' features, both graphs' NDCG@10 on the
+    warm and the cold selection users (the examples are rebuilt as training built them)."""
+    from training.data.splits import Split
+
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    config = checkpoint["config"]
+    shares = config.get("cold_shares") or [0.0]
+    split = Split.load(run_dir / f"split-cold{shares[0]}")
+    users_index = {u: i for i, u in enumerate(split.users)}
+    rows = np.fromiter((users_index[u] for u in checkpoint["users"]), np.int64)
+    published = published_arrays(checkpoint, checkpoint["neighbours"], rows)
+    sets = ranker_examples(
+        split,
+        published,
+        depth=config["ranker_depth"],
+        popular=config["ranker_popular"],
+        max_users=config["ranker_users"],
+        seed=seed,
+        cold_share=config.get("ranker_cold_share", 1.0),
+        recent_share=config.get("ranker_recent_share", 0.5),
+    )
+    module = checkpoint["learned_ranker"]["module"].eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        train = sets["train_warm"] + sets["train_recent"] + sets["train_cold"]
+        fp32, int8, method = int8_ranker(module, train, Path(tmp), seed)
+        return {
+            "method": method,
+            "warm": compare_precisions(fp32, int8, sets["select_warm"]),
+            "cold": compare_precisions(fp32, int8, sets["select_cold"]),
+            "bytes": {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size},
+        }
 
 
 def stage_learned_ranker(

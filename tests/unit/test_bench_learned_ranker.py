@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from bench import gateway, ranker, system
+from bench import gateway, ranker, ranker_int8, system
 from recsys.features import FEATURE_NAMES
 from recsys.inference import grpc_service_pb2 as pb
 from recsys.repository import read_metadata
@@ -91,3 +91,9 @@ def test_quality_best_reads_the_chosen_row_on_the_matching_protocol(
     assert loo is not None and loo["warm"]["mean"] == 0.125 and loo["protocol"] == "loo"
     assert system.quality_best("missing") is None
     assert system.quality_best("ratio_pair", share="0.5") is None
+
+
+def test_bench_ranker_int8_options_parse_and_an_empty_folder_exits_2(tmp_path: Path) -> None:
+    args = ranker_int8.build_parser().parse_args([f"--work={tmp_path}", "--runs=a-s0,b-s1"])
+    assert args.work == tmp_path and args.runs == "a-s0,b-s1"
+    assert ranker_int8.main([f"--work={tmp_path}", f"--out={tmp_path / 'x'}"]) == 2

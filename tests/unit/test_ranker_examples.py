@@ -12,7 +12,15 @@ from recsys.features import FEATURE_NAMES
 from recsys.sources import CandidateSources, exact_search
 from training.data.splits import make_split
 from training.data.synthetic import make_synthetic
-from training.ranker import _Published, compute_neighbours, ranker_examples
+from training.ranker import (
+    _Published,
+    compare_precisions,
+    compute_neighbours,
+    evaluate_orders,
+    int8_ranker,
+    ranker_examples,
+    train_ranker,
+)
 
 RECENT = [FEATURE_NAMES.index("recent_vote"), FEATURE_NAMES.index("recent_rrank")]
 TARGET_HISTORY = FEATURE_NAMES.index("log_target_history")
@@ -130,3 +138,22 @@ def test_warm_training_and_selection_users_are_disjoint(examples) -> None:
     train = {s.user for s in sets["train_warm"]}
     select = {s.user for s in sets["select_warm"]}
     assert train and select and not train & select
+
+
+def test_int8_ranker_is_compared_with_fp32_on_the_same_candidates(examples, tmp_path) -> None:
+    _, sets = examples
+    train = sets["train_warm"] + sets["train_recent"] + sets["train_cold"]
+    model, info = train_ranker(
+        train, sets["select_warm"], seed=0, epochs=2, select_cold=sets["select_cold"]
+    )
+    assert "valid_cold_ndcg@10" in info["history"][0]
+    fp32, int8, method = int8_ranker(model, train, tmp_path, seed=0)
+    assert int8.is_file() and int8.stat().st_size < fp32.stat().st_size
+    assert method.startswith("static")
+    same = compare_precisions(fp32, fp32, sets["select_warm"])
+    assert same["fp32_ndcg@10"] == same["int8_ndcg@10"] and same["top10_agreement"] == 1.0
+    expected = evaluate_orders(model, sets["select_warm"])["learned"]
+    got = compare_precisions(fp32, int8, sets["select_warm"])
+    assert got["users"] == len(sets["select_warm"])
+    assert abs(got["fp32_ndcg@10"] - expected) < 1e-6
+    assert 0.0 <= got["int8_ndcg@10"] <= 1.0 and got["spearman_mean"] > 0.9
