@@ -223,7 +223,7 @@ def graph_run_ms(
     )
     for _ in range(5):
         session.run(None, feeds)
-    times = []
+    times: list[float] = []
     start = time.perf_counter()
     while time.perf_counter() - start < seconds or len(times) < 100:
         t0 = time.perf_counter()
