@@ -7,7 +7,8 @@ retrieval depth beside the retrieval model's own full-catalogue recall at the sa
 Each (pair, seed) trains once (``python -m training train``, cold share 0.2, publishing into a
 repository of its own), then answers sampled test users three times. The validation items of a
 user are left out of every answer (as the quality benchmark's full ranking does); the split is
-the one training saved. Results go to bench/results/system.{json,md}; pairs not rerun are kept.
+the one training saved. Results go to bench/results/system.{json,md}; pairs not rerun are kept. With --work, each
+(pair, seed) keeps its training run and its measurement (measured-<users>.json), both reused.
 
     python -m bench.system [--pairs=amazon_movies_to_books,sport_to_cloth] [--seeds=0,1,2]
                            [--users=500] [--work=DIR]
@@ -344,12 +345,17 @@ def main(argv: list[str] | None = None) -> int:
             report = json.loads((run_dir / "results.json").read_text())
             domain = report["target"]
             assert list_versions(repo, f"{domain}-ranker"), f"nothing published for {pair}"
-            split = Split.load(run_dir / "split-cold0.2")
-            t0 = time.perf_counter()
-            measured = asyncio.run(evaluate(repo, split, domain, args.users, seed))
+            cache = run_dir.parent / f"measured-{args.users}.json"
+            if cache.is_file():  # this run was measured before (same run, same users)
+                measured = json.loads(cache.read_text())
+            else:
+                split = Split.load(run_dir / "split-cold0.2")
+                t0 = time.perf_counter()
+                measured = asyncio.run(evaluate(repo, split, domain, args.users, seed))
+                measured["seconds"] = time.perf_counter() - t0
+                measured["graph_cost_1000"] = graph_cost(repo, domain)
+                cache.write_text(json.dumps(measured) + "\n")
             results["depth"] = measured.pop("depth")
-            measured["seconds"] = time.perf_counter() - t0
-            measured["graph_cost_1000"] = graph_cost(repo, domain)
             runs.append(measured)
             validation.append(
                 report["ranker"]["validation"] | {"cold": report["ranker"].get("validation_cold")}
