@@ -332,8 +332,14 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"everything (load generator, gateway, retrieval, {cfg['rankers']} rankers) on this machine, "
         f"shared with other work (load average {result['machine']['load_average_1_5_15_before']} "
         f"before, {result['machine']['load_average_1_5_15_after']} after: 1, 5, 15 min).",
-        f"Catalogue: {cfg['n_items']} items, {cfg['n_users']} users, dim {cfg['dim']} (synthetic, planted tastes); "
-        f"retrieval {cfg['retrieval_candidates']} candidates, all ranked in {cfg['ranker_shards']} shards; "
+        (
+            f"Models: the trained repository {cfg['repository']} (books-retrieval and its "
+            "books-ranker, fed the features retrieval returns); "
+            if cfg.get("repository")
+            else f"Catalogue: {cfg['n_items']} items, {cfg['n_users']} users, dim {cfg['dim']} "
+            "(synthetic, planted tastes); "
+        )
+        + f"retrieval {cfg['retrieval_candidates']} candidates, all ranked in {cfg['ranker_shards']} shards; "
         f"k = 10, exclude_seen; client deadline {cfg['timeout_s']} s.",
         "",
         "| phase | requests | throughput (req/s) | p50 ms | p95 ms | p99 ms | errors | degraded |",
@@ -420,7 +426,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
     parser.add_argument("--concurrency", default="1,8,32")
@@ -440,7 +446,28 @@ def main() -> int:
     parser.add_argument("--recall-items", type=int, default=100_000)
     parser.add_argument("--output", type=Path, default=RESULTS / "gateway")
     parser.add_argument("--quick", action="store_true", help="short phases, small recall run")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--repository",
+        type=Path,
+        help="serve this trained repository's books models (e.g. a bench-system run of "
+        "amazon_movies_to_books: books-ranker is then the learned ranker, fed the features "
+        "retrieval returns) instead of the synthetic model",
+    )
+    return parser
+
+
+def repository_users(repo: Path) -> list[str]:
+    """The users of the latest books-retrieval version of a trained repository."""
+    from recsys.repository import USERS_FILE, list_versions, read_users, version_dir
+
+    versions = list_versions(repo, "books-retrieval")
+    if not versions:
+        raise SystemExit(f"{repo}: no books-retrieval version")
+    return list(read_users(version_dir(repo, "books-retrieval", versions[-1]) / USERS_FILE).ids)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.quick:
         args.duration, args.concurrency, args.recall_items = 3.0, "8", 20_000
         args.rates = args.rates or "50"
@@ -454,10 +481,18 @@ def main() -> int:
         repo = tmp_path / "repo"
         logs = tmp_path / "logs"
         logs.mkdir()
-        print(
-            f"publishing a synthetic model: {args.n_items} items, {args.n_users} users", flush=True
-        )
-        model = build_repository(repo, args.n_users, args.n_items, args.dim, seed=0)
+        if args.repository is not None:
+            repo = args.repository
+            users = repository_users(repo)
+            print(f"serving {repo}: {len(users)} users", flush=True)
+        else:
+            print(
+                f"publishing a synthetic model: {args.n_items} items, {args.n_users} users",
+                flush=True,
+            )
+            users = list(
+                build_repository(repo, args.n_users, args.n_items, args.dim, seed=0).user_ids
+            )
         options = StackOptions(
             ranker_slots=2,
             initial_rankers=2,
@@ -469,10 +504,10 @@ def main() -> int:
             ranker_args=[],
             gateway_args=["--log-level=WARNING"],
             retrieval_args=["--log-level=WARNING"],
+            warm_up_user=users[0],
         )
         print("starting retrieval, 2 rankers and the gateway", flush=True)
         stack = Stack(repo, logs, options)
-        users = list(model.user_ids)
         phases = []
         try:
             # Warm-up, not reported.
@@ -512,7 +547,9 @@ def main() -> int:
             stack.stop()
 
     print("measuring HNSW recall", flush=True)
-    recall = recall_benchmark(args.recall_items, args.dim, 200, seed=1)
+    recall = (
+        recall_benchmark(args.recall_items, args.dim, 200, seed=1) if args.recall_items else None
+    )
     rate_phases = [p for p in phases if p["mode"] == "rate"]
     at_50 = next((p for p in rate_phases if p["target"] == 50), None)
     holding = [p["target"] for p in rate_phases if _holds(p)]
@@ -552,6 +589,7 @@ def main() -> int:
             "load_average_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
         },
         "config": {
+            "repository": str(args.repository) if args.repository else None,
             "n_items": args.n_items,
             "n_users": args.n_users,
             "dim": args.dim,

@@ -16,6 +16,11 @@ one), then in one run:
 Writes bench/results/ranker.json and ranker.md and prints the table.
 
     python -m bench.ranker [--duration-s=8] [--repository=model_repository --model=books-ranker]
+                           [--no-feature-ranker | --feature-repository=DIR --feature-model=NAME]
+
+With --feature-ranker (the default) it also measures the learned ranker's graph (features
+[N, 13] -> score, training/ranker.py) beside the DLRM-sized one: one session run at 1,000
+candidates on one thread in-process, and served at --feature-concurrency over both APIs.
 """
 
 from __future__ import annotations
@@ -144,6 +149,132 @@ def publish_bench_model(
         write_items(d / ITEMS_FILE, [f"item{j}" for j in range(n_items)])
     assert pub.version is not None
     return check
+
+
+FEATURE_MODEL = "bench-feature-ranker"
+FEATURE_RETRIEVAL = ("bench-retrieval", "1")  # the retrieval version its features name
+
+
+def publish_feature_model(
+    repo: Path, name: str = FEATURE_MODEL, n_items: int = 1000, seed: int = 0
+) -> Path:
+    """Publish a graph of the learned ranker's architecture (training/ranker.py: standardisation,
+    then 13-64-32-1 ReLU MLP over the recsys.features columns), seeded random weights (the cost
+    does not depend on them), expecting the features of FEATURE_RETRIEVAL. Returns its ONNX
+    file."""
+    import numpy as np
+    import torch
+
+    from recsys.features import FEATURE_NAMES
+    from recsys.repository import (
+        ITEMS_FILE,
+        MODEL_FILE,
+        USERS_FILE,
+        VersionPublisher,
+        feature_ranker_signature,
+        version_dir,
+        write_items,
+        write_users,
+    )
+    from training.ranker import FeatureRanker, export_ranker
+
+    torch.manual_seed(seed)
+    width = len(FEATURE_NAMES)
+    module = FeatureRanker(np.zeros(width, np.float32), np.ones(width, np.float32)).eval()
+    with VersionPublisher(repo, [name]) as pub:
+        d = pub.describe(
+            name,
+            kind="ranker",
+            signature=feature_ranker_signature(width),
+            metadata={
+                "domain": "bench",
+                "opset": 17,
+                "ranker": "learned",
+                "strategy": "the learned ranker's architecture, random weights, for benchmarks",
+                "features": {
+                    "names": list(FEATURE_NAMES),
+                    "retrieval_model": FEATURE_RETRIEVAL[0],
+                    "retrieval_version": FEATURE_RETRIEVAL[1],
+                },
+            },
+        )
+        export_ranker(module, d / MODEL_FILE, seed)
+        # the vocabulary every ranker version carries (a feature ranker looks nothing up in it)
+        write_users(d / USERS_FILE, ["user0"])
+        write_items(d / ITEMS_FILE, [f"item{j}" for j in range(n_items)])
+    assert pub.version is not None
+    return version_dir(repo, name, pub.version) / MODEL_FILE
+
+
+def graph_run_ms(
+    model_path: Path, feeds: dict[str, Any], *, threads: int = 1, seconds: float = 3.0
+) -> dict[str, float]:
+    """p50 / p99 milliseconds of one session run on `feeds`, `threads` intra-op threads,
+    in this process (no batching, no gRPC)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(
+        str(model_path), sess_options=so, providers=["CPUExecutionProvider"]
+    )
+    for _ in range(5):
+        session.run(None, feeds)
+    times: list[float] = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds or len(times) < 100:
+        t0 = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - t0)
+    return {
+        "runs": len(times),
+        "p50_ms": float(np.percentile(times, 50) * 1000),
+        "p99_ms": float(np.percentile(times, 99) * 1000),
+    }
+
+
+def feature_rows(candidates: int, seed: int = 0) -> Any:
+    """FP32 [candidates, F] rows in the value ranges of recsys.features."""
+    import numpy as np
+
+    from recsys.features import FEATURE_NAMES
+
+    rng = np.random.default_rng(seed)
+    return np.abs(rng.standard_normal((candidates, len(FEATURE_NAMES)))).astype(np.float32)
+
+
+def feature_payloads(
+    model: str, candidates: int, api: str, pool: int = 64, seed: int = 1
+) -> tuple[bytes, ...]:
+    """Requests to a feature ranker: Rank with item ids, features and features_version, or
+    ModelInfer with a FP32 [N, F] `features` tensor and the features_version parameter."""
+    from recsys.inference import grpc_service_pb2 as pb
+    from recsys.repository.layout import FEATURES_INPUT, SCORE_OUTPUT
+    from recsys.v1 import ranking_pb2
+
+    out = []
+    for i in range(pool):
+        rows = feature_rows(candidates, seed + i)
+        if api == "rank":
+            request = ranking_pb2.RankRequest(
+                model_name=model,
+                user_id="user0",
+                item_ids=[f"item{j}" for j in range(candidates)],
+                features=rows.ravel().tolist(),
+                features_version=FEATURE_RETRIEVAL[1],
+            )
+            out.append(request.SerializeToString())
+        else:
+            infer = pb.ModelInferRequest(model_name=model)
+            infer.inputs.add(name=FEATURES_INPUT, datatype="FP32", shape=list(rows.shape))
+            infer.outputs.add(name=SCORE_OUTPUT)
+            infer.parameters["features_version"].string_param = FEATURE_RETRIEVAL[1]
+            infer.raw_input_contents.append(rows.tobytes())
+            out.append(infer.SerializeToString())
+    return tuple(out)
 
 
 def load_vocabulary(repo: Path, name: str) -> tuple[int, list[str], list[str], Path]:
@@ -442,7 +573,120 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def main() -> int:
+def measure_feature_ranker(
+    args: Any, tmpdir: Path, dlrm_path: Path, n_users: int, n_items: int, apis: list[str]
+) -> dict[str, Any]:
+    """The learned ranker's graph beside the DLRM-sized one: one session run at
+    `args.candidates` on one thread in this process (p50 / p99), then served by
+    `python -m serving.ranking` (defaults) at `args.feature_concurrency`, both APIs."""
+    import numpy as np
+
+    from recsys.repository import MODEL_FILE, list_versions, version_dir
+    from recsys.repository.layout import ITEM_INPUT, USER_INPUT
+
+    if args.feature_repository is not None:
+        repo, name = args.feature_repository, args.feature_model
+        versions = list_versions(repo, name)
+        if not versions:
+            raise SystemExit(f"no versions of {name} in {repo}")
+        path = version_dir(repo, name, versions[-1]) / MODEL_FILE
+        meta = json.loads((path.parent / "metadata.json").read_text())
+        features_version = str(meta["features"]["retrieval_version"])
+        source = f"{name} version {versions[-1]} from {repo}"
+    else:
+        repo, name = tmpdir / "feature-repo", FEATURE_MODEL
+        path = publish_feature_model(repo, name, n_items=args.candidates)
+        features_version = FEATURE_RETRIEVAL[1]
+        source = "the learned ranker's architecture (13-64-32-1), random weights"
+    n = args.candidates
+    rng = np.random.default_rng(0)
+    dlrm_feeds = {
+        USER_INPUT: np.full(n, rng.integers(0, n_users), np.int64),
+        ITEM_INPUT: rng.integers(0, n_items, n).astype(np.int64),
+    }
+    in_process = {
+        "dlrm": graph_run_ms(dlrm_path, dlrm_feeds, seconds=args.ceiling_s),
+        "learned": graph_run_ms(path, {"features": feature_rows(n)}, seconds=args.ceiling_s),
+    }
+    for label, r in in_process.items():
+        print(
+            f"one thread, {n} candidates, {label}: p50 {r['p50_ms']:.3f} ms, "
+            f"p99 {r['p99_ms']:.3f} ms",
+            flush=True,
+        )
+    service = Service(
+        repo,
+        name,
+        tmpdir / "ranker-learned.log",
+        provider="cpu",
+        intra_op_threads=args.intra_op_threads,
+    )
+    rows = []
+    try:
+        service.wait_ready()
+        for api in apis:
+            payloads = feature_payloads(name, n, api)
+            if features_version != FEATURE_RETRIEVAL[1]:
+                payloads = tuple(_with_version(p, api, features_version) for p in payloads)
+            for c in [int(x) for x in args.feature_concurrency.split(",") if x]:
+                point = drive(
+                    service,
+                    payloads,
+                    n,
+                    c,
+                    model=name,
+                    duration_s=args.duration_s,
+                    warmup_s=args.warmup_s,
+                    processes=args.processes,
+                    method=METHODS[api],
+                )
+                point |= {"batching": "learned ranker, defaults", "api": api, "candidates": n}
+                rows.append(point)
+                print(
+                    f"learned {api} c={c}: {point['requests_per_s']:,.0f} req/s, p50 "
+                    f"{point['p50_ms']:.2f} ms, p99 {point['p99_ms']:.1f} ms, errors "
+                    f"{point['errors']}",
+                    flush=True,
+                )
+    finally:
+        service.stop()
+    return {"model": source, "in_process_one_thread": in_process, "service": rows}
+
+
+def _with_version(payload: bytes, api: str, version: str) -> bytes:
+    from recsys.inference import grpc_service_pb2 as pb
+    from recsys.v1 import ranking_pb2
+
+    if api == "rank":
+        rank = ranking_pb2.RankRequest.FromString(payload)
+        rank.features_version = version
+        return rank.SerializeToString()
+    infer = pb.ModelInferRequest.FromString(payload)
+    infer.parameters["features_version"].string_param = version
+    return infer.SerializeToString()
+
+
+def learned_md(learned: dict[str, Any], candidates: int) -> str:
+    g = learned["in_process_one_thread"]
+    ceiling = candidates * 1000 / g["learned"]["p50_ms"]
+    return f"""## The learned ranker's graph beside the DLRM-sized one
+
+Model: {learned["model"]}. One session run at {candidates:,} candidates, one intra-op thread, in
+this process (the issue's target: at most 2 ms):
+
+| graph | p50 ms | p99 ms | runs |
+|---|---|---|---|
+| DLRM-sized (user, item ids) | {g["dlrm"]["p50_ms"]:.3f} | {g["dlrm"]["p99_ms"]:.3f} | {g["dlrm"]["runs"]} |
+| learned (features [N, 13]) | {g["learned"]["p50_ms"]:.3f} | {g["learned"]["p99_ms"]:.3f} | {g["learned"]["runs"]} |
+
+Served (`python -m serving.ranking`, defaults); % of ceiling against the learned graph's own
+one-thread p50 ({ceiling:,.0f} candidates/s):
+
+{_table(learned["service"], ceiling)}
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -483,8 +727,28 @@ def main() -> int:
         help="the source tree of an earlier version (e.g. `git archive <commit> | tar -x -C "
         "DIR`): its server, with its defaults, runs beside the others as 'before'",
     )
+    parser.add_argument(
+        "--feature-ranker",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure a graph of the learned ranker's architecture (training/ranker.py), "
+        "in-process on one thread and served, beside the DLRM-sized graph",
+    )
+    parser.add_argument(
+        "--feature-repository",
+        type=Path,
+        help="measure this repository's learned ranker (--feature-model) instead of a random one",
+    )
+    parser.add_argument("--feature-model", default=FEATURE_MODEL)
+    parser.add_argument(
+        "--feature-concurrency", default="1,8", help="load points of the served feature ranker"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ranker")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     load_before = os.getloadavg()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -598,6 +862,11 @@ def main() -> int:
         finally:
             for service in services.values():
                 service.stop()
+        learned = (
+            measure_feature_ranker(args, tmpdir, model_path, len(users), len(items), apis)
+            if args.feature_ranker
+            else None
+        )
 
     def find(label: str, api: str, c: int) -> dict[str, Any] | None:
         return next(
@@ -645,6 +914,12 @@ def main() -> int:
         },
         "zero_errors": all(r["errors"] == 0 for r in rows),
     }
+    if learned is not None:
+        graph = learned["in_process_one_thread"]["learned"]
+        checks["learned_graph_1000_one_thread_p50_ms"] = graph["p50_ms"]
+        checks["learned_graph_1000_one_thread_p99_ms"] = graph["p99_ms"]
+        checks["learned_graph_le_2ms_p50"] = graph["p50_ms"] <= 2.0
+        checks["learned_served_zero_errors"] = all(r["errors"] == 0 for r in learned["service"])
     if args.before is not None:
         checks["defaults_vs_before_req_s"] = {
             f"{api} c={c}": ratio(find(default, api, c), find(BEFORE, api, c))
@@ -683,6 +958,7 @@ def main() -> int:
         "ceiling": ceilings,
         "service": rows,
         "checks": checks,
+        "learned_ranker": learned,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
@@ -720,6 +996,7 @@ session runs' wall time per request (runs overlap nothing: one slot). The server
 and the points alternate between them. % of ceiling is against the fp32 ceiling at batch
 {args.candidates:,} ({ceiling:,.0f} candidates/s).
 
+{learned_md(learned, args.candidates) if learned else ""}
 ## Checks
 
 {check_lines}

@@ -7,7 +7,8 @@ retrieval depth beside the retrieval model's own full-catalogue recall at the sa
 Each (pair, seed) trains once (``python -m training train``, cold share 0.2, publishing into a
 repository of its own), then answers sampled test users three times. The validation items of a
 user are left out of every answer (as the quality benchmark's full ranking does); the split is
-the one training saved. Results go to bench/results/system.{json,md}; pairs not rerun are kept.
+the one training saved. Results go to bench/results/system.{json,md}; pairs not rerun are kept. With --work, each
+(pair, seed) keeps its training run and its measurement (measured-<users>.json), both reused.
 
     python -m bench.system [--pairs=amazon_movies_to_books,sport_to_cloth] [--seeds=0,1,2]
                            [--users=500] [--work=DIR]
@@ -198,6 +199,26 @@ def graph_cost(repo: Path, domain: str, n: int = 1000, runs: int = 300) -> dict[
     return out
 
 
+def quality_best(pair: str, share: str = "0.2") -> dict[str, Any] | None:
+    """NDCG@10 of the quality benchmark's chosen row (the best on validation among baselines,
+    two-tower strategies and the blend) for the pair and cold share, warm and cold, on the
+    same metric protocol as this benchmark: full ranking (under ``loo``, its ``full`` columns,
+    every item not seen in training or validation competing)."""
+    path = RESULTS / "quality.json"
+    if not path.is_file():
+        return None
+    job = json.loads(path.read_text()).get("jobs", {}).get(pair)
+    if not job or share not in job.get("summary", {}):
+        return None
+    chosen = job["summary"][share]["roles"]["chosen"]
+    full = job.get("protocol") == "loo"
+    out: dict[str, Any] = {"protocol": job.get("protocol"), "names": chosen.get("names")}
+    for segment in ("warm", "cold"):
+        mean, sd, n = chosen[f"{'full ' if full else ''}{segment} ndcg@10"]
+        out[segment] = {"mean": mean, "sd": sd, "n": n}
+    return out
+
+
 def _mean_sd(values: list[float]) -> dict[str, float]:
     return {
         "mean": statistics.fmean(values),
@@ -225,8 +246,9 @@ def markdown(results: dict[str, Any]) -> str:
         "Mean ± sd over the seeds listed; users sampled per segment.",
         "",
         "| pair | users | seeds | (a) retrieval NDCG@10 | (b) dot NDCG@10 | (c) learned NDCG@10 "
-        "| (c)/max(a,b) | (a) R@10 | (b) R@10 | (c) R@10 | candidate recall | ANN recall@depth |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| (c)/max(a,b) | quality best NDCG@10 | (c)/quality best | (a) R@10 | (b) R@10 | (c) R@10 "
+        "| candidate recall | ANN recall@depth |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(stats: dict[str, float]) -> str:
@@ -240,18 +262,24 @@ def markdown(results: dict[str, Any]) -> str:
             best = max(s["retrieval_ndcg@10"]["mean"], s["dot_ndcg@10"]["mean"])
             ratio = s["learned_ndcg@10"]["mean"] / best if best > 0 else float("nan")
             users = block["runs"][0][segment]["users"]
+            q = (block.get("quality_best") or {}).get(segment)
+            q_cell, q_ratio = "n/a", "n/a"
+            if q and q["n"] and q["mean"] == q["mean"]:
+                q_cell = f"{cell(q)} ({block['quality_best']['protocol']})"
+                q_ratio = f"{s['learned_ndcg@10']['mean'] / q['mean']:.2f}×"
             lines.append(
                 f"| {pair} {segment} | {users} | {','.join(map(str, block['seeds']))} | "
                 f"{cell(s['retrieval_ndcg@10'])} | {cell(s['dot_ndcg@10'])} | "
-                f"{cell(s['learned_ndcg@10'])} | {ratio:.2f}× | "
+                f"{cell(s['learned_ndcg@10'])} | {ratio:.2f}× | {q_cell} | {q_ratio} | "
                 f"{cell(s['retrieval_recall@10'])} | {cell(s['dot_recall@10'])} | "
                 f"{cell(s['learned_recall@10'])} | {cell(s['candidate_recall'])} | "
                 f"{cell(s['ann_recall_at_depth'])} |"
             )
     lines += [
         "",
-        "Validation (the ranker's selection half of warm validation users, seed "
-        "order as above): NDCG@10 of retrieval order / dot / learned on the candidates.",
+        "Validation (the ranker's selection half of warm validation users; cold: the split's "
+        "cold-start validation users, where recorded; seed order as above): NDCG@10 of "
+        "retrieval order / dot / learned on the candidates.",
         "",
     ]
     for pair, block in results["pairs"].items():
@@ -260,6 +288,20 @@ def markdown(results: dict[str, Any]) -> str:
                 f"- {pair} seed {seed}: {v['retrieval']:.4f} / {v['dot']:.4f} / "
                 f"{v['learned']:.4f} ({v['users']} users, candidate recall "
                 f"{v['candidate_recall']:.3f})"
+                + (
+                    f"; cold {c['retrieval']:.4f} / {c['dot']:.4f} / {c['learned']:.4f} "
+                    f"({c['users']} users)"
+                    if (c := v.get("cold")) and c.get("users")
+                    else ""
+                )
+            )
+    dups = {p: b["duplicates"] for p, b in results["pairs"].items() if b.get("duplicates")}
+    if dups:
+        lines += ["", "Cross-domain duplicate products (training/duplicates.py), kept:", ""]
+        for pair, d in dups.items():
+            lines.append(
+                f"- {pair}: {d['duplicated_target_items']} duplicated target items, "
+                f"{d['share_of_target_positives']:.3f} of target positives (action {d['action']})"
             )
     lines += ["", "Ranking time per request in the pipeline (ms, in-process, one thread):", ""]
     for pair, block in results["pairs"].items():
@@ -303,14 +345,22 @@ def main(argv: list[str] | None = None) -> int:
             report = json.loads((run_dir / "results.json").read_text())
             domain = report["target"]
             assert list_versions(repo, f"{domain}-ranker"), f"nothing published for {pair}"
-            split = Split.load(run_dir / "split-cold0.2")
-            t0 = time.perf_counter()
-            measured = asyncio.run(evaluate(repo, split, domain, args.users, seed))
+            cache = run_dir.parent / f"measured-{args.users}.json"
+            if cache.is_file():  # this run was measured before (same run, same users)
+                measured = json.loads(cache.read_text())
+            else:
+                split = Split.load(run_dir / "split-cold0.2")
+                t0 = time.perf_counter()
+                measured = asyncio.run(evaluate(repo, split, domain, args.users, seed))
+                measured["seconds"] = time.perf_counter() - t0
+                measured["graph_cost_1000"] = graph_cost(repo, domain)
+                cache.write_text(json.dumps(measured) + "\n")
             results["depth"] = measured.pop("depth")
-            measured["seconds"] = time.perf_counter() - t0
-            measured["graph_cost_1000"] = graph_cost(repo, domain)
             runs.append(measured)
-            validation.append(report["ranker"]["validation"])
+            validation.append(
+                report["ranker"]["validation"] | {"cold": report["ranker"].get("validation_cold")}
+            )
+            duplicates = report.get("duplicates")
             print(f"{pair} seed {seed}: {json.dumps(measured)}", flush=True)  # noqa: T201
         results["pairs"][pair] = {
             "train_args": args.train_args,
@@ -318,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
             "runs": runs,
             "summary": summarize(runs),
             "validation": validation,
+            "quality_best": quality_best(pair),
+            "duplicates": duplicates,
         }
     RESULTS.mkdir(parents=True, exist_ok=True)
     previous = RESULTS / "system.json"

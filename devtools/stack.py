@@ -39,6 +39,7 @@ class StackOptions:
     # "list": one gateway channel per slot; "ipv4": one channel over every slot's address,
     # balanced round robin like a headless Service's DNS name.
     ranker_target_style: str = "list"
+    warm_up_user: str = "u0"  # a user the repository knows (warm_up waits for its answer)
 
 
 class Stack:
@@ -130,7 +131,9 @@ class Stack:
             while True:
                 try:
                     reply = stub.Recommend(
-                        recommendation_pb2.RecommendRequest(user_id="u0", domain="books", k=5),
+                        recommendation_pb2.RecommendRequest(
+                            user_id=self.options.warm_up_user, domain="books", k=5
+                        ),
                         timeout=5,
                     )
                     if not reply.degraded:

@@ -81,7 +81,9 @@ class Config:
     ranker_depth: int = 500  # personal candidates per user, as the gateway asks retrieval
     ranker_popular: int = 50  # popular candidates merged in, as the gateway does
     ranker_users: int = 3000  # at most this many warm validation users label the ranker
-    ranker_cold_share: float = 0.3  # share of them also shown as if cold (source history only)
+    ranker_cold_share: float = 1.0  # simulated cold-start users (training users, target history
+    # hidden, mapped vector, training items as labels) per warm user training the ranker
+    ranker_recent_share: float = 0.5  # share of warm training users also shown with recent items
     neighbours: int = 50  # item-to-item neighbours kept per item (published with retrieval)
     # --- run ------------------------------------------------------------------------------
     seed: int = 0  # seeds the split, initialisation and batch order
@@ -127,8 +129,10 @@ class Config:
         for name in ("ranker_depth", "ranker_users", "neighbours"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive")
-        if not 0 <= self.ranker_cold_share <= 1:
-            raise ConfigError("ranker_cold_share: must be in [0, 1]")
+        if not 0 <= self.ranker_cold_share <= 4:
+            raise ConfigError("ranker_cold_share: must be in [0, 4]")
+        if not 0 <= self.ranker_recent_share <= 1:
+            raise ConfigError("ranker_recent_share: must be in [0, 1]")
         if self.ranker_popular < 0:
             raise ConfigError("ranker_popular: must be >= 0")
         if self.device not in ("auto", "cpu", "cuda"):

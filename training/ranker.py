@@ -2,12 +2,12 @@
 (a small MLP over the request-time features of recsys.features) trained on the candidates that
 the served retrieval generates, with its ONNX export and parity check.
 
-Labels come from the validation interactions of warm users, which the retrieval model was not
-fitted on (its own training items would carry inflated scores): half of those users train the
-ranker, the other half choose its epoch and report (a) retrieval order, (b) the dot product and
-(c) the ranker on the same candidates. A share of those users is also presented as if cold-start
-(source history only), since real cold-start users have no validation items. The test split is
-never read here.
+Warm labels come from the validation interactions of warm users, which the retrieval model was
+not fitted on (its own training items would carry inflated scores): half of those users train
+the ranker (a share of them also with recent items), the other half choose its epoch. Cold-start
+examples are training users presented as retrieval serves source-only users (no target history,
+their mapped vector), labelled with their own target training items; the split's cold-start
+validation users select. The test split is never read (ranker_examples).
 """
 
 from __future__ import annotations
@@ -131,7 +131,10 @@ class CandidateSet:
 
     features: np.ndarray  # FP32 [C, F]
     labels: np.ndarray  # bool [C]
-    n_relevant: int  # the user's held-out items (in or out of the candidates)
+    n_relevant: int  # the user's labelled items (in or out of the candidates)
+    user: int = -1  # the split's user index
+    kind: str = ""  # warm, warm+recent, cold (simulated) or cold-valid
+    relevant: frozenset[str] = frozenset()  # the labelled item ids
 
 
 def user_candidates(
@@ -227,9 +230,11 @@ def train_ranker(
     patience: int = 5,
     lr: float = 3e-3,
     batch_users: int = 64,
+    select_cold: list[CandidateSet] | None = None,
 ) -> tuple[FeatureRanker, dict[str, Any]]:
-    """Listwise softmax over each user's candidates (users with a held-out item among them),
-    the epoch chosen on the selection users' NDCG@10."""
+    """Listwise softmax over each user's candidates (users with a labelled item among them),
+    the epoch chosen on the selection users' NDCG@10 (with `select_cold`, the mean of the warm
+    and the cold selection users' NDCG@10, each segment weighing the same)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     usable = [s for s in train_sets if s.labels.any()]
@@ -260,7 +265,12 @@ def train_ranker(
             total += float(loss.detach()) * len(idx)
         model.eval()
         valid = evaluate_orders(model, select_sets)["learned"]
-        history.append({"epoch": epoch, "loss": total / len(usable), "valid_ndcg@10": valid})
+        record = {"epoch": epoch, "loss": total / len(usable), "valid_ndcg@10": valid}
+        if select_cold:
+            cold = evaluate_orders(model, select_cold)["learned"]
+            record["valid_cold_ndcg@10"] = cold
+            valid = (valid + cold) / 2
+        history.append(record)
         if valid > best[0]:
             best = (valid, epoch, {k: v.clone() for k, v in model.state_dict().items()})
         elif epoch - best[1] >= patience:
@@ -276,6 +286,186 @@ def train_ranker(
     return model, info
 
 
+# How many of a user's training items stand in for the request's recent items.
+RECENT_ITEMS = 5
+
+
+@dataclass
+class _Published:
+    """The arrays of a checkpoint that candidate generation for training needs."""
+
+    sources: CandidateSources
+    neighbours: Neighbours
+    user_table: np.ndarray
+    mapped_table: np.ndarray | None  # every published user's mapped (transfer) vector
+    indptr: np.ndarray
+    indices: np.ndarray
+    row_of: dict[int, int]  # split user index -> published row
+    kinds: list[str]
+    items: list[str]
+
+
+def _state(
+    p: _Published, r: int, *, cold: bool, recent: np.ndarray | None = None
+) -> tuple[UserState, UserContext, set[int]]:
+    """The retrieval state of published row r: warm (its target history, its own vector) or
+    cold (no target history, the mapped vector, as retrieval serves a source-only user)."""
+    source_rows = p.neighbours.source_rows(r)
+    recent_rows = np.zeros(0, np.int64) if recent is None else recent
+    if cold:
+        vector = p.mapped_table[r] if p.mapped_table is not None else p.user_table[r]
+        state = UserState(
+            row=r,
+            mapped=True,
+            vector=vector,
+            personal=Source.TRANSFER,
+            target_rows=np.zeros(0, np.int64),
+            source_rows=source_rows,
+            recent_rows=recent_rows,
+        )
+        context = UserContext(known=True, mapped=True, source_history=len(source_rows))
+        return state, context, set()
+    seen = p.indices[p.indptr[r] : p.indptr[r + 1]]
+    state = UserState(
+        row=r,
+        mapped=False,
+        vector=p.user_table[r],
+        personal=Source.ANN,
+        target_rows=seen,
+        source_rows=source_rows,
+        recent_rows=recent_rows,
+    )
+    context = UserContext(
+        known=True, mapped=False, target_history=len(seen), source_history=len(source_rows)
+    )
+    return state, context, {int(j) for j in seen}
+
+
+def ranker_examples(
+    split: Any,
+    p: _Published,
+    *,
+    depth: int,
+    popular: int,
+    max_users: int,
+    seed: int,
+    cold_share: float,
+    recent_share: float,
+) -> dict[str, list[CandidateSet]]:
+    """The labelled candidate sets of the ranker, by role:
+
+    - ``train_warm``: half of the warm validation users (labels: their validation items);
+    - ``train_recent``: a share of those again, with up to RECENT_ITEMS of their training items
+      as the request's recent items (the RECENT source and features);
+    - ``train_cold``: simulated cold-start users drawn from training users with source history
+      who are not selection users: their target history hidden (no seen items, the mapped
+      vector, item-to-item votes of source items only) and their own target *training* items
+      as labels, so no validation or test item is ever read;
+    - ``select_warm``: the other half of the warm validation users;
+    - ``select_cold``: the cold-start validation users of the split (``cold_valid``, served with
+      their mapped rows), or, where the split has none, selection users simulated cold as above.
+    """
+    rng = np.random.default_rng(seed)
+    valid_by_user: dict[int, set[str]] = {}
+    for u, j in split.valid:
+        valid_by_user.setdefault(int(u), set()).add(p.items[int(j)])
+    train_by_user: dict[int, set[str]] = {}
+    for u, j in split.train:
+        train_by_user.setdefault(int(u), set()).add(p.items[int(j)])
+
+    def is_warm(u: int) -> bool:
+        return u in p.row_of and p.kinds[p.row_of[u]] == "target"
+
+    warm = [u for u in sorted(valid_by_user) if is_warm(u)]
+    if len(warm) > max_users:
+        warm = sorted(rng.choice(warm, max_users, replace=False).tolist())
+    perm = rng.permutation(len(warm))
+    half = len(warm) // 2
+    train_users = sorted(warm[i] for i in perm[:half])
+    select_users = {warm[i] for i in perm[half:]}
+
+    def build(u: int, *, cold: bool, relevant: set[str], kind: str, recent: bool = False) -> Any:
+        r = p.row_of[u]
+        recent_rows = None
+        if recent:
+            seen = p.indices[p.indptr[r] : p.indptr[r + 1]]
+            take = min(RECENT_ITEMS, len(seen))
+            recent_rows = np.sort(rng.choice(seen, take, replace=False)).astype(np.int64)
+        state, context, excluded = _state(p, r, cold=cold, recent=recent_rows)
+        s = user_candidates(p.sources, state, context, depth, popular, excluded, relevant)
+        s.user, s.kind, s.relevant = u, kind, frozenset(relevant)
+        return s
+
+    out: dict[str, list[CandidateSet]] = {k: [] for k in _ROLES}
+    for u in train_users:
+        out["train_warm"].append(build(u, cold=False, relevant=valid_by_user[u], kind="warm"))
+        if recent_share > 0 and rng.random() < recent_share:
+            out["train_recent"].append(
+                build(u, cold=False, relevant=valid_by_user[u], kind="warm+recent", recent=True)
+            )
+    for u in sorted(select_users):
+        out["select_warm"].append(build(u, cold=False, relevant=valid_by_user[u], kind="warm"))
+    # Simulated cold: training users with source history and target training items, never a
+    # selection user; as many as cold_share of the warm training users.
+    pool = [
+        u
+        for u in sorted(train_by_user)
+        if is_warm(u) and u not in select_users and len(p.neighbours.source_rows(p.row_of[u]))
+    ]
+    n_cold = min(len(pool), int(round(cold_share * len(train_users))))
+    if n_cold:
+        for u in sorted(rng.choice(pool, n_cold, replace=False).tolist()):
+            out["train_cold"].append(build(u, cold=True, relevant=train_by_user[u], kind="cold"))
+    cold_valid: dict[int, set[str]] = {}
+    for u, j in split.cold_valid:
+        cold_valid.setdefault(int(u), set()).add(p.items[int(j)])
+    real = [u for u in sorted(cold_valid) if u in p.row_of and p.kinds[p.row_of[u]] == "mapped"]
+    for u in real:
+        # served as retrieval serves them: their row is the mapped vector, no target history
+        out["select_cold"].append(build(u, cold=True, relevant=cold_valid[u], kind="cold-valid"))
+    if not real and cold_share > 0:
+        for u in sorted(select_users):
+            if u in train_by_user and len(p.neighbours.source_rows(p.row_of[u])):
+                s = build(u, cold=True, relevant=train_by_user[u], kind="cold")
+                out["select_cold"].append(s)
+    return out
+
+
+def published_arrays(
+    checkpoint: dict[str, Any], neighbours: Neighbours, rows: np.ndarray
+) -> _Published:
+    """The candidate sources over a checkpoint's tables (`rows`: the split's user index of each
+    published user, in order)."""
+    item_table = checkpoint["item_table"].detach().float().numpy()
+    mapped = checkpoint.get("mapped_table")
+    if mapped is None:
+        logger.warning(
+            "ranker: no mapped vectors in the checkpoint; simulated cold users keep their own"
+        )
+    indptr, indices = checkpoint["seen"]
+    return _Published(
+        sources=CandidateSources(
+            item_ids=checkpoint["items"],
+            titles=[t or "" for t in checkpoint["titles"]],
+            item_embeddings=item_table,
+            popularity=np.asarray(checkpoint["popularity"], np.float32),
+            neighbours=neighbours,
+            search=exact_search(item_table),
+        ),
+        neighbours=neighbours,
+        user_table=checkpoint["user_table"].detach().float().numpy(),
+        mapped_table=None if mapped is None else mapped.detach().float().numpy(),
+        indptr=np.asarray(indptr),
+        indices=np.asarray(indices),
+        row_of={int(r): i for i, r in enumerate(rows)},
+        kinds=list(checkpoint["user_kinds"]),
+        items=list(checkpoint["items"]),
+    )
+
+
+_ROLES = ("train_warm", "train_recent", "train_cold", "select_warm", "select_cold")
+
+
 def fit_second_stage(
     split: Any,
     checkpoint: dict[str, Any],
@@ -285,9 +475,10 @@ def fit_second_stage(
     max_users: int,
     n_neighbours: int,
     seed: int,
-    cold_share: float = 0.3,
+    cold_share: float = 1.0,
+    recent_share: float = 0.5,
 ) -> dict[str, Any]:
-    """Neighbour lists over the published users, candidates for warm validation users, the
+    """Neighbour lists over the published users, labelled candidates (ranker_examples), the
     ranker trained and selected on them. Returns what publishing needs (checkpoint keys
     `neighbours` and `learned_ranker`)."""
     users_index = {u: i for i, u in enumerate(split.users)}
@@ -302,90 +493,38 @@ def fit_second_stage(
         rows,
         n_neighbours,
     )
-    item_table = checkpoint["item_table"].detach().float().numpy()
-    user_table = checkpoint["user_table"].detach().float().numpy()
-    popularity = np.asarray(checkpoint["popularity"], np.float32)
-    sources = CandidateSources(
-        item_ids=checkpoint["items"],
-        titles=[t or "" for t in checkpoint["titles"]],
-        item_embeddings=item_table,
-        popularity=popularity,
-        neighbours=neighbours,
-        search=exact_search(item_table),
+    published = published_arrays(checkpoint, neighbours, rows)
+    sets = ranker_examples(
+        split,
+        published,
+        depth=depth,
+        popular=popular,
+        max_users=max_users,
+        seed=seed,
+        cold_share=cold_share,
+        recent_share=recent_share,
     )
-    indptr, indices = checkpoint["seen"]
-    published_row = {int(r): i for i, r in enumerate(rows)}
-    valid_by_user: dict[int, set[str]] = {}
-    for u, j in split.valid:
-        valid_by_user.setdefault(int(u), set()).add(checkpoint["items"][int(j)])
-    warm = [
-        u
-        for u in sorted(valid_by_user)
-        if u in published_row and checkpoint["user_kinds"][published_row[u]] == "target"
-    ]
-    rng = np.random.default_rng(seed)
-    if len(warm) > max_users:
-        warm = sorted(rng.choice(warm, max_users, replace=False).tolist())
-    sets: list[CandidateSet] = []
-    simulated: dict[int, CandidateSet] = {}
-    for u in warm:
-        r = published_row[u]
-        seen = indices[indptr[r] : indptr[r + 1]]
-        source_rows = neighbours.source_rows(r)
-        state = UserState(
-            row=r,
-            mapped=False,
-            vector=user_table[r],
-            personal=Source.ANN,
-            target_rows=seen,
-            source_rows=source_rows,
-            recent_rows=np.zeros(0, np.int64),
-        )
-        context = UserContext(
-            known=True, mapped=False, target_history=len(seen), source_history=len(source_rows)
-        )
-        excluded = {int(j) for j in seen}
-        sets.append(
-            user_candidates(sources, state, context, depth, popular, excluded, valid_by_user[u])
-        )
-        # Cold-start users (source history only) never have validation items: a share of the
-        # warm users is also presented as if cold (no target history, mapped, item-to-item votes
-        # of source items only), so that the ranker sees that regime. Their vector is still
-        # their target-trained one, better than a mapped one: a known optimism.
-        if len(source_rows) and rng.random() < cold_share:
-            as_cold = UserState(
-                row=r,
-                mapped=True,
-                vector=user_table[r],
-                personal=Source.TRANSFER,
-                target_rows=np.zeros(0, np.int64),
-                source_rows=source_rows,
-                recent_rows=np.zeros(0, np.int64),
-            )
-            context = UserContext(known=True, mapped=True, source_history=len(source_rows))
-            simulated[len(sets) - 1] = user_candidates(
-                sources, as_cold, context, depth, popular, excluded, valid_by_user[u]
-            )
-    perm = rng.permutation(len(sets))
-    half = len(sets) // 2
-    train_sets = [sets[i] for i in perm[:half]] + [
-        simulated[i] for i in perm[:half] if i in simulated
-    ]
-    select_sets = [sets[i] for i in perm[half:]]
-    select_cold = [simulated[i] for i in perm[half:] if i in simulated]
-    model, info = train_ranker(train_sets, select_sets + select_cold, seed=seed)
-    info["validation"] = evaluate_orders(model, select_sets)
-    info["validation_simulated_cold"] = evaluate_orders(model, select_cold)
+    train_sets = sets["train_warm"] + sets["train_recent"] + sets["train_cold"]
+    model, info = train_ranker(
+        train_sets, sets["select_warm"], seed=seed, select_cold=sets["select_cold"]
+    )
+    info["validation"] = evaluate_orders(model, sets["select_warm"])
+    info["validation_cold"] = evaluate_orders(model, sets["select_cold"])
+    info["validation_cold_kind"] = sets["select_cold"][0].kind if sets["select_cold"] else None
+    info["examples"] = {k: len(v) for k, v in sets.items()}
     info["depth"] = {"retrieval_candidates": depth, "popular_candidates": popular}
-    logger.info(
-        "ranker: validation NDCG@10 retrieval order %.4f, dot product %.4f, learned %.4f "
-        "(candidate recall %.3f, %d users)",
-        info["validation"]["retrieval"],
-        info["validation"]["dot"],
-        info["validation"]["learned"],
-        info["validation"]["candidate_recall"],
-        len(select_sets),
-    )
+    for name in ("validation", "validation_cold"):
+        v = info[name]
+        logger.info(
+            "ranker %s: NDCG@10 retrieval order %.4f, dot product %.4f, learned %.4f "
+            "(candidate recall %.3f, %d users)",
+            name,
+            v["retrieval"],
+            v["dot"],
+            v["learned"],
+            v["candidate_recall"],
+            v["users"],
+        )
     return {"neighbours": neighbours, "learned_ranker": {"module": model, "info": info}}
 
 
@@ -398,6 +537,80 @@ def export_ranker(module: FeatureRanker, path: Path, seed: int) -> float:
     sample = (mean + scale * rng.standard_normal((257, len(mean)))).astype(np.float32)
     _export(module, (torch.from_numpy(sample[:3]),), ["features"], ["score"], path)
     return check_graph(path, module, {"features": sample})
+
+
+def int8_ranker(
+    module: FeatureRanker, calibration: list[CandidateSet], folder: Path, seed: int
+) -> tuple[Path, Path, str]:
+    """The ranker's fp32 graph and its int8 graph (training/quantize.py: static, calibrated on
+    the feature rows of `calibration`, at most 16 batches of 1,000 rows) in `folder`."""
+    from training.quantize import CALIBRATION_BATCH, CALIBRATION_BATCHES, quantise
+
+    fp32, int8 = folder / "ranker.onnx", folder / "ranker.int8.onnx"
+    export_ranker(module, fp32, seed)
+    rows = np.concatenate([s.features for s in calibration])
+    rng = np.random.default_rng(seed)
+    batches = [
+        (rows[rng.integers(0, len(rows), min(CALIBRATION_BATCH, len(rows)))],)
+        for _ in range(CALIBRATION_BATCHES)
+    ]
+    method = quantise(fp32, int8, ["features"], batches)
+    return fp32, int8, method
+
+
+def compare_precisions(fp32: Path, int8: Path, sets: list[CandidateSet]) -> dict[str, float]:
+    """NDCG@10 of the fp32 and the int8 graph on the same labelled candidate sets, and how
+    alike they rank (Spearman's rho and the top-10 agreement per user, means)."""
+    import onnxruntime as ort
+
+    from training.quantize import spearman, top_k_agreement
+
+    sessions = [
+        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (fp32, int8)
+    ]
+    out = {"fp32_ndcg@10": 0.0, "int8_ndcg@10": 0.0, "spearman_mean": 0.0, "top10_agreement": 0.0}
+    for s in sets:
+        a, b = (np.asarray(x.run(None, {"features": s.features})[0], np.float64) for x in sessions)
+        out["fp32_ndcg@10"] += ndcg_at(a, s.labels, s.n_relevant)
+        out["int8_ndcg@10"] += ndcg_at(b, s.labels, s.n_relevant)
+        out["spearman_mean"] += float(spearman(a[None], b[None])[0])
+        out["top10_agreement"] += float(top_k_agreement(a[None], b[None])[0])
+    return {k: v / max(1, len(sets)) for k, v in out.items()} | {"users": len(sets)}
+
+
+def int8_report(run_dir: Path, seed: int) -> dict[str, Any]:
+    """int8 beside fp32 for a finished run (its checkpoint and split): the learned ranker
+    quantised with calibration on its training examples' features, both graphs' NDCG@10 on the
+    warm and the cold selection users (the examples are rebuilt as training built them)."""
+    from training.data.splits import Split
+
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    config = checkpoint["config"]
+    shares = config.get("cold_shares") or [0.0]
+    split = Split.load(run_dir / f"split-cold{shares[0]}")
+    users_index = {u: i for i, u in enumerate(split.users)}
+    rows = np.fromiter((users_index[u] for u in checkpoint["users"]), np.int64)
+    published = published_arrays(checkpoint, checkpoint["neighbours"], rows)
+    sets = ranker_examples(
+        split,
+        published,
+        depth=config["ranker_depth"],
+        popular=config["ranker_popular"],
+        max_users=config["ranker_users"],
+        seed=seed,
+        cold_share=config.get("ranker_cold_share", 1.0),
+        recent_share=config.get("ranker_recent_share", 0.5),
+    )
+    module = checkpoint["learned_ranker"]["module"].eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        train = sets["train_warm"] + sets["train_recent"] + sets["train_cold"]
+        fp32, int8, method = int8_ranker(module, train, Path(tmp), seed)
+        return {
+            "method": method,
+            "warm": compare_precisions(fp32, int8, sets["select_warm"]),
+            "cold": compare_precisions(fp32, int8, sets["select_cold"]),
+            "bytes": {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size},
+        }
 
 
 def stage_learned_ranker(

@@ -506,6 +506,11 @@ def build_checkpoint(
         "seen": (indptr, indices.astype(np.int64)),
         "user_table": users_full[torch.from_numpy(keep)].clone(),
         "item_table": tab.items.clone(),
+        "mapped_table": (
+            tab.mapped_users[torch.from_numpy(keep)].clone()
+            if tab.mapped_users is not None
+            else None
+        ),
     }
 
 
@@ -597,6 +602,7 @@ def run(
                     n_neighbours=cfg.neighbours,
                     seed=cfg.seed,
                     cold_share=cfg.ranker_cold_share,
+                    recent_share=cfg.ranker_recent_share,
                 )
                 results["ranker"] = checkpoint["learned_ranker"]["info"] | {
                     "seconds": time.perf_counter() - t0

@@ -51,6 +51,7 @@ class Tables:
     users: torch.Tensor
     items: torch.Tensor
     cold_users: torch.Tensor | None = None  # rows for users without target history (mapped)
+    mapped_users: torch.Tensor | None = None  # every user's mapped row (simulated cold-start)
     info: dict[str, object] = field(default_factory=dict)
 
 
@@ -357,4 +358,5 @@ def to_tables(
         cold_rows = users.clone()
         cold_rows[cold] = mapped[cold]
         tables.cold_users = cold_rows
+        tables.mapped_users = mapped.clone()
     return tables

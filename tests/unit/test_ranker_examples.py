@@ -1,0 +1,159 @@
+"""The learned ranker's labelled examples: simulated cold-start users are training users whose
+target history is hidden and whose labels are their own training items (never a validation or
+test item), real cold-start validation users select, and recent items make the RECENT features
+non-zero in training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from recsys.features import FEATURE_NAMES
+from recsys.sources import CandidateSources, exact_search
+from training.data.splits import make_split
+from training.data.synthetic import make_synthetic
+from training.ranker import (
+    _Published,
+    compare_precisions,
+    compute_neighbours,
+    evaluate_orders,
+    int8_ranker,
+    ranker_examples,
+    train_ranker,
+)
+
+RECENT = [FEATURE_NAMES.index("recent_vote"), FEATURE_NAMES.index("recent_rrank")]
+TARGET_HISTORY = FEATURE_NAMES.index("log_target_history")
+MAPPED = FEATURE_NAMES.index("mapped")
+
+
+@pytest.fixture(scope="module")
+def examples() -> tuple[object, dict[str, list]]:
+    split = make_split(
+        make_synthetic(n_users=300, seed=3), "target", "source", cold_share=0.2, seed=3
+    )
+    has_target = np.zeros(split.n_users, bool)
+    has_target[split.train[:, 0]] = True
+    has_source = np.zeros(split.n_users, bool)
+    has_source[split.source_users] = True
+    keep = np.flatnonzero(has_target | has_source)
+    counts = np.bincount(split.train[:, 0], minlength=split.n_users)
+    order = np.argsort(split.train[:, 0], kind="stable")
+    indptr = np.r_[0, np.cumsum(counts[keep])].astype(np.int64)
+    starts = np.r_[0, np.cumsum(counts)]
+    indices = np.concatenate([split.train[order][starts[u] : starts[u + 1], 1] for u in keep])
+    neighbours = compute_neighbours(
+        split.train,
+        np.concatenate([split.source_train, split.source_valid]),
+        split.n_users,
+        split.n_target_items,
+        split.n_source_items,
+        keep,
+        20,
+    )
+    rng = np.random.default_rng(0)
+    items = rng.standard_normal((split.n_target_items, 8)).astype(np.float32)
+    published = _Published(
+        sources=CandidateSources(
+            item_ids=split.target_items,
+            titles=[""] * split.n_target_items,
+            item_embeddings=items,
+            popularity=np.bincount(split.train[:, 1], minlength=split.n_target_items),
+            neighbours=neighbours,
+            search=exact_search(items),
+        ),
+        neighbours=neighbours,
+        user_table=rng.standard_normal((len(keep), 8)).astype(np.float32),
+        mapped_table=rng.standard_normal((len(keep), 8)).astype(np.float32),
+        indptr=indptr,
+        indices=indices.astype(np.int64),
+        row_of={int(u): i for i, u in enumerate(keep)},
+        kinds=["target" if has_target[u] else "mapped" for u in keep],
+        items=list(split.target_items),
+    )
+    sets = ranker_examples(
+        split,
+        published,
+        depth=60,
+        popular=10,
+        max_users=200,
+        seed=1,
+        cold_share=1.0,
+        recent_share=0.5,
+    )
+    return split, sets
+
+
+def _items(split: object, pairs: np.ndarray, user: int) -> set[str]:
+    return {split.target_items[j] for u, j in pairs if u == user}  # type: ignore[attr-defined]
+
+
+def test_simulated_cold_users_are_labelled_with_their_training_items_only(examples) -> None:
+    split, sets = examples
+    cold = sets["train_cold"]
+    assert cold, "no simulated cold-start user"
+    selection = {s.user for s in sets["select_warm"] + sets["select_cold"]}
+    cold_test = {int(u) for u in split.cold_users}
+    for s in cold:
+        train_items = _items(split, split.train, s.user)
+        held_out = _items(split, split.valid, s.user) | _items(split, split.test, s.user)
+        assert s.relevant == train_items
+        assert not s.relevant & held_out
+        assert s.user not in selection and s.user not in cold_test
+        # presented as retrieval serves a source-only user: no target history, mapped
+        assert (s.features[:, TARGET_HISTORY] == 0).all()
+        assert (s.features[:, MAPPED] == 1).all()
+        assert s.n_relevant == len(train_items)
+
+
+def test_cold_selection_uses_the_cold_validation_users_of_the_split(examples) -> None:
+    split, sets = examples
+    cold_valid_users = {int(u) for u in split.cold_valid[:, 0]}
+    assert sets["select_cold"] and {s.user for s in sets["select_cold"]} <= cold_valid_users
+    for s in sets["select_cold"]:
+        assert s.kind == "cold-valid"
+        assert s.relevant == _items(split, split.cold_valid, s.user)
+        assert (s.features[:, MAPPED] == 1).all()
+    # the cold test users are in neither role
+    used = {s.user for role in sets.values() for s in role}
+    assert not used & {int(u) for u in split.cold_users}
+
+
+def test_recent_features_are_nonzero_in_training_and_zero_without_recent_items(examples) -> None:
+    _, sets = examples
+    recent = sets["train_recent"]
+    assert recent
+    stacked = np.concatenate([s.features for s in recent])
+    assert (stacked[:, RECENT] > 0).any(axis=0).all()
+    assert all(s.kind == "warm+recent" for s in recent)
+    warm = np.concatenate([s.features for s in sets["train_warm"]])
+    assert (warm[:, RECENT] == 0).all()
+    # warm examples are labelled with validation items, which are never among their candidates'
+    # exclusions (the user's training items)
+    assert {s.user for s in recent} <= {s.user for s in sets["train_warm"]}
+
+
+def test_warm_training_and_selection_users_are_disjoint(examples) -> None:
+    _, sets = examples
+    train = {s.user for s in sets["train_warm"]}
+    select = {s.user for s in sets["select_warm"]}
+    assert train and select and not train & select
+
+
+def test_int8_ranker_is_compared_with_fp32_on_the_same_candidates(examples, tmp_path) -> None:
+    _, sets = examples
+    train = sets["train_warm"] + sets["train_recent"] + sets["train_cold"]
+    model, info = train_ranker(
+        train, sets["select_warm"], seed=0, epochs=2, select_cold=sets["select_cold"]
+    )
+    assert "valid_cold_ndcg@10" in info["history"][0]
+    fp32, int8, method = int8_ranker(model, train, tmp_path, seed=0)
+    assert int8.is_file() and int8.stat().st_size < fp32.stat().st_size
+    assert method.startswith("static")
+    same = compare_precisions(fp32, fp32, sets["select_warm"])
+    assert same["fp32_ndcg@10"] == same["int8_ndcg@10"] and same["top10_agreement"] == 1.0
+    expected = evaluate_orders(model, sets["select_warm"])["learned"]
+    got = compare_precisions(fp32, int8, sets["select_warm"])
+    assert got["users"] == len(sets["select_warm"])
+    assert abs(got["fp32_ndcg@10"] - expected) < 1e-6
+    assert 0.0 <= got["int8_ndcg@10"] <= 1.0 and got["spearman_mean"] > 0.9
