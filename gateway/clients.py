@@ -53,17 +53,20 @@ class GrpcRetriever:
             raise upstream_error("retrieval", exc) from None
         finally:
             self._duration.observe(time.perf_counter() - start)
-        source_of = SOURCE_BY_VALUE.get
+        source_of, unknown = SOURCE_BY_VALUE.get, Source.UNSPECIFIED
         return Retrieval(
             [
                 Candidate(
                     c.item_id,
                     c.score,
-                    source_of(c.source, Source.UNSPECIFIED),
+                    source_of(c.source, unknown),
                     c.title,
+                    # A list first: tuple() over a generator costs a resumption per score.
                     tuple(
-                        SourceScore(source_of(s.source, Source.UNSPECIFIED), s.score, s.rank)
-                        for s in c.source_scores
+                        [
+                            SourceScore(source_of(s.source, unknown), s.score, s.rank)
+                            for s in c.source_scores
+                        ]
                     ),
                 )
                 for c in reply.candidates
