@@ -332,8 +332,8 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def _session_thread_cpu_seconds(pid: int) -> float:
-    """CPU time of the process's session-run threads (named ort-<model>-v<version>_<n> by the
-    batcher; Linux keeps the first 15 characters), from /proc; 0 where /proc has no threads."""
+    """CPU time of the process's session-run threads (the batcher names them ort-<model> for the
+    OS), from /proc; 0 where there are none (a server that does not name them)."""
     import psutil
 
     total = 0.0

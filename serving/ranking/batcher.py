@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -29,6 +31,13 @@ PROBE_EVERY = 16
 
 BatchingMode = Literal["queued", "delay", "off"]
 MODES: tuple[str, ...] = ("queued", "delay", "off")
+
+
+def _name_os_thread(name: str) -> None:
+    """Name the calling thread for the OS too (Linux keeps 15 characters), so that per-thread
+    tools (top -H, /proc/<pid>/task/*/comm, the benchmarks) can tell session runs apart."""
+    with contextlib.suppress(OSError):
+        Path(f"/proc/self/task/{threading.get_native_id()}/comm").write_text(name[:15])
 
 
 class Scorer(Protocol):
@@ -98,6 +107,8 @@ class Batcher:
         self._executor = ThreadPoolExecutor(
             max_workers=options.concurrency,
             thread_name_prefix=f"ort-{model.name}-v{model.version}",
+            initializer=_name_os_thread,
+            initargs=(f"ort-{model.name}",),
         )
         # Session runs in flight: batch tasks, and the runs of requests that ran alone.
         self._computing: set[asyncio.Future[Any]] = set()
