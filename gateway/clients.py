@@ -28,6 +28,37 @@ def upstream_error(upstream: str, exc: grpc.RpcError) -> UpstreamError:
     return UpstreamError(code.name, f"{upstream}: {detail or ''}".rstrip(": "))
 
 
+def retrieval_from_reply(reply: retrieval_pb2.RetrieveResponse) -> Retrieval:
+    """The pipeline's Retrieval from the wire answer (unknown source values: UNSPECIFIED)."""
+    source_of, unknown = SOURCE_BY_VALUE.get, Source.UNSPECIFIED
+    return Retrieval(
+        [
+            Candidate(
+                c.item_id,
+                c.score,
+                source_of(c.source, unknown),
+                c.title,
+                # A list first: tuple() over a generator costs a resumption per score.
+                tuple(
+                    [
+                        SourceScore(source_of(s.source, unknown), s.score, s.rank)
+                        for s in c.source_scores
+                    ]
+                ),
+            )
+            for c in reply.candidates
+        ],
+        reply.model.model_name,
+        reply.model.model_version,
+        UserContext(
+            known=reply.user.known,
+            mapped=reply.user.mapped,
+            target_history=reply.user.target_history,
+            source_history=reply.user.source_history,
+        ),
+    )
+
+
 class GrpcRetriever:
     """Retriever over the retrieval service's channel."""
 
@@ -53,30 +84,7 @@ class GrpcRetriever:
             raise upstream_error("retrieval", exc) from None
         finally:
             self._duration.observe(time.perf_counter() - start)
-        source_of = SOURCE_BY_VALUE.get
-        return Retrieval(
-            [
-                Candidate(
-                    c.item_id,
-                    c.score,
-                    source_of(c.source, Source.UNSPECIFIED),
-                    c.title,
-                    tuple(
-                        SourceScore(source_of(s.source, Source.UNSPECIFIED), s.score, s.rank)
-                        for s in c.source_scores
-                    ),
-                )
-                for c in reply.candidates
-            ],
-            reply.model.model_name,
-            reply.model.model_version,
-            UserContext(
-                known=reply.user.known,
-                mapped=reply.user.mapped,
-                target_history=reply.user.target_history,
-                source_history=reply.user.source_history,
-            ),
-        )
+        return retrieval_from_reply(reply)
 
 
 @dataclass

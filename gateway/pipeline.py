@@ -298,27 +298,21 @@ def top_k(
     """Ranked candidates by score (best first, ties in retrieval order), then the unranked ones
     (score None) in retrieval order; the first k. A score that is not finite (NaN, infinite)
     counts as unranked: it cannot be ordered."""
-    ranked = [(s, i) for i, s in enumerate(scores) if s is not None and math.isfinite(s)]
-    ranked.sort(key=lambda pair: (-pair[0], pair[1]))
-    out = [
-        Recommended(
-            candidates[i].item_id,
-            float(s),
-            candidates[i].source,
-            candidates[i].title,
-            True,
-            candidates[i].proposed_by,
-        )
-        for s, i in ranked[:k]
-    ]
+    n = len(scores)
+    values = np.fromiter((math.nan if s is None else s for s in scores), np.float64, n)
+    finite = np.isfinite(values)
+    ranked = np.flatnonzero(finite)
+    # Best first; a stable sort keeps ties in retrieval order.
+    best = ranked[np.argsort(-values[ranked], kind="stable")[:k]].tolist()
+    out = []
+    for i in best:
+        c = candidates[i]
+        out.append(Recommended(c.item_id, float(values[i]), c.source, c.title, True, c.proposed_by))
     if len(out) < k:
-        chosen = {i for _, i in ranked[:k]}
-        out.extend(
-            Recommended(c.item_id, 0.0, c.source, c.title, False, c.proposed_by)
-            for i, c in enumerate(candidates)
-            if i not in chosen and (scores[i] is None or not math.isfinite(scores[i]))  # type: ignore[arg-type]
-        )
-    return out[:k]
+        for i in np.flatnonzero(~finite)[: k - len(out)].tolist():
+            c = candidates[i]
+            out.append(Recommended(c.item_id, 0.0, c.source, c.title, False, c.proposed_by))
+    return out
 
 
 def choose_version(versions: Sequence[str]) -> str:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
 import grpc
+from prometheus_client import Histogram
 
 from gateway import metrics
 from gateway.pipeline import (
@@ -131,12 +133,18 @@ class RecommendationServicer(recommendation_pb2_grpc.RecommendationServiceServic
         except PipelineDeadline as exc:
             raise DeadlineExceeded(str(exc)) from None
         for stage, seconds in result.timings.items():
-            metrics.STAGE_DURATION.labels(stage).observe(seconds)
+            _stage(stage).observe(seconds)
         for degradation in result.degradations:
             metrics.DEGRADED.labels(degradation.reason.name.lower()).inc()
         convert = time.perf_counter()
         response = to_response(result)
         now = time.perf_counter()
-        metrics.STAGE_DURATION.labels("response").observe(now - convert)
-        metrics.STAGE_DURATION.labels("total").observe(now - start)
+        _stage("response").observe(now - convert)
+        _stage("total").observe(now - start)
         return response
+
+
+# Label lookups cost more than the observations; the stages are few and fixed.
+@functools.cache
+def _stage(stage: str) -> Histogram:
+    return metrics.STAGE_DURATION.labels(stage)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 
@@ -61,13 +62,17 @@ def candidate_features(candidates: Sequence[Candidate], user: UserContext) -> np
         float(user.mapped),
         float(user.known),
     )
-    flat = [(i, int(s[0]), s[1], s[2]) for i, c in enumerate(candidates) for s in c.scores]
-    primary = np.fromiter((int(c.source) for c in candidates), np.int64, n)
+    # Every (source, score, rank) of every candidate, flattened in C (no tuple per score).
+    counts = np.fromiter((len(c.scores) for c in candidates), np.int64, n)
+    m = int(counts.sum())
+    primary = np.fromiter((c.source for c in candidates), np.int64, n)
     n_sources = np.ones(n, np.float32)
-    if flat:
-        table = np.asarray(flat, dtype=np.float64)
-        row, source = table[:, 0].astype(np.int64), table[:, 1].astype(np.int64)
-        score, rank = table[:, 2], table[:, 3]
+    if m:
+        scores = chain.from_iterable(c.scores for c in candidates)
+        table = np.fromiter(chain.from_iterable(scores), np.float64, 3 * m).reshape(m, 3)
+        row = np.repeat(np.arange(n), counts)
+        source = table[:, 0].astype(np.int64)
+        score, rank = table[:, 1], table[:, 2]
         for src, (score_col, rank_col, log) in _COLUMNS.items():
             mask = source == int(src)
             if not mask.any():

@@ -7,14 +7,14 @@ import asyncio
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, cast
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from recsys.rpc import metrics
-from recsys.rpc.interceptors import default_interceptors
+from recsys.rpc.interceptors import CachingInterceptor, Handler, default_interceptors
 from recsys.rpc.settings import ServerSettings, refuse
 from recsys.rpc.tls import ClientCertificateInterceptor, server_credentials
 
@@ -28,24 +28,17 @@ DRAIN_QUIET_S = 0.25
 DRAIN_POLL_S = 0.02
 
 
-class _InFlight(grpc.aio.ServerInterceptor):
-    """Counts the unary calls being handled, for the drain, and those cancelled at its end."""
+class _InFlight(CachingInterceptor):
+    """Counts the unary calls being handled, for the drain, and those cancelled at its end.
+    Streams (health Watch) stay open for good and are not counted or waited for."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.count = 0
         self.stopping = False  # the server is stopping: a cancelled call is one the drain lost
         self.cancelled = 0
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler  # streams (health Watch) stay open for good and are not waited for
-        inner = cast(Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]], handler.unary_unary)
-
+    def wrap(self, method: str, inner: Handler) -> Handler:
         async def counted(request: Any, context: grpc.aio.ServicerContext) -> Any:
             self.count += 1
             try:
@@ -57,11 +50,7 @@ class _InFlight(grpc.aio.ServerInterceptor):
             finally:
                 self.count -= 1
 
-        return grpc.unary_unary_rpc_method_handler(
-            counted,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return counted
 
 
 class RpcServer:

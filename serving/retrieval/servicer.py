@@ -9,11 +9,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import faiss
 import grpc
+from prometheus_client import Counter, Histogram
 
 from recsys.candidates import Source
 from recsys.rpc.errors import InvalidRequest, NotFound, check_id, check_ids, shorten
 from recsys.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
 from serving.retrieval import metrics
+from serving.retrieval.index import RetrieveResult
 from serving.retrieval.manager import IndexManager
 
 SERVICE_NAME = "recsys.v1.RetrievalService"
@@ -41,6 +43,41 @@ def validate(
     for source in request.sources:
         if source not in Source._value2member_map_ or source == Source.UNSPECIFIED:
             raise InvalidRequest(f"unknown candidate source {source}")
+
+
+# Label lookups cost more than the updates; domains are the served ones, sources a fixed set.
+@functools.cache
+def _search_duration(domain: str) -> Histogram:
+    return metrics.SEARCH_DURATION.labels(domain)
+
+
+@functools.cache
+def _requests(domain: str, source: str) -> Counter:
+    return metrics.REQUESTS.labels(domain, source)
+
+
+def build_response(
+    result: RetrieveResult, model_name: str, version: int
+) -> retrieval_pb2.RetrieveResponse:
+    """The wire answer. Messages are added in place (`add`): building each candidate and source
+    score as its own message and then copying it into the list costs twice as much."""
+    response = retrieval_pb2.RetrieveResponse(
+        model=common_pb2.ModelVersion(model_name=model_name, model_version=str(version)),
+        user=retrieval_pb2.UserContext(
+            known=result.user.known,
+            mapped=result.user.mapped,
+            target_history=result.user.target_history,
+            source_history=result.user.source_history,
+        ),
+    )
+    add_candidate = response.candidates.add
+    for c in result.candidates:
+        add_score = add_candidate(
+            item_id=c.item_id, score=c.score, source=c.source, title=c.title
+        ).source_scores.add
+        for s in c.scores:
+            add_score(source=s.source, score=s.score, rank=s.rank)
+    return response
 
 
 class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
@@ -94,36 +131,9 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
             sources=[Source(s) for s in request.sources],
         )
         result = await asyncio.get_running_loop().run_in_executor(self.executor, search)
-        metrics.SEARCH_DURATION.labels(index.domain).observe(time.perf_counter() - start)
+        _search_duration(index.domain).observe(time.perf_counter() - start)
         for source in result.sources:
-            metrics.REQUESTS.labels(index.domain, source.name.lower()).inc()
+            _requests(index.domain, source.name.lower()).inc()
         if not result.sources:
-            metrics.REQUESTS.labels(index.domain, "none").inc()
-        return retrieval_pb2.RetrieveResponse(
-            candidates=[
-                retrieval_pb2.Candidate(
-                    item_id=c.item_id,
-                    score=c.score,
-                    source=int(c.source),  # type: ignore[arg-type]
-                    title=c.title,
-                    source_scores=[
-                        common_pb2.SourceScore(
-                            source=int(s.source),  # type: ignore[arg-type]
-                            score=s.score,
-                            rank=s.rank,
-                        )
-                        for s in c.scores
-                    ],
-                )
-                for c in result.candidates
-            ],
-            model=common_pb2.ModelVersion(
-                model_name=index.model_name, model_version=str(index.version)
-            ),
-            user=retrieval_pb2.UserContext(
-                known=result.user.known,
-                mapped=result.user.mapped,
-                target_history=result.user.target_history,
-                source_history=result.user.source_history,
-            ),
-        )
+            _requests(index.domain, "none").inc()
+        return build_response(result, index.model_name, index.version)

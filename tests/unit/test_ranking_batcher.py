@@ -66,13 +66,23 @@ async def _score_all(
 @pytest.mark.parametrize(
     ("options", "expected_runs"),
     [
-        (BatchingOptions(max_batch_candidates=1000), 1),
+        # The first request finds the session idle and runs at once; the rest queue meanwhile.
+        (BatchingOptions(max_batch_candidates=1000), 2),
+        # Delay mode holds the idle session's batch open: all five in one run.
         (BatchingOptions(max_batch_candidates=1000, max_queue_delay_s=0.05, mode="delay"), 1),
+        # First alone, then 30 + 30 twice within the budget of 64.
         (BatchingOptions(max_batch_candidates=64), 3),
         (BatchingOptions(max_batch_candidates=1000, mode="off"), 5),
-        (BatchingOptions(max_batch_candidates=64, concurrency=2), 3),
+        # Two free slots: the first two run alone at once, then 30 + 30 and 30.
+        (BatchingOptions(max_batch_candidates=64, concurrency=2), 4),
     ],
-    ids=["one batch", "one batch, delay", "candidate budget", "batching off", "two runs at once"],
+    ids=[
+        "first alone, then one batch",
+        "one batch, delay",
+        "candidate budget",
+        "batching off",
+        "two runs at once",
+    ],
 )
 def test_concurrent_requests_share_runs_and_get_their_own_scores(
     model: RankerModel, options: BatchingOptions, expected_runs: int
@@ -89,11 +99,13 @@ def test_concurrent_requests_share_runs_and_get_their_own_scores(
 
 
 def test_full_queue_refuses(model: RankerModel) -> None:
+    """The first of five runs at once on the idle session (it is never queued), the next two fill
+    the queue of two, the last two are refused."""
     options = BatchingOptions(max_batch_candidates=1000, max_queue_requests=2)
-    results = asyncio.run(_score_all(model, options, _requests(model, 4, 10)))
+    results = asyncio.run(_score_all(model, options, _requests(model, 5, 10)))
     refused = [r for r in results if isinstance(r, ResourceExhausted)]
     assert len(refused) == 2 and "queue" in str(refused[0])
-    assert sum(isinstance(r, np.ndarray) for r in results) == 2
+    assert [isinstance(r, np.ndarray) for r in results] == [True, True, True, False, False]
 
 
 def test_expired_requests_are_not_computed(model: RankerModel) -> None:

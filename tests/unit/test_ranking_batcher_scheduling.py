@@ -225,3 +225,96 @@ def test_delay_mode_holds_a_batch_open_only_while_the_session_is_idle() -> None:
 def test_unknown_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="batching mode 'sometimes'"):
         BatchingOptions(mode="sometimes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode", ["queued", "off"])
+def test_an_idle_session_runs_a_request_without_queueing_it(mode: str) -> None:
+    """The idle fast path: the request never enters the queue (depth stays 0 while it runs), it
+    holds the slot, and what arrives meanwhile queues and goes out the moment the run ends."""
+    session = FakeSession()
+
+    async def scenario() -> None:
+        options = BatchingOptions(max_batch_candidates=100, mode=mode)  # type: ignore[arg-type]
+        async with batcher_over(session, options) as batcher:
+            first = _request(batcher, 1)
+            await session.wait_started(1)
+            assert batcher.depth == 0 and batcher.running == 1
+            second = _request(batcher, 2)
+            await _queued(batcher, 1)
+            assert len(session.runs) == 1  # the slot is taken: the second waits in the queue
+            session.finish()
+            assert (await _guard(first)).tolist() == [10.0]
+            await session.wait_started(2)
+            session.finish()
+            assert (await _guard(second)).tolist() == [20.0]
+            assert batcher.stats.compute.count == 2
+            assert batcher.stats.batches[1].count == 2
+            assert batcher.stats.inferences == 2
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_caller_of_the_fast_path_keeps_the_slot_until_its_run_ends() -> None:
+    """A caller that stops waiting (its call was cancelled) does not free the slot while its run
+    still computes: the next request queues instead of starting a second run."""
+    session = FakeSession()
+
+    async def scenario() -> None:
+        async with batcher_over(session, BatchingOptions(max_batch_candidates=100)) as batcher:
+            first = _request(batcher, 1)
+            await session.wait_started(1)
+            first.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            assert batcher.running == 1
+            second = _request(batcher, 2)
+            await _queued(batcher, 1)
+            assert len(session.runs) == 1
+            session.finish()
+            await session.wait_started(2)
+            assert batcher.running == 1
+            session.finish()
+            assert (await _guard(second)).tolist() == [20.0]
+            assert batcher.running == 0
+
+    asyncio.run(scenario())
+
+
+def test_the_fast_path_keeps_the_deadline_the_limits_and_the_unload() -> None:
+    """An idle session still refuses an expired deadline and a closed batcher, fails the caller
+    with the session's error (and frees the slot), and close() waits for the run in flight."""
+    from recsys.rpc.errors import DeadlineExceeded, Unavailable
+
+    session = FakeSession()
+
+    class Failing(FakeSession):
+        def score(self, user_index: np.ndarray, item_index: np.ndarray) -> np.ndarray:
+            raise RuntimeError("session run failed")
+
+    async def scenario() -> None:
+        batcher = Batcher(session, BatchingOptions(max_batch_candidates=100))
+        batcher.start()
+        with pytest.raises(DeadlineExceeded, match="before the request was queued"):
+            await batcher.score(np.zeros(1, np.int64), np.ones(1, np.int64), timeout=0.0)
+        assert session.runs == []
+        running = _request(batcher, 3)
+        await session.wait_started(1)
+        closing = asyncio.get_running_loop().create_task(batcher.close())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not closing.done()  # waits for the run in flight
+        with pytest.raises(Unavailable, match="unloading"):
+            await batcher.score(np.zeros(1, np.int64), np.ones(1, np.int64), timeout=None)
+        session.finish()
+        assert (await _guard(running)).tolist() == [30.0]
+        await _guard(closing)
+
+        failing = Batcher(Failing(), BatchingOptions(max_batch_candidates=100))
+        failing.start()
+        for _ in range(2):  # the slot is freed after a failure: the second call runs too
+            with pytest.raises(RuntimeError, match="session run failed"):
+                await _guard(failing.score(np.zeros(1, np.int64), np.ones(1, np.int64), None))
+        assert failing.running == 0
+        await failing.close()
+
+    asyncio.run(scenario())
