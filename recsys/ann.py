@@ -43,7 +43,7 @@ class AnnParams:
     above; HNSW and IVF-PQ candidates are re-scored exactly against the stored item vectors."""
 
     exact_max_items: int = 50_000
-    hnsw_max_items: int = 2_000_000
+    hnsw_max_items: int = 500_000
     hnsw_m: int = 32
     hnsw_ef_construction: int = 80
     hnsw_ef_search: int = 128
@@ -205,13 +205,17 @@ def build(embeddings: np.ndarray, params: AnnParams, kind: str | None = None) ->
             index.hnsw.efSearch = params.hnsw_ef_search
         elif kind == IVFPQ:
             nlist = nlist_for(n, params)
-            quantizer = faiss.IndexFlatL2(width)
-            index = faiss.IndexIVFPQ(quantizer, width, nlist, params.pq_m, 8)
+            # A flat coarse quantizer: assigning items to lists is one matrix product per chunk
+            # (an HNSW quantizer only pays off with many more lists than the default).
+            ivf = faiss.IndexIVFPQ(faiss.IndexFlatL2(width), width, nlist, params.pq_m, 8)
+            ivf.cp.niter = 10
+            ivf.pq.cp.niter = 15
+            index = ivf
             rng = np.random.default_rng(params.seed)
             n_train = min(n, max(nlist * params.train_per_list, 256 * 64))
             sample = np.sort(rng.choice(n, size=n_train, replace=False))
             index.train(mips_to_l2(embeddings[sample], width, top))
-            index.nprobe = params.ivf_nprobe
+            ivf.nprobe = params.ivf_nprobe
         else:
             raise ValueError(f"unknown index kind {kind!r}; known: {KINDS}")
         for lo in range(0, n, _ADD_CHUNK):

@@ -83,7 +83,7 @@ class Config:
     neighbours: int = 50  # item-to-item neighbours kept per item (published with retrieval)
     # --- retrieval index, built at publish into items.faiss (recsys/ann.py, docs/scale.md) -----
     index_exact_max_items: int = 50_000  # exact inner-product index up to this many items
-    index_hnsw_max_items: int = 2_000_000  # HNSW up to this many items, IVF-PQ above
+    index_hnsw_max_items: int = 500_000  # HNSW up to this many items, IVF-PQ above
     index_hnsw_m: int = 32  # HNSW graph degree
     index_hnsw_ef_construction: int = 80  # HNSW build-time beam width
     index_hnsw_ef_search: int = 128  # HNSW search beam width (the service may override it)

@@ -36,7 +36,7 @@ class RetrievalSettings(ServerSettings):
         "up to this many items, built at load.",
     )
     hnsw_max_items: int = Field(
-        2_000_000,
+        500_000,
         ge=0,
         description="Versions without a stored index: HNSW up to this many items, IVF-PQ above "
         "(docs/scale.md).",

@@ -56,7 +56,7 @@ class IndexOptions:
     and the search parameters of every index (recsys/ann.py; docs/scale.md)."""
 
     exact_search_max_items: int = 50_000
-    hnsw_max_items: int = 2_000_000
+    hnsw_max_items: int = 500_000
     hnsw_m: int = 32
     hnsw_ef_construction: int = 80
     hnsw_ef_search: int = 128

@@ -58,8 +58,8 @@ def test_the_index_type_follows_the_catalogue_size() -> None:
         "ivfpq",
     ]
     defaults = AnnParams()
-    assert ann.choose_kind(1_000_000, defaults) == "hnsw"
-    assert ann.choose_kind(10_000_000, defaults) == "ivfpq"
+    assert ann.choose_kind(400_000, defaults) == "hnsw"
+    assert ann.choose_kind(1_000_000, defaults) == "ivfpq"
     assert ann.nlist_for(10_000_000, defaults) == 4096
     assert ann.nlist_for(1_000, defaults) == 64
     assert ann.nlist_for(10_000, AnnParams(ivf_nlist=100)) == 100
@@ -70,7 +70,7 @@ def test_the_index_type_follows_the_catalogue_size() -> None:
 
 def test_training_settings_name_the_bad_index_parameter() -> None:
     assert Config().index_params() == AnnParams()
-    assert Config(index_hnsw_max_items=5_000_000).index_params().hnsw_max_items == 5_000_000
+    assert Config(index_hnsw_max_items=2_000_000).index_params().hnsw_max_items == 2_000_000
     with pytest.raises(ConfigError, match="index_pq_m"):
         Config(index_pq_m=0).validate()
 
