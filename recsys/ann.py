@@ -48,9 +48,9 @@ class AnnParams:
     hnsw_ef_construction: int = 80
     hnsw_ef_search: int = 128
     ivf_nlist: int = 0  # 0: the power of two nearest sqrt(n_items), within [64, 65536]
-    ivf_nprobe: int = 64
+    ivf_nprobe: int = 128
     pq_m: int = 16  # bytes per item code
-    rerank_factor: int = 4  # IVF-PQ: candidates fetched per result, re-scored exactly
+    rerank_factor: int = 8  # IVF-PQ: candidates fetched per result, re-scored exactly
     train_per_list: int = 64  # IVF-PQ: training vectors per inverted list (capped at n_items)
     seed: int = 0
 

@@ -88,9 +88,9 @@ class Config:
     index_hnsw_ef_construction: int = 80  # HNSW build-time beam width
     index_hnsw_ef_search: int = 128  # HNSW search beam width (the service may override it)
     index_ivf_nlist: int = 0  # IVF-PQ inverted lists (0: power of two nearest sqrt(items))
-    index_ivf_nprobe: int = 64  # IVF-PQ lists searched per query (the service may override it)
+    index_ivf_nprobe: int = 128  # IVF-PQ lists searched per query (the service may override it)
     index_pq_m: int = 16  # IVF-PQ bytes per item code
-    index_rerank_factor: int = 4  # IVF-PQ candidates per result, re-scored exactly
+    index_rerank_factor: int = 8  # IVF-PQ candidates per result, re-scored exactly
     # --- run ------------------------------------------------------------------------------
     seed: int = 0  # seeds the split, initialisation and batch order
     device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
