@@ -268,11 +268,16 @@ def stage_index(directory: Path, params: AnnParams) -> dict[str, Any]:
 
 
 def _read(path: Path, kind: str) -> tuple[faiss.Index, bool]:
+    """The index memory-mapped where this FAISS can map its kind, else read into memory."""
     flag = getattr(faiss, _MMAP_FLAG_NAMES[kind], None)
-    if flag is None:
+    if flag is not None:
+        try:
+            return faiss.read_index(str(path), flag | faiss.IO_FLAG_READ_ONLY), True
+        except RuntimeError as exc:
+            logger.warning("Cannot memory-map %s (%s); reading it into memory", path, exc)
+    else:
         logger.info("This FAISS has no %s: reading %s into memory", _MMAP_FLAG_NAMES[kind], path)
-        return faiss.read_index(str(path)), False
-    return faiss.read_index(str(path), flag | faiss.IO_FLAG_READ_ONLY), True
+    return faiss.read_index(str(path)), False
 
 
 _TYPES = {FLAT: faiss.IndexFlatIP, HNSW: faiss.IndexHNSWFlat, IVFPQ: faiss.IndexIVFPQ}

@@ -192,3 +192,15 @@ def test_an_index_changed_after_publish_fails_its_checksum(tmp_path: Path) -> No
     assert not manager.refresh()
     assert manager.get("books").version == model.version
     assert "SHA-256" in manager.follower.failures(RETRIEVAL)[newer.version].reason
+
+
+def test_without_the_mapping_flag_the_index_is_read_into_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = publish_tiny_model(tmp_path, make_tiny_model(n_items=400), index=PARAMS[ann.HNSW])
+    directory = version_dir(tmp_path, RETRIEVAL, model.version)
+    mapped = RetrievalIndex.load(directory, RETRIEVAL, IndexOptions())
+    monkeypatch.delattr(faiss, "IO_FLAG_MMAP_IFC")  # a FAISS older than 1.10
+    read = RetrievalIndex.load(directory, RETRIEVAL, IndexOptions())
+    assert mapped.ann.mmapped and not read.ann.mmapped and read.ann.stored
+    assert read.retrieve("u1", 30).candidates == mapped.retrieve("u1", 30).candidates
