@@ -11,7 +11,7 @@ PROTO_SRC := $(wildcard protos/recsys/v1/*.proto protos/recsys/inference/*.proto
 PROTO_OUT := $(patsubst protos/%.proto,%_pb2.py,$(PROTO_SRC))
 
 .PHONY: help setup tools protos check-protos lint fmt test test-fast e2e bench bench-quality \
-	bench-ranker bench-vocab bench-gateway bench-rollout bench-system bench-peers bench-scale probe demo train \
+	bench-ranker bench-vocab bench-gateway bench-rollout bench-system bench-peers bench-scale bench-index probe demo train \
 	serve serve-ranking serve-retrieval serve-gateway docs check-docs base-image images images-smoke \
 	images-prune images-gpu k8s-render k8s-check clean
 
@@ -70,6 +70,9 @@ bench-system: $(STAMP) ## the served pipeline on test splits: retrieval order vs
 bench-peers: $(STAMP) ## the ranker beside a plain grpc.aio server, KServe and Triton (PyTriton), each in its own venv (slow)
 	scripts/setup-peers.sh $(PYTHON) .venv-peers
 	$(PY) -m bench.peers $(ARGS)
+
+bench-index: $(STAMP) ## retrieval indexes at 1 M and 10 M synthetic items: build, size, load, memory, recall@500, latency, service start (slow, ~6 GB)
+	$(PY) -m bench.index_scale $(ARGS)
 
 bench-rollout: $(STAMP) ## rolling update of the rankers and a model version rollout under load (slow)
 	$(PY) -m bench.rollout

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from recsys.ann import AnnParams, stage_index
 from recsys.repository import (
     ITEMS_FILE,
     MODEL_FILE,
@@ -30,6 +31,7 @@ from recsys.repository import (
 from recsys.repository.layout import ITEM_INPUT, SCORE_OUTPUT, USER_INPUT
 
 OPSET = 17
+DEFAULT_INDEX = AnnParams()  # as training builds it
 RANKER_INPUTS = RANKER_SIGNATURE.to_json()["inputs"]
 RANKER_OUTPUTS = RANKER_SIGNATURE.to_json()["outputs"]
 
@@ -161,8 +163,12 @@ def write_vocabularies(directory: Path, model: TinyModel) -> None:
     write_items(directory / ITEMS_FILE, model.item_ids, model.titles, model.popularity.tolist())
 
 
-def publish_tiny_model(repo: Path, model: TinyModel) -> TinyModel:
-    """Publish `<domain>-ranker` and `<domain>-retrieval` under one new version."""
+def publish_tiny_model(
+    repo: Path, model: TinyModel, index: AnnParams | None = DEFAULT_INDEX
+) -> TinyModel:
+    """Publish `<domain>-ranker` and `<domain>-retrieval` under one new version, the retrieval
+    model with its stored index as training writes it (`index=None`: without, as versions
+    published before items.faiss)."""
     ranker_name, retrieval_name = f"{model.domain}-ranker", f"{model.domain}-retrieval"
     dim = int(model.user_emb.shape[1])
     with VersionPublisher(repo, [ranker_name, retrieval_name]) as pub:
@@ -186,6 +192,8 @@ def publish_tiny_model(repo: Path, model: TinyModel) -> TinyModel:
             _gather_graph("item_tower", model.item_emb, item_in, item_out), d / "item_tower.onnx"
         )
         np.save(d / "item_embeddings.npy", model.item_emb)
+        if index is not None:
+            stage_index(d, index)
         indptr = [0]
         indices: list[int] = []
         for u in range(len(model.user_ids)):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from recsys.ann import AnnParams
 from training.errors import ConfigError
 
 STRATEGIES = ("finetune", "freeze_unfreeze", "lora", "anchored", "joint", "emcdr")
@@ -85,6 +86,16 @@ class Config:
     # hidden, mapped vector, training items as labels) per warm user training the ranker
     ranker_recent_share: float = 0.5  # share of warm training users also shown with recent items
     neighbours: int = 50  # item-to-item neighbours kept per item (published with retrieval)
+    # --- retrieval index, built at publish into items.faiss (recsys/ann.py, docs/scale.md) -----
+    index_exact_max_items: int = 50_000  # exact inner-product index up to this many items
+    index_hnsw_max_items: int = 500_000  # HNSW up to this many items, IVF-PQ above
+    index_hnsw_m: int = 32  # HNSW graph degree
+    index_hnsw_ef_construction: int = 80  # HNSW build-time beam width
+    index_hnsw_ef_search: int = 128  # HNSW search beam width (the service may override it)
+    index_ivf_nlist: int = 0  # IVF-PQ inverted lists (0: power of two nearest sqrt(items))
+    index_ivf_nprobe: int = 128  # IVF-PQ lists searched per query (the service may override it)
+    index_pq_m: int = 16  # IVF-PQ bytes per item code
+    index_rerank_factor: int = 8  # IVF-PQ candidates per result, re-scored exactly
     # --- run ------------------------------------------------------------------------------
     seed: int = 0  # seeds the split, initialisation and batch order
     device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
@@ -135,8 +146,16 @@ class Config:
             raise ConfigError("ranker_recent_share: must be in [0, 1]")
         if self.ranker_popular < 0:
             raise ConfigError("ranker_popular: must be >= 0")
+        try:
+            self.index_params()
+        except ValueError as exc:
+            raise ConfigError(str(exc).replace("index parameter ", "index_")) from exc
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device: expected auto, cpu or cuda, got {self.device!r}")
+
+    def index_params(self) -> AnnParams:
+        """The retrieval index parameters (the index_* fields)."""
+        return AnnParams.from_mapping(self.to_dict(), prefix="index_")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -7,7 +7,8 @@ Graphs (opset 17, dynamic batch dimension):
   beside it ``model.int8.onnx``, its quantised copy (training/quantize.py), where that ranks
   like fp32; metadata.json's ``graphs`` lists the graphs and ``int8_check`` the comparison.
 * ``<domain>-retrieval/model.onnx``: user tower ``user_index`` -> ``user_embedding`` FP32 [-1, D];
-  ``item_tower.onnx``: ``item_index`` -> ``item_embedding``; ``item_embeddings.npy`` for the index.
+  ``item_tower.onnx``: ``item_index`` -> ``item_embedding``; ``item_embeddings.npy`` and the
+  nearest-neighbour index over them, ``items.faiss`` (recsys/ann.py; metadata.json's ``index``).
 
 The towers are table lookups: users without target history ("mapped") hold their EMCDR-mapped
 vector. Each graph is checked with ``onnx.checker`` and against torch under ONNX Runtime (relative
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from recsys.ann import AnnParams, stage_index
 from recsys.repository import (
     ITEMS_FILE,
     MODEL_FILE,
@@ -296,6 +298,8 @@ def publish(checkpoint: dict[str, Any], repository: Path, seed: int = 0) -> int:
             (d / MODEL_FILE).write_bytes((tmp / "user.onnx").read_bytes())
             (d / "item_tower.onnx").write_bytes((tmp / "item.onnx").read_bytes())
             np.save(d / "item_embeddings.npy", items.detach().float().numpy())
+            # The nearest-neighbour index, built once here and memory-mapped by every pod.
+            stage_index(d, AnnParams.from_mapping(checkpoint["config"], prefix="index_"))
             np.savez(d / "seen.npz", indptr=seen[0], indices=seen[1])
             if checkpoint.get("neighbours") is not None:
                 checkpoint["neighbours"].save(d / NEIGHBOURS_FILE)

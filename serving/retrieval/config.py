@@ -32,7 +32,14 @@ class RetrievalSettings(ServerSettings):
     exact_search_max_items: int = Field(
         50_000,
         ge=0,
-        description="Exact inner-product search up to this many items, HNSW above.",
+        description="Versions without a stored index (items.faiss): exact inner-product search "
+        "up to this many items, built at load.",
+    )
+    hnsw_max_items: int = Field(
+        500_000,
+        ge=0,
+        description="Versions without a stored index: HNSW up to this many items, IVF-PQ above "
+        "(docs/scale.md).",
     )
     max_k: int = Field(1000, ge=1, le=100_000, description="Largest k a request may ask for.")
     max_request_ids: int = Field(
@@ -50,8 +57,18 @@ class RetrievalSettings(ServerSettings):
         128,
         ge=8,
         le=8192,
-        description="HNSW search beam width; raised to the number of items fetched when that is "
-        "larger.",
+        description="HNSW search beam width (stored and built indexes); raised to the number of "
+        "items fetched when that is larger.",
+    )
+    ivf_nprobe: int = Field(
+        128, ge=1, le=65_536, description="IVF-PQ inverted lists searched per query."
+    )
+    rerank_factor: int = Field(
+        8,
+        ge=1,
+        le=1000,
+        description="IVF-PQ candidates fetched per result asked for, re-scored exactly against the "
+        "item embeddings.",
     )
     search_threads: int = Field(
         1, ge=1, le=256, description="FAISS OpenMP threads per search (1 suits single queries)."

@@ -14,6 +14,8 @@ import faiss
 import numpy as np
 import onnxruntime as ort
 
+from recsys import ann
+from recsys.ann import AnnIndex, AnnParams
 from recsys.candidates import Candidate, Source
 from recsys.features import UserContext
 from recsys.repository import (
@@ -50,11 +52,28 @@ def domain_of(model_name: str) -> str:
 
 @dataclass(frozen=True)
 class IndexOptions:
+    """How a version without a stored index (published before items.faiss) gets one at load,
+    and the search parameters of every index (recsys/ann.py; docs/scale.md)."""
+
     exact_search_max_items: int = 50_000
+    hnsw_max_items: int = 500_000
     hnsw_m: int = 32
     hnsw_ef_construction: int = 80
     hnsw_ef_search: int = 128
+    ivf_nprobe: int = 128
+    rerank_factor: int = 8
     onnx_threads: int = 1
+
+    def ann_params(self) -> AnnParams:
+        return AnnParams(
+            exact_max_items=self.exact_search_max_items,
+            hnsw_max_items=max(self.hnsw_max_items, self.exact_search_max_items),
+            hnsw_m=self.hnsw_m,
+            hnsw_ef_construction=self.hnsw_ef_construction,
+            hnsw_ef_search=self.hnsw_ef_search,
+            ivf_nprobe=self.ivf_nprobe,
+            rerank_factor=self.rerank_factor,
+        )
 
 
 @dataclass(frozen=True)
@@ -90,28 +109,11 @@ def _user_tower(
     return np.ascontiguousarray(np.concatenate(chunks))
 
 
-def mips_to_l2(embeddings: np.ndarray) -> np.ndarray:
-    """Item vectors x -> [x, sqrt(M - |x|^2)] with M the largest squared norm, so that the
-    nearest items to [q, 0] in Euclidean distance are those with the largest inner product with q.
-    HNSW graphs built on raw inner products reach large-norm items well and the rest poorly."""
-    norms = np.einsum("ij,ij->i", embeddings, embeddings)
-    extra = np.sqrt(np.maximum(norms.max(initial=0.0) - norms, 0.0))
-    return np.ascontiguousarray(np.hstack([embeddings, extra[:, None]]), dtype=np.float32)
-
-
 def build_faiss_index(embeddings: np.ndarray, options: IndexOptions) -> tuple[faiss.Index, str]:
-    """Exact inner-product search up to `exact_search_max_items` items; above, HNSW over the
-    items reduced to a Euclidean search (`mips_to_l2`): query it with [q, 0]."""
-    n, dim = embeddings.shape
-    if n <= options.exact_search_max_items:
-        index: faiss.Index = faiss.IndexFlatIP(dim)
-        index.add(embeddings)
-        return index, "flat"
-    hnsw = faiss.IndexHNSWFlat(dim + 1, options.hnsw_m, faiss.METRIC_L2)
-    hnsw.hnsw.efConstruction = options.hnsw_ef_construction
-    hnsw.hnsw.efSearch = options.hnsw_ef_search
-    hnsw.add(mips_to_l2(embeddings))
-    return hnsw, "hnsw"
+    """The index a version without items.faiss gets at load: exact inner-product search up to
+    `exact_search_max_items` items, HNSW up to `hnsw_max_items`, IVF-PQ above (recsys/ann.py)."""
+    built = ann.build(embeddings, options.ann_params())
+    return built.index, built.kind
 
 
 class RetrievalIndex:
@@ -133,6 +135,7 @@ class RetrievalIndex:
         seen_indices: np.ndarray,
         options: IndexOptions,
         neighbours: Neighbours | None = None,
+        stored_index: AnnIndex | None = None,
     ) -> None:
         self.model_name = model_name
         self.domain = domain_of(model_name)
@@ -151,7 +154,9 @@ class RetrievalIndex:
         self.seen_indptr = seen_indptr
         self.seen_indices = seen_indices
         self.options = options
-        self.index, self.index_kind = build_faiss_index(item_embeddings, options)
+        # The version's stored index (items.faiss), else one built here (older versions).
+        self.ann = stored_index or ann.build(item_embeddings, options.ann_params())
+        self.index, self.index_kind = self.ann.index, self.ann.kind
         self.neighbours = neighbours or Neighbours.empty(len(item_ids), len(user_ids))
         self.sources = CandidateSources(
             item_ids=item_ids,
@@ -181,8 +186,9 @@ class RetrievalIndex:
         item_ids, titles = items.ids, items.titles
         popularity = np.asarray(items.popularity, dtype=np.float32)
         try:
+            # Memory-mapped: pods on one node share the pages (versions are never rewritten).
             item_embeddings = np.ascontiguousarray(
-                np.load(directory / "item_embeddings.npy"), dtype=np.float32
+                np.load(directory / ann.EMBEDDINGS_FILE, mmap_mode="r"), dtype=np.float32
             )
             seen = np.load(directory / "seen.npz")
             seen_indptr = np.asarray(seen["indptr"], dtype=np.int64)
@@ -248,6 +254,18 @@ class RetrievalIndex:
                 f"{directory}/{MODEL_FILE} gives NaN or infinite embeddings for {bad} of "
                 f"{len(user_ids)} users"
             )
+        stored_index = None
+        if ann.METADATA_KEY in metadata:
+            started = time.perf_counter()
+            stored_index = ann.load(directory, metadata, item_embeddings, options.ann_params())
+            logger.info(
+                "%s version %d: read the stored %s index (%s) in %.2f s",
+                model_name,
+                version,
+                stored_index.kind,
+                "memory-mapped" if stored_index.mmapped else "in memory",
+                time.perf_counter() - started,
+            )
         loaded = cls(
             model_name=model_name,
             version=version,
@@ -262,16 +280,18 @@ class RetrievalIndex:
             seen_indices=seen_indices,
             options=options,
             neighbours=neighbours,
+            stored_index=stored_index,
         )
         loaded.warm_up()
         logger.info(
-            "Loaded %s version %d: %d users, %d items, dim %d, %s index, in %.2f s",
+            "Loaded %s version %d: %d users, %d items, dim %d, %s index (%s), in %.2f s",
             model_name,
             version,
             len(user_ids),
             len(item_ids),
             item_embeddings.shape[1],
             loaded.index_kind,
+            "stored" if stored_index is not None else "built at load",
             time.perf_counter() - start,
         )
         return loaded
@@ -300,20 +320,7 @@ class RetrievalIndex:
         fetch = min(n, k + len(excluded))
         dropped = np.fromiter(excluded, dtype=np.int64, count=len(excluded))
         while True:
-            if self.index_kind == "hnsw":
-                params = faiss.SearchParametersHNSW(  # type: ignore[attr-defined]
-                    efSearch=max(self.options.hnsw_ef_search, fetch)
-                )
-                augmented = np.hstack([query, np.zeros((1, 1), dtype=np.float32)])
-                _, rows = self.index.search(augmented, fetch, params=params)
-                found = rows[0][rows[0] >= 0]
-                # Exact inner products of what the graph found, best first.
-                exact = self.item_embeddings[found] @ query[0]
-                order = np.argsort(-exact, kind="stable")
-                found, scores = found[order], exact[order]
-            else:
-                distances, rows = self.index.search(query, fetch)
-                found, scores = rows[0], distances[0]
+            found, scores = self.ann.search(query, fetch)
             keep = found >= 0
             if len(dropped):
                 keep &= ~np.isin(found, dropped)

@@ -20,6 +20,9 @@ logger = logging.getLogger(__name__)
 def build_manager(settings: RetrievalSettings) -> IndexManager:
     options = IndexOptions(
         exact_search_max_items=settings.exact_search_max_items,
+        hnsw_max_items=settings.hnsw_max_items,
+        ivf_nprobe=settings.ivf_nprobe,
+        rerank_factor=settings.rerank_factor,
         hnsw_m=settings.hnsw_m,
         hnsw_ef_construction=settings.hnsw_ef_construction,
         hnsw_ef_search=settings.hnsw_ef_search,

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -125,6 +126,11 @@ def test_published_models_match_the_checkpoint(synthetic_run: dict[str, Any]) ->
     )[0]
     np.testing.assert_allclose(item_emb, item_table[i], rtol=1e-6)
     np.testing.assert_array_equal(np.load(retrieval_dir / "item_embeddings.npy"), item_table)
+    # The index is built at publish, over these embeddings, of the type the catalogue size picks.
+    index_meta = json.loads((retrieval_dir / "metadata.json").read_text())["index"]
+    assert index_meta["kind"] == "flat" and index_meta["ntotal"] == item_table.shape[0]
+    stored = faiss.read_index(str(retrieval_dir / "items.faiss"))
+    assert stored.ntotal == item_table.shape[0] and stored.d == item_table.shape[1]
     seen = np.load(retrieval_dir / "seen.npz")
     assert seen["indptr"].shape == (user_table.shape[0] + 1,)
     assert np.all(np.diff(seen["indptr"])[mapped] == 0)  # mapped users have no target history

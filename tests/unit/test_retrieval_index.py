@@ -16,8 +16,10 @@ from serving.retrieval.index import IndexOptions, RetrievalIndex, domain_of
 
 @pytest.fixture(scope="module")
 def published(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TinyModel]:
+    # Published without items.faiss (as before stored indexes): the index is built at load, so
+    # the load options choose it.
     repo = tmp_path_factory.mktemp("repo")
-    return repo, publish_tiny_model(repo, make_tiny_model(n_items=400))
+    return repo, publish_tiny_model(repo, make_tiny_model(n_items=400), index=None)
 
 
 def load(repo: Path, model: TinyModel, **options: int) -> RetrievalIndex:
