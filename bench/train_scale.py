@@ -41,25 +41,25 @@ def _case(spec: dict[str, Any]) -> dict[str, Any]:
     from training.trainer import Sampling, _Batches, _Optimizer, _set_sparse, train_epoch
 
     torch.set_num_threads(spec["threads"])
+    loss = spec["loss"]
+    if loss == "softmax":  # users per batch as training.trainer cuts them, about
+        users_per_batch = max(1, round(spec["batch_size"] * spec["users"] / spec["interactions"]))
+        per_batch = users_per_batch * spec["items"] * 4 * 5
+        if per_batch > FULL_SOFTMAX_MAX_BYTES:
+            return {
+                "skipped": f"full softmax needs about {per_batch / 2**30:.1f} GiB per batch "
+                f"({users_per_batch} users x {spec['items']:,} items x 4 B x 5 tensors), over "
+                f"{FULL_SOFTMAX_MAX_BYTES / 2**30:.0f} GiB"
+            }
     t0 = time.perf_counter()
     train = synthetic_pairs(spec["users"], spec["items"], spec["interactions"], seed=0)
     gen_s = time.perf_counter() - t0
     torch.manual_seed(0)
     model = TwoTower(spec["users"], spec["items"], spec["dim"])
-    loss = spec["loss"]
     sampling = Sampling(spec["sampler"], spec["negatives"], 0.75, spec["mixed"])
     t0 = time.perf_counter()
     batches = _Batches(train, loss, spec["batch_size"], spec["items"], None, sampling)
     prep_s = time.perf_counter() - t0
-    if loss == "softmax":
-        per_batch = batches.step * spec["items"] * 4 * 5
-        if per_batch > FULL_SOFTMAX_MAX_BYTES:
-            return {
-                "skipped": f"full softmax needs about {per_batch / 2**30:.1f} GiB per batch "
-                f"({batches.step} users x {spec['items']:,} items x 4 B x 5 tensors), over "
-                f"{FULL_SOFTMAX_MAX_BYTES / 2**30:.0f} GiB",
-                "generate_s": gen_s,
-            }
     # a warm-up step on a toy model of the same kind: the first optimiser step imports and
     # initialises parts of torch (seconds) that no later step pays
     toy = TwoTower(8, 8, 4)
