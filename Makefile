@@ -12,7 +12,7 @@ PROTO_OUT := $(patsubst protos/%.proto,%_pb2.py,$(PROTO_SRC))
 
 .PHONY: help setup tools protos check-protos lint fmt test test-fast e2e bench bench-quality \
 	bench-ranker bench-vocab bench-gateway bench-rollout bench-system bench-peers bench-scale bench-index probe demo train \
-	serve serve-ranking serve-retrieval serve-gateway docs check-docs base-image images images-smoke \
+	bench-train-scale serve serve-ranking serve-retrieval serve-gateway docs check-docs base-image images images-smoke \
 	images-prune images-gpu k8s-render k8s-check clean
 
 help: ## list the targets
@@ -51,6 +51,9 @@ bench: bench-quality bench-ranker bench-vocab bench-gateway bench-rollout ## eve
 
 bench-quality: $(STAMP) ## model quality: ML-1M vs RecBole, every cross-domain pair both ways, demo time (slow)
 	$(PY) -m bench.quality
+
+bench-train-scale: $(STAMP) ## one training epoch at 10 M synthetic interactions: full vs sampled softmax, 10 k-1 M items (slow)
+	$(PY) -m bench.train_scale $(ARGS)
 
 bench-ranker: $(STAMP) ## the ranking service against the in-process ONNX Runtime ceiling (slow)
 	$(PY) -m bench.ranker

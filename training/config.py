@@ -19,6 +19,8 @@ from training.errors import ConfigError
 STRATEGIES = ("finetune", "freeze_unfreeze", "lora", "anchored", "joint", "emcdr")
 DEFAULT_STRATEGIES = ("finetune", "freeze_unfreeze", "lora", "emcdr")  # anchored, joint: opt-in
 BASELINES = ("popularity", "itemknn", "cd_itemknn", "ease", "cd_ease")
+LOSSES = ("softmax", "sampled_softmax", "bpr")
+NEGATIVE_SAMPLERS = ("popularity", "uniform", "in_batch")
 
 
 @dataclass
@@ -42,7 +44,17 @@ class Config:
     tower_hidden: int = 0  # hidden width of a residual MLP on each tower (0 = plain embeddings)
     init_std: float = 0.1  # std of the embedding initialisation
     item_bias: bool = True  # learn an item bias (folded into the dot product as one more dim)
-    loss: str = "softmax"  # "softmax" (full softmax over items) or "bpr"
+    loss: str = "softmax"  # "softmax" (full softmax over every item), "sampled_softmax" (shared
+    # negatives per batch with the logQ correction; for large catalogues) or "bpr"
+    negative_sampler: str = "popularity"  # sampled_softmax negatives: "popularity" (training
+    # counts (count + 1) ** sampler_alpha), "uniform", or "in_batch" (the batch's positives)
+    sampled_negatives: int = 1024  # sampled_softmax: items drawn per batch from negative_sampler
+    # (popularity or uniform), shared by every pair of the batch
+    sampler_alpha: float = 0.75  # exponent of the popularity proposal (0 = uniform, 1 = unigram)
+    mixed_negatives: bool = False  # sampled_softmax: the batch's positives as negatives too
+    # (mixed negative sampling), beside the sampled_negatives drawn from negative_sampler
+    sparse_embeddings: bool = False  # embedding tables take sparse gradients, SparseAdam moves
+    # only the rows of a batch (lazy Adam; needs loss sampled_softmax or bpr)
     temperature: float = 1.0  # softmax temperature
     reg: float = 0.05  # L2 on the embeddings of each (user, item) pair; the main regulariser
     reg_grid: list[float] = field(default_factory=list)  # if set: every strategy is trained at
@@ -105,8 +117,9 @@ class Config:
     def validate(self) -> None:
         if self.protocol not in ("ratio", "loo"):
             raise ConfigError(f"protocol: expected 'ratio' or 'loo', got {self.protocol!r}")
-        if self.loss not in ("softmax", "bpr"):
-            raise ConfigError(f"loss: expected 'softmax' or 'bpr', got {self.loss!r}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss: expected one of {', '.join(LOSSES)}, got {self.loss!r}")
+        self._validate_sampling()
         for s in self.strategies:
             if s not in STRATEGIES:
                 raise ConfigError(
@@ -156,6 +169,33 @@ class Config:
     def index_params(self) -> AnnParams:
         """The retrieval index parameters (the index_* fields)."""
         return AnnParams.from_mapping(self.to_dict(), prefix="index_")
+
+    def _validate_sampling(self) -> None:
+        if self.negative_sampler not in NEGATIVE_SAMPLERS:
+            raise ConfigError(
+                f"negative_sampler: expected one of {', '.join(NEGATIVE_SAMPLERS)}, "
+                f"got {self.negative_sampler!r}"
+            )
+        if self.loss == "sampled_softmax":
+            if self.negative_sampler == "in_batch" and self.mixed_negatives:
+                raise ConfigError(
+                    "mixed_negatives: adds sampled negatives to the in-batch ones; set "
+                    "negative_sampler to 'popularity' or 'uniform' (or mixed_negatives = false)"
+                )
+            if self.negative_sampler != "in_batch" and self.sampled_negatives <= 0:
+                raise ConfigError(
+                    f"sampled_negatives: must be positive with negative_sampler = "
+                    f"{self.negative_sampler!r}, got {self.sampled_negatives}"
+                )
+        if not 0 <= self.sampler_alpha <= 1:
+            raise ConfigError(f"sampler_alpha: must be in [0, 1], got {self.sampler_alpha}")
+        if self.sparse_embeddings and self.loss == "softmax":
+            raise ConfigError(
+                "sparse_embeddings: the full softmax updates every item row each step; "
+                "use loss = 'sampled_softmax' or 'bpr' (or sparse_embeddings = false)"
+            )
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature: must be positive, got {self.temperature}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -3,9 +3,42 @@ low-rank user adapter) scored by a dot product, and the losses it is trained wit
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+
+class Candidates(NamedTuple):
+    """The items a batch of the sampled softmax scores besides each row's positive: in-batch
+    positives and/or items drawn from a proposal, shared by every row of the batch."""
+
+    items: torch.Tensor  # [C] item ids
+    log_expected: torch.Tensor  # [C] log of each candidate's expected count in the batch's draw
+
+
+def sampled_softmax_loss(
+    u: torch.Tensor,
+    pos_v: torch.Tensor,
+    cand_v: torch.Tensor,
+    log_expected: torch.Tensor,
+    hits: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """Per-row loss ``logsumexp([s_pos, s_c - log E[n_c]]) - s_pos`` over the shared candidates.
+
+    ``s = <u, v> / temperature``. A candidate drawn ``E[n_c]`` times in expectation stands for
+    ``1 / E[n_c]`` of itself, so ``sum_c exp(s_c - log E[n_c])`` is an unbiased estimate of the
+    full softmax's sum over the other items (the logQ correction); the positive enters once,
+    uncorrected, as in the full softmax. ``hits`` [B, C] marks candidates that are the row's own
+    positive (accidental hits): they are removed, not counted twice.
+    """
+    pos = (u * pos_v).sum(-1) / temperature
+    neg = (u @ cand_v.T) / temperature - log_expected
+    neg = neg.masked_fill(hits, float("-inf"))
+    logits = torch.cat([pos.unsqueeze(1), neg], dim=1)
+    return torch.logsumexp(logits, dim=1) - pos
 
 
 class ResidualMLP(nn.Module):
@@ -102,17 +135,20 @@ class TwoTower(nn.Module):
         self,
         users: torch.Tensor,
         items: torch.Tensor,
-        negatives: torch.Tensor | None,
+        negatives: torch.Tensor | Candidates | None,
         loss: str,
         reg: float,
         temperature: float,
         scale: float,
+        weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Sum of losses times ``scale`` (1/global number of pairs, times world size).
 
         ``softmax``: ``users`` is a batch of distinct users and ``items`` their multi-hot targets
         [batch, n_items]; the loss is the full softmax cross-entropy of every (user, item) pair,
         computed once per user. ``bpr``: ``users``/``items``/``negatives`` are aligned pairs.
+        ``sampled_softmax``: ``users``/``items`` are aligned pairs and ``negatives`` the batch's
+        :class:`Candidates`; ``weights`` (optional) weighs each pair's loss and L2.
         """
         u = self.user_vectors(users)
         if loss == "softmax":
@@ -124,7 +160,25 @@ class TwoTower(nn.Module):
                 (self._user_reg(users) * counts).sum()
                 + (targets.sum(0) * self.item_emb.weight.pow(2).sum(1)).sum()
             )
+        elif loss == "sampled_softmax":
+            assert isinstance(negatives, Candidates)
+            cand = negatives.items
+            hits = items.unsqueeze(1) == cand.unsqueeze(0)
+            per_row = sampled_softmax_loss(
+                u,
+                self.item_vectors(items),
+                self.item_vectors(cand),
+                negatives.log_expected,
+                hits,
+                temperature,
+            )
+            per_reg = self._user_reg(users) + self.item_emb(items).pow(2).sum(-1)
+            if weights is not None:
+                per_row, per_reg = per_row * weights, per_reg * weights
+            rows = per_row.sum()
+            reg_term = reg * per_reg.sum()
         elif loss == "bpr":
+            assert isinstance(negatives, torch.Tensor)
             assert negatives is not None
             pos = (u * self.item_vectors(items)).sum(-1)
             neg = (u * self.item_vectors(negatives)).sum(-1)

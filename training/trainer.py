@@ -1,11 +1,13 @@
-"""The training loop: mini-batches of (user, item) pairs, Adam, validation with early stopping,
-and DistributedDataParallel when started under ``torchrun`` (gloo on CPU, NCCL on CUDA)."""
+"""The training loop: mini-batches of (user, item) pairs, Adam (SparseAdam on the embedding
+tables when they take sparse gradients), validation with early stopping, and
+DistributedDataParallel when started under ``torchrun`` (gloo on CPU, NCCL on CUDA)."""
 
 from __future__ import annotations
 
 import copy
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -15,7 +17,7 @@ from torch import distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from training.model import TwoTower
+from training.model import Candidates, TwoTower
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,33 @@ def pick_device(name: str) -> torch.device:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         return torch.device("cuda", local)
     return torch.device("cpu")
+
+
+EMBEDDINGS = ("user_emb", "item_emb", "item_bias")  # the tables that may take sparse gradients
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Negatives of the sampled softmax (ignored by the other losses).
+
+    ``sampler``: ``popularity`` draws ``negatives`` items per batch from (count + 1) ** ``alpha``
+    (training counts), ``uniform`` from every item alike, ``in_batch`` uses the batch's positives
+    (drawn from the data's own item frequencies). ``mixed``: the batch's positives *and*
+    ``negatives`` items from ``sampler`` (popularity or uniform).
+    """
+
+    sampler: str = "popularity"
+    negatives: int = 1024
+    alpha: float = 0.75
+    mixed: bool = False
+
+    def __post_init__(self) -> None:
+        if self.sampler not in ("popularity", "uniform", "in_batch"):
+            raise ValueError(f"unknown negative sampler {self.sampler!r}")
+        if self.sampler == "in_batch" and self.mixed:
+            raise ValueError("mixed negatives need a popularity or uniform sampler")
+        if self.sampler != "in_batch" and self.negatives <= 0:
+            raise ValueError("the number of sampled negatives must be positive")
 
 
 @dataclass
@@ -72,6 +101,8 @@ def fit(
     grad_masks: dict[str, torch.Tensor] | None = None,
     lr_scales: dict[str, float] | None = None,
     pair_weights: np.ndarray | None = None,
+    sampling: Sampling | None = None,
+    sparse_embeddings: bool = False,
 ) -> FitResult:
     """Train ``model`` in place on the (user, item) pairs ``train``; restore the best validation.
 
@@ -79,17 +110,26 @@ def fit(
     and scales its loss so that the averaged gradient equals the single-process gradient.
     ``grad_masks`` maps a parameter name to a row mask: rows with mask 0 are not updated.
     ``lr_scales`` maps a parameter name to a factor on its learning rate.
-    ``pair_weights`` (softmax loss only) weighs each training pair's loss (default 1).
+    ``pair_weights`` (softmax losses) weighs each training pair's loss (default 1).
+    ``sampling`` configures the negatives of ``loss="sampled_softmax"``.
+    ``sparse_embeddings`` (not with the full softmax): the embedding tables take sparse gradients
+    and SparseAdam moves only the rows a batch touches (lazy Adam moments); the other parameters
+    keep Adam. The cost of a step then no longer grows with the number of items and users.
     """
+    if sparse_embeddings and loss == "softmax":
+        raise ValueError("sparse_embeddings needs loss sampled_softmax or bpr")
     rank, world_size = world()
-    opt = _optimizer(model, lr, lr_scales or {})
+    sparse_tables = _set_sparse(model, sparse_embeddings)
+    opt = _Optimizer(model, lr, lr_scales or {}, sparse_tables)
     hooks = _mask_gradients(model, grad_masks or {}, device)
     net: nn.Module = model
     if world_size > 1:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    batches = _Batches(train, loss, batch_size, model.item_emb.num_embeddings, pair_weights)
+    batches = _Batches(
+        train, loss, batch_size, model.item_emb.num_embeddings, pair_weights, sampling or Sampling()
+    )
     best_score, best_epoch = -float("inf"), 0
     best_state = copy.deepcopy(model.state_dict())
     history: list[tuple[int, float, float]] = []
@@ -102,14 +142,9 @@ def fit(
     for epoch in range(1, epochs + 1):
         net.train()
         gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        total, n_steps = 0.0, 0
-        for u, it, negs, n_pairs in batches.epoch(gen, rank, world_size, device):
-            out = net(u, it, negs, loss, reg, temperature, world_size / n_pairs)
-            opt.zero_grad(set_to_none=True)
-            out.backward()
-            opt.step()
-            total += float(out.detach()) / world_size
-            n_steps += 1
+        total, n_steps = train_epoch(
+            net, opt, batches, gen, device, loss=loss, reg=reg, temperature=temperature
+        )
         mean_loss = total / max(1, n_steps)
         bar.update(1)
         if epoch % eval_every == 0 or epoch == epochs:
@@ -128,18 +163,79 @@ def fit(
     bar.close()
     for h in hooks:
         h.remove()
+    _set_sparse(model, False)
     model.load_state_dict(best_state)
     model.eval()
     return FitResult(best_score, best_epoch, epoch, history)
 
 
-def _optimizer(model: TwoTower, lr: float, scales: dict[str, float]) -> torch.optim.Adam:
-    """Adam over the trainable parameters, one group per learning-rate factor."""
-    groups: dict[float, list[nn.Parameter]] = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            groups.setdefault(scales.get(name, 1.0), []).append(p)
-    return torch.optim.Adam([{"params": ps, "lr": lr * k} for k, ps in groups.items()], lr=lr)
+def train_epoch(
+    net: nn.Module,
+    opt: _Optimizer,
+    batches: _Batches,
+    gen: torch.Generator,
+    device: torch.device,
+    *,
+    loss: str,
+    reg: float,
+    temperature: float,
+    max_seconds: float | None = None,
+) -> tuple[float, int]:
+    """One pass over ``batches`` in the order drawn from ``gen``: (summed loss, steps). With
+    ``max_seconds`` it stops after the first step that ends past that budget (benchmarks)."""
+    rank, world_size = world()
+    t0 = time.perf_counter()
+    total, n_steps = 0.0, 0
+    for u, it, negs, n_pairs, w in batches.epoch(gen, rank, world_size, device):
+        out = net(u, it, negs, loss, reg, temperature, world_size / n_pairs, w)
+        opt.zero_grad(set_to_none=True)
+        out.backward()
+        opt.step()
+        total += float(out.detach()) / world_size
+        n_steps += 1
+        if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+            break
+    return total, n_steps
+
+
+def _set_sparse(model: TwoTower, on: bool) -> set[str]:
+    """Switch the embedding tables to sparse gradients (or back); the names of their weights."""
+    names = set()
+    for table in EMBEDDINGS:
+        emb = getattr(model, table, None)
+        if isinstance(emb, nn.Embedding):
+            emb.sparse = on
+            names.add(f"{table}.weight")
+    return names if on else set()
+
+
+class _Optimizer:
+    """Adam over the trainable parameters, one group per learning-rate factor; the parameters
+    named in ``sparse`` (embedding tables with sparse gradients) go to SparseAdam instead."""
+
+    def __init__(
+        self, model: TwoTower, lr: float, scales: dict[str, float], sparse: set[str]
+    ) -> None:
+        groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                groups.setdefault((name in sparse, scales.get(name, 1.0)), []).append(p)
+        self.opts: list[torch.optim.Optimizer] = []
+        for is_sparse in (False, True):
+            parts = [
+                {"params": ps, "lr": lr * k} for (sp, k), ps in groups.items() if sp == is_sparse
+            ]
+            if parts:
+                kind = torch.optim.SparseAdam if is_sparse else torch.optim.Adam
+                self.opts.append(kind(parts, lr=lr))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.opts:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for o in self.opts:
+            o.step()
 
 
 def _mask_gradients(
@@ -150,14 +246,24 @@ def _mask_gradients(
     for name, p in model.named_parameters():
         if name in masks and p.requires_grad:
             mask = masks[name].to(device).unsqueeze(1)
-            hooks.append(p.register_hook(lambda g, m=mask: g * m))
+            hooks.append(p.register_hook(lambda g, m=mask: _masked(g, m)))
     return hooks
+
+
+def _masked(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    if not grad.is_sparse:
+        return grad * mask
+    g = grad.coalesce()
+    rows = g.indices()[0]
+    return torch.sparse_coo_tensor(
+        g.indices(), g.values() * mask[rows], g.shape, is_coalesced=True, check_invariants=False
+    )
 
 
 class _Batches:
     """The training pairs cut into batches of about `batch_size` pairs. Softmax: one unit per
     user, the multi-hot (or weighted) row of its items; BPR: one unit per pair, with a uniformly
-    drawn negative item."""
+    drawn negative item; sampled softmax: one unit per pair, with the batch's shared candidates."""
 
     def __init__(
         self,
@@ -166,8 +272,10 @@ class _Batches:
         batch_size: int,
         n_items: int,
         pair_weights: np.ndarray | None,
+        sampling: Sampling,
     ) -> None:
-        self.loss, self.n_items = loss, n_items
+        self.loss, self.n_items, self.sampling = loss, n_items, sampling
+        self.pair_w: torch.Tensor | None = None
         if loss == "softmax":
             order_u = np.argsort(train[:, 0], kind="stable")
             pairs = train[order_u]
@@ -175,25 +283,67 @@ class _Batches:
             ends = np.r_[starts[1:], len(pairs)]
             self.indptr = torch.from_numpy(np.r_[starts, len(pairs)].astype(np.int64))
             self.pair_items = torch.from_numpy(pairs[:, 1].copy())
-            self.pair_w = (
-                None
-                if pair_weights is None
-                else torch.from_numpy(pair_weights[order_u].astype(np.float32))
-            )
+            if pair_weights is not None:
+                self.pair_w = torch.from_numpy(pair_weights[order_u].astype(np.float32))
             self.units = torch.from_numpy(users)
             self.counts = torch.from_numpy((ends - starts).astype(np.int64))
             # users per batch so that a batch holds about batch_size pairs
             self.step = max(1, int(round(batch_size / max(1.0, float(self.counts.float().mean())))))
         else:
-            self.units = torch.from_numpy(train[:, 0])
-            self.unit_items = torch.from_numpy(train[:, 1])
+            self.units = torch.from_numpy(np.ascontiguousarray(train[:, 0]))
+            self.unit_items = torch.from_numpy(np.ascontiguousarray(train[:, 1]))
             self.step = batch_size
+            if loss == "sampled_softmax":
+                if pair_weights is not None:
+                    self.pair_w = torch.from_numpy(pair_weights.astype(np.float32))
+                self._proposals(train[:, 1])
+
+    def _proposals(self, items: np.ndarray) -> None:
+        """The data's item frequencies (in-batch draws) and the sampler's proposal with its CDF."""
+        counts = np.bincount(items, minlength=self.n_items).astype(np.float64)
+        self.p_data = torch.from_numpy(counts / counts.sum())
+        s = self.sampling
+        if s.sampler == "in_batch":
+            self.q = None
+            return
+        w = np.ones(self.n_items) if s.sampler == "uniform" else (counts + 1.0) ** s.alpha
+        q = w / w.sum()
+        self.q = torch.from_numpy(q)
+        cdf = torch.from_numpy(np.cumsum(q))
+        cdf[-1] = 1.0 + 1e-12  # a draw of u in [0, 1) always lands on an item
+        self.cdf = cdf
+
+    def candidates(self, idx: torch.Tensor, gen: torch.Generator) -> Candidates:
+        """The shared candidates of the global batch ``idx`` and their log expected counts."""
+        s, b = self.sampling, idx.numel()
+        parts: list[torch.Tensor] = []
+        if s.sampler == "in_batch" or s.mixed:
+            parts.append(self.unit_items[idx])
+        if self.q is not None:
+            u = torch.rand(s.negatives, generator=gen, dtype=torch.float64)
+            parts.append(torch.searchsorted(self.cdf, u, right=True).clamp_(max=self.n_items - 1))
+        items = torch.cat(parts) if len(parts) > 1 else parts[0]
+        expected = torch.zeros(items.numel(), dtype=torch.float64)
+        if s.sampler == "in_batch" or s.mixed:
+            expected += b * self.p_data[items]
+        if self.q is not None:
+            expected += s.negatives * self.q[items]
+        return Candidates(items, expected.log().float())
 
     def epoch(
         self, gen: torch.Generator, rank: int, world_size: int, device: torch.device
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]]:
-        """(users, items or targets, negatives, pairs in the global batch) for each step of one
-        epoch, in an order drawn from `gen`; each process takes its slice of every batch."""
+    ) -> Iterator[
+        tuple[
+            torch.Tensor,
+            torch.Tensor,
+            torch.Tensor | Candidates | None,
+            int,
+            torch.Tensor | None,
+        ]
+    ]:
+        """(users, items or targets, negatives, pairs in the global batch, pair weights) for each
+        step of one epoch, in an order drawn from `gen`; each process takes its slice of every
+        batch (the negatives of the sampled softmax are the global batch's, in every process)."""
         n = self.units.numel()
         order = torch.randperm(n, generator=gen)
         for start in range(0, n, self.step):
@@ -205,6 +355,16 @@ class _Batches:
                     self._targets(local).to(device),
                     None,
                     int(self.counts[idx].sum()),
+                    None,
+                )
+            elif self.loss == "sampled_softmax":
+                cand = self.candidates(idx, gen)
+                yield (
+                    self.units[local].to(device),
+                    self.unit_items[local].to(device),
+                    Candidates(cand.items.to(device), cand.log_expected.to(device)),
+                    idx.numel(),
+                    None if self.pair_w is None else self.pair_w[local].to(device),
                 )
             else:
                 negs = torch.randint(0, self.n_items, (idx.numel(),), generator=gen)
@@ -213,15 +373,23 @@ class _Batches:
                     self.unit_items[local].to(device),
                     negs[rank::world_size].to(device),
                     idx.numel(),
+                    None,
                 )
 
     def _targets(self, local: torch.Tensor) -> torch.Tensor:
+        """The multi-hot (or weighted) target rows of the users ``local``, gathered without a
+        Python loop over users."""
+        counts = self.counts[local]
         targets = torch.zeros(local.numel(), self.n_items)
-        row_of = torch.repeat_interleave(torch.arange(local.numel()), self.counts[local])
-        spans = [(int(self.indptr[j]), int(self.indptr[j + 1])) for j in local.tolist()]
-        cols = torch.cat([self.pair_items[a:b] for a, b in spans])
+        row_of = torch.repeat_interleave(torch.arange(local.numel()), counts)
+        first = torch.repeat_interleave(self.indptr[local], counts)
+        offset = torch.arange(row_of.numel()) - torch.repeat_interleave(
+            torch.cumsum(counts, 0) - counts, counts
+        )
+        pos = first + offset
+        cols = self.pair_items[pos]
         if self.pair_w is None:
             targets[row_of, cols] = 1.0
         else:
-            targets[row_of, cols] = torch.cat([self.pair_w[a:b] for a, b in spans])
+            targets[row_of, cols] = self.pair_w[pos]
         return targets

@@ -37,7 +37,7 @@ from training.config import Config
 from training.data.splits import Split
 from training.evaluate import full_ranking
 from training.model import TwoTower
-from training.trainer import FitResult, fit
+from training.trainer import FitResult, Sampling, fit
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,10 @@ def _fit(
         grad_masks=grad_masks,
         lr_scales=lr_scales,
         pair_weights=pair_weights,
+        sampling=Sampling(
+            cfg.negative_sampler, cfg.sampled_negatives, cfg.sampler_alpha, cfg.mixed_negatives
+        ),
+        sparse_embeddings=cfg.sparse_embeddings,
     )
     logger.info(
         "%s: best valid NDCG@10 %.4f at epoch %d", desc, result.best_score, result.best_epoch

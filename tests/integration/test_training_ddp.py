@@ -34,10 +34,20 @@ def _env() -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "loss",
+    [
+        [],  # the full softmax (the default)
+        # shared sampled negatives and sparse tables: every process draws the global batch's
+        ["--loss=sampled_softmax", "--sampled-negatives=64", "--sparse-embeddings=true"],
+        ["--loss=sampled_softmax", "--negative-sampler=uniform", "--mixed-negatives=true"],
+    ],
+    ids=["softmax", "sampled-sparse", "mixed"],
+)
+def test_two_process_ddp_matches_one_process(tmp_path: Path, loss: list[str]) -> None:
     single, double = tmp_path / "one", tmp_path / "two"
     subprocess.run(
-        [sys.executable, "-m", "training", *ARGS, "--run-dir", str(single)],
+        [sys.executable, "-m", "training", *ARGS, *loss, "--run-dir", str(single)],
         check=True,
         env=_env(),
         cwd=REPO_ROOT,
@@ -54,6 +64,7 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
             "-m",
             "training",
             *ARGS,
+            *loss,
             "--run-dir",
             str(double),
         ],
