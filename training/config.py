@@ -61,6 +61,7 @@ class Config:
     finetune_user_lr_scale: float = 1.0  # finetune: learning-rate factor on the shared user table
     freeze_epochs: int = 0  # freeze_unfreeze: cap of the frozen phase, stops early (0 = epochs)
     unfreeze_lr_scale: float = 0.3  # freeze_unfreeze: learning-rate factor after unfreezing
+    private_reg_scale: float = 0.2  # shared_private: factor on reg for the private user vectors
     joint_source_weight: float = 0.5  # joint: loss weight of the source pairs
     anchor_tau: float = 5.0  # anchored: target pairs at which the pull to the source halves
     mapping_hidden: int = 128  # emcdr: hidden width of the source->target mapping MLP

@@ -50,6 +50,7 @@ class TwoTower(nn.Module):
         if private_users:
             self.user_private = nn.Embedding(n_users, dim)
             nn.init.zeros_(self.user_private.weight)
+        self.private_reg_scale = 1.0  # factor on the L2 of the private part
         # an item bias folded into the dot product: user vectors end in a constant 1, item
         # vectors in the bias, so retrieval stays a pure inner product of dimension dim + 1
         self.item_bias = nn.Embedding(n_items, 1) if item_bias else None
@@ -69,7 +70,7 @@ class TwoTower(nn.Module):
             e = e - self.user_anchor.to(e.device)[users]
         out = e.pow(2).sum(-1)
         if self.user_private is not None:  # the private part is pulled towards zero
-            out = out + self.user_private(users).pow(2).sum(-1)
+            out = out + self.private_reg_scale * self.user_private(users).pow(2).sum(-1)
         return out
 
     def user_vectors(self, users: torch.Tensor | None = None) -> torch.Tensor:

@@ -227,6 +227,7 @@ def train_strategy(
         }
     if name == "shared_private":
         model = _from_source(source, split, cfg, device, private_users=True)
+        model.private_reg_scale = cfg.private_reg_scale
         for p in model.user_mlp.parameters():
             p.requires_grad_(False)
         r = _fit(model, train, valid, cfg, name, device, cfg.epochs, grad_masks=mask)

@@ -72,3 +72,5 @@ def test_private_vectors_are_regularised_towards_zero() -> None:
         model.user_private.weight.fill_(0.5)  # type: ignore[union-attr]
     reg = model._user_reg(torch.tensor([0, 1]))
     assert torch.allclose(reg, torch.full((2,), 4 * 0.25))
+    model.private_reg_scale = 0.2
+    assert torch.allclose(model._user_reg(torch.tensor([0])), torch.full((1,), 0.2 * 4 * 0.25))
