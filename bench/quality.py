@@ -111,6 +111,8 @@ def fmt(ms: tuple[float, float, int]) -> str:
     m, sd, n = ms
     if n == 0:
         return "n/a"
+    if n == 1:  # no spread to report: say so rather than print a zero sd
+        return f"{m:.4f} (1 seed)"
     return f"{m:.4f} ± {sd:.4f}"
 
 

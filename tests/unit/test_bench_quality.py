@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.quality import merge_seed
+from bench.quality import fmt, mean_sd, merge_seed
 
 
 def _res(shares: list[str], wall: float) -> dict[str, object]:
@@ -28,3 +28,9 @@ def test_a_rerun_of_the_same_share_replaces_it_and_a_failed_rerun_keeps_the_old_
     assert "error" not in failed and failed["shares"] == {"0.2": {"run": 10.0}}
     assert failed["runs"][-1]["error"] == ["boom"]
     assert "error" in merge_seed(None, {"error": ["boom"], "wall_s": 1.0})
+
+
+def test_a_figure_from_one_seed_says_so_instead_of_a_zero_sd() -> None:
+    assert fmt(mean_sd([0.25])) == "0.2500 (1 seed)"
+    assert fmt(mean_sd([0.2, 0.3])) == "0.2500 ± 0.0707"
+    assert fmt(mean_sd([float("nan")])) == "n/a"
