@@ -159,13 +159,21 @@ def ease(votes: sp.csr_matrix, n_target: int, b: np.ndarray, keep: np.ndarray) -
     tgt_cols = torch.from_numpy(keep[tgt_in_keep] - offset)
     b_t = torch.from_numpy(b[:, tgt_in_keep].astype(np.float32))
     counts = np.asarray(votes[:, offset:].sum(0), dtype=np.float64).ravel()
-    # items left out of the solve rank after every kept item, by popularity
-    fill = torch.from_numpy((-1e4 + counts / (counts.max() + 1.0)).astype(np.float32))
+    # items left out of the solve rank after every kept item of the user's row, by popularity,
+    # just below the row's lowest kept score (a fixed far-off value would dominate the row's
+    # spread and flatten the standardised scores the blend mixes)
+    pop = torch.from_numpy((counts / (counts.max() + 1.0)).astype(np.float32))
+    left_out = torch.ones(n_target, dtype=torch.bool)
+    left_out[tgt_cols] = False
     v = votes[:, keep].tocsr()
 
     def score(batch: np.ndarray) -> torch.Tensor:
-        out = fill.expand(batch.size, -1).clone()
-        out[:, tgt_cols] = _dense(v[batch]) @ b_t
+        kept = _dense(v[batch]) @ b_t
+        out = torch.empty(batch.size, n_target)
+        out[:, tgt_cols] = kept
+        if left_out.any():
+            low = kept.min(1, keepdim=True).values if kept.shape[1] else torch.zeros(batch.size, 1)
+            out[:, left_out] = low - 1.0 + pop[left_out]
         return out
 
     return score
