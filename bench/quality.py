@@ -126,6 +126,8 @@ def fmt(ms: tuple[float, float, int]) -> str:
     m, sd, n = ms
     if n == 0:
         return "n/a"
+    if n == 1:  # no spread to report: say so rather than print a zero sd
+        return f"{m:.4f} (1 seed)"
     return f"{m:.4f} ± {sd:.4f}"
 
 
@@ -353,17 +355,21 @@ def markdown(results: dict[str, Any]) -> str:
     lines += [
         "## Time and memory per run",
         "",
-        "| job | seed | wall s | peak MB |",
-        "|---|---|---|---|",
+        "| job | seed | cold shares of the run | wall s | peak MB |",
+        "|---|---|---|---|---|",
     ]
     for name, job in jobs.items():
         for seed, r in job.get("seeds", {}).items():
             if "error" in r:
-                lines.append(f"| {name} | {seed} | failed: {r['error']} | |")
+                lines.append(f"| {name} | {seed} | | failed: {r['error']} | |")
                 continue
-            lines.append(
-                f"| {name} | {seed} | {r['wall_s']:.0f} | {r.get('peak_memory_mb', float('nan')):.0f} |"
-            )
+            for run in r.get("runs") or [_run_record(r)]:
+                shares = ", ".join(run["shares"]) or f"failed: {run.get('error')}"
+                mem = run.get("peak_memory_mb")
+                lines.append(
+                    f"| {name} | {seed} | {shares} | {run['wall_s']:.0f} | "
+                    f"{float('nan') if mem is None else mem:.0f} |"
+                )
     demo = jobs.get("demo", {}).get("seeds", {}).get("0")
     if demo and "error" not in demo:
         lines += [
@@ -419,9 +425,7 @@ def main(argv: list[str] | None = None) -> int:
             config = CONFIGS / f"{DEMO if job == 'demo' else job}.toml"
             extra = [f"--cold_shares={args.cold_shares}"] if job in PAIRS else []
             entry: dict[str, Any] = {"seeds": {}, "overrides": args.set}
-            old = results["jobs"].get(job) or {}
-            if old.get("overrides", []) == args.set:  # same settings: add to its other seeds
-                entry["seeds"] = {k: v for k, v in old.get("seeds", {}).items() if k not in seeds}
+            previous = results["jobs"].get(job, {})
             for seed in seeds if job != "demo" else ["0"]:
                 print(f"running {job} seed {seed} ...", flush=True)
                 res = run_job(
@@ -432,16 +436,49 @@ def main(argv: list[str] | None = None) -> int:
                     [*extra, f"--seed={seed}", *overrides],
                     publish=job != "ml1m",
                 )
-                entry["seeds"][seed] = res
+                res["overrides"] = args.set
+                entry["seeds"][seed] = merge_seed(previous.get("seeds", {}).get(seed), res)
                 entry["protocol"] = res.get("protocol", entry.get("protocol"))
                 print(f"  {job} seed {seed}: {res.get('wall_s', 0):.0f} s {res.get('error', '')}")
-                if any("error" not in r for r in entry["seeds"].values()):
-                    entry["summary"] = summarize(entry)
-                results["jobs"][job] = entry
+                results["jobs"][job] = {
+                    **previous,
+                    **entry,
+                    "seeds": {**previous.get("seeds", {}), **entry["seeds"]},
+                }
+                if any("error" not in r for r in results["jobs"][job]["seeds"].values()):
+                    results["jobs"][job]["summary"] = summarize(results["jobs"][job])
                 out_json.write_text(json.dumps(_jsonable(results), indent=1, default=str))
                 (args.out / "quality.md").write_text(markdown(results))
     print((args.out / "quality.md").read_text())
     return 0
+
+
+def merge_seed(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """One seed's results after a rerun: the new run's cold shares replace the old run's, the
+    old run's other shares are kept (a run of ``--cold-shares 0,0.5`` keeps an earlier 0.2), and
+    each run's wall time, peak memory and overrides stay listed under ``runs``. A failed rerun
+    keeps the earlier results (the failure is listed under ``runs``)."""
+    if old and "error" not in old and "error" in new:
+        return {**old, "runs": [*(old.get("runs") or [_run_record(old)]), _run_record(new)]}
+    if not old or "error" in old or "error" in new:
+        merged = dict(new)
+        keep: dict[str, Any] = {}
+    else:
+        merged = {**old, **new, "shares": {**old.get("shares", {}), **new.get("shares", {})}}
+        keep = old
+    runs = list(keep.get("runs") or ([_run_record(keep)] if keep else []))
+    merged["runs"] = [*runs, _run_record(new)]
+    return merged
+
+
+def _run_record(res: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "shares": sorted(res.get("shares", {})),
+        "wall_s": res.get("wall_s"),
+        "peak_memory_mb": res.get("peak_memory_mb"),
+        "overrides": res.get("overrides"),
+        **({"error": res["error"]} if "error" in res else {}),
+    }
 
 
 def _jsonable(x: Any) -> Any:

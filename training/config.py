@@ -16,8 +16,9 @@ from typing import Any
 from recsys.ann import AnnParams
 from training.errors import ConfigError
 
-STRATEGIES = ("finetune", "freeze_unfreeze", "lora", "anchored", "joint", "emcdr")
-DEFAULT_STRATEGIES = ("finetune", "freeze_unfreeze", "lora", "emcdr")  # anchored, joint: opt-in
+STRATEGIES = ("finetune", "freeze_unfreeze", "shared_private", "anchored", "joint", "emcdr")
+DEFAULT_STRATEGIES = ("finetune", "freeze_unfreeze", "shared_private", "emcdr")  # anchored,
+# joint: opt-in
 BASELINES = ("popularity", "itemknn", "cd_itemknn", "ease", "cd_ease")
 LOSSES = ("softmax", "sampled_softmax", "bpr")
 NEGATIVE_SAMPLERS = ("popularity", "uniform", "in_batch")
@@ -37,7 +38,8 @@ class Config:
     cold_shares: list[float] = field(default_factory=lambda: [0.2, 0.5])  # one run per share;
     # the first share's models are the ones exported
     n_negatives: int = 999  # sampled negatives per test item under "loo"
-    duplicates: str = "keep"  # target items duplicating a source item: "keep" (report) or "drop"
+    duplicates: str = "keep"  # target items duplicating a source item: "keep" (report), "drop"
+    # (remove them from the target) or "merge" (one item: the source copy's rows join the target's)
     duplicate_jaccard: float = 0.8  # user-set Jaccard at or above which items are duplicates
     # --- model ----------------------------------------------------------------------------
     dim: int = 64  # embedding size of both towers
@@ -72,7 +74,7 @@ class Config:
     finetune_user_lr_scale: float = 1.0  # finetune: learning-rate factor on the shared user table
     freeze_epochs: int = 0  # freeze_unfreeze: cap of the frozen phase, stops early (0 = epochs)
     unfreeze_lr_scale: float = 0.3  # freeze_unfreeze: learning-rate factor after unfreezing
-    adapter_rank: int = 8  # lora: rank of the user-side adapter
+    private_reg_scale: float = 0.2  # shared_private: factor on reg for the private user vectors
     joint_source_weight: float = 0.5  # joint: loss weight of the source pairs
     anchor_tau: float = 5.0  # anchored: target pairs at which the pull to the source halves
     mapping_hidden: int = 128  # emcdr: hidden width of the source->target mapping MLP
@@ -125,8 +127,10 @@ class Config:
                 raise ConfigError(
                     f"strategies: unknown strategy {s!r}; known: {', '.join(STRATEGIES)}"
                 )
-        if self.duplicates not in ("keep", "drop"):
-            raise ConfigError(f"duplicates: expected 'keep' or 'drop', got {self.duplicates!r}")
+        if self.duplicates not in ("keep", "drop", "merge"):
+            raise ConfigError(
+                f"duplicates: expected 'keep', 'drop' or 'merge', got {self.duplicates!r}"
+            )
         for b in self.baselines:
             if b not in BASELINES:
                 raise ConfigError(

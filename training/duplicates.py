@@ -5,7 +5,9 @@ Such pairs are almost certainly the same product listed twice, and a cross-domai
 cross-domain item-item baseline) that finds them gains for a reason that is not transfer of
 taste. Detection runs on the positives of both domains before the split (a property of the
 catalogue, like de-duplication of rows); the pipeline reports every row with and without test
-pairs on such items, and ``duplicates = "drop"`` removes them from the target domain.
+pairs on such items; ``duplicates = "drop"`` removes them from the target domain, and
+``duplicates = "merge"`` keeps each such product once, as its target item (the source copy's rows
+move to it).
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import scipy.sparse as sp
 
-from training.data.dataset import Dataset, DomainData, joint_codes
+from training.data.dataset import TRAIN, Dataset, DomainData, joint_codes
 
 logger = logging.getLogger(__name__)
 
@@ -95,3 +98,53 @@ def drop_items(dataset: Dataset, domain: str, items: list[str]) -> Dataset:
     keep = ~np.isin(d.item_codes, codes)
     new = d.take(keep, duplicate_item_rows_dropped=int((~keep).sum()))
     return dataclasses.replace(dataset, domains={**dataset.domains, domain: new})
+
+
+def merge_items(dataset: Dataset, target: str, source: str, dups: Duplicates) -> Dataset:
+    """The data set with each duplicated product kept once, as its target item.
+
+    The source copy of every pair in ``dups.source_match`` leaves the source domain; its rows of
+    users who do not already have the target copy become rows of the target item (rating and
+    timestamp kept; marked as training rows where the data fixes the split). The product then has
+    one id, in the domain that is recommended, and the source no longer holds a second listing of
+    a target test item.
+    """
+    tgt, src = dataset.domains[target], dataset.domains[source]
+    match = {s: t for t, s in dups.source_match.items()}
+    s_items = src.items.astype(str)
+    on_copy = np.isin(s_items, np.asarray(list(match), dtype=str))
+    have = set(zip(tgt.users.tolist(), tgt.items.tolist(), strict=True))
+    moved_items = np.array([match[i] for i in s_items[on_copy]], dtype=object)
+    moved_users = src.users[on_copy]
+    new = np.fromiter(
+        ((u, i) not in have for u, i in zip(moved_users, moved_items, strict=True)),
+        bool,
+        len(moved_items),
+    )
+
+    def joined(a_t: np.ndarray | None, a_s: np.ndarray | None, fill: Any) -> np.ndarray | None:
+        if a_t is None:
+            return None
+        extra = a_s[on_copy][new] if a_s is not None else np.full(int(new.sum()), fill)
+        return np.concatenate([a_t, extra.astype(a_t.dtype)])
+
+    merged_target = DomainData(
+        tgt.name,
+        users=np.concatenate([tgt.users, moved_users[new]]),
+        items=np.concatenate([tgt.items, moved_items[new]]),
+        ratings=joined(tgt.ratings, src.ratings, np.float32(np.nan)),
+        timestamps=joined(tgt.timestamps, src.timestamps, 0),
+        given_split=joined(tgt.given_split, None, TRAIN),
+        titles=tgt.titles,
+        stats=dict(tgt.stats, duplicate_rows_merged_in=int(new.sum())),
+    )
+    merged_source = src.take(~on_copy, duplicate_item_rows_merged_out=int(on_copy.sum()))
+    logger.info(
+        "merged %d duplicated products: %d source rows removed, %d moved to the target",
+        len(match),
+        int(on_copy.sum()),
+        int(new.sum()),
+    )
+    return dataclasses.replace(
+        dataset, domains={**dataset.domains, target: merged_target, source: merged_source}
+    )

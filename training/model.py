@@ -1,5 +1,6 @@
-"""Two-tower model: user tower and item tower (embedding tables, optional residual MLP and a
-low-rank user adapter) scored by a dot product, and the losses it is trained with."""
+"""Two-tower model: user tower and item tower (embedding tables, an optional residual MLP and an
+optional private user table added to the shared one) scored by a dot product, and the losses it
+is trained with."""
 
 from __future__ import annotations
 
@@ -55,25 +56,6 @@ class ResidualMLP(nn.Module):
         return x + self.fc2(F.relu(self.fc1(x)))
 
 
-class LowRankAdapter(nn.Module):
-    """x * s + B A x with rank r (LoRA-style) and a per-dimension gain s; starts as identity.
-
-    The gain lets the target domain rescale frozen source vectors cheaply (their norms were set
-    by the source domain's regularisation, not the target's).
-    """
-
-    def __init__(self, dim: int, rank: int) -> None:
-        super().__init__()
-        self.down = nn.Linear(dim, rank, bias=False)
-        self.up = nn.Linear(rank, dim, bias=False)
-        self.gain = nn.Parameter(torch.ones(dim))
-        nn.init.normal_(self.down.weight, std=dim**-0.5)
-        nn.init.zeros_(self.up.weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gain + self.up(self.down(x))
-
-
 class TwoTower(nn.Module):
     """score(u, i) = <user_tower(u), item_tower(i)>; ``forward`` returns the training loss."""
 
@@ -83,7 +65,7 @@ class TwoTower(nn.Module):
         n_items: int,
         dim: int,
         tower_hidden: int = 0,
-        adapter_rank: int = 0,
+        private_users: bool = False,
         init_std: float = 0.1,
         item_bias: bool = True,
     ) -> None:
@@ -94,9 +76,14 @@ class TwoTower(nn.Module):
         nn.init.normal_(self.item_emb.weight, std=init_std)
         self.user_mlp: nn.Module = ResidualMLP(dim, tower_hidden) if tower_hidden else nn.Identity()
         self.item_mlp: nn.Module = ResidualMLP(dim, tower_hidden) if tower_hidden else nn.Identity()
-        self.adapter: nn.Module = (
-            LowRankAdapter(dim, adapter_rank) if adapter_rank else nn.Identity()
-        )
+        # shared-plus-private users: the user vector is user_emb[u] + user_private[u], the
+        # private table starting at zero (set by the ``shared_private`` transfer strategy, which
+        # keeps the shared rows of source users frozen at their source vectors)
+        self.user_private: nn.Embedding | None = None
+        if private_users:
+            self.user_private = nn.Embedding(n_users, dim)
+            nn.init.zeros_(self.user_private.weight)
+        self.private_reg_scale = 1.0  # factor on the L2 of the private part
         # an item bias folded into the dot product: user vectors end in a constant 1, item
         # vectors in the bias, so retrieval stays a pure inner product of dimension dim + 1
         self.item_bias = nn.Embedding(n_items, 1) if item_bias else None
@@ -114,11 +101,16 @@ class TwoTower(nn.Module):
         e = self.user_emb(users)
         if self.user_anchor is not None:
             e = e - self.user_anchor.to(e.device)[users]
-        return e.pow(2).sum(-1)
+        out = e.pow(2).sum(-1)
+        if self.user_private is not None:  # the private part is pulled towards zero
+            out = out + self.private_reg_scale * self.user_private(users).pow(2).sum(-1)
+        return out
 
     def user_vectors(self, users: torch.Tensor | None = None) -> torch.Tensor:
         e = self.user_emb.weight if users is None else self.user_emb(users)
-        out: torch.Tensor = self.adapter(self.user_mlp(e))
+        if self.user_private is not None:
+            e = e + (self.user_private.weight if users is None else self.user_private(users))
+        out: torch.Tensor = self.user_mlp(e)
         if self.item_bias is not None:
             out = torch.cat([out, torch.ones_like(out[:, :1])], dim=1)
         return out

@@ -26,7 +26,7 @@ from training.config import Config
 from training.data.dataset import Dataset, load_dataset
 from training.data.splits import Split, check_split, make_split
 from training.data.synthetic import make_synthetic
-from training.duplicates import drop_items, find_duplicates
+from training.duplicates import drop_items, find_duplicates, merge_items
 from training.errors import ConfigError
 from training.evaluate import Scorer, rank_full, rank_sampled, table_scorer
 from training.model import TwoTower
@@ -554,6 +554,9 @@ def run(
         duplicate_items = dups.target_items
         if cfg.duplicates == "drop":
             dataset = drop_items(dataset, cfg.target, dups.target_items)
+            duplicate_items = []
+        elif cfg.duplicates == "merge":
+            dataset = merge_items(dataset, cfg.target, cfg.source, dups)
             duplicate_items = []
     source_model = None
     checkpoint = None

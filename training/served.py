@@ -7,8 +7,10 @@ a baseline or the blend can be published only in that form:
   EASE, cross-domain EASE) scores ``votes[u] @ W``; ``W`` is factorised by a truncated SVD
   ``W ~ U_k S_k V_k^T`` (exact below the rank, randomized above it), so the user row is
   ``votes[u] @ U_k S_k`` (every known user, cold users from their source votes in the
-  cross-domain variants) and the item row ``V_k``. Items outside the solve (EASE's cap) get one
-  extra coordinate holding their fill score against a constant 1 in every user row. Popularity
+  cross-domain variants) and the item row ``V_k``. Items outside the solve (EASE's cap) score
+  just below the user's lowest solved item, by popularity: two extra coordinates, the user's
+  (lowest served score - 1) against an indicator of those items, and a constant 1 against their
+  popularity tie-break. Popularity
   (one row of weights) is exact: a constant user against the item counts.
 * the blend ``(1 - w) z(model) + w z(base)`` with the per-user z-score ``z(s) = (s - mean) /
   std`` over all items is exactly ``[(1 - w) u_m / std_m(u), w u_b / std_b(u)] . [v_m - mean(v_m),
@@ -110,7 +112,14 @@ def factorise_many(lin: Linear, ranks: tuple[int, ...] | list[int]) -> dict[int,
             items[:] = right
         else:
             items[lin.cols] = right
-        if lin.fill is not None and lin.cols is not None:
+        if lin.fill is not None and lin.cols is not None and lin.fill_below_row:
+            # left-out items: (the row's lowest served score on cols - 1) + fill, as two columns
+            left_out = np.ones(lin.n_items)
+            left_out[lin.cols] = 0.0
+            low = _row_min(users, right)
+            users = np.hstack([users, (low - 1.0)[:, None], np.ones((users.shape[0], 1))])
+            items = np.hstack([items, left_out[:, None], (lin.fill * left_out)[:, None]])
+        elif lin.fill is not None and lin.cols is not None:
             extra = lin.fill.astype(np.float64).copy()
             extra[lin.cols] = 0.0
             users = np.hstack([users, np.ones((users.shape[0], 1))])
@@ -123,6 +132,19 @@ def factorise_many(lin: Linear, ranks: tuple[int, ...] | list[int]) -> dict[int,
             {"rank": r, "relative_frobenius_error": err},
         )
     return out
+
+
+def _row_min(users: np.ndarray, right: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Each user row's lowest score over the columns of ``right`` (users @ right.T), in chunks."""
+    if right.shape[0] == 0:
+        return np.zeros(users.shape[0])
+    return (
+        np.concatenate(
+            [(users[i : i + chunk] @ right.T).min(1) for i in range(0, users.shape[0], chunk)]
+        )
+        if users.shape[0]
+        else np.zeros(0)
+    )
 
 
 def factorise(lin: Linear, rank: int) -> Served:

@@ -10,7 +10,11 @@ new; the tower MLP weights are transferred when ``tower_hidden > 0``; with the d
 * ``target_only``: the same architecture trained from scratch on the target domain (baseline).
 * ``finetune``: start from the source model, train everything.
 * ``freeze_unfreeze``: shared user side frozen for ``freeze_epochs``, then everything trained.
-* ``lora``: shared user side frozen, a low-rank user adapter and the new item side trained.
+* ``shared_private``: every user is a shared vector plus a private target vector, the private
+  one starting at zero and pulled towards zero by the L2; the shared vectors of source users stay
+  frozen at their source values (users without source history train theirs), the private
+  vectors and the new item side train, so warm users are personalised on the target while what
+  the source learned stays intact beneath.
 * ``anchored``: finetune whose user L2 pulls each user towards ``w_u`` times their source vector
   instead of zero, ``w_u = 1 / (1 + n_u / anchor_tau)`` for a user with ``n_u`` target training
   pairs: users with little target history stay near what the source learned, users with much
@@ -126,9 +130,9 @@ def _fit(
     return result
 
 
-def new_model(cfg: Config, n_users: int, n_items: int, adapter_rank: int = 0) -> TwoTower:
+def new_model(cfg: Config, n_users: int, n_items: int, private_users: bool = False) -> TwoTower:
     return TwoTower(
-        n_users, n_items, cfg.dim, cfg.tower_hidden, adapter_rank, cfg.init_std, cfg.item_bias
+        n_users, n_items, cfg.dim, cfg.tower_hidden, private_users, cfg.init_std, cfg.item_bias
     )
 
 
@@ -140,11 +144,11 @@ def pretrain_source(split: Split, cfg: Config, device: torch.device) -> TwoTower
 
 
 def _from_source(
-    source: TwoTower, split: Split, cfg: Config, device: torch.device, adapter_rank: int = 0
+    source: TwoTower, split: Split, cfg: Config, device: torch.device, private_users: bool = False
 ) -> TwoTower:
     """Target model: shared user embeddings and tower weights from the source, new items."""
     torch.manual_seed(cfg.seed + 7)
-    model = new_model(cfg, split.n_users, split.n_target_items, adapter_rank).to(device)
+    model = new_model(cfg, split.n_users, split.n_target_items, private_users).to(device)
     model.user_emb.weight.data.copy_(source.user_emb.weight.data)
     if cfg.tower_hidden:  # with tower_hidden = 0 the towers are identities: nothing to copy
         model.user_mlp.load_state_dict(source.user_mlp.state_dict())
@@ -226,8 +230,9 @@ def train_strategy(
             "unfrozen": True,
             **phases,
         }
-    if name == "lora":
-        model = _from_source(source, split, cfg, device, adapter_rank=cfg.adapter_rank)
+    if name == "shared_private":
+        model = _from_source(source, split, cfg, device, private_users=True)
+        model.private_reg_scale = cfg.private_reg_scale
         for p in model.user_mlp.parameters():
             p.requires_grad_(False)
         r = _fit(model, train, valid, cfg, name, device, cfg.epochs, grad_masks=mask)

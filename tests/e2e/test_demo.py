@@ -37,7 +37,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     steps = re.findall(r"==> \[(\d)/6\]", out)
     assert steps == ["1", "2", "3", "4", "5", "6"]
     # The evaluation table puts the transfer strategies beside both baselines.
-    for row in ("| popularity |", "| target_only |", "| finetune |", "| lora |"):
+    for row in ("| popularity |", "| target_only |", "| finetune |", "| shared_private |"):
         assert row in out, row
     assert re.search(
         r"Published models: target-ranker, target-retrieval, target-dot-ranker version \d+", out

@@ -43,7 +43,7 @@ def _ndcg(block: dict[str, Any], name: str, segment: str) -> float:
 
 def test_transfer_beats_target_only_on_planted_tastes(synthetic_run: dict[str, Any]) -> None:
     block = synthetic_run["results"]["shares"]["0.2"]
-    transfer = ["finetune", "freeze_unfreeze", "lora"]
+    transfer = ["finetune", "freeze_unfreeze", "shared_private"]
     best_warm = max(_ndcg(block, s, "warm") for s in transfer)
     assert best_warm > 1.3 * _ndcg(block, "target_only", "warm")
     best_cold = max(_ndcg(block, s, "cold") for s in transfer + [f"{s}+emcdr" for s in transfer])

@@ -21,6 +21,7 @@ from training.baselines import (
     interactions,
     itemknn,
     popularity,
+    standardise,
 )
 from training.data.splits import make_split
 from training.data.synthetic import make_synthetic
@@ -76,6 +77,20 @@ def test_ease_item_cap_ranks_left_out_items_last_by_popularity() -> None:
     assert keep.tolist() == [0, 1]
     scores = ease(x, 3, ease_solve(x[:, keep], 1.0), keep)(np.array([0, 1, 2])).numpy()
     assert (scores[:, 2] < scores[:, :2].min(1)).all()
+    # just below the row's lowest kept score: the left-out item does not set the row's spread
+    np.testing.assert_allclose(scores[:, 2], scores[:, :2].min(1) - 1.0 + 1.0 / 4.0, rtol=1e-6)
+
+
+def test_left_out_items_do_not_flatten_the_standardised_ease_scores() -> None:
+    # 40 items, only the 4 most popular solved: the kept items' z-scores keep their spread
+    rng = np.random.default_rng(0)
+    pairs = np.array([[u, i] for u in range(30) for i in rng.choice(40, 6, replace=False)])
+    popular = [[u, k] for u in range(30) for k in range(4) if rng.random() < 0.7]
+    x = interactions(np.unique(np.r_[pairs, popular], axis=0), 30, 40)
+    keep = ease_keep(x, max_items=4)
+    z = standardise(ease(x, 40, ease_solve(x[:, keep], 1.0), keep)(np.arange(30)))
+    kept_spread = z[:, torch.from_numpy(keep)].std(1)
+    assert float(kept_spread.min()) > 0.1
 
 
 def test_blend_ends_are_the_two_scorers() -> None:

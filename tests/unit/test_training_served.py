@@ -50,9 +50,15 @@ def test_ease_with_items_outside_the_solve_keeps_their_fill() -> None:
     keep = ease_keep(x, max_items=2)
     lin = ease_linear(x, 3, ease_solve(x[:, keep], 1.0), keep)
     f = factorise(lin, 64)
-    assert f.users.shape == (3, 3) and f.items.shape == (3, 3)  # rank 2 plus the fill column
-    _same(f, lin.scorer(), np.arange(3), atol=1e-3)  # the fill is about -1e4 in float32
-    assert (f.scorer()(np.arange(3))[:, 2] < -1e3).all()
+    # rank 2 plus two fill columns: (lowest solved score - 1) x indicator, 1 x popularity
+    assert f.users.shape == (3, 4) and f.items.shape == (3, 4)
+    _same(f, lin.scorer(), np.arange(3), atol=1e-5)
+    served = f.scorer()(np.arange(3)).numpy()
+    solved = served[:, keep]
+    left = np.setdiff1d(np.arange(3), keep)
+    # each user's left-out item sits just below that user's lowest solved item
+    assert (served[:, left].max(1) < solved.min(1)).all()
+    assert (served[:, left].min(1) > solved.min(1) - 1.0).all()
 
 
 def test_itemknn_at_full_rank_is_the_dense_itemknn() -> None:
