@@ -257,19 +257,13 @@ def test_retrieval_and_rankers_down_is_unavailable_quickly_despite_popular_items
         gw.close()
 
 
-def test_retrieval_down_falls_back_to_popular_items_ranked(repo: Path, model: TinyModel) -> None:
-    settings = RankingSettings(host="127.0.0.1", port=0, metrics_port=0, model_repository=repo)
-    manager = create_manager(settings)
-
-    async def factory():  # type: ignore[no-untyped-def]
-        await manager.start()
-        return build_ranker(settings, manager)
-
-    ranker = BackgroundServer(factory)
+def test_retrieval_down_falls_back_to_popular_items_ranked(
+    repo: Path, model: TinyModel, real_ranker: BackgroundServer
+) -> None:
     gw = GatewayUnderTest(
         retrieval_target=f"127.0.0.1:{free_port()}",
         model_repository=repo,
-        ranker_targets=ranker.address,
+        ranker_targets=real_ranker.address,
     )
     try:
         reply = gw.recommend(user_id="u1", k=5, timeout=5)
@@ -285,8 +279,6 @@ def test_retrieval_down_falls_back_to_popular_items_ranked(repo: Path, model: Ti
         assert 'recsys_gateway_degraded_total{reason="retrieval_unavailable"} ' in gw.metrics()
     finally:
         gw.close()
-        ranker.run(manager.close())
-        ranker.stop()
 
 
 class SlowRanker(ranking_pb2_grpc.RankingServiceServicer):
@@ -372,25 +364,17 @@ def test_caller_cancellation_cancels_the_fan_out(
 
 
 def test_a_stalled_ranker_replica_costs_little(
-    repo: Path,
     model: TinyModel,
     retrieval: BackgroundServer,
     slow_ranker: tuple[BackgroundServer, SlowRanker],
+    real_ranker: BackgroundServer,
 ) -> None:
     # One real ranker and one whose handler blocks for 5 s (like a SIGSTOPped process: the
     # connection stays up, no answer comes).
     stalled, servicer = slow_ranker
-    settings = RankingSettings(host="127.0.0.1", port=0, metrics_port=0, model_repository=repo)
-    manager = create_manager(settings)
-
-    async def factory():  # type: ignore[no-untyped-def]
-        await manager.start()
-        return build_ranker(settings, manager)
-
-    ranker = BackgroundServer(factory)
     gw = GatewayUnderTest(
         retrieval_target=retrieval.address,
-        ranker_targets=f"{ranker.address},{stalled.address}",
+        ranker_targets=f"{real_ranker.address},{stalled.address}",
         ranker_hedge_ms=50,
         ranker_eject_s=5,
     )
@@ -408,8 +392,6 @@ def test_a_stalled_ranker_replica_costs_little(
         assert list(scores) == sorted(scores, reverse=True)
     finally:
         gw.close()
-        ranker.run(manager.close())
-        ranker.stop()
 
 
 def test_health_says_whether_answers_are_possible(
