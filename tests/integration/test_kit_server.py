@@ -115,6 +115,43 @@ def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
+def _signed_certificate(d: Path, name: str, extensions: str) -> None:
+    """`name`.key and `name`.pem in `d`: a new RSA key and its certificate signed by the CA there
+    (ca.pem, ca.key), for localhost and 127.0.0.1, with the `extensions` lines added."""
+    _openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        f"/CN={name}",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.csr",
+        cwd=d,
+    )
+    (d / f"{name}.ext").write_text(f"subjectAltName=DNS:localhost,IP:127.0.0.1\n{extensions}")
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        f"{name}.ext",
+        "-out",
+        f"{name}.pem",
+        cwd=d,
+    )
+
+
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("certs")
@@ -135,41 +172,8 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         cwd=d,
     )
     for name in ("server", "client"):
-        _openssl(
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            f"/CN={name}",
-            "-keyout",
-            f"{name}.key",
-            "-out",
-            f"{name}.csr",
-            cwd=d,
-        )
         usage = "serverAuth" if name == "server" else "clientAuth"
-        (d / f"{name}.ext").write_text(
-            f"subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage={usage}\n"
-        )
-        _openssl(
-            "x509",
-            "-req",
-            "-in",
-            f"{name}.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            f"{name}.ext",
-            "-out",
-            f"{name}.pem",
-            cwd=d,
-        )
+        _signed_certificate(d, name, f"extendedKeyUsage={usage}\n")
     return d
 
 
@@ -215,38 +219,7 @@ def test_mutual_tls(certs: Path) -> None:
 @pytest.fixture(scope="module")
 def noeku_cert(certs: Path) -> Path:
     """Under the same CA, a certificate with no extended key usage (no stated purpose)."""
-    _openssl(
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=noeku",
-        "-keyout",
-        "noeku.key",
-        "-out",
-        "noeku.csr",
-        cwd=certs,
-    )
-    (certs / "noeku.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    _openssl(
-        "x509",
-        "-req",
-        "-in",
-        "noeku.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "noeku.ext",
-        "-out",
-        "noeku.pem",
-        cwd=certs,
-    )
+    _signed_certificate(certs, "noeku", "")
     return certs
 
 
