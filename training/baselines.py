@@ -111,22 +111,29 @@ class Linear:
         w: Any = torch.from_numpy(np.asarray(self.weights, np.float32)) if dense else self.weights
         cols = None if self.cols is None else torch.from_numpy(self.cols)
         fill = None if self.fill is None else torch.from_numpy(self.fill.astype(np.float32))
+        left: torch.Tensor | None = None  # items scored below the row's lowest solved one
+        left_fill = torch.zeros(0)
+        if self.fill_below_row and fill is not None and cols is not None:
+            left = torch.ones(self.n_items, dtype=torch.bool)
+            left[cols] = False
+            left_fill = fill[left] - 1.0
 
         def score(batch: np.ndarray) -> torch.Tensor:
             part = _dense(self.votes[batch]) @ w if dense else _dense(self.votes[batch] @ w)
             if cols is None:
                 return part
-            out = (
-                torch.zeros(batch.size, self.n_items)
-                if fill is None
-                else fill.expand(batch.size, -1).clone()
-            )
+            if fill is None or left is not None:
+                out = torch.zeros(batch.size, self.n_items)
+            else:
+                out = fill.expand(batch.size, -1).clone()
             out[:, cols] = part
-            if self.fill_below_row and fill is not None:
-                left = torch.ones(self.n_items, dtype=torch.bool)
-                left[cols] = False
-                low = part.min(1, keepdim=True).values if part.shape[1] else out[:, :1] * 0
-                out[:, left] = low - 1.0 + fill[left]
+            if left is not None:
+                low = (
+                    part.min(1, keepdim=True).values
+                    if part.shape[1]
+                    else torch.zeros(batch.size, 1)
+                )
+                out[:, left] = low + left_fill
             return out
 
         return score

@@ -136,15 +136,10 @@ def factorise_many(lin: Linear, ranks: tuple[int, ...] | list[int]) -> dict[int,
 
 def _row_min(users: np.ndarray, right: np.ndarray, chunk: int = 4096) -> np.ndarray:
     """Each user row's lowest score over the columns of ``right`` (users @ right.T), in chunks."""
-    if right.shape[0] == 0:
+    if right.shape[0] == 0 or users.shape[0] == 0:
         return np.zeros(users.shape[0])
-    return (
-        np.concatenate(
-            [(users[i : i + chunk] @ right.T).min(1) for i in range(0, users.shape[0], chunk)]
-        )
-        if users.shape[0]
-        else np.zeros(0)
-    )
+    rows = range(0, users.shape[0], chunk)
+    return np.concatenate([(users[i : i + chunk] @ right.T).min(1) for i in rows])
 
 
 def factorise(lin: Linear, rank: int) -> Served:
