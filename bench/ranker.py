@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 from bench.loadgen import LoadResult, UnaryBytesCall, run_load  # noqa: E402
+from devtools.processes import free_port  # noqa: E402
 
 RANK_METHOD = "/recsys.v1.RankingService/Rank"
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
@@ -347,12 +347,6 @@ def measure_ceiling(
 
 
 # -- the service -----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _flag(key: str, value: Any) -> str:

@@ -4,6 +4,7 @@ would (SIGTERM, drain): used by the demo, the benchmarks and the end-to-end test
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -17,11 +18,39 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 REPO_ROOT = Path(__file__).resolve().parents[1]  # devtools/processes.py -> checkout root
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    """A TCP port that is free on loopback now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port that is free on loopback now and was not handed out before in this process.
+
+    Tests often reserve a port and bind it seconds later (a ranker slot that starts on demand).
+    A port the OS picks with bind(0) lies in the ephemeral range, which outgoing connections
+    draw from too, so one of them may take it in between; ports are therefore drawn at random
+    below that range, and never twice."""
+    low, _ = _ephemeral_range()
+    floor = 10000 if low > 12000 else 1024
+    rng = random.SystemRandom()
+    for _ in range(1000):
+        port = rng.randrange(floor, low if low > floor + 1000 else 65535)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free loopback port found")
 
 
 def project_env(extra: dict[str, str] | None = None) -> dict[str, str]:

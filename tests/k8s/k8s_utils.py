@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from devtools.processes import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -153,13 +154,6 @@ def parse_dockerfile(path: Path) -> list[Instruction]:
     if buffer:
         raise ValueError(f"{path}: dangling line continuation at line {start}")
     return instructions
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class PrometheusServer:
