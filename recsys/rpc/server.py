@@ -10,8 +10,10 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
+import numpy  # noqa: F401  (loads numpy's BLAS before the limit below is set)
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from threadpoolctl import threadpool_limits
 
 from recsys.rpc import metrics
 from recsys.rpc.interceptors import CachingInterceptor, Handler, default_interceptors
@@ -72,6 +74,10 @@ class RpcServer:
     ) -> None:
         self.settings = settings
         self.service_names = list(service_names)
+        if settings.blas_threads:
+            # Process-wide, for every thread, over the BLAS libraries loaded by now: numpy's
+            # (imported above) and FAISS's where the service imported it.
+            threadpool_limits(limits=settings.blas_threads, user_api="blas")
         self.port = 0
         self.metrics_port = 0
         self.serving = False  # what health says: SERVING between start-up and shutdown

@@ -75,6 +75,14 @@ class ServerSettings(BaseSettings):
         "ids, versions, domains; longer ones are INVALID_ARGUMENT.",
     )
     reflection: bool = Field(True, description="Serve gRPC server reflection.")
+    blas_threads: int = Field(
+        1,
+        ge=0,
+        le=256,
+        description="Threads numpy's BLAS may use for one matrix product (0: the library's "
+        "default, one per core). The request path's products are small and requests run "
+        "concurrently, so more threads spin without making a request faster.",
+    )
     tls_cert_file: Path | None = Field(None, description="Server certificate (PEM); enables TLS.")
     tls_key_file: Path | None = Field(None, description="Private key of the server certificate.")
     tls_client_ca_file: Path | None = Field(

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from pydantic_settings import SettingsConfigDict
 
+from devtools.processes import project_env
 from recsys.rpc.settings import ServerSettings, SettingsInvalid, load_settings
 
 
@@ -112,3 +114,29 @@ def test_swapped_certificate_and_key_are_refused(
             [f"--tls-cert-file={cert}", f"--tls-key-file={key}", f"--tls-client-ca-file={key}"],
         )
     assert "tls_client_ca_file" in info.value.message
+
+
+BLAS_THREADS = """
+import sys, threadpoolctl
+from recsys.rpc.server import RpcServer
+from recsys.rpc.settings import ServerSettings
+with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+    RpcServer(ServerSettings(port=0, metrics_port=0, blas_threads=int(sys.argv[1])),
+              service_names=[], register=lambda server: None)
+    print(sorted({i["num_threads"] for i in threadpoolctl.threadpool_info()
+                  if i["user_api"] == "blas"}))
+"""
+
+
+@pytest.mark.parametrize(("setting", "threads"), [(1, "[1]"), (0, "[2]")])
+def test_blas_threads_limit_the_process(setting: int, threads: str) -> None:
+    """A server limits numpy's (and FAISS's) BLAS to `blas_threads`; 0 leaves it alone. In a
+    child process: the limit is process-wide."""
+    out = subprocess.run(
+        [sys.executable, "-c", BLAS_THREADS, str(setting)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=project_env(),
+    )
+    assert out.stdout.strip() == threads
