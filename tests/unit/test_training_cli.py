@@ -73,6 +73,7 @@ def test_below_popularity_is_not_published_without_the_flag(
 ) -> None:
     # an untrained target-only model loses to popularity on validation
     weak = ["--export-strategy=target_only", "--strategies=", "--epochs=1", "--lr=1e-7"]
+    weak += ["--baselines=popularity", "--ranker=dot", "--blend=false"]  # the gate alone
     repo = tmp_path / "repo"
     argv = ["train", f"--config={SYNTHETIC}", *QUICK, *weak, f"--repository={repo}"]
     assert main([*argv, f"--run-dir={tmp_path / 'a'}"]) == 2
