@@ -157,3 +157,8 @@ def test_int8_ranker_is_compared_with_fp32_on_the_same_candidates(examples, tmp_
     assert got["users"] == len(sets["select_warm"])
     assert abs(got["fp32_ndcg@10"] - expected) < 1e-6
     assert 0.0 <= got["int8_ndcg@10"] <= 1.0 and got["spearman_mean"] > 0.9
+
+
+def test_orders_of_no_users_count_zero_users() -> None:
+    # a job without cold-start users (single domain) has no cold selection users
+    assert evaluate_orders(None, [])["users"] == 0
