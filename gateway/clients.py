@@ -29,12 +29,16 @@ def upstream_error(upstream: str, exc: grpc.RpcError) -> UpstreamError:
     return UpstreamError(code.name, f"{upstream}: {detail or ''}".rstrip(": "))
 
 
+# Whether each value up to the largest is a Source this version knows.
+_KNOWN_SOURCE = np.zeros(max(SOURCE_BY_VALUE) + 1, bool)
+_KNOWN_SOURCE[list(SOURCE_BY_VALUE)] = True
+
+
 def _source_values(values: np.ndarray) -> np.ndarray:
     """Source values, with any this version does not know read as UNSPECIFIED."""
-    return np.where(np.isin(values, _KNOWN_SOURCES), values, int(Source.UNSPECIFIED))
-
-
-_KNOWN_SOURCES = np.asarray(list(SOURCE_BY_VALUE), np.int64)
+    inside = (values >= 0) & (values < len(_KNOWN_SOURCE))
+    known = inside & _KNOWN_SOURCE[np.where(inside, values, 0)]
+    return values if known.all() else np.where(known, values, int(Source.UNSPECIFIED))
 
 
 def table_from_columns(columns: retrieval_pb2.CandidateColumns) -> CandidateTable:

@@ -506,7 +506,8 @@ class Pipeline:
         candidates = merge_candidates(lists, exclude)
         if personal is None:
             return candidates, True, bool(ok), None
-        known = bool(np.isin(personal.candidates.sources, (Source.ANN, Source.TRANSFER)).any())
+        sources = personal.candidates.sources
+        known = bool(((sources == Source.ANN) | (sources == Source.TRANSFER)).any())
         return candidates, known, True, personal
 
     # -- ranking --------------------------------------------------------------------------------

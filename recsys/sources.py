@@ -190,6 +190,9 @@ class CandidateSources:
     ) -> None:
         self.item_ids = list(item_ids)
         self.titles = list(titles)
+        # Object arrays of the same strings: a request's ids and titles are one gather each.
+        self._id_array = np.asarray(self.item_ids, object)
+        self._title_array = np.asarray(self.titles, object)
         self.item_embeddings = item_embeddings
         self.popularity = np.asarray(popularity, np.float32)
         self.neighbours = neighbours
@@ -278,12 +281,11 @@ class CandidateSources:
         column_of[[src for src, _ in columns]] = np.arange(len(columns))
         source_scores = np.stack([values for _, values in columns], axis=1).astype(np.float32)
         ranks = np.stack([_ranks_in(rank_rows.get(src), at) for src, _ in columns], axis=1)
-        rows = at.tolist()
         table = CandidateTable(
-            [self.item_ids[r] for r in rows],
+            self._id_array[at].tolist(),
             order_sources,
             source_scores[np.arange(len(at)), column_of[order_sources]],
-            [self.titles[r] for r in rows],
+            self._title_array[at].tolist(),
             tuple(src for src, _ in columns),
             source_scores,
             ranks.astype(np.int64),
