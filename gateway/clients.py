@@ -9,11 +9,12 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 
 from gateway import metrics
 from gateway.config import GatewaySettings
 from gateway.pipeline import Ranked, RankQuery, Retrieval, RetrieveQuery, UpstreamError
-from recsys.candidates import SOURCE_BY_VALUE, Candidate, Source, SourceScore
+from recsys.candidates import SOURCE_BY_VALUE, Candidate, CandidateTable, Source, SourceScore
 from recsys.features import UserContext
 from recsys.rpc.tls import channel_options
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
@@ -28,26 +29,72 @@ def upstream_error(upstream: str, exc: grpc.RpcError) -> UpstreamError:
     return UpstreamError(code.name, f"{upstream}: {detail or ''}".rstrip(": "))
 
 
-def retrieval_from_reply(reply: retrieval_pb2.RetrieveResponse) -> Retrieval:
-    """The pipeline's Retrieval from the wire answer (unknown source values: UNSPECIFIED)."""
+# Whether each value up to the largest is a Source this version knows.
+_KNOWN_SOURCE = np.zeros(max(SOURCE_BY_VALUE) + 1, bool)
+_KNOWN_SOURCE[list(SOURCE_BY_VALUE)] = True
+
+
+def _source_values(values: np.ndarray) -> np.ndarray:
+    """Source values, with any this version does not know read as UNSPECIFIED."""
+    inside = (values >= 0) & (values < len(_KNOWN_SOURCE))
+    known = inside & _KNOWN_SOURCE[np.where(inside, values, 0)]
+    return values if known.all() else np.where(known, values, int(Source.UNSPECIFIED))
+
+
+def table_from_columns(columns: retrieval_pb2.CandidateColumns) -> CandidateTable:
+    """The candidate table of the columnar answer; UpstreamError (INTERNAL) when its columns
+    differ in length."""
+    n = len(columns.item_ids)
+    titles = list(columns.titles) or [""] * n
+    score_columns = list(columns.source_scores)
+    lengths = {len(columns.sources), len(columns.scores), len(titles)}
+    lengths |= {len(c.scores) for c in score_columns} | {len(c.ranks) for c in score_columns}
+    if lengths - {n}:
+        raise UpstreamError(
+            "INTERNAL", f"retrieval: candidate columns of unequal lengths {sorted(lengths)}"
+        )
     source_of, unknown = SOURCE_BY_VALUE.get, Source.UNSPECIFIED
+    return CandidateTable(
+        list(columns.item_ids),
+        _source_values(np.fromiter(columns.sources, np.int64, n)),
+        np.fromiter(columns.scores, np.float32, n),
+        titles,
+        tuple(source_of(c.source, unknown) for c in score_columns),
+        np.stack([np.fromiter(c.scores, np.float32, n) for c in score_columns], axis=1)
+        if score_columns
+        else np.zeros((n, 0), np.float32),
+        np.stack([np.fromiter(c.ranks, np.int64, n) for c in score_columns], axis=1)
+        if score_columns
+        else np.zeros((n, 0), np.int64),
+    )
+
+
+def retrieval_from_reply(reply: retrieval_pb2.RetrieveResponse) -> Retrieval:
+    """The pipeline's Retrieval from the wire answer, columnar or rows (a server that does not
+    know RetrieveRequest.columnar answers rows); unknown source values read as UNSPECIFIED."""
+    if reply.HasField("columns"):
+        table = table_from_columns(reply.columns)
+    else:
+        source_of, unknown = SOURCE_BY_VALUE.get, Source.UNSPECIFIED
+        table = CandidateTable.from_rows(
+            [
+                Candidate(
+                    c.item_id,
+                    c.score,
+                    source_of(c.source, unknown),
+                    c.title,
+                    tuple(
+                        [
+                            SourceScore(source_of(s.source, unknown), s.score, s.rank)
+                            for s in c.source_scores
+                        ]
+                    ),
+                )
+                for c in reply.candidates
+            ]
+        )
     return Retrieval(
-        [
-            Candidate(
-                c.item_id,
-                c.score,
-                source_of(c.source, unknown),
-                c.title,
-                # A list first: tuple() over a generator costs a resumption per score.
-                tuple(
-                    [
-                        SourceScore(source_of(s.source, unknown), s.score, s.rank)
-                        for s in c.source_scores
-                    ]
-                ),
-            )
-            for c in reply.candidates
-        ],
+        table,
         reply.model.model_name,
         reply.model.model_version,
         UserContext(
@@ -76,6 +123,7 @@ class GrpcRetriever:
             exclude_seen=query.exclude_seen,
             history_item_ids=query.history_item_ids,
             sources=[int(s) for s in query.sources],  # type: ignore[misc]
+            columnar=True,
         )
         start = time.perf_counter()
         try:

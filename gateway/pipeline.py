@@ -52,7 +52,13 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from recsys.candidates import PERSONAL_SOURCES, Candidate, Source, merge_candidates
+from recsys.candidates import (
+    PERSONAL_SOURCES,
+    SOURCE_BY_VALUE,
+    CandidateTable,
+    Source,
+    merge_candidates,
+)
 from recsys.features import UserContext, candidate_features
 
 __all__ = ["merge_candidates"]
@@ -136,7 +142,7 @@ class RetrieveQuery:
 
 @dataclass(frozen=True)
 class Retrieval:
-    candidates: list[Candidate]
+    candidates: CandidateTable
     model_name: str
     model_version: str
     user: UserContext = UserContext()
@@ -204,20 +210,21 @@ class PopularItems:
     model repository) for when retrieval is down."""
 
     def __init__(self) -> None:
-        self._items: dict[str, list[Candidate]] = {}
+        self._items: dict[str, CandidateTable] = {}
         self.updated_at: dict[str, float] = {}
 
-    def set(self, domain: str, items: Sequence[Candidate]) -> None:
-        self._items[domain] = [
-            Candidate(c.item_id, c.score, Source.POPULAR, c.title) for c in items
-        ]
+    def set(self, domain: str, items: CandidateTable) -> None:
+        """Keep the items as POPULAR candidates with their scores (no per-source columns)."""
+        self._items[domain] = CandidateTable.unscored(
+            list(items.item_ids), Source.POPULAR, items.scores, list(items.titles)
+        )
         self.updated_at[domain] = time.monotonic()
 
-    def get(self, domain: str) -> list[Candidate]:
-        return self._items.get(domain, [])
+    def get(self, domain: str) -> CandidateTable:
+        return self._items.get(domain, CandidateTable.empty())
 
     def has(self, domain: str) -> bool:
-        return bool(self._items.get(domain))
+        return bool(len(self.get(domain)))
 
 
 @dataclass(frozen=True)
@@ -292,26 +299,33 @@ class Recommended(NamedTuple):
     proposed_by: tuple[Source, ...] = ()
 
 
-def top_k(
-    candidates: Sequence[Candidate], scores: Sequence[float | None], k: int
-) -> list[Recommended]:
-    """Ranked candidates by score (best first, ties in retrieval order), then the unranked ones
-    (score None) in retrieval order; the first k. A score that is not finite (NaN, infinite)
-    counts as unranked: it cannot be ordered."""
-    n = len(scores)
-    values = np.fromiter((math.nan if s is None else s for s in scores), np.float64, n)
-    finite = np.isfinite(values)
+def top_order(scores: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the ranked candidates by score (best first, ties in retrieval order), then
+    of the unranked ones in retrieval order; the first k. A score that is not finite (NaN for
+    unranked, infinite) counts as unranked: it cannot be ordered."""
+    finite = np.isfinite(scores)
     ranked = np.flatnonzero(finite)
     # Best first; a stable sort keeps ties in retrieval order.
-    best = ranked[np.argsort(-values[ranked], kind="stable")[:k]].tolist()
+    best = ranked[np.argsort(-scores[ranked], kind="stable")[:k]]
+    return np.concatenate([best, np.flatnonzero(~finite)[: k - len(best)]])
+
+
+def top_k(candidates: CandidateTable, scores: np.ndarray, k: int) -> list[Recommended]:
+    """The first k candidates in `top_order`, ranked ones with their score."""
     out = []
-    for i in best:
-        c = candidates[i]
-        out.append(Recommended(c.item_id, float(values[i]), c.source, c.title, True, c.proposed_by))
-    if len(out) < k:
-        for i in np.flatnonzero(~finite)[: k - len(out)].tolist():
-            c = candidates[i]
-            out.append(Recommended(c.item_id, 0.0, c.source, c.title, False, c.proposed_by))
+    for i in top_order(scores, k).tolist():
+        score = float(scores[i])
+        ranked = math.isfinite(score)
+        out.append(
+            Recommended(
+                candidates.item_ids[i],
+                score if ranked else 0.0,
+                SOURCE_BY_VALUE.get(int(candidates.sources[i]), Source.UNSPECIFIED),
+                candidates.titles[i],
+                ranked,
+                candidates.proposed_by(i),
+            )
+        )
     return out
 
 
@@ -375,8 +389,8 @@ class Pipeline:
         )
         result.timings["retrieval"] = time.perf_counter() - start
 
-        scores: list[float | None] = [None] * len(candidates)
-        if candidates and rank:
+        scores = np.full(len(candidates), math.nan)  # NaN: unranked
+        if len(candidates) and rank:
             start = time.perf_counter()
             ranking_timeout = deadline - loop.time() - cfg.margin_s
             scores, needs_features = await self._rank(
@@ -393,7 +407,7 @@ class Pipeline:
             late = result.retrieval_late and Reason.RANKING_DEADLINE in reasons
             if (
                 not retrieved
-                and all(score is None for score in scores)
+                and not result.ranked
                 and Reason.UNKNOWN_USER not in reasons
                 and not late
                 and not needs_features
@@ -403,8 +417,7 @@ class Pipeline:
 
         start = time.perf_counter()
         result.items = top_k(candidates, scores, query.k)
-        position = {c.item_id: i for i, c in enumerate(candidates, 1)}
-        result.retrieval_positions = [position[c.item_id] for c in result.items]
+        result.retrieval_positions = (top_order(scores, query.k) + 1).tolist()
         result.timings["merge"] = time.perf_counter() - start
         return result
 
@@ -431,7 +444,7 @@ class Pipeline:
 
     async def _retrieve(
         self, query: RecommendQuery, timeout: float, result: Recommendation
-    ) -> tuple[list[Candidate], bool, bool, Retrieval | None]:
+    ) -> tuple[CandidateTable, bool, bool, Retrieval | None]:
         """Merged candidates, whether to rank them, whether retrieval answered at all, and the
         personal call's answer (None when it failed).
 
@@ -477,22 +490,24 @@ class Pipeline:
         lists = [r.candidates for r in ok]
         if not ok:
             fallback = self.popular.get(query.domain)
-            if not fallback and result.retrieval_late:
+            if not len(fallback) and result.retrieval_late:
                 raise PipelineDeadline(
                     f"retrieval did not answer within its share of the deadline "
                     f"({_describe(errors)}) and no popular items are cached for domain "
                     f"{query.domain!r}"
                 )
-            if not fallback:
+            if not len(fallback):
                 raise PipelineUnavailable(
                     f"retrieval failed ({_describe(errors)}) and no popular items are cached "
                     f"for domain {query.domain!r}"
                 )
-            lists = [fallback[: cfg.retrieval_candidates + cfg.popular_candidates]]
+            size = min(len(fallback), cfg.retrieval_candidates + cfg.popular_candidates)
+            lists = [fallback.take(np.arange(size))]
         candidates = merge_candidates(lists, exclude)
         if personal is None:
             return candidates, True, bool(ok), None
-        known = any(c.source in (Source.ANN, Source.TRANSFER) for c in personal.candidates)
+        sources = personal.candidates.sources
+        known = bool(((sources == Source.ANN) | (sources == Source.TRANSFER)).any())
         return candidates, known, True, personal
 
     # -- ranking --------------------------------------------------------------------------------
@@ -586,12 +601,12 @@ class Pipeline:
     async def _rank(
         self,
         query: RecommendQuery,
-        candidates: list[Candidate],
+        candidates: CandidateTable,
         timeout: float,
         result: Recommendation,
         retrieval: Retrieval | None = None,
-    ) -> tuple[list[float | None], bool]:
-        """Scores per candidate (None: unranked), and whether every shard was refused for
+    ) -> tuple[np.ndarray, bool]:
+        """Scores per candidate (NaN: unranked), and whether every shard was refused for
         lack of features (a feature ranker asked without a retrieval answer)."""
         cfg = self.config
         loop = asyncio.get_running_loop()
@@ -607,7 +622,7 @@ class Pipeline:
             features_version = retrieval.model_version
 
         def shard_query(lo: int, hi: int, version: str) -> RankQuery:
-            ids = tuple(c.item_id for c in candidates[lo:hi])
+            ids = tuple(candidates.item_ids[lo:hi])
             rows = features[lo:hi] if features is not None else None
             return RankQuery(model, version, query.user_id, ids, rows, features_version)
 
@@ -647,12 +662,14 @@ class Pipeline:
                     answers[i] = answer
             result.model_versions.append((model, chosen))
 
-        scores: list[float | None] = [None] * len(candidates)
+        scores = np.full(len(candidates), math.nan)
         errors = [a for a in answers if isinstance(a, UpstreamError)]
+        invalid = 0
         for (lo, _hi), answer in zip(ranges, answers, strict=True):
             if isinstance(answer, Ranked):
-                scores[lo : lo + len(answer.scores)] = answer.scores
-        invalid = sum(1 for s in scores if s is not None and not math.isfinite(s))
+                shard = np.asarray(answer.scores, np.float64)
+                scores[lo : lo + len(shard)] = shard
+                invalid += int((~np.isfinite(shard)).sum())
         if invalid:
             # A model that answers NaN (or infinity) for some pairs: those items stay unranked.
             result.degradations.append(

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 
 from gateway.pipeline import PopularItems, RetrieveQuery, Retriever, UpstreamError
-from recsys.candidates import Candidate, Source
+from recsys.candidates import CandidateTable, Source
 from recsys.repository import ITEMS_FILE, RepositoryError, list_versions, read_items, version_dir
 
 logger = logging.getLogger(__name__)
 
 
-def popular_from_repository(repository: Path, domain: str, size: int) -> list[Candidate]:
+def popular_from_repository(repository: Path, domain: str, size: int) -> CandidateTable:
     """The most popular items of the latest version of the domain's retrieval (or ranker) model,
     from its items.json; empty when there is none."""
     for model in (f"{domain}-retrieval", f"{domain}-ranker"):
@@ -31,10 +31,13 @@ def popular_from_repository(repository: Path, domain: str, size: int) -> list[Ca
             ids, titles = items.ids, items.titles
             popularity = np.asarray(items.popularity, dtype=float)
             order = np.lexsort((np.arange(len(ids)), -popularity))[:size]
-            return [
-                Candidate(ids[j], float(popularity[j]), Source.POPULAR, titles[j]) for j in order
-            ]
-    return []
+            return CandidateTable.unscored(
+                [ids[j] for j in order],
+                Source.POPULAR,
+                popularity[order],
+                [titles[j] for j in order],
+            )
+    return CandidateTable.empty()
 
 
 class PopularRefresher:
@@ -71,11 +74,11 @@ class PopularRefresher:
                     items = await asyncio.to_thread(
                         popular_from_repository, self.repository, domain, self.size
                     )
-                    if items:
+                    if len(items):
                         self.cache.set(domain, items)
                         logger.info("Popular items of %s read from %s", domain, self.repository)
                 continue
-            if answer.candidates:
+            if len(answer.candidates):
                 self.cache.set(domain, answer.candidates)
 
     async def run(self, interval_s: float, retry_s: float = 1.0) -> None:

@@ -54,7 +54,7 @@ class LocalRetriever:
             history_item_ids=query.history_item_ids,
             sources=query.sources,
         )
-        return Retrieval(result.candidates, index.model_name, str(index.version), result.user)
+        return Retrieval(result.table, index.model_name, str(index.version), result.user)
 
 
 class LocalRanker:

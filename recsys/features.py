@@ -5,13 +5,11 @@ training from the same candidate generation: one function, so both build the sam
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import chain
 
 import numpy as np
 
-from recsys.candidates import EMBEDDING_SOURCES, Candidate, Source
+from recsys.candidates import EMBEDDING_SOURCES, CandidateTable, Source
 
 # The columns of a feature ranker's FP32 [N, F] input, in order (docs/ranking-features.md).
 FEATURE_NAMES: tuple[str, ...] = (
@@ -52,8 +50,10 @@ _COLUMNS = {
 }
 
 
-def candidate_features(candidates: Sequence[Candidate], user: UserContext) -> np.ndarray:
-    """FP32 [len(candidates), len(FEATURE_NAMES)], columns as FEATURE_NAMES."""
+def candidate_features(candidates: CandidateTable, user: UserContext) -> np.ndarray:
+    """FP32 [len(candidates), len(FEATURE_NAMES)], columns as FEATURE_NAMES, one column of the
+    table at a time. An absent entry (score 0, rank 0) gives 0 in both of its columns; where a
+    table has several embedding-source columns, a present entry of a later one wins."""
     n = len(candidates)
     out = np.zeros((n, len(FEATURE_NAMES)), np.float32)
     out[:, 8:12] = (
@@ -62,27 +62,22 @@ def candidate_features(candidates: Sequence[Candidate], user: UserContext) -> np
         float(user.mapped),
         float(user.known),
     )
-    # Every (source, score, rank) of every candidate, flattened in C (no tuple per score).
-    counts = np.fromiter((len(c.scores) for c in candidates), np.int64, n)
-    m = int(counts.sum())
-    primary = np.fromiter((c.source for c in candidates), np.int64, n)
     n_sources = np.ones(n, np.float32)
-    if m:
-        scores = chain.from_iterable(c.scores for c in candidates)
-        table = np.fromiter(chain.from_iterable(scores), np.float64, 3 * m).reshape(m, 3)
-        row = np.repeat(np.arange(n), counts)
-        source = table[:, 0].astype(np.int64)
-        score, rank = table[:, 1], table[:, 2]
-        for src, (score_col, rank_col, log) in _COLUMNS.items():
-            mask = source == int(src)
-            if not mask.any():
-                continue
-            value = np.log1p(np.maximum(score[mask], 0.0)) if log else score[mask]
-            out[row[mask], score_col] = value
-            r = rank[mask]
-            out[row[mask], rank_col] = np.where(r > 0, 1.0 / np.maximum(r, 1.0), 0.0)
-        other = (rank > 0) & (source != primary[row])
-        n_sources += np.bincount(row[other], minlength=n).astype(np.float32)
+    for j, src in enumerate(candidates.score_sources):
+        columns = _COLUMNS.get(src)
+        score = candidates.source_scores[:, j].astype(np.float64)
+        rank = candidates.source_ranks[:, j]
+        n_sources += (rank > 0) & (candidates.sources != int(src))
+        if columns is None:
+            continue
+        score_col, rank_col, log = columns
+        rrank = np.where(rank > 0, 1.0 / np.maximum(rank, 1), 0.0)
+        value = np.log1p(np.maximum(score, 0.0)) if log else score
+        if src in EMBEDDING_SOURCES:
+            present = (score != 0) | (rank > 0)
+            out[present, score_col], out[present, rank_col] = value[present], rrank[present]
+        else:
+            out[:, score_col], out[:, rank_col] = value, rrank
     out[:, 12] = n_sources
     np.clip(out, -FEATURE_LIMIT, FEATURE_LIMIT, out=out)
     return out

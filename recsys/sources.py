@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from recsys.candidates import EMBEDDING_SOURCES, Candidate, Source, SourceScore
+from recsys.candidates import Candidate, CandidateTable, Source
 
 NEIGHBOURS_FILE = "neighbours.npz"
 
-# (vector, k, excluded rows) -> [(item row, inner product)], best first
-Search = Callable[[np.ndarray, int, "set[int] | frozenset[int]"], list[tuple[int, float]]]
+# (vector, k, excluded rows) -> (item rows int64, inner products float32), best first
+Search = Callable[[np.ndarray, int, "set[int] | frozenset[int]"], "tuple[np.ndarray, np.ndarray]"]
 
 
 class NeighboursError(ValueError):
@@ -117,7 +117,7 @@ class Neighbours:
 
 def top_positive(
     scores: np.ndarray, k: int, excluded: set[int] | frozenset[int]
-) -> list[tuple[int, float]]:
+) -> tuple[np.ndarray, np.ndarray]:
     """The k rows with the largest positive scores, best first (ties by row), not excluded."""
     rows = np.flatnonzero(scores > 0)
     if excluded and rows.size:
@@ -126,8 +126,8 @@ def top_positive(
         part = np.argpartition(-scores[rows], k - 1)[:k]
         rows = rows[part]
     order = np.lexsort((rows, -scores[rows]))
-    rows = rows[order]
-    return list(zip(rows.tolist(), scores[rows].tolist(), strict=True))
+    rows = rows[order].astype(np.int64)
+    return rows, scores[rows]
 
 
 def exact_search(item_embeddings: np.ndarray) -> Search:
@@ -135,18 +135,18 @@ def exact_search(item_embeddings: np.ndarray) -> Search:
 
     def search(
         vector: np.ndarray, k: int, excluded: set[int] | frozenset[int]
-    ) -> list[tuple[int, float]]:
+    ) -> tuple[np.ndarray, np.ndarray]:
         scores = item_embeddings @ vector.astype(np.float32)
         if excluded:
             scores = scores.copy()
             scores[np.fromiter(excluded, np.int64, len(excluded))] = -np.inf
         k = min(k, int(np.isfinite(scores).sum()))
         if k <= 0:
-            return []
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
         part = np.argpartition(-scores, k - 1)[:k]
         order = np.lexsort((part, -scores[part]))
-        rows = part[order]
-        return list(zip(rows.tolist(), scores[rows].tolist(), strict=True))
+        rows = part[order].astype(np.int64)
+        return rows, scores[rows]
 
     return search
 
@@ -166,8 +166,13 @@ class UserState:
 
 @dataclass(frozen=True)
 class Generated:
-    candidates: list[Candidate]
+    table: CandidateTable
     sources: tuple[Source, ...]  # the sources that proposed at least one candidate, in order
+
+    @property
+    def candidates(self) -> list[Candidate]:
+        """The row view of `table`."""
+        return self.table.rows()
 
 
 class CandidateSources:
@@ -185,6 +190,9 @@ class CandidateSources:
     ) -> None:
         self.item_ids = list(item_ids)
         self.titles = list(titles)
+        # Object arrays of the same strings: a request's ids and titles are one gather each.
+        self._id_array = np.asarray(self.item_ids, object)
+        self._title_array = np.asarray(self.titles, object)
         self.item_embeddings = item_embeddings
         self.popularity = np.asarray(popularity, np.float32)
         self.neighbours = neighbours
@@ -212,23 +220,25 @@ class CandidateSources:
     ) -> Generated:
         """Up to k candidates: the personal and item-to-item lists interleaved by rank (each
         item once, from the first list that reaches it), then popular items to fill; each
-        carries every source's score and its rank in each list."""
-        lists: list[tuple[Source, list[tuple[int, float]]]] = []
+        carries every source's score and its rank in each list (as columns: no object per
+        candidate)."""
+        lists: list[tuple[Source, np.ndarray]] = []  # each list's item rows, best first
         vote: np.ndarray | None = None
         recent: np.ndarray | None = None
         if user.personal is not None and user.personal in wanted and user.vector is not None:
-            lists.append((user.personal, self.search(user.vector, k, excluded)))
+            lists.append((user.personal, self.search(user.vector, k, excluded)[0]))
         if user.target_rows.size or user.source_rows.size:
             vote = self.neighbours.vote(user.target_rows, user.source_rows, self.n_items)
             if Source.ITEM2ITEM in wanted:
-                lists.append((Source.ITEM2ITEM, top_positive(vote, k, excluded)))
+                lists.append((Source.ITEM2ITEM, top_positive(vote, k, excluded)[0]))
         if user.recent_rows.size:
             recent = self.neighbours.vote(user.recent_rows, np.zeros(0, np.int64), self.n_items)
             if Source.RECENT in wanted:
-                lists.append((Source.RECENT, top_positive(recent, k, excluded)))
+                lists.append((Source.RECENT, top_positive(recent, k, excluded)[0]))
         # The lists interleaved by rank (position 0 of every list, then position 1, ...), each
         # row once where it first comes, the first k: one stable sort instead of a loop per item.
-        list_rows = [np.fromiter((r for r, _ in found), np.int64, len(found)) for _, found in lists]
+        list_rows = [rows for _, rows in lists]
+        list_sources = [source for source, _ in lists]
         if lists:
             rows_all = np.concatenate(list_rows)
             positions = np.concatenate([np.arange(len(r)) for r in list_rows])
@@ -237,11 +247,10 @@ class CandidateSources:
             rows_all, which = rows_all[by_rank], which[by_rank]
             _, first = np.unique(rows_all, return_index=True)
             first = np.sort(first)[:k]
-            at, which = rows_all[first], which[first]
+            at = rows_all[first]
+            order_sources = np.asarray(list_sources, np.int64)[which[first]]
         else:
-            at, which = np.zeros(0, np.int64), np.zeros(0, np.int64)
-        list_sources = [source for source, _ in lists]
-        order_sources = [list_sources[i] for i in which.tolist()]
+            at, order_sources = np.zeros(0, np.int64), np.zeros(0, np.int64)
         rank_rows = dict(zip(list_sources, list_rows, strict=True))
         if Source.POPULAR in wanted and len(at) < k:
             popular = np.asarray(
@@ -249,8 +258,10 @@ class CandidateSources:
             )
             rank_rows[Source.POPULAR] = popular
             at = np.concatenate([at, popular])
-            order_sources += [Source.POPULAR] * len(popular)
-        proposing = set(order_sources)
+            order_sources = np.concatenate(
+                [order_sources, np.full(len(popular), Source.POPULAR, np.int64)]
+            )
+        proposing = set(np.unique(order_sources).tolist())
         used = tuple(source for source in (*list_sources, Source.POPULAR) if source in proposing)
         dot = (
             self.item_embeddings[at] @ user.vector
@@ -266,28 +277,20 @@ class CandidateSources:
             (Source.RECENT, recent_of),
             (Source.POPULAR, self.popularity[at]),
         )
-        score_lists = [values.tolist() for _, values in columns]
-        rank_lists = [_ranks_in(rank_rows.get(src), at).tolist() for src, _ in columns]
-        column_of = {src: c for c, (src, _) in enumerate(columns)}
-        (s0, s1, s2, s3), (r0, r1, r2, r3) = score_lists, rank_lists
-        c0, c1, c2, c3 = (src for src, _ in columns)
-        item_ids, titles = self.item_ids, self.titles
-        candidates: list[Candidate] = []
-        append = candidates.append
-        # One pass with the four columns unpacked (no generator per candidate: this loop makes
-        # five tuples per candidate and is most of a request's Python).
-        for row, source, a0, b0, a1, b1, a2, b2, a3, b3 in zip(
-            at.tolist(), order_sources, s0, r0, s1, r1, s2, r2, s3, r3, strict=True
-        ):
-            scores = (
-                SourceScore(c0, a0, b0),
-                SourceScore(c1, a1, b1),
-                SourceScore(c2, a2, b2),
-                SourceScore(c3, a3, b3),
-            )
-            score = scores[column_of[source]].score
-            append(Candidate(item_ids[row], score, source, titles[row], scores))
-        return Generated(candidates, used)
+        column_of = np.zeros(max(Source) + 1, np.int64)
+        column_of[[src for src, _ in columns]] = np.arange(len(columns))
+        source_scores = np.stack([values for _, values in columns], axis=1).astype(np.float32)
+        ranks = np.stack([_ranks_in(rank_rows.get(src), at) for src, _ in columns], axis=1)
+        table = CandidateTable(
+            self._id_array[at].tolist(),
+            order_sources,
+            source_scores[np.arange(len(at)), column_of[order_sources]],
+            self._title_array[at].tolist(),
+            tuple(src for src, _ in columns),
+            source_scores,
+            ranks.astype(np.int64),
+        )
+        return Generated(table, used)
 
 
 def _ranks_in(found: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
@@ -298,11 +301,3 @@ def _ranks_in(found: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
     at = np.minimum(np.searchsorted(found, rows, sorter=sorter), len(found) - 1)
     hit = found[sorter[at]] == rows
     return np.where(hit, sorter[at] + 1, 0)
-
-
-def personal_score(candidate: Candidate) -> float:
-    """The user representation's inner product with the item (0 where none was computed)."""
-    for s in candidate.scores:
-        if s.source in EMBEDDING_SOURCES:
-            return s.score
-    return candidate.score if candidate.source in EMBEDDING_SOURCES else 0.0

@@ -148,12 +148,12 @@ def user_candidates(
 ) -> CandidateSet:
     """What the gateway's pipeline does for one user: a personal call (every personal source,
     `depth` candidates) and a popular call (`popular`), merged; their features and labels."""
-    personal = sources.generate(state, depth, set(PERSONAL_SOURCES), excluded).candidates
+    personal = sources.generate(state, depth, set(PERSONAL_SOURCES), excluded).table
     lists = [personal]
     if popular > 0:
-        lists.append(sources.generate(state, popular, {Source.POPULAR}, excluded).candidates)
+        lists.append(sources.generate(state, popular, {Source.POPULAR}, excluded).table)
     merged = merge_candidates(lists)
-    labels = np.fromiter((c.item_id in relevant for c in merged), bool, len(merged))
+    labels = np.fromiter((i in relevant for i in merged.item_ids), bool, len(merged))
     return CandidateSet(candidate_features(merged, user), labels, len(relevant))
 
 

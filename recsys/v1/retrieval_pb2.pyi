@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RetrieveRequest(_message.Message):
-    __slots__ = ("user_id", "domain", "k", "exclude_item_ids", "exclude_seen", "history_item_ids", "sources", "model_version")
+    __slots__ = ("user_id", "domain", "k", "exclude_item_ids", "exclude_seen", "history_item_ids", "sources", "model_version", "columnar")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class RetrieveRequest(_message.Message):
     HISTORY_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COLUMNAR_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     domain: str
     k: int
@@ -25,7 +26,8 @@ class RetrieveRequest(_message.Message):
     history_item_ids: _containers.RepeatedScalarFieldContainer[str]
     sources: _containers.RepeatedScalarFieldContainer[_common_pb2.CandidateSource]
     model_version: str
-    def __init__(self, user_id: _Optional[str] = ..., domain: _Optional[str] = ..., k: _Optional[int] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., exclude_seen: _Optional[bool] = ..., history_item_ids: _Optional[_Iterable[str]] = ..., sources: _Optional[_Iterable[_Union[_common_pb2.CandidateSource, str]]] = ..., model_version: _Optional[str] = ...) -> None: ...
+    columnar: bool
+    def __init__(self, user_id: _Optional[str] = ..., domain: _Optional[str] = ..., k: _Optional[int] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., exclude_seen: _Optional[bool] = ..., history_item_ids: _Optional[_Iterable[str]] = ..., sources: _Optional[_Iterable[_Union[_common_pb2.CandidateSource, str]]] = ..., model_version: _Optional[str] = ..., columnar: _Optional[bool] = ...) -> None: ...
 
 class Candidate(_message.Message):
     __slots__ = ("item_id", "score", "source", "title", "source_scores")
@@ -53,12 +55,38 @@ class UserContext(_message.Message):
     source_history: int
     def __init__(self, known: _Optional[bool] = ..., mapped: _Optional[bool] = ..., target_history: _Optional[int] = ..., source_history: _Optional[int] = ...) -> None: ...
 
+class CandidateColumns(_message.Message):
+    __slots__ = ("item_ids", "sources", "scores", "titles", "source_scores")
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    TITLES_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_SCORES_FIELD_NUMBER: _ClassVar[int]
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    sources: _containers.RepeatedScalarFieldContainer[_common_pb2.CandidateSource]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    titles: _containers.RepeatedScalarFieldContainer[str]
+    source_scores: _containers.RepeatedCompositeFieldContainer[SourceColumn]
+    def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., sources: _Optional[_Iterable[_Union[_common_pb2.CandidateSource, str]]] = ..., scores: _Optional[_Iterable[float]] = ..., titles: _Optional[_Iterable[str]] = ..., source_scores: _Optional[_Iterable[_Union[SourceColumn, _Mapping]]] = ...) -> None: ...
+
+class SourceColumn(_message.Message):
+    __slots__ = ("source", "scores", "ranks")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    source: _common_pb2.CandidateSource
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    ranks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, source: _Optional[_Union[_common_pb2.CandidateSource, str]] = ..., scores: _Optional[_Iterable[float]] = ..., ranks: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class RetrieveResponse(_message.Message):
-    __slots__ = ("candidates", "model", "user")
+    __slots__ = ("candidates", "model", "user", "columns")
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
     candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
     model: _common_pb2.ModelVersion
     user: UserContext
-    def __init__(self, candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., model: _Optional[_Union[_common_pb2.ModelVersion, _Mapping]] = ..., user: _Optional[_Union[UserContext, _Mapping]] = ...) -> None: ...
+    columns: CandidateColumns
+    def __init__(self, candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., model: _Optional[_Union[_common_pb2.ModelVersion, _Mapping]] = ..., user: _Optional[_Union[UserContext, _Mapping]] = ..., columns: _Optional[_Union[CandidateColumns, _Mapping]] = ...) -> None: ...

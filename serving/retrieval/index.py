@@ -16,7 +16,7 @@ import onnxruntime as ort
 
 from recsys import ann
 from recsys.ann import AnnIndex, AnnParams
-from recsys.candidates import Candidate, Source
+from recsys.candidates import Candidate, CandidateTable, Source
 from recsys.features import UserContext
 from recsys.repository import (
     ITEMS_FILE,
@@ -78,9 +78,14 @@ class IndexOptions:
 
 @dataclass(frozen=True)
 class RetrieveResult:
-    candidates: list[Candidate]
+    table: CandidateTable
     sources: tuple[Source, ...]  # sources that contributed, in order
     user: UserContext = UserContext()
+
+    @property
+    def candidates(self) -> list[Candidate]:
+        """The row view of `table`."""
+        return self.table.rows()
 
 
 def _user_tower(
@@ -298,24 +303,30 @@ class RetrievalIndex:
 
     def warm_up(self) -> None:
         """One search for the first user, checked: item rows in range and finite scores."""
-        found = self.search(self.user_embeddings[0], min(10, self.n_items))
-        if not found or not all(0 <= j < self.n_items and np.isfinite(x) for j, x in found):
+        rows, scores = self.search(self.user_embeddings[0], min(10, self.n_items))
+        if (
+            not len(rows)
+            or rows.min() < 0
+            or rows.max() >= self.n_items
+            or not np.isfinite(scores).all()
+        ):
             raise RepositoryError(
-                f"{self.model_name} v{self.version}: warm-up search returned {found[:3]!r}"
+                f"{self.model_name} v{self.version}: warm-up search returned rows "
+                f"{rows[:3].tolist()}, scores {scores[:3].tolist()}"
             )
 
     # -- searching ------------------------------------------------------------------------------
 
     def search(
         self, vector: np.ndarray, k: int, excluded: set[int] | frozenset[int] = frozenset()
-    ) -> list[tuple[int, float]]:
-        """The k items with the largest inner product with `vector`, best first, leaving out
-        `excluded` item rows (over-fetching as many more as are excluded, then more if the
-        approximate index returns too few)."""
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The k item rows (int64) with the largest inner product with `vector` and those
+        products, best first, leaving out `excluded` item rows (over-fetching as many more as
+        are excluded, then more if the approximate index returns too few)."""
         n = self.n_items
         k = min(k, n - len(excluded)) if len(excluded) < n else 0
         if k <= 0:
-            return []
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
         query = np.ascontiguousarray(vector.reshape(1, -1), dtype=np.float32)
         fetch = min(n, k + len(excluded))
         dropped = np.fromiter(excluded, dtype=np.int64, count=len(excluded))
@@ -326,7 +337,7 @@ class RetrievalIndex:
                 keep &= ~np.isin(found, dropped)
             found_rows, found_scores = found[keep][:k], scores[keep][:k]
             if len(found_rows) >= k or fetch >= n:
-                return list(zip(found_rows.tolist(), found_scores.tolist(), strict=True))
+                return found_rows.astype(np.int64), found_scores
             fetch = min(n, fetch * 2)
 
     def popular(self, k: int, excluded: set[int] | frozenset[int] = frozenset()) -> list[int]:
@@ -373,7 +384,7 @@ class RetrievalIndex:
         seen = self.seen_rows(row) if row is not None else np.zeros(0, np.int64)
         if exclude_seen:
             excluded.update(history_rows)
-            excluded.update(int(j) for j in seen)
+            excluded.update(seen.tolist())
 
         vector: np.ndarray | None = None
         personal: Source | None = None
@@ -400,4 +411,4 @@ class RetrievalIndex:
             target_history=len(seen),
             source_history=len(source_rows),
         )
-        return RetrieveResult(generated.candidates, generated.sources, user)
+        return RetrieveResult(generated.table, generated.sources, user)

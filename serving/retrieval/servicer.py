@@ -57,10 +57,10 @@ def _requests(domain: str, source: str) -> Counter:
 
 
 def build_response(
-    result: RetrieveResult, model_name: str, version: int
+    result: RetrieveResult, model_name: str, version: int, *, columnar: bool = False
 ) -> retrieval_pb2.RetrieveResponse:
-    """The wire answer. Messages are added in place (`add`): building each candidate and source
-    score as its own message and then copying it into the list costs twice as much."""
+    """The wire answer: the candidates as columns (`columnar`, filled from the arrays) or as one
+    message per candidate (the row form, for clients that do not ask for columns)."""
     response = retrieval_pb2.RetrieveResponse(
         model=common_pb2.ModelVersion(model_name=model_name, model_version=str(version)),
         user=retrieval_pb2.UserContext(
@@ -70,8 +70,24 @@ def build_response(
             source_history=result.user.source_history,
         ),
     )
+    table = result.table
+    if columnar:
+        columns = response.columns
+        columns.item_ids.extend(table.item_ids)
+        columns.sources.extend(table.sources.tolist())
+        columns.scores.extend(table.scores.tolist())
+        if any(table.titles):
+            columns.titles.extend(table.titles)
+        for j, source in enumerate(table.score_sources):
+            columns.source_scores.add(
+                source=source,
+                scores=table.source_scores[:, j].tolist(),
+                ranks=table.source_ranks[:, j].tolist(),
+            )
+        return response
+    # Messages added in place (`add`): building each one and then copying it costs twice as much.
     add_candidate = response.candidates.add
-    for c in result.candidates:
+    for c in table.rows():
         add_score = add_candidate(
             item_id=c.item_id, score=c.score, source=c.source, title=c.title
         ).source_scores.add
@@ -136,4 +152,4 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
             _requests(index.domain, source.name.lower()).inc()
         if not result.sources:
             _requests(index.domain, "none").inc()
-        return build_response(result, index.model_name, index.version)
+        return build_response(result, index.model_name, index.version, columnar=request.columnar)

@@ -20,6 +20,7 @@ from devtools.tiny_models import (
     publish_corrupt_version,
     publish_tiny_model,
 )
+from gateway.clients import retrieval_from_reply
 from recsys.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
 from serving.retrieval.config import RetrievalSettings
 from serving.retrieval.server import build_manager, build_server
@@ -87,6 +88,21 @@ def test_target_user_gets_ann_candidates_by_inner_product(
     assert scores == sorted(scores, reverse=True)
     assert reply.model.model_name == "books-retrieval"
     assert reply.model.model_version == str(model.version)
+
+
+@pytest.mark.parametrize("user", ["u6", "c1", "nobody"])
+def test_a_columnar_answer_holds_the_candidates_of_the_row_answer(
+    service: Retrieval, user: str
+) -> None:
+    asked = {"user_id": user, "k": 40, "exclude_seen": True, "history_item_ids": ["i3", "i7"]}
+    rows = service.retrieve(**asked)
+    columnar = service.retrieve(**asked, columnar=True)
+    assert rows.candidates and not rows.HasField("columns")
+    assert not columnar.candidates and columnar.HasField("columns")
+    assert (columnar.model, columnar.user) == (rows.model, rows.user)
+    back = retrieval_from_reply(columnar).candidates.rows()
+    assert back == retrieval_from_reply(rows).candidates.rows()
+    assert [c.item_id for c in back] == [c.item_id for c in rows.candidates]
 
 
 def test_cold_start_user_gets_transfer_candidates(service: Retrieval, model: TinyModel) -> None:

@@ -66,7 +66,7 @@ async def _served_candidates(repo: Path, user: str) -> tuple[list[Any], np.ndarr
     personal = await retriever.retrieve(ask(cfg.retrieval_candidates, PERSONAL_SOURCES), timeout=9)
     popular = await retriever.retrieve(ask(cfg.popular_candidates, (Source.POPULAR,)), timeout=9)
     merged = merge_candidates([personal.candidates, popular.candidates])
-    return merged, candidate_features(merged, personal.user), personal.model_version
+    return merged.rows(), candidate_features(merged, personal.user), personal.model_version
 
 
 def test_publish_holds_neighbours_and_a_feature_ranker(trained: dict[str, Any]) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from recsys.candidates import Candidate, Source, SourceScore, merge_candidates
+from recsys.candidates import Candidate, CandidateTable, Source, SourceScore, merge_candidates
 from recsys.features import FEATURE_NAMES, UserContext, candidate_features
 from recsys.sources import CandidateSources, Neighbours, NeighboursError, UserState, exact_search
 from serving.retrieval.index import IndexOptions, RetrievalIndex
@@ -89,7 +89,7 @@ def test_lists_are_interleaved_and_every_candidate_has_every_score() -> None:
     src = sources()
     user = state()
     got = src.generate(user, 6, {Source.ANN, Source.ITEM2ITEM, Source.POPULAR}, excluded={1})
-    ann = [j for j, _ in src.search(np.ones(4, np.float32), 6, {1})]
+    ann = src.search(np.ones(4, np.float32), 6, {1})[0].tolist()
     ids = [c.item_id for c in got.candidates]
     assert len(ids) == 6 == len(set(ids))
     assert ids[0] == f"t{ann[0]}"  # the personal list leads, item-to-item second
@@ -187,16 +187,17 @@ def test_merge_keeps_every_source_score_of_an_item() -> None:
         "",
         (SourceScore(Source.ANN, 1.0, 0), SourceScore(Source.POPULAR, 7.0, 2)),
     )
-    (merged,) = merge_candidates([[personal], [popular]])
+    table = merge_candidates(
+        [CandidateTable.from_rows([personal]), CandidateTable.from_rows([popular])]
+    )
+    (merged,) = table.rows()
     assert merged.source == Source.ANN
     assert set(merged.scores) == {
         SourceScore(Source.ANN, 1.0, 1),
         SourceScore(Source.POPULAR, 7.0, 2),
     }
-    assert merged.proposed_by == (Source.ANN, Source.POPULAR)
-    row = candidate_features([merged], UserContext(known=True, target_history=3, source_history=0))[
-        0
-    ]
+    assert merged.proposed_by == table.proposed_by(0) == (Source.ANN, Source.POPULAR)
+    row = candidate_features(table, UserContext(known=True, target_history=3, source_history=0))[0]
     named = dict(zip(FEATURE_NAMES, row.tolist(), strict=True))
     assert named["personal_score"] == 1.0 and named["personal_rrank"] == 1.0
     assert named["popular_rrank"] == 0.5 and named["log_popularity"] == pytest.approx(np.log1p(7))

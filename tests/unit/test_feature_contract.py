@@ -23,7 +23,7 @@ from gateway.pipeline import (
     RetrieveQuery,
     UpstreamError,
 )
-from recsys.candidates import Candidate, Source, SourceScore
+from recsys.candidates import Candidate, CandidateTable, Source, SourceScore
 from recsys.features import FEATURE_NAMES, UserContext, candidate_features
 
 
@@ -40,7 +40,7 @@ class Retriever:
         source = Source.POPULAR if query.sources == (Source.POPULAR,) else Source.ANN
         items = [scored(f"i{n}", n, source) for n in range(40)][: query.k]
         user = UserContext(known=True, target_history=2)
-        return Retrieval(items, "books-retrieval", self.version, user)
+        return Retrieval(CandidateTable.from_rows(items), "books-retrieval", self.version, user)
 
 
 @dataclass
@@ -82,7 +82,7 @@ def test_features_and_their_version_travel_with_every_shard() -> None:
     assert [c.item_id for c in result.items] == ["i19", "i18", "i17", "i16", "i15"]
     assert {q.features_version for q in rankers.calls} == {"4"}
     expected = candidate_features(
-        [scored(f"i{n}", n, Source.ANN) for n in range(20)],
+        CandidateTable.from_rows([scored(f"i{n}", n, Source.ANN) for n in range(20)]),
         UserContext(known=True, target_history=2),
     )
     got = np.concatenate([q.features for q in rankers.calls if q.features is not None])
@@ -117,7 +117,10 @@ def test_with_retrieval_down_a_feature_ranker_leaves_cached_popular_items_unrank
             raise UpstreamError("FAILED_PRECONDITION", "no features_version")
 
     popular = PopularItems()
-    popular.set("books", [Candidate(f"p{n}", 10.0 - n, Source.POPULAR) for n in range(8)])
+    popular.set(
+        "books",
+        CandidateTable.from_rows([Candidate(f"p{n}", 10.0 - n, Source.POPULAR) for n in range(8)]),
+    )
     pipeline = Pipeline(Down(), NeedsFeatures(["4"]), CONFIG, popular=popular)
     result = recommend(pipeline)
     assert [c.item_id for c in result.items] == ["p0", "p1", "p2", "p3", "p4"]

@@ -7,10 +7,10 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import pytest
 
 from gateway.pipeline import (
-    Candidate,
     Pipeline,
     PipelineConfig,
     PipelineDeadline,
@@ -30,6 +30,7 @@ from gateway.pipeline import (
     split_shards,
     top_k,
 )
+from recsys.candidates import Candidate, CandidateTable
 
 ITEMS = [f"i{j}" for j in range(200)]
 
@@ -59,7 +60,7 @@ class FakeRetriever:
         else:
             pool = []
         out = [c for c in pool if c.item_id not in excluded][: query.k]
-        return Retrieval(out, "books-retrieval", "1")
+        return Retrieval(CandidateTable.from_rows(out), "books-retrieval", "1")
 
 
 def planted_score(user_id: str, item_id: str) -> float:
@@ -130,7 +131,8 @@ def run(pipeline: Pipeline, query: RecommendQuery, timeout: float = 2.0):  # typ
 def test_merge_keeps_first_occurrence_and_drops_excluded() -> None:
     a = [cand("i1", 5.0), cand("i2", 4.0)]
     b = [cand("i2", 9.0, Source.POPULAR), cand("i3", 1.0, Source.POPULAR), cand("i4")]
-    merged = merge_candidates([a, b], exclude=frozenset({"i4"}))
+    tables = [CandidateTable.from_rows(a), CandidateTable.from_rows(b)]
+    merged = merge_candidates(tables, exclude=frozenset({"i4"})).rows()
     assert [c.item_id for c in merged] == ["i1", "i2", "i3"]
     assert merged[1].source == Source.ANN and merged[1].score == 4.0
 
@@ -152,8 +154,9 @@ def test_split_shards_covers_every_item_once(
 
 
 def test_top_k_puts_ranked_first_then_unranked_in_retrieval_order() -> None:
-    cands = [cand(f"i{j}", 10.0 - j) for j in range(6)]
-    scores: list[float | None] = [0.1, None, 0.9, None, 0.5, 0.9]
+    cands = CandidateTable.from_rows([cand(f"i{j}", 10.0 - j) for j in range(6)])
+    nan = float("nan")  # unranked
+    scores = np.array([0.1, nan, 0.9, nan, 0.5, 0.9])
     out = top_k(cands, scores, 5)
     assert [c.item_id for c in out] == ["i2", "i5", "i4", "i0", "i1"]
     assert out[0].score == pytest.approx(0.9) and out[0].ranked
@@ -163,9 +166,9 @@ def test_top_k_puts_ranked_first_then_unranked_in_retrieval_order() -> None:
 
 
 def test_top_k_never_orders_by_a_nan() -> None:
-    cands = [cand(f"i{j}", 10.0 - j) for j in range(5)]
+    cands = CandidateTable.from_rows([cand(f"i{j}", 10.0 - j) for j in range(5)])
     nan, inf = float("nan"), float("inf")
-    out = top_k(cands, [0.1, nan, 0.3, inf, 0.2], 5)
+    out = top_k(cands, np.array([0.1, nan, 0.3, inf, 0.2]), 5)
     assert [c.item_id for c in out] == ["i2", "i4", "i0", "i1", "i3"]
     assert [c.ranked for c in out] == [True, True, True, False, False]
 
@@ -318,7 +321,10 @@ def test_version_skew_without_a_replica_of_the_chosen_version_is_partial() -> No
 
 def test_retrieval_down_falls_back_to_cached_popular_items_and_still_ranks() -> None:
     popular = PopularItems()
-    popular.set("books", [cand(f"i{j}", 50.0 - j, Source.POPULAR) for j in range(30)])
+    popular.set(
+        "books",
+        CandidateTable.from_rows([cand(f"i{j}", 50.0 - j, Source.POPULAR) for j in range(30)]),
+    )
     rankers = FakeRankers(["1"])
     retriever = FakeRetriever(error=UpstreamError("UNAVAILABLE", "connection refused"))
     pipeline = Pipeline(retriever, rankers, CONFIG, popular=popular)
@@ -335,7 +341,10 @@ def test_retrieval_down_falls_back_to_cached_popular_items_and_still_ranks() -> 
 
 def test_retrieval_and_ranking_down_is_unavailable_even_with_a_cache() -> None:
     popular = PopularItems()
-    popular.set("books", [cand(f"i{j}", 50.0 - j, Source.POPULAR) for j in range(30)])
+    popular.set(
+        "books",
+        CandidateTable.from_rows([cand(f"i{j}", 50.0 - j, Source.POPULAR) for j in range(30)]),
+    )
     rankers = FakeRankers(["1"], behaviour={0: raise_code("UNAVAILABLE")})
     retriever = FakeRetriever(error=UpstreamError("UNAVAILABLE"))
     with pytest.raises(PipelineUnavailable, match="both unavailable"):
@@ -428,7 +437,10 @@ def unknown_user(query: RankQuery) -> None:
 
 def test_unknown_user_with_retrieval_down_gets_cached_popular_items() -> None:
     popular = PopularItems()
-    popular.set("books", [cand(f"i{j}", 50.0 - j, Source.POPULAR) for j in range(30)])
+    popular.set(
+        "books",
+        CandidateTable.from_rows([cand(f"i{j}", 50.0 - j, Source.POPULAR) for j in range(30)]),
+    )
     rankers = FakeRankers(["1"], behaviour={0: unknown_user})
     retriever = FakeRetriever(error=UpstreamError("UNAVAILABLE", "connection refused"))
     result = run(
@@ -456,7 +468,10 @@ def test_a_deadline_too_short_for_the_pipeline_is_never_unavailable() -> None:
             return await super().retrieve(query, timeout=timeout)
 
     popular = PopularItems()
-    popular.set("books", [cand(f"i{j}", 50.0 - j, Source.POPULAR) for j in range(30)])
+    popular.set(
+        "books",
+        CandidateTable.from_rows([cand(f"i{j}", 50.0 - j, Source.POPULAR) for j in range(30)]),
+    )
     rankers = FakeRankers(["1"], delay_s={0: 0.05})
     pipeline = Pipeline(SlowRetriever(), rankers, CONFIG, popular=popular)
     result = run(pipeline, RecommendQuery("u1", "books", 5), timeout=0.012)
