@@ -1,0 +1,62 @@
+"""Row-sharded embedding lookups across two gloo processes: planted rows come back in every
+process, gradients land in the owning process's rows only, and the table gathers whole."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import distributed as dist
+from torch import multiprocessing as mp
+
+from training.sharding import RowShardedEmbedding
+
+N, DIM = 5, 2
+TABLE = torch.stack([torch.arange(N, dtype=torch.float32), 10.0 * torch.arange(N)], dim=1)
+IDS = {0: torch.tensor([[4, 0], [4, 4]]), 1: torch.tensor([1, 3])}  # rank 0 asks 4 three times
+EMPTY = {0: torch.tensor([2, 2]), 1: torch.tensor([], dtype=torch.int64)}  # rank 1 asks nothing
+
+
+def _coeff(rank: int, ids: torch.Tensor) -> torch.Tensor:
+    """Distinct weights per lookup and process, so every gradient entry is identifiable."""
+    n = ids.numel()
+    return (torch.arange(n * DIM, dtype=torch.float32).reshape(*ids.shape, DIM) + 1) * (rank + 1)
+
+
+def _expected_grad(asks: dict[int, torch.Tensor]) -> torch.Tensor:
+    g = torch.zeros(N, DIM)
+    for r, ids in asks.items():
+        g.index_add_(0, ids.reshape(-1), _coeff(r, ids).reshape(-1, DIM))
+    return g
+
+
+def _worker(rank: int, store: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        for sparse, asks in ((s, a) for s in (False, True) for a in (IDS, EMPTY)):
+            emb = RowShardedEmbedding(TABLE.clone().requires_grad_(True), rank, 2, sparse=sparse)
+            own = range(0, 3) if rank == 0 else range(3, 5)  # ceil(5 / 2) = 3 rows, then 2
+            assert emb.weight.shape == (len(own), DIM)
+            torch.testing.assert_close(emb.weight.detach(), TABLE[own.start : own.stop])
+            ids = asks[rank]
+            out = emb(ids)
+            torch.testing.assert_close(out, TABLE[ids])
+            (out * _coeff(rank, ids)).sum().backward()
+            grad = emb.weight.grad
+            assert grad is not None and grad.is_sparse == sparse
+            dense = grad.to_dense() if sparse else grad
+            torch.testing.assert_close(dense, _expected_grad(asks)[own.start : own.stop])
+            if sparse:  # only rows some process looked up, and only the owner's
+                touched = {int(i) + own.start for i in grad.coalesce().indices()[0]}
+                wanted = {int(i) for ids in asks.values() for i in ids.reshape(-1)}
+                assert touched == wanted & set(own)
+            torch.testing.assert_close(emb.full(), TABLE)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_process_lookup_and_gradients(tmp_path: Path) -> None:
+    """Dense and sparse gradients; a second lookup where one process asks for nothing."""
+    mp.spawn(_worker, args=(str(tmp_path / "store"),), nprocs=2, join=True)
