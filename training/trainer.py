@@ -203,7 +203,8 @@ def train_epoch(
     max_seconds: float | None = None,
 ) -> tuple[float, int]:
     """One pass over ``batches`` in the order drawn from ``gen``: (summed loss, steps). With
-    ``max_seconds`` it stops after the first step that ends past that budget (benchmarks).
+    ``max_seconds`` it stops after the first step that ends past that budget in any process
+    (benchmarks).
 
     Under DDP, which averages the gradients of the processes, each process's loss is scaled by
     the world size; with sharded tables the gradients are summed (the lookup's all_reduce, then
@@ -219,9 +220,20 @@ def train_epoch(
         opt.step()
         total += float(out.detach()) / k
         n_steps += 1
-        if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+        if max_seconds is not None and _past(
+            time.perf_counter() - t0 > max_seconds, world_size, device
+        ):
             break
     return total, n_steps
+
+
+def _past(late: bool, world_size: int, device: torch.device) -> bool:
+    """Whether any process is past its time budget: every process stops after the same step."""
+    if world_size == 1:
+        return late
+    flag = torch.tensor([float(late)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def _set_sparse(model: TwoTower, on: bool) -> set[str]:
@@ -249,16 +261,9 @@ class _Optimizer:
         sparse: set[str],
         sum_dense: bool = False,
     ) -> None:
-        shard_params = {
-            id(p)
-            for m in model.modules()
-            if isinstance(m, RowShardedEmbedding)
-            for p in m.parameters()
-        }
+        shards = {id(m.weight) for m in model.modules() if isinstance(m, RowShardedEmbedding)}
         self.dense = [
-            p
-            for p in model.parameters()
-            if sum_dense and p.requires_grad and id(p) not in shard_params
+            p for p in model.parameters() if sum_dense and p.requires_grad and id(p) not in shards
         ]
         groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
         for name, p in model.named_parameters():

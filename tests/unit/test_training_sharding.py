@@ -1,5 +1,6 @@
 """Row-sharded embedding lookups across two gloo processes: planted rows come back in every
-process, gradients land in the owning process's rows only, and the table gathers whole."""
+process, gradients land in the owning process's rows only, and the table gathers whole; the
+shard_embeddings settings."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import torch
 from torch import distributed as dist
 from torch import multiprocessing as mp
 
+from training.config import load_config
+from training.errors import ConfigError
 from training.sharding import RowShardedEmbedding
 
 N, DIM = 5, 2
@@ -60,3 +63,25 @@ def _worker(rank: int, store: str) -> None:
 def test_two_process_lookup_and_gradients(tmp_path: Path) -> None:
     """Dense and sparse gradients; a second lookup where one process asks for nothing."""
     mp.spawn(_worker, args=(str(tmp_path / "store"),), nprocs=2, join=True)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["--shard-embeddings=columns"], "shard_embeddings: expected one of auto, rows, off"),
+        (["--shard-embeddings=rows"], "shard_embeddings: the full softmax"),
+        (["--shard-auto-bytes=0"], "shard_auto_bytes: must be positive"),
+    ],
+)
+def test_shard_settings_are_validated(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_auto_shards_past_the_stated_size_and_never_the_full_softmax() -> None:
+    cfg = load_config(None, ["--loss=bpr", "--dim=64", "--shard-auto-bytes=256000000"])
+    assert not cfg.shard_rows(999_999)  # 999,999 x 64 x 4 B: just under
+    assert cfg.shard_rows(1_000_000)  # 256,000,000 B
+    assert not load_config(None, ["--shard-auto-bytes=1"]).shard_rows(10**7)  # full softmax
+    assert load_config(None, ["--loss=bpr", "--shard-embeddings=rows"]).shard_rows(1)
+    assert not load_config(None, ["--loss=bpr", "--shard-embeddings=off"]).shard_rows(10**8)
