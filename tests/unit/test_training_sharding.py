@@ -13,7 +13,9 @@ from torch import multiprocessing as mp
 
 from training.config import load_config
 from training.errors import ConfigError
-from training.sharding import RowShardedEmbedding
+from training.model import Candidates, TwoTower
+from training.sharding import RowShardedEmbedding, shard_tables, unshard_tables
+from training.trainer import _Optimizer
 
 N, DIM = 5, 2
 TABLE = torch.stack([torch.arange(N, dtype=torch.float32), 10.0 * torch.arange(N)], dim=1)
@@ -32,6 +34,36 @@ def _expected_grad(asks: dict[int, torch.Tensor]) -> torch.Tensor:
     for r, ids in asks.items():
         g.index_add_(0, ids.reshape(-1), _coeff(r, ids).reshape(-1, DIM))
     return g
+
+
+def _model_step(rank: int) -> None:
+    """A two-tower step with towers on sharded tables: each process's share of the batch gives,
+    summed, the gradients of the whole batch in one process (shards: their rows; towers: after
+    the optimiser's all_reduce)."""
+    users, items = torch.tensor([0, 3, 5, 6, 2]), torch.tensor([1, 6, 0, 4, 6])
+    cand = Candidates(torch.tensor([2, 5, 6]), torch.tensor([0.1, -0.2, 0.3]))
+    torch.manual_seed(0)
+    whole = TwoTower(7, 7, 4, tower_hidden=3)
+    torch.nn.init.normal_(whole.item_mlp.fc2.weight)  # a tower that is not the identity
+    torch.nn.init.normal_(whole.item_bias.weight)
+    sharded = TwoTower(7, 7, 4, tower_hidden=3)
+    sharded.load_state_dict(whole.state_dict())
+    args = ("sampled_softmax", 0.05, 1.0, 1.0 / users.numel())
+    whole(users, items, cand, *args).backward()
+    shard_tables(sharded, rank, 2)
+    opt = _Optimizer(sharded, 0.0, {}, set(), sum_dense=True)
+    sharded(users[rank::2], items[rank::2], cand, *args).backward()
+    opt.step()  # sums the tower gradients across processes first (lr 0: nothing moves)
+    expected = dict(whole.named_parameters())
+    for name, p in sharded.named_parameters():
+        ref = expected[name].grad
+        module = sharded.get_submodule(name.rpartition(".")[0])
+        if isinstance(module, RowShardedEmbedding):
+            ref = module.local_rows(ref)
+        torch.testing.assert_close(p.grad, ref, msg=name)
+    unshard_tables(sharded)
+    for name, t in whole.state_dict().items():
+        torch.testing.assert_close(sharded.state_dict()[name], t, msg=name)
 
 
 def _worker(rank: int, store: str) -> None:
@@ -55,13 +87,15 @@ def _worker(rank: int, store: str) -> None:
                 wanted = {int(i) for ids in asks.values() for i in ids.reshape(-1)}
                 assert touched == wanted & set(own)
             torch.testing.assert_close(emb.full(), TABLE)
+        _model_step(rank)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_two_process_lookup_and_gradients(tmp_path: Path) -> None:
-    """Dense and sparse gradients; a second lookup where one process asks for nothing."""
+    """Dense and sparse gradients; a second lookup where one process asks for nothing; a model
+    step with towers."""
     mp.spawn(_worker, args=(str(tmp_path / "store"),), nprocs=2, join=True)
 
 
