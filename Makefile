@@ -12,7 +12,7 @@ PROTO_OUT := $(patsubst protos/%.proto,%_pb2.py,$(PROTO_SRC))
 
 .PHONY: help setup tools protos check-protos lint fmt test test-fast e2e bench bench-quality \
 	bench-ranker bench-vocab bench-gateway bench-rollout bench-system bench-peers bench-scale bench-index probe demo train \
-	bench-train-scale serve serve-ranking serve-retrieval serve-gateway docs check-docs base-image images images-smoke \
+	bench-train-scale bench-train-shard serve serve-ranking serve-retrieval serve-gateway docs check-docs base-image images images-smoke \
 	images-prune images-gpu k8s-render k8s-check clean
 
 help: ## list the targets
@@ -54,6 +54,9 @@ bench-quality: $(STAMP) ## model quality: ML-1M vs RecBole, every cross-domain p
 
 bench-train-scale: $(STAMP) ## one training epoch at 10 M synthetic interactions: full vs sampled softmax, 10 k-1 M items (slow)
 	$(PY) -m bench.train_scale $(ARGS)
+
+bench-train-shard: $(STAMP) ## torchrun, 2 processes: row-sharded vs replicated tables at 1 M items, memory and epoch time
+	$(PY) -m bench.train_shard $(ARGS)
 
 bench-ranker: $(STAMP) ## the ranking service against the in-process ONNX Runtime ceiling (slow)
 	$(PY) -m bench.ranker

@@ -21,6 +21,7 @@ DEFAULT_STRATEGIES = ("finetune", "freeze_unfreeze", "shared_private", "emcdr") 
 # joint: opt-in
 BASELINES = ("popularity", "itemknn", "cd_itemknn", "ease", "cd_ease")
 LOSSES = ("softmax", "sampled_softmax", "bpr")
+SHARDING = ("auto", "rows", "off")
 NEGATIVE_SAMPLERS = ("popularity", "uniform", "in_batch")
 
 
@@ -57,6 +58,11 @@ class Config:
     # (mixed negative sampling), beside the sampled_negatives drawn from negative_sampler
     sparse_embeddings: bool = False  # embedding tables take sparse gradients, SparseAdam moves
     # only the rows of a batch (lazy Adam; needs loss sampled_softmax or bpr)
+    shard_embeddings: str = "auto"  # under torchrun: "rows" (each process holds its slice of the
+    # rows of every embedding table; needs loss sampled_softmax or bpr), "off" (every process
+    # holds whole tables under DDP) or "auto" (rows once the item table passes shard_auto_bytes,
+    # with a loss other than the full softmax)
+    shard_auto_bytes: int = 2**28  # item-table size (items x dim x 4 B) at which "auto" shards
     temperature: float = 1.0  # softmax temperature
     reg: float = 0.05  # L2 on the embeddings of each (user, item) pair; the main regulariser
     reg_grid: list[float] = field(default_factory=list)  # if set: every strategy is trained at
@@ -200,6 +206,24 @@ class Config:
             )
         if self.temperature <= 0:
             raise ConfigError(f"temperature: must be positive, got {self.temperature}")
+        if self.shard_embeddings not in SHARDING:
+            raise ConfigError(
+                f"shard_embeddings: expected one of {', '.join(SHARDING)}, "
+                f"got {self.shard_embeddings!r}"
+            )
+        if self.shard_embeddings == "rows" and self.loss == "softmax":
+            raise ConfigError(
+                "shard_embeddings: the full softmax scores every item row each step; "
+                "use loss = 'sampled_softmax' or 'bpr' (or shard_embeddings = 'off')"
+            )
+        if self.shard_auto_bytes <= 0:
+            raise ConfigError(f"shard_auto_bytes: must be positive, got {self.shard_auto_bytes}")
+
+    def shard_rows(self, n_items: int) -> bool:
+        """Whether training (under torchrun) shards the tables of a model of ``n_items`` items."""
+        if self.shard_embeddings == "auto":
+            return self.loss != "softmax" and n_items * self.dim * 4 >= self.shard_auto_bytes
+        return self.shard_embeddings == "rows"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

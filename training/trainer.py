@@ -1,6 +1,6 @@
 """The training loop: mini-batches of (user, item) pairs, Adam (SparseAdam on the embedding
-tables when they take sparse gradients), validation with early stopping, and
-DistributedDataParallel when started under ``torchrun`` (gloo on CPU, NCCL on CUDA)."""
+tables when they take sparse gradients), validation with early stopping, and under ``torchrun``
+(gloo on CPU, NCCL on CUDA) either DistributedDataParallel or row-sharded tables."""
 
 from __future__ import annotations
 
@@ -18,6 +18,13 @@ from torch import nn
 from tqdm import tqdm
 
 from training.model import Candidates, TwoTower
+from training.sharding import (
+    RowShardedEmbedding,
+    rows_held,
+    shard_tables,
+    unshard_tables,
+    whole_tables,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +86,7 @@ class FitResult:
     best_epoch: int
     epochs_run: int
     history: list[tuple[int, float, float]]  # (epoch, mean loss, validation score)
+    shard_rows: dict[str, list[int]]  # sharded tables: the rows each process held, by rank
 
 
 def fit(
@@ -103,6 +111,7 @@ def fit(
     pair_weights: np.ndarray | None = None,
     sampling: Sampling | None = None,
     sparse_embeddings: bool = False,
+    shard_rows: bool = False,
 ) -> FitResult:
     """Train ``model`` in place on the (user, item) pairs ``train``; restore the best validation.
 
@@ -115,15 +124,24 @@ def fit(
     ``sparse_embeddings`` (not with the full softmax): the embedding tables take sparse gradients
     and SparseAdam moves only the rows a batch touches (lazy Adam moments); the other parameters
     keep Adam. The cost of a step then no longer grows with the number of items and users.
+    ``shard_rows`` (not with the full softmax; under torchrun): every process holds its slice of
+    the rows of each embedding table (:mod:`training.sharding`) instead of DDP's whole copy; the
+    towers stay replicated, their gradients summed across processes. Validation and the model
+    returned see the whole tables.
     """
     if sparse_embeddings and loss == "softmax":
         raise ValueError("sparse_embeddings needs loss sampled_softmax or bpr")
+    if shard_rows and loss == "softmax":
+        raise ValueError("shard_rows needs loss sampled_softmax or bpr")
     rank, world_size = world()
+    sharded = shard_rows and world_size > 1
+    if sharded:
+        shard_tables(model, rank, world_size)
     sparse_tables = _set_sparse(model, sparse_embeddings)
-    opt = _Optimizer(model, lr, lr_scales or {}, sparse_tables)
+    opt = _Optimizer(model, lr, lr_scales or {}, sparse_tables, sum_dense=sharded)
     hooks = _mask_gradients(model, grad_masks or {}, device)
     net: nn.Module = model
-    if world_size > 1:
+    if world_size > 1 and not sharded:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
@@ -149,7 +167,8 @@ def fit(
         bar.update(1)
         if epoch % eval_every == 0 or epoch == epochs:
             model.eval()
-            score = validate(model)
+            with whole_tables(model):
+                score = validate(model)
             history.append((epoch, mean_loss, score))
             logger.info("%s epoch %d loss %.4f valid %.4f", desc, epoch, mean_loss, score)
             bar.set_postfix(loss=f"{mean_loss:.4f}", valid=f"{score:.4f}")
@@ -163,10 +182,12 @@ def fit(
     bar.close()
     for h in hooks:
         h.remove()
-    _set_sparse(model, False)
+    held = rows_held(model) if sharded else {}
     model.load_state_dict(best_state)
+    unshard_tables(model)
+    _set_sparse(model, False)
     model.eval()
-    return FitResult(best_score, best_epoch, epoch, history)
+    return FitResult(best_score, best_epoch, epoch, history, held)
 
 
 def train_epoch(
@@ -182,20 +203,37 @@ def train_epoch(
     max_seconds: float | None = None,
 ) -> tuple[float, int]:
     """One pass over ``batches`` in the order drawn from ``gen``: (summed loss, steps). With
-    ``max_seconds`` it stops after the first step that ends past that budget (benchmarks)."""
+    ``max_seconds`` it stops after the first step that ends past that budget in any process
+    (benchmarks).
+
+    Under DDP, which averages the gradients of the processes, each process's loss is scaled by
+    the world size; with sharded tables the gradients are summed (the lookup's all_reduce, then
+    :class:`_Optimizer`'s for the dense ones), so each loss is its share of the batch's mean."""
     rank, world_size = world()
+    k = world_size if isinstance(net, nn.parallel.DistributedDataParallel) else 1
     t0 = time.perf_counter()
     total, n_steps = 0.0, 0
     for u, it, negs, n_pairs, w in batches.epoch(gen, rank, world_size, device):
-        out = net(u, it, negs, loss, reg, temperature, world_size / n_pairs, w)
+        out = net(u, it, negs, loss, reg, temperature, k / n_pairs, w)
         opt.zero_grad(set_to_none=True)
         out.backward()
         opt.step()
-        total += float(out.detach()) / world_size
+        total += float(out.detach()) / k
         n_steps += 1
-        if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+        if max_seconds is not None and _past(
+            time.perf_counter() - t0 > max_seconds, world_size, device
+        ):
             break
     return total, n_steps
+
+
+def _past(late: bool, world_size: int, device: torch.device) -> bool:
+    """Whether any process is past its time budget: every process stops after the same step."""
+    if world_size == 1:
+        return late
+    flag = torch.tensor([float(late)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def _set_sparse(model: TwoTower, on: bool) -> set[str]:
@@ -203,7 +241,7 @@ def _set_sparse(model: TwoTower, on: bool) -> set[str]:
     names = set()
     for table in EMBEDDINGS:
         emb = getattr(model, table, None)
-        if isinstance(emb, nn.Embedding):
+        if isinstance(emb, nn.Embedding | RowShardedEmbedding):
             emb.sparse = on
             names.add(f"{table}.weight")
     return names if on else set()
@@ -211,11 +249,22 @@ def _set_sparse(model: TwoTower, on: bool) -> set[str]:
 
 class _Optimizer:
     """Adam over the trainable parameters, one group per learning-rate factor; the parameters
-    named in ``sparse`` (embedding tables with sparse gradients) go to SparseAdam instead."""
+    named in ``sparse`` (embedding tables with sparse gradients) go to SparseAdam instead.
+    ``sum_dense`` (sharded tables): before each step the gradients of the parameters outside the
+    sharded tables are summed across processes."""
 
     def __init__(
-        self, model: TwoTower, lr: float, scales: dict[str, float], sparse: set[str]
+        self,
+        model: TwoTower,
+        lr: float,
+        scales: dict[str, float],
+        sparse: set[str],
+        sum_dense: bool = False,
     ) -> None:
+        shards = {id(m.weight) for m in model.modules() if isinstance(m, RowShardedEmbedding)}
+        self.dense = [
+            p for p in model.parameters() if sum_dense and p.requires_grad and id(p) not in shards
+        ]
         groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
         for name, p in model.named_parameters():
             if p.requires_grad:
@@ -234,6 +283,9 @@ class _Optimizer:
             o.zero_grad(set_to_none=set_to_none)
 
     def step(self) -> None:
+        for p in self.dense:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
         for o in self.opts:
             o.step()
 
@@ -245,7 +297,11 @@ def _mask_gradients(
     hooks = []
     for name, p in model.named_parameters():
         if name in masks and p.requires_grad:
-            mask = masks[name].to(device).unsqueeze(1)
+            mask = masks[name]
+            owner = model.get_submodule(name.rpartition(".")[0])
+            if isinstance(owner, RowShardedEmbedding):
+                mask = owner.local_rows(mask)
+            mask = mask.to(device).unsqueeze(1)
             hooks.append(p.register_hook(lambda g, m=mask: _masked(g, m)))
     return hooks
 

@@ -123,11 +123,20 @@ def _fit(
             cfg.negative_sampler, cfg.sampled_negatives, cfg.sampler_alpha, cfg.mixed_negatives
         ),
         sparse_embeddings=cfg.sparse_embeddings,
+        shard_rows=cfg.shard_rows(model.item_emb.num_embeddings),
     )
     logger.info(
         "%s: best valid NDCG@10 %.4f at epoch %d", desc, result.best_score, result.best_epoch
     )
     return result
+
+
+def _summary(r: FitResult) -> dict[str, object]:
+    """A strategy's training summary; with sharded tables, the rows each process held."""
+    out: dict[str, object] = {"best_epoch": r.best_epoch, "valid_ndcg@10": r.best_score}
+    if r.shard_rows:
+        out["shard_rows"] = r.shard_rows
+    return out
 
 
 def new_model(cfg: Config, n_users: int, n_items: int, private_users: bool = False) -> TwoTower:
@@ -177,7 +186,7 @@ def train_strategy(
         torch.manual_seed(cfg.seed + 7)
         model = new_model(cfg, split.n_users, split.n_target_items).to(device)
         r = _fit(model, train, valid, cfg, name, device, cfg.epochs)
-        return model, {"best_epoch": r.best_epoch, "valid_ndcg@10": r.best_score}
+        return model, _summary(r)
     if name == "anchored":
         model = _from_source(source, split, cfg, device)
         n_u = np.bincount(split.train[:, 0], minlength=split.n_users).astype(np.float32)
@@ -185,14 +194,14 @@ def train_strategy(
         model.set_anchor(source.user_emb.weight.detach().cpu() * w[:, None])
         r = _fit(model, train, valid, cfg, name, device, cfg.epochs)
         model.set_anchor(None)
-        return model, {"best_epoch": r.best_epoch, "valid_ndcg@10": r.best_score}
+        return model, _summary(r)
     if name == "joint":
         return _joint(split, cfg, device, source)
     if name == "finetune":
         model = _from_source(source, split, cfg, device)
         scales = {"user_emb.weight": cfg.finetune_user_lr_scale}
         r = _fit(model, train, valid, cfg, name, device, cfg.epochs, lr_scales=scales)
-        return model, {"best_epoch": r.best_epoch, "valid_ndcg@10": r.best_score}
+        return model, _summary(r)
     mask = {"user_emb.weight": _shared_mask(split, split.n_users)}
     if name == "freeze_unfreeze":
         # phase 1 runs until validation stops improving (cap: freeze_epochs, 0 = epochs); phase 2
@@ -215,7 +224,9 @@ def train_strategy(
             cfg.epochs,
             lr=cfg.lr * cfg.unfreeze_lr_scale,
         )
-        phases = {"frozen_epochs_run": r1.epochs_run, "frozen_cap": cap}
+        phases: dict[str, object] = {"frozen_epochs_run": r1.epochs_run, "frozen_cap": cap}
+        if r2.shard_rows:
+            phases["shard_rows"] = r2.shard_rows
         if r1.best_score >= r2.best_score:
             model.load_state_dict(frozen_state)
             return model, {
@@ -236,7 +247,7 @@ def train_strategy(
         for p in model.user_mlp.parameters():
             p.requires_grad_(False)
         r = _fit(model, train, valid, cfg, name, device, cfg.epochs, grad_masks=mask)
-        return model, {"best_epoch": r.best_epoch, "valid_ndcg@10": r.best_score}
+        return model, _summary(r)
     raise ValueError(f"unknown strategy {name!r}")
 
 
@@ -284,7 +295,7 @@ def _joint(
     model.user_mlp.load_state_dict(both.user_mlp.state_dict())
     model.item_mlp.load_state_dict(both.item_mlp.state_dict())
     model.eval()
-    return model, {"best_epoch": r.best_epoch, "valid_ndcg@10": r.best_score}
+    return model, _summary(r)
 
 
 class Mapping(nn.Module):

@@ -1,4 +1,5 @@
-"""DistributedDataParallel: two CPU processes under torchrun (gloo) train the same model as one."""
+"""Two CPU processes under torchrun (gloo) train the same model as one: under
+DistributedDataParallel (whole tables in every process) and with row-sharded tables."""
 
 from __future__ import annotations
 
@@ -33,21 +34,11 @@ def _env() -> dict[str, str]:
     return env
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "loss",
-    [
-        [],  # the full softmax (the default)
-        # shared sampled negatives and sparse tables: every process draws the global batch's
-        ["--loss=sampled_softmax", "--sampled-negatives=64", "--sparse-embeddings=true"],
-        ["--loss=sampled_softmax", "--negative-sampler=uniform", "--mixed-negatives=true"],
-    ],
-    ids=["softmax", "sampled-sparse", "mixed"],
-)
-def test_two_process_ddp_matches_one_process(tmp_path: Path, loss: list[str]) -> None:
+def _train_one_and_two(tmp_path: Path, extra: list[str]) -> tuple[Path, Path]:
+    """Run directories of the same training in one process and in two under torchrun."""
     single, double = tmp_path / "one", tmp_path / "two"
     subprocess.run(
-        [sys.executable, "-m", "training", *ARGS, *loss, "--run-dir", str(single)],
+        [sys.executable, "-m", "training", *ARGS, *extra, "--run-dir", str(single)],
         check=True,
         env=_env(),
         cwd=REPO_ROOT,
@@ -64,7 +55,7 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path, loss: list[str]) ->
             "-m",
             "training",
             *ARGS,
-            *loss,
+            *extra,
             "--run-dir",
             str(double),
         ],
@@ -75,10 +66,67 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path, loss: list[str]) ->
         text=True,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((double / "results.json").read_text())["world_size"] == 2
+    assert json.loads((single / "results.json").read_text())["world_size"] == 1
+    return single, double
+
+
+def _same_tables(single: Path, double: Path) -> None:
     a = torch.load(single / "checkpoint.pt", weights_only=False)
     b = torch.load(double / "checkpoint.pt", weights_only=False)
     assert a["strategy"] == b["strategy"]
     torch.testing.assert_close(b["item_table"], a["item_table"], rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(b["user_table"], a["user_table"], rtol=1e-3, atol=1e-4)
-    assert json.loads((double / "results.json").read_text())["world_size"] == 2
-    assert json.loads((single / "results.json").read_text())["world_size"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "loss",
+    [
+        [],  # the full softmax (the default)
+        # shared sampled negatives and sparse tables: every process draws the global batch's
+        ["--loss=sampled_softmax", "--sampled-negatives=64", "--sparse-embeddings=true"],
+        ["--loss=sampled_softmax", "--negative-sampler=uniform", "--mixed-negatives=true"],
+    ],
+    ids=["softmax", "sampled-sparse", "mixed"],
+)
+def test_two_process_ddp_matches_one_process(tmp_path: Path, loss: list[str]) -> None:
+    single, double = _train_one_and_two(tmp_path, loss)
+    _same_tables(single, double)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "loss",
+    [
+        ["--loss=sampled_softmax", "--sampled-negatives=64", "--sparse-embeddings=true"],
+        ["--loss=bpr"],  # dense gradients of the shards, Adam
+    ],
+    ids=["sampled-sparse", "bpr"],
+)
+def test_two_process_row_sharding_matches_one_process(tmp_path: Path, loss: list[str]) -> None:
+    """Each process holds half the rows of every table and the metrics are one process's."""
+    extra = [*loss, "--shard-embeddings=rows", "--export-strategy=finetune"]
+    single, double = _train_one_and_two(tmp_path, [*extra, "--allow-below-popularity=true"])
+    _same_tables(single, double)
+    one = json.loads((single / "results.json").read_text())["shares"]["0.2"]
+    two = json.loads((double / "results.json").read_text())["shares"]["0.2"]
+    for name in ("target_only", "finetune", "exported"):
+        for seg in ("warm", "cold"):
+            for metric in ("ndcg@10", "recall@10"):
+                assert two["strategies"][name][seg][metric] == pytest.approx(
+                    one["strategies"][name][seg][metric], rel=1e-3, abs=1e-4
+                ), (name, seg, metric)
+    n_users, n_items = two["split"]["users"], two["split"]["target_items"]
+    for name in ("target_only", "finetune"):
+        assert "shard_rows" not in one["strategies"][name]["train"]
+        train = two["strategies"][name]["train"]
+        assert train["valid_ndcg@10"] == pytest.approx(
+            one["strategies"][name]["train"]["valid_ndcg@10"], rel=1e-3, abs=1e-4
+        )
+        # the row count of each process's own parameter, reported by that process
+        assert train["shard_rows"] == {
+            "user_emb.weight": [-(-n_users // 2), n_users // 2],
+            "item_emb.weight": [-(-n_items // 2), n_items // 2],
+            "item_bias.weight": [-(-n_items // 2), n_items // 2],
+        }
