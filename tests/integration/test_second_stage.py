@@ -15,7 +15,15 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from gateway.pipeline import Pipeline, PipelineConfig, RecommendQuery, RetrieveQuery
+from gateway.clients import GrpcRankers
+from gateway.pipeline import (
+    Pipeline,
+    PipelineConfig,
+    Ranked,
+    RankQuery,
+    RecommendQuery,
+    RetrieveQuery,
+)
 from offline.local import LocalRanker, LocalRetriever
 from recsys.candidates import PERSONAL_SOURCES, Source, merge_candidates
 from recsys.features import FEATURE_NAMES, candidate_features
@@ -232,6 +240,29 @@ def test_packed_features_score_exactly_like_repeated_floats(
     with pytest.raises(grpc.RpcError) as err:
         ranker_server.rank.Rank(_rank(user, ids, features, "2", packed=True), timeout=10)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_the_gateway_client_sends_packed_features(
+    trained: dict[str, Any], ranker_server: Ranker
+) -> None:
+    repo = trained["repo"]
+    user = _warm_user(repo)
+    merged, features, version = asyncio.run(_served_candidates(repo, user))
+    ids = tuple(c.item_id for c in merged)
+    lo, hi = 3, len(ids) - 2  # a shard's rows, as the pipeline slices them
+
+    async def rank() -> Ranked:
+        async with grpc.aio.insecure_channel(ranker_server.bg.address) as channel:
+            rankers = GrpcRankers([("ranker", channel)])
+            query = RankQuery("target-ranker", "", user, ids[lo:hi], features[lo:hi], version)
+            return await rankers.rank(query, replica=0, timeout=10)
+
+    ranked = asyncio.run(rank())
+    floats = ranker_server.rank.Rank(
+        _rank(user, list(ids[lo:hi]), features[lo:hi], version), timeout=10
+    )
+    np.testing.assert_array_equal(np.array(ranked.scores, np.float32), np.array(floats.scores))
+    assert ranked.model_version == "1"
 
 
 def test_open_inference_protocol_takes_feature_rows(
