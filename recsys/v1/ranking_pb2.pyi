@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RankRequest(_message.Message):
-    __slots__ = ("model_name", "model_version", "user_id", "item_ids", "context", "allow_unknown_items", "features", "features_version")
+    __slots__ = ("model_name", "model_version", "user_id", "item_ids", "context", "allow_unknown_items", "features", "features_f32", "features_version")
     class ContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class RankRequest(_message.Message):
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     ALLOW_UNKNOWN_ITEMS_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_F32_FIELD_NUMBER: _ClassVar[int]
     FEATURES_VERSION_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
@@ -30,8 +31,9 @@ class RankRequest(_message.Message):
     context: _containers.ScalarMap[str, str]
     allow_unknown_items: bool
     features: _containers.RepeatedScalarFieldContainer[float]
+    features_f32: bytes
     features_version: str
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., user_id: _Optional[str] = ..., item_ids: _Optional[_Iterable[str]] = ..., context: _Optional[_Mapping[str, str]] = ..., allow_unknown_items: _Optional[bool] = ..., features: _Optional[_Iterable[float]] = ..., features_version: _Optional[str] = ...) -> None: ...
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., user_id: _Optional[str] = ..., item_ids: _Optional[_Iterable[str]] = ..., context: _Optional[_Mapping[str, str]] = ..., allow_unknown_items: _Optional[bool] = ..., features: _Optional[_Iterable[float]] = ..., features_f32: _Optional[bytes] = ..., features_version: _Optional[str] = ...) -> None: ...
 
 class RankResponse(_message.Message):
     __slots__ = ("scores", "model_name", "model_version", "missing")

@@ -68,7 +68,8 @@ class RankingServiceServicer:
         the one it expects (or no features_version); pin the version that
         was published with that retrieval version, or rank elsewhere.
         INVALID_ARGUMENT    also: a feature ranker's features are missing, not len(item_ids) * F
-        values, NaN/infinite or above 1e6 in magnitude.
+        values (features_f32: not len(item_ids) * F * 4 bytes), NaN/infinite
+        or above 1e6 in magnitude; both features and features_f32 set.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

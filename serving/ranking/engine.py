@@ -14,7 +14,14 @@ from prometheus_client import Counter, Histogram
 from recsys.features import FEATURE_LIMIT
 from recsys.rpc.errors import FailedPrecondition, InvalidRequest, NotFound, status_for
 from serving.ranking import metrics
-from serving.ranking.checks import check_ids, check_length, parse_version, quote
+from serving.ranking.checks import (
+    check_ids,
+    check_length,
+    check_one_feature_form,
+    feature_rows,
+    parse_version,
+    quote,
+)
 from serving.ranking.manager import ModelManager
 from serving.ranking.model import FEATURES, RankerModel, UnknownIds
 from serving.ranking.stats import VersionStats
@@ -72,11 +79,16 @@ def _duration_histogram(model: str) -> Histogram:
 
 
 def check_features(
-    model: RankerModel, features: np.ndarray, n: int, features_version: str
+    model: RankerModel,
+    features: Sequence[float] | np.ndarray,
+    n: int,
+    features_version: str,
+    features_f32: bytes = b"",
 ) -> np.ndarray:
     """A feature ranker's input rows, checked: the retrieval version they come from must be the
     one the ranker expects (FAILED_PRECONDITION otherwise), then n rows of F finite values of at
-    most FEATURE_LIMIT in magnitude (INVALID_ARGUMENT otherwise). Returns FP32 [n, F]."""
+    most FEATURE_LIMIT in magnitude (INVALID_ARGUMENT otherwise), given as `features` (values or
+    an array) or as `features_f32` (little-endian float32 bytes). Returns FP32 [n, F]."""
     where = f"{model.name} version {model.version}"
     expected = model.features_version
     if features_version != expected:
@@ -86,13 +98,9 @@ def check_features(
             f"has {got} (rank with the {model.name} version published with that retrieval "
             "version)"
         )
-    width = len(model.feature_names)
-    if features.size != n * width:
-        raise InvalidRequest(
-            f"{where} takes {width} features per candidate ({', '.join(model.feature_names)}): "
-            f"{n} candidates need {n * width} values, got {features.size}"
-        )
-    rows = np.asarray(features, dtype=np.float32).reshape(n, width)
+    if isinstance(features, np.ndarray):
+        features = features.ravel()
+    rows = feature_rows(features, features_f32, n, model.feature_names, where)
     bad = ~np.isfinite(rows) | (np.abs(rows) > FEATURE_LIMIT)
     if bad.any():
         i, j = (int(x) for x in np.argwhere(bad)[0])
@@ -150,11 +158,13 @@ class RankingEngine:
         allow_unknown_items: bool = False,
         features: Sequence[float] | np.ndarray = (),
         features_version: str = "",
+        features_f32: bytes = b"",
     ) -> Scored:
         """Scores of item ids for a user id. With `allow_unknown_items`, ids the version does not
         know are scored -inf and flagged in `missing` instead of failing the request. A feature
-        ranker scores `features` (len(item_ids) rows, row-major) computed by retrieval version
-        `features_version`, and looks neither the user nor the items up."""
+        ranker scores `features` or `features_f32` (one of them; len(item_ids) rows, row-major)
+        computed by retrieval version `features_version`, and looks neither the user nor the
+        items up."""
         with _Outcome(self.manager, model_name, "rank") as outcome:
             version = self.check_model(model_name, version)
             if not user_id:
@@ -163,14 +173,13 @@ class RankingEngine:
             self._check_count(len(item_ids), "candidates (item_ids)")
             ids = item_ids if isinstance(item_ids, list) else list(item_ids)
             check_ids("item_ids", ids, self.max_id_length)
+            check_one_feature_form(features, features_f32)
             with self.manager.use(model_name, version) as served:
                 outcome.version = str(served.version)
                 outcome.stats = served.batcher.stats
                 model = served.model
                 if model.kind == FEATURES:
-                    rows = check_features(
-                        model, np.asarray(features, np.float32), len(ids), features_version
-                    )
+                    rows = check_features(model, features, len(ids), features_version, features_f32)
                     if "" in ids:
                         raise InvalidRequest("item_ids must not contain empty ids")
                     scores = await served.batcher.score(rows, np.zeros(len(ids), np.int64), timeout)

@@ -44,6 +44,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             allow_unknown_items=request.allow_unknown_items,
             features=request.features,
             features_version=request.features_version,
+            features_f32=request.features_f32,
         )
         return ranking_pb2.RankResponse(
             scores=scored.scores.tolist(),

@@ -15,7 +15,15 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from gateway.pipeline import Pipeline, PipelineConfig, RecommendQuery, RetrieveQuery
+from gateway.clients import GrpcRankers
+from gateway.pipeline import (
+    Pipeline,
+    PipelineConfig,
+    Ranked,
+    RankQuery,
+    RecommendQuery,
+    RetrieveQuery,
+)
 from offline.local import LocalRanker, LocalRetriever
 from recsys.candidates import PERSONAL_SOURCES, Source, merge_candidates
 from recsys.features import FEATURE_NAMES, candidate_features
@@ -138,15 +146,23 @@ def test_recommend_order_comes_from_the_learned_ranker(trained: dict[str, Any]) 
 
 
 def _rank(
-    user: str, ids: list[str], features: np.ndarray, version: str, model: str = "target-ranker"
+    user: str,
+    ids: list[str],
+    features: np.ndarray,
+    version: str,
+    model: str = "target-ranker",
+    packed: bool = False,
 ) -> ranking_pb2.RankRequest:
-    return ranking_pb2.RankRequest(
-        model_name=model,
-        user_id=user,
-        item_ids=ids,
-        features=features.ravel().tolist(),
-        features_version=version,
+    """A Rank request with the features as repeated floats (older gateways) or, `packed`, as
+    little-endian float32 bytes in features_f32."""
+    request = ranking_pb2.RankRequest(
+        model_name=model, user_id=user, item_ids=ids, features_version=version
     )
+    if packed:
+        request.features_f32 = features.astype("<f4").tobytes()
+    else:
+        request.features.extend(features.ravel().tolist())
+    return request
 
 
 def test_rank_scores_features_and_refuses_another_retrieval_version(
@@ -179,6 +195,74 @@ def test_rank_scores_features_and_refuses_another_retrieval_version(
         _rank(user, ids[:5], features[:5], "", model="target-dot-ranker"), timeout=10
     )
     assert len(dot.scores) == 5
+
+
+def test_packed_features_score_exactly_like_repeated_floats(
+    trained: dict[str, Any], ranker_server: Ranker
+) -> None:
+    repo = trained["repo"]
+    user = _warm_user(repo)
+    merged, features, version = asyncio.run(_served_candidates(repo, user))
+    ids = [c.item_id for c in merged]
+    floats = ranker_server.rank.Rank(_rank(user, ids, features, version), timeout=10)
+    packed = ranker_server.rank.Rank(_rank(user, ids, features, version, packed=True), timeout=10)
+    assert len(packed.scores) == len(ids)
+    np.testing.assert_array_equal(np.array(packed.scores), np.array(floats.scores))
+    assert packed.model_version == floats.model_version == "1"
+
+    both = _rank(user, ids, features, version, packed=True)
+    both.features.extend(features.ravel().tolist())
+    width = len(FEATURE_NAMES)
+    need = len(ids) * width * 4
+    refused = {
+        "both": (both, "set features or features_f32, not both"),
+        "short": (_rank(user, ids, features[:-1], version, packed=True), f"= {need} bytes"),
+        "ragged": (
+            ranking_pb2.RankRequest(
+                model_name="target-ranker",
+                user_id=user,
+                item_ids=ids,
+                features_version=version,
+                features_f32=features.astype("<f4").tobytes()[:-1],
+            ),
+            f"got {need - 1} bytes, not a whole number of float32",
+        ),
+    }
+    bad = features.copy()
+    bad[3, 2] = np.inf
+    refused["inf"] = (_rank(user, ids, bad, version, packed=True), "NaN, infinite")
+    for name, (request, text) in refused.items():
+        with pytest.raises(grpc.RpcError) as err:
+            ranker_server.rank.Rank(request, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+        assert text in err.value.details(), name
+    # The retrieval version is checked first, whichever form carries the features.
+    with pytest.raises(grpc.RpcError) as err:
+        ranker_server.rank.Rank(_rank(user, ids, features, "2", packed=True), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_the_gateway_client_sends_packed_features(
+    trained: dict[str, Any], ranker_server: Ranker
+) -> None:
+    repo = trained["repo"]
+    user = _warm_user(repo)
+    merged, features, version = asyncio.run(_served_candidates(repo, user))
+    ids = tuple(c.item_id for c in merged)
+    lo, hi = 3, len(ids) - 2  # a shard's rows, as the pipeline slices them
+
+    async def rank() -> Ranked:
+        async with grpc.aio.insecure_channel(ranker_server.bg.address) as channel:
+            rankers = GrpcRankers([("ranker", channel)])
+            query = RankQuery("target-ranker", "", user, ids[lo:hi], features[lo:hi], version)
+            return await rankers.rank(query, replica=0, timeout=10)
+
+    ranked = asyncio.run(rank())
+    floats = ranker_server.rank.Rank(
+        _rank(user, list(ids[lo:hi]), features[lo:hi], version), timeout=10
+    )
+    np.testing.assert_array_equal(np.array(ranked.scores, np.float32), np.array(floats.scores))
+    assert ranked.model_version == "1"
 
 
 def test_open_inference_protocol_takes_feature_rows(
