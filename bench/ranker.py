@@ -249,7 +249,7 @@ def feature_rows(candidates: int, seed: int = 0) -> Any:
 def feature_payloads(
     model: str, candidates: int, api: str, pool: int = 64, seed: int = 1
 ) -> tuple[bytes, ...]:
-    """Requests to a feature ranker: Rank with item ids, features and features_version, or
+    """Requests to a feature ranker: Rank with item ids, features_f32 and features_version, or
     ModelInfer with a FP32 [N, F] `features` tensor and the features_version parameter."""
     from recsys.inference import grpc_service_pb2 as pb
     from recsys.repository.layout import FEATURES_INPUT, SCORE_OUTPUT
@@ -263,7 +263,7 @@ def feature_payloads(
                 model_name=model,
                 user_id="user0",
                 item_ids=[f"item{j}" for j in range(candidates)],
-                features=rows.ravel().tolist(),
+                features_f32=rows.astype("<f4", copy=False).tobytes(),  # as the gateway sends
                 features_version=FEATURE_RETRIEVAL[1],
             )
             out.append(request.SerializeToString())
