@@ -54,7 +54,8 @@ def test_feature_payloads_carry_rows_and_the_features_version(api: str) -> None:
     width = len(FEATURE_NAMES)
     if api == "rank":
         request = ranking_pb2.RankRequest.FromString(payload)
-        assert len(request.item_ids) == 7 and len(request.features) == 7 * width
+        assert len(request.item_ids) == 7 and len(request.features_f32) == 7 * width * 4
+        assert not request.features  # the packed form only, as the gateway sends
         assert request.features_version == ranker.FEATURE_RETRIEVAL[1]
     else:
         infer = pb.ModelInferRequest.FromString(payload)
