@@ -23,6 +23,7 @@ from __future__ import annotations
 import codecs
 import csv
 import difflib
+import functools
 import hashlib
 import logging
 import re
@@ -860,7 +861,8 @@ def _width_error(path: Path, delimiter: str, widths: tuple[int, ...], what: str)
         return DataError(f"{path}: empty file, expected {what} lines")
     fields = _per_line(buf == ord(delimiter), starts, stops)[solid] + 1
     if int(fields[0]) not in widths:
-        at, want = 0, " or ".join(str(w) for w in widths)
+        at = 0
+        want = f"at least {widths[0]}" if len(widths) > 2 else " or ".join(map(str, widths))
     else:
         other = np.flatnonzero(fields != fields[0])
         at, want = (int(other[0]) if other.size else 0), str(int(fields[0]))
@@ -977,13 +979,17 @@ def _interactions(
     return pa.table(cols)
 
 
+def _table_batches(table: pa.Table) -> Iterator[pa.RecordBatch]:
+    return iter(table.to_batches())
+
+
 def _domain(
     name: str, parts: list[tuple[pa.Table, int | None]], titles: dict[str, str] | None = None
 ) -> DomainData:
     """A de-duplicated domain from cleaned tables (a part code: its given split, or None)."""
     names = parts[0][0].column_names
     sources: list[tuple[Batches, int | None]] = [
-        ((lambda t=t: iter(t.to_batches())), code) for t, code in parts
+        (functools.partial(_table_batches, t), code) for t, code in parts
     ]
     d = _encode(name, sources, "rating" in names, "timestamp" in names)
     d.titles = titles or {}
