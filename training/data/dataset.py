@@ -577,18 +577,18 @@ class _Refused(Exception):
     """The columnar text reader cannot vouch for this file: the exact line reader decides."""
 
 
+_TEXT = bytes([9, 10, 13, *range(32, 256)])  # the bytes a text table may hold
+
+
 def _text_is_clean(path: Path, encoding: str = "utf-8") -> bool:
     """Whether the whole file is ``encoding`` text (UTF-8 checked; every byte is Latin-1) without
-    control characters (tab, CR, LF allowed)."""
+    control characters (tab, CR, LF allowed): C-speed byte scans, decoding only non-ASCII parts."""
     decoder = codecs.getincrementaldecoder("utf-8")()
-    allowed = np.zeros(256, dtype=bool)
-    allowed[32:] = True
-    allowed[[9, 10, 13]] = True
     with path.open("rb") as fh:
         while chunk := fh.read(SCAN_BYTES):
-            if not allowed[np.frombuffer(chunk, dtype=np.uint8)].all():
+            if chunk.translate(None, _TEXT):  # what is left are control characters
                 return False
-            if encoding != "utf-8":
+            if encoding != "utf-8" or chunk.isascii() and not decoder.getstate()[0]:
                 continue
             try:
                 decoder.decode(chunk)
