@@ -996,7 +996,7 @@ def _domain(
     return deduplicate(d)
 
 
-def _split_lines(path: Path, lines: pa.ChunkedArray, pattern: str | None) -> pa.ListArray:
+def _split_lines(lines: pa.ChunkedArray, pattern: str | None) -> pa.ListArray:
     """Every record split into its fields: on ``pattern``, or on runs of whitespace."""
     if pattern is None:
         return pc.utf8_split_whitespace(pc.utf8_trim_whitespace(lines)).combine_chunks()
@@ -1078,7 +1078,7 @@ def load_disencdr(path: Path) -> Dataset:
             f = folder / fname
             used.append(f)
             (lines,) = _read_layout(f, (1,), _LINE, "'user<TAB>item[<TAB>1]'")
-            fields = _split_lines(f, lines, None)
+            fields = _split_lines(lines, None)
             _check_width(f, fields, (2, 3), "")
             user, item = (pc.list_element(fields, k) for k in range(2))
             parts.append((_interactions(f, user, item), code))
@@ -1142,7 +1142,7 @@ def load_movielens_1m(path: Path) -> Dataset:
     genres from ``movies.dat`` when present."""
     data = path / "ratings.dat"
     (lines,) = _read_layout(data, (1,), _LINE, "'user::item::rating::timestamp'")
-    fields = _split_lines(data, lines, "::")
+    fields = _split_lines(lines, "::")
     _check_width(data, fields, (4,), "'::' ")
     u, i, r, t = (pc.list_element(fields, k) for k in range(4))
     table = _interactions(data, u, i, rating=r, timestamp=t)
@@ -1152,7 +1152,7 @@ def load_movielens_1m(path: Path) -> Dataset:
     if movies.is_file():
         files.append(movies)
         (mlines,) = _read_layout(movies, (1,), _LINE, "'id::title::genres'", "latin-1")
-        mfields = _split_lines(movies, mlines, "::")
+        mfields = _split_lines(mlines, "::")
         _check_width(movies, mfields, (3,), "'::' ")
         ids, names, genres = (pc.list_element(mfields, k).to_pylist() for k in range(3))
         titles = {
@@ -1183,7 +1183,7 @@ def load_movielens_1m_implicit(path: Path) -> Dataset:
         f = path / fname
         files.append(f)
         (lines,) = _read_layout(f, (1,), _LINE, "'user item item ...'")
-        lists = _split_lines(f, lines, None)
+        lists = _split_lines(lines, None)
         _tokens_are_ids(f, lists)
         lengths = pc.list_value_length(lists).to_numpy() - 1
         users = pc.list_element(lists, 0).take(pa.array(np.repeat(np.arange(len(lists)), lengths)))
