@@ -11,7 +11,7 @@ PROTO_SRC := $(wildcard protos/recsys/v1/*.proto protos/recsys/inference/*.proto
 PROTO_OUT := $(patsubst protos/%.proto,%_pb2.py,$(PROTO_SRC))
 
 .PHONY: help setup tools protos check-protos lint fmt test test-fast e2e bench bench-quality \
-	bench-ranker bench-vocab bench-gateway bench-rollout bench-system bench-peers bench-scale bench-index probe demo train \
+	bench-ranker bench-vocab bench-layouts bench-gateway bench-rollout bench-system bench-peers bench-scale bench-index probe demo train \
 	bench-train-scale bench-train-shard serve serve-ranking serve-retrieval serve-gateway docs check-docs base-image images images-smoke \
 	images-prune images-gpu k8s-render k8s-check clean
 
@@ -63,6 +63,9 @@ bench-ranker: $(STAMP) ## the ranking service against the in-process ONNX Runtim
 
 bench-vocab: $(STAMP) ## the Rank API's id mapping in-process: dict, sorted hashes, the vectorised table
 	$(PY) -m bench.vocab
+
+bench-layouts: $(STAMP) ## the built-in data set layouts: load time and peak memory per folder, two ways to parse '::'
+	$(PY) -m bench.layouts
 
 bench-gateway: $(STAMP) ## the whole stack under load: throughput, latency, where the time goes, HNSW recall (slow)
 	$(PY) -m bench.gateway

@@ -23,6 +23,7 @@ from __future__ import annotations
 import codecs
 import csv
 import difflib
+import functools
 import hashlib
 import logging
 import re
@@ -285,13 +286,6 @@ def _decoded(path: Path, encoding: str = "utf-8") -> Iterator[str]:
             yield line
 
 
-def _lines(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
-    for lineno, line in enumerate(_decoded(path, encoding), start=1):
-        line = line.rstrip("\r\n")
-        if line.strip():
-            yield lineno, line
-
-
 def _float(value: str, path: Path, lineno: int, what: str) -> float:
     try:
         out = float(value)
@@ -364,24 +358,6 @@ def _batch(
     if timestamps is not None:
         cols["timestamp"] = pa.array(timestamps, pa.int64())
     return pa.RecordBatch.from_pydict(cols)
-
-
-def _make(
-    name: str,
-    users: list[str],
-    items: list[str],
-    ratings: list[float] | None = None,
-    timestamps: list[int] | None = None,
-    given_split: list[int] | None = None,
-    titles: dict[str, str] | None = None,
-) -> DomainData:
-    """A de-duplicated domain from Python lists (the small built-in text layouts)."""
-    b = _batch(users, items, ratings, timestamps)
-    d = _encode(name, [(lambda: iter([b]), None)], ratings is not None, timestamps is not None)
-    if given_split is not None:
-        d.given_split = np.asarray(given_split, dtype=np.int8)
-    d.titles = titles or {}
-    return deduplicate(d)
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -601,16 +577,19 @@ class _Refused(Exception):
     """The columnar text reader cannot vouch for this file: the exact line reader decides."""
 
 
-def _text_is_clean(path: Path) -> bool:
-    """Whether the whole file is UTF-8 without control characters (tab, CR, LF allowed)."""
+_TEXT = bytes([9, 10, 13, *range(32, 256)])  # the bytes a text table may hold
+
+
+def _text_is_clean(path: Path, encoding: str = "utf-8") -> bool:
+    """Whether the whole file is ``encoding`` text (UTF-8 checked; every byte is Latin-1) without
+    control characters (tab, CR, LF allowed): C-speed byte scans, decoding only non-ASCII parts."""
     decoder = codecs.getincrementaldecoder("utf-8")()
-    allowed = np.zeros(256, dtype=bool)
-    allowed[32:] = True
-    allowed[[9, 10, 13]] = True
     with path.open("rb") as fh:
         while chunk := fh.read(SCAN_BYTES):
-            if not allowed[np.frombuffer(chunk, dtype=np.uint8)].all():
+            if chunk.translate(None, _TEXT):  # what is left are control characters
                 return False
+            if encoding != "utf-8" or chunk.isascii() and not decoder.getstate()[0]:
+                continue
             try:
                 decoder.decode(chunk)
             except UnicodeDecodeError:
@@ -824,27 +803,220 @@ def read_titles(path: Path, item: str = "item_id", delimiter: str | None = None)
     return dict(zip(cols["item"], cols["title"], strict=True))
 
 
-def read_triples(
-    path: Path, domain: str, n_fields: int | tuple[int, ...], has_rating: bool
-) -> tuple[list[str], list[str], list[float], list[int]]:
-    """Read a header-less whitespace/tab separated ``user item [rating [timestamp]]`` file."""
-    users: list[str] = []
-    items: list[str] = []
-    ratings: list[float] = []
-    stamps: list[int] = []
-    allowed = (n_fields,) if isinstance(n_fields, int) else n_fields
-    for lineno, line in _lines(path):
-        parts = line.split()
-        if len(parts) not in allowed:
-            want = " or ".join(str(n) for n in allowed)
-            raise DataError(f"{path}:{lineno}: expected {want} fields, got {len(parts)}")
-        users.append(parts[0])
-        items.append(parts[1])
-        if has_rating:
-            ratings.append(_float(parts[2], path, lineno, "rating"))
-        if len(parts) >= 4:
-            stamps.append(_int(parts[3], path, lineno, "timestamp"))
-    return users, items, ratings, stamps
+# ----------------------------------------------------------------------------- built-in text layouts
+
+# The built-in folders are header-less text without quoting: pyarrow.csv parses them (every field
+# a string, then ids trimmed and numbers cast column by column); a file with one record per line
+# and its own separator (adjacency lists, MovieLens-1M's "::") is read as one column of lines
+# (delimiter _LINE, which no accepted file holds: control characters are refused first) and split
+# with pyarrow.compute. The line of a problem is found afterwards, vectorised over the file's bytes.
+_LINE = "\x1f"
+LAYOUT_BLOCK_BYTES = 1 << 24  # bytes pyarrow.csv parses per block (one thread each)
+MAX_FIELDS = 64  # the widest built-in layout (MovieLens-100K u.item has 24 fields)
+
+
+def _check_text(path: Path, encoding: str = "utf-8") -> None:
+    """Refuse bytes that are not ``encoding`` text and control characters, naming the line."""
+    if _text_is_clean(path, encoding):
+        return
+    for _ in _decoded(path, encoding):  # names the first bad line
+        pass
+    raise DataError(f"{path}: not {encoding} text without control characters")
+
+
+def _line_bounds(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The file's bytes and the start and end offset of each of its lines (LF or CRLF)."""
+    buf = np.fromfile(path, dtype=np.uint8)
+    ends = np.flatnonzero(buf == 10)
+    return buf, np.r_[0, ends + 1], np.r_[ends, buf.size]
+
+
+def _per_line(mask: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    """How many bytes of each line ``mask`` selects."""
+    total = np.r_[0, np.cumsum(mask, dtype=np.int64)]
+    return total[stops] - total[starts]
+
+
+_SPACE = np.zeros(256, dtype=bool)
+_SPACE[[9, 10, 11, 12, 13, 32]] = True
+
+
+def _row_lines(path: Path) -> np.ndarray:
+    """The 1-based line number of every record: each line with more than whitespace."""
+    buf, starts, stops = _line_bounds(path)
+    solid = _per_line(~_SPACE[buf], starts, stops)
+    return np.flatnonzero(solid > 0) + 1
+
+
+def _line_of(path: Path, row: int) -> int:
+    return int(_row_lines(path)[row])
+
+
+def _width_error(path: Path, delimiter: str, widths: tuple[int, ...], what: str) -> DataError:
+    """The first record whose number of fields differs from the first record's (or the first
+    record, when its number is not one of ``widths``); an empty file when there is no record."""
+    buf, starts, stops = _line_bounds(path)
+    solid = np.flatnonzero(_per_line(~_SPACE[buf], starts, stops) > 0)
+    if not solid.size:
+        return DataError(f"{path}: empty file, expected {what} lines")
+    fields = _per_line(buf == ord(delimiter), starts, stops)[solid] + 1
+    if int(fields[0]) not in widths:
+        at = 0
+        want = f"at least {widths[0]}" if len(widths) > 2 else " or ".join(map(str, widths))
+    else:
+        other = np.flatnonzero(fields != fields[0])
+        at, want = (int(other[0]) if other.size else 0), str(int(fields[0]))
+    return DataError(f"{path}:{solid[at] + 1}: expected {want} fields, got {int(fields[at])}")
+
+
+def _read_layout(
+    path: Path,
+    widths: tuple[int, ...],
+    delimiter: str,
+    what: str,
+    encoding: str = "utf-8",
+) -> list[pa.ChunkedArray]:
+    """The fields of a header-less delimited text file without quoting, as string columns (not
+    trimmed): every record has the number of fields of the first, one of ``widths``. Lines of only
+    whitespace are skipped. Bad bytes, an empty file or a record of another width: DataError
+    naming the file and line."""
+    _check_text(_require(path), encoding)
+
+    def skip_blank(row: pacsv.InvalidRow) -> str:
+        return "skip" if not row.text.strip() else "error"
+
+    try:
+        table = pacsv.read_csv(
+            path,
+            read_options=pacsv.ReadOptions(
+                autogenerate_column_names=True, block_size=LAYOUT_BLOCK_BYTES, encoding=encoding
+            ),
+            parse_options=pacsv.ParseOptions(
+                delimiter=delimiter, quote_char=False, invalid_row_handler=skip_blank
+            ),
+            convert_options=pacsv.ConvertOptions(
+                column_types={f"f{k}": pa.string() for k in range(MAX_FIELDS)},
+                strings_can_be_null=False,
+            ),
+        )
+    except pa.ArrowInvalid as exc:
+        if delimiter == _LINE and "Empty CSV" not in str(exc):
+            raise DataError(f"{path}: unreadable text ({exc})") from None
+        raise _width_error(path, delimiter, widths, what) from None
+    columns = table.columns
+    if delimiter != _LINE and len(columns) not in widths:
+        raise _width_error(path, delimiter, widths, what)
+    blank = None
+    for c in columns:
+        empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(c)), 0)
+        blank = empty if blank is None else pc.and_(blank, empty)
+    if pc.any(blank).as_py():  # a record of empty fields only, like a line of tabs
+        columns = [pc.filter(c, pc.invert(blank)) for c in columns]
+    if not len(columns[0]):
+        raise DataError(f"{path}: empty file, expected {what} lines")
+    return columns
+
+
+def _ids(path: Path, values: pa.ChunkedArray, role: str) -> pa.ChunkedArray:
+    """Trimmed ids; an empty one is refused with its line."""
+    ids = pc.utf8_trim_whitespace(values)
+    empty = pc.equal(pc.utf8_length(ids), 0)
+    if pc.any(empty).as_py():
+        raise DataError(f"{path}:{_line_of(path, _first(empty))}: empty {role} id")
+    return ids
+
+
+def _first_failing(values: pa.ChunkedArray, to: pa.DataType) -> int:
+    """The index of the first value that does not cast to ``to`` (the cast of all fails)."""
+    lo, hi = 0, len(values)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        try:
+            pc.cast(values.slice(lo, mid - lo), to)
+            lo = mid
+        except pa.ArrowInvalid:
+            hi = mid
+    return lo
+
+
+def _numbers(path: Path, values: pa.ChunkedArray, what: str, to: pa.DataType) -> np.ndarray:
+    """A numeric column: floats must be finite; one that does not parse is named with its line."""
+    text = pc.utf8_trim_whitespace(values)
+    kind = "an integer" if pa.types.is_integer(to) else "a number"
+    try:
+        out = pc.cast(text, pa.float64() if pa.types.is_floating(to) else to)
+    except pa.ArrowInvalid:
+        at = _first_failing(text, pa.float64() if pa.types.is_floating(to) else to)
+        raise DataError(
+            f"{path}:{_line_of(path, at)}: {what} is not {kind}: {values[at].as_py()!r}"
+        ) from None
+    if pa.types.is_floating(to):
+        finite = pc.is_finite(out)
+        if not pc.all(finite).as_py():
+            at = _first(pc.invert(finite))
+            raise DataError(
+                f"{path}:{_line_of(path, at)}: {what} is not finite: {values[at].as_py()!r}"
+            )
+    return out.to_numpy().astype(to.to_pandas_dtype(), copy=False)
+
+
+def _interactions(
+    path: Path,
+    user: pa.ChunkedArray,
+    item: pa.ChunkedArray,
+    rating: pa.ChunkedArray | None = None,
+    timestamp: pa.ChunkedArray | None = None,
+) -> pa.Table:
+    """A cleaned table (columns user, item: string; rating: float32; timestamp: int64)."""
+    cols: dict[str, pa.ChunkedArray | np.ndarray] = {
+        "user": _ids(path, user, "user"),
+        "item": _ids(path, item, "item"),
+    }
+    if rating is not None:
+        cols["rating"] = _numbers(path, rating, "rating", pa.float32())
+    if timestamp is not None:
+        cols["timestamp"] = _numbers(path, timestamp, "timestamp", pa.int64())
+    return pa.table(cols)
+
+
+def _table_batches(table: pa.Table) -> Iterator[pa.RecordBatch]:
+    return iter(table.to_batches())
+
+
+def _domain(
+    name: str, parts: list[tuple[pa.Table, int | None]], titles: dict[str, str] | None = None
+) -> DomainData:
+    """A de-duplicated domain from cleaned tables (a part code: its given split, or None)."""
+    names = parts[0][0].column_names
+    sources: list[tuple[Batches, int | None]] = [
+        (functools.partial(_table_batches, t), code) for t, code in parts
+    ]
+    d = _encode(name, sources, "rating" in names, "timestamp" in names)
+    d.titles = titles or {}
+    return deduplicate(d)
+
+
+def _split_lines(lines: pa.ChunkedArray, pattern: str | None) -> pa.ListArray:
+    """Every record split into its fields: on ``pattern``, or on runs of whitespace."""
+    if pattern is None:
+        return pc.utf8_split_whitespace(pc.utf8_trim_whitespace(lines)).combine_chunks()
+    return pc.split_pattern(lines, pattern).combine_chunks()
+
+
+def _row_of_token(lists: pa.ListArray, token: int) -> int:
+    offsets = lists.offsets.to_numpy()
+    offsets = offsets - offsets[0]
+    return int(np.searchsorted(offsets, token, side="right") - 1)
+
+
+def _tokens_are_ids(path: Path, lists: pa.ListArray) -> None:
+    """Every field a non-negative integer id (adjacency lists), or the line of the first that is not."""
+    flat = lists.flatten()
+    bad = pc.invert(pc.match_substring_regex(flat, r"^[0-9]+$"))
+    if pc.any(bad).as_py():
+        at = _first(bad)
+        line = _line_of(path, _row_of_token(lists, at))
+        raise DataError(f"{path}:{line}: id is not a non-negative integer: {flat[at].as_py()!r}")
 
 
 # ----------------------------------------------------------------------------- built-in folders
@@ -866,8 +1038,8 @@ def load_douban_book_music(path: Path) -> Dataset:
     files = {"book": path / "douban_book_ratings.dat", "music": path / "douban_music_ratings.dat"}
     domains = {}
     for name, f in files.items():
-        u, i, r, _ = read_triples(f, name, 3, has_rating=True)
-        domains[name] = _make(name, u, i, r)
+        u, i, r = _read_layout(f, (3,), "\t", "'user<TAB>item<TAB>rating'")
+        domains[name] = _domain(name, [(_interactions(f, u, i, rating=r), None)])
     return Dataset("douban-book-music", path, domains, _fingerprint(list(files.values())))
 
 
@@ -893,95 +1065,131 @@ def disencdr_folders(path: Path) -> dict[str, Path]:
 
 def load_disencdr(path: Path) -> Dataset:
     """The DisenCDR layout, in a folder of any name: ``X_Y/train.txt`` and ``X_Y/test.txt`` are
-    domain X's given split (header-less ``user item [1]`` lines, ids shared between the domains)."""
+    domain X's given split (header-less ``user item [1]`` lines, whitespace separated, ids shared
+    between the domains)."""
     folders = disencdr_folders(path)
     if not folders:
         raise DataError(f"{path}: no X_Y/ folder with train.txt and test.txt (DisenCDR layout)")
     domains = {}
     used: list[Path] = []
     for name, folder in folders.items():
-        users: list[str] = []
-        items: list[str] = []
-        split: list[int] = []
+        parts: list[tuple[pa.Table, int | None]] = []
         for fname, code in (("train.txt", TRAIN), ("test.txt", TEST)):
             f = folder / fname
             used.append(f)
-            u, i, _, _ = read_triples(f, name, (2, 3), has_rating=False)
-            users += u
-            items += i
-            split += [code] * len(u)
-        domains[name] = _make(name, users, items, given_split=split)
+            (lines,) = _read_layout(f, (1,), _LINE, "'user<TAB>item[<TAB>1]'")
+            fields = _split_lines(lines, None)
+            _check_width(f, fields, (2, 3), "")
+            user, item = (pc.list_element(fields, k) for k in range(2))
+            parts.append((_interactions(f, user, item), code))
+        domains[name] = _domain(name, parts)
     return Dataset(path.name, path, domains, _fingerprint(used))
+
+
+def _movielens_items(
+    item_file: Path, genre_file: Path
+) -> tuple[pa.ChunkedArray, dict[str, str], np.ndarray, list[str]]:
+    """MovieLens-100K's ``u.item``: the item ids, their titles with genres ("Title [A|B]"), the
+    genre flags (items x genres) and the genre names (from ``u.genre`` when present)."""
+    genres: list[str] = []
+    if genre_file.is_file():
+        genres = _read_layout(genre_file, (2,), "|", "'genre|id'", "latin-1")[0].to_pylist()
+    cols = _read_layout(
+        item_file, tuple(range(5, MAX_FIELDS + 1)), "|", "'id|title|...'", "latin-1"
+    )
+    ids = cols[0]
+    flags = np.zeros((len(ids), len(genres)), dtype=bool)
+    for g, col in enumerate(cols[5 : 5 + len(genres)]):
+        flags[:, g] = pc.equal(col, "1").to_numpy(zero_copy_only=False)
+    names = np.array(genres, dtype=object)
+    titles = {
+        item: title + (f" [{'|'.join(names[row])}]" if row.any() else "")
+        for item, title, row in zip(ids.to_pylist(), cols[1].to_pylist(), flags, strict=True)
+    }
+    return ids, titles, flags, genres
 
 
 def load_movielens_100k(path: Path) -> Dataset:
     data = path / "u.data"
-    u, i, r, t = read_triples(data, "movies", 4, has_rating=True)
-    titles: dict[str, str] = {}
-    item_genres: dict[str, set[str]] = {}
-    genres: list[str] = []
-    genre_file = path / "u.genre"
-    if genre_file.is_file():
-        genres = [line.split("|")[0] for _, line in _lines(genre_file, "latin-1")]
+    u, i, r, t = _read_layout(data, (4,), "\t", "'user<TAB>item<TAB>rating<TAB>timestamp'")
+    table = _interactions(data, u, i, rating=r, timestamp=t)
     item_file = path / "u.item"
-    for lineno, line in _lines(item_file, "latin-1"):
-        parts = line.split("|")
-        if len(parts) < 5:
-            raise DataError(
-                f"{item_file}:{lineno}: expected at least 5 '|' fields, got {len(parts)}"
-            )
-        flags = parts[5:]
-        names = [g for g, flag in zip(genres, flags, strict=False) if flag == "1"]
-        titles[parts[0]] = parts[1] + (f" [{'|'.join(names)}]" if names else "")
-        item_genres[parts[0]] = set(names)
+    ids, titles, flags, genres = _movielens_items(item_file, path / "u.genre")
     user_file = path / "u.user"
-    n_users = 0
-    for lineno, line in _lines(user_file):
-        if len(line.split("|")) != 5:
-            raise DataError(
-                f"{user_file}:{lineno}: expected 5 '|' fields 'id|age|gender|occupation|zip'"
-            )
-        n_users += 1
-    domain = _make("movies", u, i, r, t, titles=titles)
+    n_users = len(_read_layout(user_file, (5,), "|", "'id|age|gender|occupation|zip'")[0])
+    domain = _domain("movies", [(table, None)], titles=titles)
     domain.stats["user_profiles"] = n_users
     domains = {"movies": domain}
     # Two genre domains with disjoint items and shared users, for a cross-domain pair that can be
     # downloaded: comedies that are not dramas, and dramas that are not comedies.
+    row = pc.fill_null(pc.index_in(table.column("item"), value_set=ids), -1).to_numpy()
+    known = row >= 0
+    row = np.where(known, row, 0)
     for name, keep, drop in (("comedy", "Comedy", "Drama"), ("drama", "Drama", "Comedy")):
-        rows = [
-            n
-            for n, item in enumerate(i)
-            if keep in item_genres.get(item, ()) and drop not in item_genres.get(item, ())
-        ]
-        domains[name] = _make(
-            name,
-            [u[n] for n in rows],
-            [i[n] for n in rows],
-            [r[n] for n in rows],
-            [t[n] for n in rows],
-            titles={item: titles[item] for item in {i[n] for n in rows}},
-        )
+        in_genre = np.zeros(len(ids), dtype=bool)
+        if keep in genres:
+            in_genre = flags[:, genres.index(keep)].copy()
+            if drop in genres:
+                in_genre &= ~flags[:, genres.index(drop)]
+        part = table.filter(pa.array(known & in_genre[row]))
+        kept = pc.unique(part.column("item")).to_pylist()
+        domains[name] = _domain(name, [(part, None)], titles={x: titles[x] for x in kept})
     return Dataset("movielens-100k", path, domains, _fingerprint([data, item_file, user_file]))
 
 
+def load_movielens_1m(path: Path) -> Dataset:
+    """The MovieLens-1M release (``ratings.dat``: ``user::item::rating::timestamp``), titles and
+    genres from ``movies.dat`` when present."""
+    data = path / "ratings.dat"
+    (lines,) = _read_layout(data, (1,), _LINE, "'user::item::rating::timestamp'")
+    fields = _split_lines(lines, "::")
+    _check_width(data, fields, (4,), "'::' ")
+    u, i, r, t = (pc.list_element(fields, k) for k in range(4))
+    table = _interactions(data, u, i, rating=r, timestamp=t)
+    titles: dict[str, str] = {}
+    files = [data]
+    movies = path / "movies.dat"
+    if movies.is_file():
+        files.append(movies)
+        (mlines,) = _read_layout(movies, (1,), _LINE, "'id::title::genres'", "latin-1")
+        mfields = _split_lines(mlines, "::")
+        _check_width(movies, mfields, (3,), "'::' ")
+        ids, names, genres = (pc.list_element(mfields, k).to_pylist() for k in range(3))
+        titles = {
+            x: n + (f" [{g}]" if g else "") for x, n, g in zip(ids, names, genres, strict=True)
+        }
+    domain = _domain("movies", [(table, None)], titles=titles)
+    return Dataset("ml-1m", path, {"movies": domain}, _fingerprint(files))
+
+
+def _check_width(path: Path, fields: pa.ListArray, widths: tuple[int, ...], sep: str) -> None:
+    """Every record has one of ``widths`` fields, or the line of the first that has not."""
+    lengths = pc.list_value_length(fields)
+    bad = pc.invert(pc.is_in(lengths, value_set=pa.array(widths, lengths.type)))
+    if pc.any(bad).as_py():
+        at = _first(bad)
+        want = " or ".join(str(w) for w in widths)
+        raise DataError(
+            f"{path}:{_line_of(path, at)}: expected {want} {sep}fields, got {lengths[at].as_py()}"
+        )
+
+
 def load_movielens_1m_implicit(path: Path) -> Dataset:
-    """LightGCN-style adjacency lists; the given files are kept as the given split."""
-    users: list[str] = []
-    items: list[str] = []
-    split: list[int] = []
+    """LightGCN-style adjacency lists (``user item item ...`` per line, space separated); the
+    given files are kept as the given split."""
+    parts: list[tuple[pa.Table, int | None]] = []
     files = []
     for fname, code in (("train.txt", TRAIN), ("valid.txt", VALID), ("test.txt", TEST)):
         f = path / fname
         files.append(f)
-        for lineno, line in _lines(f):
-            parts = line.split()
-            for p in parts:
-                if not p.isdigit():
-                    raise DataError(f"{f}:{lineno}: id is not a non-negative integer: {p!r}")
-            users += [parts[0]] * (len(parts) - 1)
-            items += parts[1:]
-            split += [code] * (len(parts) - 1)
-    domain = _make("movies", users, items, given_split=split)
+        (lines,) = _read_layout(f, (1,), _LINE, "'user item item ...'")
+        lists = _split_lines(lines, None)
+        _tokens_are_ids(f, lists)
+        lengths = pc.list_value_length(lists).to_numpy() - 1
+        users = pc.list_element(lists, 0).take(pa.array(np.repeat(np.arange(len(lists)), lengths)))
+        items = pc.list_flatten(pc.list_slice(lists, 1))
+        parts.append((pa.table({"user": users, "item": items}), code))
+    domain = _domain("movies", parts)
     return Dataset("movielens-1m-implicit", path, {"movies": domain}, _fingerprint(files))
 
 
@@ -1123,6 +1331,8 @@ def load_declared(path: Path) -> Dataset:
 
 BUILTIN = {
     "amazon-books-movies": load_amazon_books_movies,
+    "ml-100k": load_movielens_100k,  # the folder `python -m training download` writes
+    "ml-1m": load_movielens_1m,
     "douban-book-music": load_douban_book_music,
     "amazon-sport-cloth": load_disencdr,
     "movielens-100k": load_movielens_100k,
