@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,23 @@ async def _served_candidates(repo: Path, user: str) -> tuple[list[Any], np.ndarr
     popular = await retriever.retrieve(ask(cfg.popular_candidates, (Source.POPULAR,)), timeout=9)
     merged = merge_candidates([personal.candidates, popular.candidates])
     return merged.rows(), candidate_features(merged, personal.user), personal.model_version
+
+
+@dataclass(frozen=True)
+class Served:
+    """A warm user's merged candidates as the pipeline serves them."""
+
+    user: str
+    ids: list[str]
+    features: np.ndarray
+    version: str  # the retrieval version that computed the features
+
+
+@pytest.fixture(scope="module")
+def served(trained: dict[str, Any]) -> Served:
+    user = _warm_user(trained["repo"])
+    merged, features, version = asyncio.run(_served_candidates(trained["repo"], user))
+    return Served(user, [c.item_id for c in merged], features, version)
 
 
 def test_publish_holds_neighbours_and_a_feature_ranker(trained: dict[str, Any]) -> None:
@@ -166,12 +184,10 @@ def _rank(
 
 
 def test_rank_scores_features_and_refuses_another_retrieval_version(
-    trained: dict[str, Any], ranker_server: Ranker
+    trained: dict[str, Any], served: Served, ranker_server: Ranker
 ) -> None:
     repo = trained["repo"]
-    user = _warm_user(repo)
-    merged, features, version = asyncio.run(_served_candidates(repo, user))
-    ids = [c.item_id for c in merged]
+    user, ids, features, version = served.user, served.ids, served.features, served.version
     reply = ranker_server.rank.Rank(_rank(user, ids, features, version), timeout=10)
     session = ort.InferenceSession(str(repo / "target-ranker" / "1" / "model.onnx"))
     want = session.run(None, {"features": features})[0]
@@ -198,12 +214,9 @@ def test_rank_scores_features_and_refuses_another_retrieval_version(
 
 
 def test_packed_features_score_exactly_like_repeated_floats(
-    trained: dict[str, Any], ranker_server: Ranker
+    served: Served, ranker_server: Ranker
 ) -> None:
-    repo = trained["repo"]
-    user = _warm_user(repo)
-    merged, features, version = asyncio.run(_served_candidates(repo, user))
-    ids = [c.item_id for c in merged]
+    user, ids, features, version = served.user, served.ids, served.features, served.version
     floats = ranker_server.rank.Rank(_rank(user, ids, features, version), timeout=10)
     packed = ranker_server.rank.Rank(_rank(user, ids, features, version, packed=True), timeout=10)
     assert len(packed.scores) == len(ids)
@@ -242,13 +255,8 @@ def test_packed_features_score_exactly_like_repeated_floats(
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
-def test_the_gateway_client_sends_packed_features(
-    trained: dict[str, Any], ranker_server: Ranker
-) -> None:
-    repo = trained["repo"]
-    user = _warm_user(repo)
-    merged, features, version = asyncio.run(_served_candidates(repo, user))
-    ids = tuple(c.item_id for c in merged)
+def test_the_gateway_client_sends_packed_features(served: Served, ranker_server: Ranker) -> None:
+    user, ids, features, version = served.user, tuple(served.ids), served.features, served.version
     lo, hi = 3, len(ids) - 2  # a shard's rows, as the pipeline slices them
 
     async def rank() -> Ranked:
