@@ -152,8 +152,6 @@ class RetrievalIndex:
         self.item_rows = {item: j for j, item in enumerate(item_ids)}
         self.titles = titles
         self.popularity = popularity.astype(np.float32)
-        # Most popular first; ties by item index, so the order is deterministic.
-        self.popular_order = np.lexsort((np.arange(len(item_ids)), -self.popularity))
         self.item_embeddings = item_embeddings
         self.user_embeddings = user_embeddings
         self.seen_indptr = seen_indptr
