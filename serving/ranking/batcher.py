@@ -1,6 +1,7 @@
 """Dynamic batching for one model version that never idles the session: requests queue while a
-batch computes and go out together the moment a session-run slot frees; expired or cancelled
-requests are dropped before compute; a bounded queue refuses work instead of growing without end."""
+batch computes, and the session thread whose run ends takes them as the next batch at once;
+expired or cancelled requests are dropped before compute; a bounded queue refuses work instead of
+growing without end."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -77,45 +77,42 @@ class _Pending:
     users: np.ndarray
     items: np.ndarray
     future: asyncio.Future[np.ndarray]
-    enqueued: float  # loop.time()
-    deadline: float | None  # loop.time() after which the caller no longer waits
+    enqueued: float  # time.monotonic()
+    deadline: float | None  # time.monotonic() after which the caller no longer waits
     enqueued_wall: float = field(default_factory=time.perf_counter)
 
 
 class Batcher:
-    """Queues scoring requests for one model version and runs them in batches on worker threads.
+    """Queues scoring requests for one model version and runs them in batches on its own
+    session threads (`concurrency` of them, one session-run slot each).
 
-    One collector task waits for work, then for a free session-run slot (`concurrency` of them),
-    then takes every live request queued, oldest first, up to `max_batch_candidates` (a request
-    larger than that runs alone) and starts the run. While a run computes, requests queue; the
-    moment it ends they go out as the next batch. So the session is idle only while the queue is
-    empty, except in "delay" mode, which, when no run is in flight, holds a batch open for up to
-    the queue delay (skipping the wait while recent waits gained nothing). A request that finds
-    the queue empty and a slot free (queued and off modes) runs at once from its own coroutine,
-    without the queue and the collector's hop.
+    A request that finds the queue empty and a slot free goes straight to that slot's thread.
+    Otherwise it queues, and the thread whose run ends takes every live request queued, oldest
+    first, up to `max_batch_candidates` (a request larger than that runs alone), and starts the
+    next run itself, without a round trip through the event loop: so the session is idle only
+    while the queue is empty, however late the loop is scheduled. "delay" mode also, while no
+    run is in flight, holds a batch open for up to the queue delay (skipping the wait while
+    recent waits gained nothing). The event loop only queues requests and hands each finished
+    batch's scores to its callers.
     """
 
     def __init__(self, model: Scorer, options: BatchingOptions) -> None:
         self.model = model
         self.options = options
         self._label = model.name
+        # Guards the queue, the hand-offs and the counters below; the session threads wait on it.
+        self._cond = threading.Condition()
         self._queue: deque[_Pending] = deque()
         self._queued_candidates = 0
-        self._wakeup = asyncio.Event()
-        self._slots = asyncio.Semaphore(options.concurrency)
+        self._handoff: deque[list[_Pending]] = deque()  # batches given to an idle slot
+        self._free = options.concurrency  # slots without a run (or a held-open batch)
         self._running = 0  # session runs in flight
-        self._executor = ThreadPoolExecutor(
-            max_workers=options.concurrency,
-            thread_name_prefix=f"ort-{model.name}-v{model.version}",
-            initializer=_name_os_thread,
-            initargs=(f"ort-{model.name}",),
-        )
-        # Session runs in flight: batch tasks, and the runs of requests that ran alone.
-        self._computing: set[asyncio.Future[Any]] = set()
-        self._collector: asyncio.Task[None] | None = None
+        self._holding = False  # a slot holds a batch open (delay mode)
         self._closed = False
         self._wait_gain = 1.0  # moving average of requests gained per wait
         self._batches_since_probe = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._threads: list[threading.Thread] = []
         self._depth = metrics.QUEUE_DEPTH.labels(model.name)
         self._queue_latency = metrics.QUEUE_DURATION.labels(model.name)
         self._compute_latency = metrics.COMPUTE_DURATION.labels(model.name, str(model.version))
@@ -124,12 +121,27 @@ class Batcher:
         self.stats = VersionStats()
 
     def start(self) -> None:
-        if self._collector is None:
-            self._collector = asyncio.get_running_loop().create_task(self._run())
+        """Start the session threads; from the event loop that will await the scores."""
+        if self._threads:
+            return
+        self._loop = asyncio.get_running_loop()
+        for slot in range(self.options.concurrency):
+            thread = threading.Thread(
+                target=self._work,
+                name=f"ort-{self.model.name}-v{self.model.version}_{slot}",
+                daemon=True,
+            )
+            thread.start()
+            self._threads.append(thread)
 
     @property
     def depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        """Session runs in flight."""
+        return self._running
 
     async def score(
         self, users: np.ndarray, items: np.ndarray, timeout: float | None
@@ -144,15 +156,12 @@ class Batcher:
                 f"the batching queue of {self.model.name} v{self.model.version} is full "
                 f"({self.options.max_queue_requests} requests); retry later or elsewhere"
             )
-        loop = asyncio.get_running_loop()
-        now = loop.time()
         if timeout is not None and timeout <= 0:
             metrics.DROPPED.labels(self._label, "expired").inc()
             raise DeadlineExceeded("the deadline passed before the request was queued")
-        if not self._queue and self.options.mode != "delay" and not self._slots.locked():
-            # Nothing queued and a slot free: run now, from this coroutine, without the queue
-            # and the collector's hop (delay mode's idle wait is its point, so it queues).
-            return await self._run_alone(users, items)
+        self.start()
+        now = time.monotonic()
+        loop = asyncio.get_running_loop()
         pending = _Pending(
             users,
             items,
@@ -160,11 +169,26 @@ class Batcher:
             now,
             None if timeout is None else now + timeout,
         )
-        self._queue.append(pending)
-        self._queued_candidates += len(items)
-        self._depth.inc()
-        self._wakeup.set()
-        return await pending.future
+        with self._cond:
+            if not self._queue and self._free and self.options.mode != "delay":
+                # Nothing queued and a slot free: straight to its thread (delay mode's idle
+                # wait is its point, so it queues).
+                self._free -= 1
+                self._running += 1
+                self._handoff.append([pending])
+            else:
+                self._queue.append(pending)
+                self._queued_candidates += len(items)
+                self._depth.inc()
+            self._cond.notify_all()
+        try:
+            # Shielded: a cancelled caller must not mark the run done while it still computes.
+            return await asyncio.shield(pending.future)
+        except asyncio.CancelledError:
+            pending.future.cancel()
+            raise
+
+    # -- on the session threads, with self._cond held unless said otherwise --
 
     def _take(self) -> _Pending:
         pending = self._queue.popleft()
@@ -176,20 +200,32 @@ class Batcher:
         """False (and the request is answered) if it was cancelled or its deadline passed."""
         if pending.deadline is not None and now >= pending.deadline:
             metrics.DROPPED.labels(self._label, "expired").inc()
-            if not pending.future.done():
-                pending.future.set_exception(
-                    DeadlineExceeded("the deadline passed while the request was queued")
-                )
+            self._answer(
+                pending, DeadlineExceeded("the deadline passed while the request was queued")
+            )
             return False
         if pending.future.done():
             metrics.DROPPED.labels(self._label, "cancelled").inc()
             return False
         return True
 
-    @property
-    def running(self) -> int:
-        """Session runs in flight."""
-        return self._running
+    def _prune(self, now: float) -> None:
+        """Drop the expired and cancelled requests from the queue."""
+        if any(
+            p.future.done() or (p.deadline is not None and now >= p.deadline) for p in self._queue
+        ):
+            live = [p for p in self._queue if self._alive(p, now)]
+            while self._queue:
+                self._take()
+            for pending in live:
+                self._queue.append(pending)
+                self._queued_candidates += len(pending.items)
+                self._depth.inc()
+
+    def _answer(self, pending: _Pending, error: BaseException) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits for the answer
+            self._loop.call_soon_threadsafe(_fail, pending.future, error)
 
     def _should_wait(self) -> bool:
         """Whether delay mode holds this batch open. Waiting only pays when more requests arrive
@@ -201,33 +237,34 @@ class Batcher:
             return True
         return False
 
-    def _record_wait(self, gained: int) -> None:
-        self._wait_gain = 0.7 * self._wait_gain + 0.3 * gained
-
-    async def _hold_open(self) -> None:
-        """Delay mode with the session idle: wait until the queue holds a full batch, the oldest
+    def _hold_open(self) -> None:
+        """Delay mode with no run in flight: wait until the queue holds a full batch, the oldest
         request has waited the queue delay, or the soonest deadline comes."""
-        loop = asyncio.get_running_loop()
         limit = self.options.max_batch_candidates
         if self._queued_candidates >= limit or not self._should_wait():
             return
+        self._holding = True
         before = len(self._queue)
-        while self._queue and self._queued_candidates < limit:
-            now = loop.time()
-            remaining = self._queue[0].enqueued + self.options.max_queue_delay_s - now
-            deadlines = [p.deadline for p in self._queue if p.deadline is not None]
-            if deadlines:  # a caller that gives up sooner is answered sooner
-                remaining = min(remaining, min(deadlines) - now)
-            if remaining <= 0:
-                break
-            self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
-        self._record_wait(len(self._queue) - before)
+        try:
+            while self._queue and self._queued_candidates < limit and not self._closed:
+                now = time.monotonic()
+                remaining = self._queue[0].enqueued + self.options.max_queue_delay_s - now
+                deadlines = [p.deadline for p in self._queue if p.deadline is not None]
+                if deadlines:  # a caller that gives up sooner is answered sooner
+                    remaining = min(remaining, min(deadlines) - now)
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+        finally:
+            self._holding = False
+        self._wait_gain = 0.7 * self._wait_gain + 0.3 * (len(self._queue) - before)
 
-    def _take_batch(self, now: float) -> list[_Pending]:
+    def _take_batch(self) -> list[_Pending]:
         """The live requests queued, oldest first, within the candidate budget (the first one
         always: a request larger than the budget runs alone); one request with batching off."""
+        if self.options.mode == "delay" and self._running == 0:
+            self._hold_open()
+        now = time.monotonic()
         limit = self.options.max_batch_candidates
         batch: list[_Pending] = []
         size = 0
@@ -245,123 +282,121 @@ class Batcher:
                 break
         return batch
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._queue:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            # Requests keep queueing while this waits for a run in flight to end.
-            await self._slots.acquire()
-            try:
-                if self.options.mode == "delay" and self._running == 0:
-                    await self._hold_open()
-                batch = self._take_batch(loop.time())
-            except BaseException:
-                self._slots.release()
-                raise
-            if not batch:
-                self._slots.release()
-                continue
-            self._running += 1
-            task = loop.create_task(self._compute(batch))
-            self._computing.add(task)
-            task.add_done_callback(self._computing.discard)
+    def _next_batch(self, holds_slot: bool) -> list[_Pending] | None:
+        """The next batch for this thread's slot (None: the batcher closed). `holds_slot`: the
+        thread's last run just ended and it still holds its slot."""
+        with self._cond:
+            while True:
+                if self._handoff and not holds_slot:
+                    return self._handoff.popleft()
+                if self._queue and not self._holding and (holds_slot or self._free):
+                    if not holds_slot:
+                        self._free -= 1
+                        holds_slot = True
+                    batch = self._take_batch()
+                    if batch:
+                        self._running += 1
+                        if self._queue:  # what is left over is for another free slot
+                            self._cond.notify_all()
+                        return batch
+                    continue
+                if holds_slot:
+                    self._free += 1
+                    holds_slot = False
+                if self._closed and not self._handoff:
+                    return None
+                self._cond.wait()
 
-    async def _run_alone(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        """One request's session run on a free slot, taken at once (no await before the run
-        starts, so no other request can take the slot meanwhile). The slot is released when the
-        run ends, even if the caller stopped waiting (cancelled): it stays counted in flight."""
-        loop = asyncio.get_running_loop()
-        await self._slots.acquire()  # free (checked by the caller): returns without suspending
-        self._running += 1
-        start = time.perf_counter()
-        try:
-            run = loop.run_in_executor(self._executor, self.model.score, users, items)
-        except BaseException:
-            self._release()
-            raise
-        self._computing.add(run)
-
-        def finished(future: asyncio.Future[np.ndarray]) -> None:
-            self._computing.discard(future)
-            self._release()
-            if not future.cancelled() and future.exception() is None:
-                elapsed = time.perf_counter() - start
-                self._queue_latency.observe(0.0)
-                self.stats.queue.add(0.0)
-                self._compute_latency.observe(elapsed)
-                self.stats.record_run(1, len(items), elapsed)
-                self._batch_requests.observe(1)
-                self._batch_candidates.observe(len(items))
-
-        run.add_done_callback(finished)
-        try:
-            # Shielded: a cancelled caller must not mark the run done while it still computes.
-            return await asyncio.shield(run)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            logger.exception(
-                "Session run of %s v%d failed for 1 request", self.model.name, self.model.version
-            )
-            raise
-
-    def _release(self) -> None:
-        self._running -= 1
-        self._slots.release()
-
-    async def _compute(self, batch: list[_Pending]) -> None:
-        loop = asyncio.get_running_loop()
-        try:
+    def _work(self) -> None:
+        """A session thread: run batches until the batcher closes, each run's outcome handed to
+        the event loop."""
+        _name_os_thread(f"ort-{self.model.name}")
+        assert self._loop is not None
+        holds_slot = False
+        while (batch := self._next_batch(holds_slot)) is not None:
             start = time.perf_counter()
-            for pending in batch:
-                self._queue_latency.observe(start - pending.enqueued_wall)
-                self.stats.queue.add(start - pending.enqueued_wall)
-            if len(batch) == 1:
-                users, items = batch[0].users, batch[0].items
-            else:
-                users = np.concatenate([p.users for p in batch])
-                items = np.concatenate([p.items for p in batch])
-            scores = await loop.run_in_executor(self._executor, self.model.score, users, items)
+            scores: np.ndarray | None = None
+            error: BaseException | None = None
+            try:
+                if len(batch) == 1:
+                    users, items = batch[0].users, batch[0].items
+                else:
+                    users = np.concatenate([p.users for p in batch])
+                    items = np.concatenate([p.items for p in batch])
+                scores = self.model.score(users, items)
+            except Exception as exc:
+                error = exc
+                logger.exception(
+                    "Session run of %s v%d failed for %d request(s)",
+                    self.model.name,
+                    self.model.version,
+                    len(batch),
+                )
             elapsed = time.perf_counter() - start
-            self._compute_latency.observe(elapsed)
-            self.stats.record_run(len(batch), len(items), elapsed)
-            self._batch_requests.observe(len(batch))
-            self._batch_candidates.observe(len(items))
-            offset = 0
+            with self._cond:
+                self._running -= 1
+                # Before this run's callers hear back, the queue's dead requests are answered
+                # and uncounted, as the next batch would find them.
+                self._prune(time.monotonic())
+            holds_slot = True
+            try:
+                self._loop.call_soon_threadsafe(self._deliver, batch, scores, error, start, elapsed)
+            except RuntimeError:  # the loop is closed: nobody waits for these scores
+                return
+
+    # -- on the event loop --
+
+    def _deliver(
+        self,
+        batch: list[_Pending],
+        scores: np.ndarray | None,
+        error: BaseException | None,
+        start: float,
+        elapsed: float,
+    ) -> None:
+        for pending in batch:
+            self._queue_latency.observe(start - pending.enqueued_wall)
+            self.stats.queue.add(start - pending.enqueued_wall)
+        if scores is None:
             for pending in batch:
-                n = len(pending.items)
-                if not pending.future.done():
-                    pending.future.set_result(scores[offset : offset + n])
-                offset += n
-        except Exception as exc:
-            logger.exception(
-                "Session run of %s v%d failed for %d requests",
-                self.model.name,
-                self.model.version,
-                len(batch),
-            )
-            for pending in batch:
-                if not pending.future.done():
-                    pending.future.set_exception(exc)
-        finally:
-            self._release()
+                _fail(pending.future, error or RuntimeError("session run failed"))
+            return
+        n_candidates = sum(len(p.items) for p in batch)
+        self._compute_latency.observe(elapsed)
+        self.stats.record_run(len(batch), n_candidates, elapsed)
+        self._batch_requests.observe(len(batch))
+        self._batch_candidates.observe(n_candidates)
+        offset = 0
+        for pending in batch:
+            n = len(pending.items)
+            if not pending.future.done():
+                pending.future.set_result(scores[offset : offset + n])
+            offset += n
 
     async def close(self) -> None:
-        """Stop collecting, fail whatever is still queued, wait for runs in flight."""
+        """Stop taking requests, fail whatever is still queued, wait for runs in flight."""
         self._closed = True
-        if self._collector is not None:
-            self._collector.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._collector
-        while self._queue:
-            pending = self._take()
-            if not pending.future.done():
-                pending.future.set_exception(
-                    Unavailable(f"{self.model.name} v{self.model.version} was unloaded; retry")
-                )
-        if self._computing:
-            await asyncio.gather(*self._computing, return_exceptions=True)
-        self._executor.shutdown(wait=False)
+        with self._cond:
+            queued = list(self._queue)
+            while self._queue:
+                self._take()
+            self._cond.notify_all()
+        for pending in queued:
+            _fail(
+                pending.future,
+                Unavailable(f"{self.model.name} v{self.model.version} was unloaded; retry"),
+            )
+        threads, self._threads = self._threads, []
+        if threads:
+            await asyncio.to_thread(_join, threads)
+            await asyncio.sleep(0)  # the last runs' deliveries, posted before the threads ended
+
+
+def _join(threads: list[threading.Thread]) -> None:
+    for thread in threads:
+        thread.join()
+
+
+def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)

@@ -118,6 +118,38 @@ def test_requests_queued_during_a_run_go_out_together_the_moment_it_ends(mode: s
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("mode", ["queued", "delay", "off"])
+def test_the_next_batch_starts_while_the_event_loop_is_busy(mode: str) -> None:
+    """The session thread whose run ends starts the next batch itself: with the event loop
+    blocked (a slow handler elsewhere, a late scheduler), the queued requests still reach the
+    session; only their answers wait for the loop."""
+    session = FakeSession()
+
+    async def scenario() -> None:
+        options = BatchingOptions(
+            max_batch_candidates=100,
+            max_queue_delay_s=FOREVER_S,
+            mode=mode,  # type: ignore[arg-type]
+        )
+        async with batcher_over(session, options) as batcher:
+            batcher._wait_gain = 0.0  # delay mode: recent waits gained nothing
+            first = _request(batcher, 1)
+            await session.wait_started(1)
+            later = [_request(batcher, 2), _request(batcher, 3)]
+            await _queued(batcher, 2)
+            session.finish()
+            # The loop is blocked from here until the next run has started (or the guard).
+            assert session.started.acquire(timeout=GUARD_S), "the next run waited for the loop"
+            assert session.runs[1] == ([2] if mode == "off" else [2, 3])
+            assert not first.done()  # its answer is handed over by the loop, once free
+            session.finish(2)
+            assert (await _guard(first)).tolist() == [10.0]
+            results = await _guard(asyncio.gather(*later))
+            assert [r.tolist() for r in results] == [[20.0], [30.0]]
+
+    asyncio.run(scenario())
+
+
 def test_an_idle_session_takes_a_request_at_once_in_queued_mode() -> None:
     session = FakeSession()
 
