@@ -589,6 +589,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "defaults (BATCHING=queued)": {},
     "BATCHING=delay 2000us": {"batching": "delay", "max_queue_delay_us": 2000},
     "BATCHING=off": {"batching": "off"},
+    "SESSION_CONCURRENCY=2": {"session_concurrency": 2},
     "PRECISION=int8": {"precision": "int8"},
 }
 
@@ -900,7 +901,7 @@ def main(argv: list[str] | None = None) -> int:
             None,
         )
 
-    default, off, int8 = list(CONFIGS)[0], list(CONFIGS)[2], list(CONFIGS)[3]
+    default, off, int8 = "defaults (BATCHING=queued)", "BATCHING=off", "PRECISION=int8"
 
     def ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:
         if a is None or b is None or not b["requests_per_s"]:
