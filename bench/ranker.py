@@ -265,6 +265,7 @@ def feature_payloads(
                 item_ids=[f"item{j}" for j in range(candidates)],
                 features_f32=rows.astype("<f4", copy=False).tobytes(),  # as the gateway sends
                 features_version=FEATURE_RETRIEVAL[1],
+                packed_scores=True,
             )
             out.append(request.SerializeToString())
         else:
@@ -444,6 +445,7 @@ def rank_payloads(
             model_name=model,
             user_id=users[int(rng.integers(0, len(users)))],
             item_ids=[items[int(j)] for j in rng.integers(0, len(items), candidates)],
+            packed_scores=True,  # as the gateway asks
         )
         out.append(request.SerializeToString())
     return tuple(out)

@@ -211,6 +211,7 @@ class GrpcRankers:
             if query.features is None
             else query.features.astype("<f4", copy=False).tobytes(),
             features_version=query.features_version,
+            packed_scores=True,
         )
         start = time.perf_counter()
         call = next(self._calls)
@@ -235,7 +236,14 @@ class GrpcRankers:
                 logger.info(
                     "Ranker %s did not answer within %.3f s: ejected", chosen.target, elapsed
                 )
-        return Ranked(list(reply.scores), reply.model_name, reply.model_version)
+        # Packed little-endian float32 where the ranker supports it; an older one answers the
+        # repeated field.
+        scores = (
+            np.frombuffer(reply.scores_f32, "<f4")
+            if reply.scores_f32
+            else np.fromiter(reply.scores, np.float32, len(reply.scores))
+        )
+        return Ranked(scores, reply.model_name, reply.model_version)
 
 
 def create_upstream_channel(target: str, settings: GatewaySettings) -> grpc.aio.Channel:

@@ -162,7 +162,7 @@ class RankQuery:
 
 @dataclass(frozen=True)
 class Ranked:
-    scores: list[float]
+    scores: Sequence[float] | np.ndarray  # one per item of the query, in order
     model_name: str
     model_version: str
 

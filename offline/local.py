@@ -102,13 +102,13 @@ class LocalRanker:
             except RecsysError as exc:
                 raise UpstreamError(exc.code.name, str(exc)) from exc
             scores = model.score(rows, np.zeros(len(rows), np.int64))
-            return Ranked(scores.tolist(), model.name, str(model.version))
+            return Ranked(scores, model.name, str(model.version))
         try:
             users, items = model.lookup(query.user_id, query.item_ids)
         except UnknownIds as exc:
             raise UpstreamError("NOT_FOUND", str(exc)) from exc
         scores = model.score(users, items)
-        return Ranked(scores.tolist(), model.name, str(model.version))
+        return Ranked(scores, model.name, str(model.version))
 
 
 def local_pipeline(repository: Path, config: PipelineConfig | None = None) -> Pipeline:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17recsys/v1/ranking.proto\x12\trecsys.v1\"\xa0\x02\n\x0bRankRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x10\n\x08item_ids\x18\x04 \x03(\t\x12\x34\n\x07\x63ontext\x18\x05 \x03(\x0b\x32#.recsys.v1.RankRequest.ContextEntry\x12\x1b\n\x13\x61llow_unknown_items\x18\x06 \x01(\x08\x12\x10\n\x08\x66\x65\x61tures\x18\x07 \x03(\x02\x12\x14\n\x0c\x66\x65\x61tures_f32\x18\t \x01(\x0c\x12\x18\n\x10\x66\x65\x61tures_version\x18\x08 \x01(\t\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"Z\n\x0cRankResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x0f\n\x07missing\x18\x04 \x03(\x08\x32I\n\x0eRankingService\x12\x37\n\x04Rank\x12\x16.recsys.v1.RankRequest\x1a\x17.recsys.v1.RankResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17recsys/v1/ranking.proto\x12\trecsys.v1\"\xb7\x02\n\x0bRankRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x10\n\x08item_ids\x18\x04 \x03(\t\x12\x34\n\x07\x63ontext\x18\x05 \x03(\x0b\x32#.recsys.v1.RankRequest.ContextEntry\x12\x1b\n\x13\x61llow_unknown_items\x18\x06 \x01(\x08\x12\x10\n\x08\x66\x65\x61tures\x18\x07 \x03(\x02\x12\x14\n\x0c\x66\x65\x61tures_f32\x18\t \x01(\x0c\x12\x18\n\x10\x66\x65\x61tures_version\x18\x08 \x01(\t\x12\x15\n\rpacked_scores\x18\n \x01(\x08\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"n\n\x0cRankResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x12\n\nscores_f32\x18\x05 \x01(\x0c\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x0f\n\x07missing\x18\x04 \x03(\x08\x32I\n\x0eRankingService\x12\x37\n\x04Rank\x12\x16.recsys.v1.RankRequest\x1a\x17.recsys.v1.RankResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,11 +34,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RANKREQUEST_CONTEXTENTRY']._loaded_options = None
   _globals['_RANKREQUEST_CONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_RANKREQUEST']._serialized_start=39
-  _globals['_RANKREQUEST']._serialized_end=327
-  _globals['_RANKREQUEST_CONTEXTENTRY']._serialized_start=281
-  _globals['_RANKREQUEST_CONTEXTENTRY']._serialized_end=327
-  _globals['_RANKRESPONSE']._serialized_start=329
-  _globals['_RANKRESPONSE']._serialized_end=419
-  _globals['_RANKINGSERVICE']._serialized_start=421
-  _globals['_RANKINGSERVICE']._serialized_end=494
+  _globals['_RANKREQUEST']._serialized_end=350
+  _globals['_RANKREQUEST_CONTEXTENTRY']._serialized_start=304
+  _globals['_RANKREQUEST_CONTEXTENTRY']._serialized_end=350
+  _globals['_RANKRESPONSE']._serialized_start=352
+  _globals['_RANKRESPONSE']._serialized_end=462
+  _globals['_RANKINGSERVICE']._serialized_start=464
+  _globals['_RANKINGSERVICE']._serialized_end=537
 # @@protoc_insertion_point(module_scope)

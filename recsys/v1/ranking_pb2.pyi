@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RankRequest(_message.Message):
-    __slots__ = ("model_name", "model_version", "user_id", "item_ids", "context", "allow_unknown_items", "features", "features_f32", "features_version")
+    __slots__ = ("model_name", "model_version", "user_id", "item_ids", "context", "allow_unknown_items", "features", "features_f32", "features_version", "packed_scores")
     class ContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class RankRequest(_message.Message):
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     FEATURES_F32_FIELD_NUMBER: _ClassVar[int]
     FEATURES_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PACKED_SCORES_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     user_id: str
@@ -33,16 +34,19 @@ class RankRequest(_message.Message):
     features: _containers.RepeatedScalarFieldContainer[float]
     features_f32: bytes
     features_version: str
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., user_id: _Optional[str] = ..., item_ids: _Optional[_Iterable[str]] = ..., context: _Optional[_Mapping[str, str]] = ..., allow_unknown_items: _Optional[bool] = ..., features: _Optional[_Iterable[float]] = ..., features_f32: _Optional[bytes] = ..., features_version: _Optional[str] = ...) -> None: ...
+    packed_scores: bool
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., user_id: _Optional[str] = ..., item_ids: _Optional[_Iterable[str]] = ..., context: _Optional[_Mapping[str, str]] = ..., allow_unknown_items: _Optional[bool] = ..., features: _Optional[_Iterable[float]] = ..., features_f32: _Optional[bytes] = ..., features_version: _Optional[str] = ..., packed_scores: _Optional[bool] = ...) -> None: ...
 
 class RankResponse(_message.Message):
-    __slots__ = ("scores", "model_name", "model_version", "missing")
+    __slots__ = ("scores", "scores_f32", "model_name", "model_version", "missing")
     SCORES_FIELD_NUMBER: _ClassVar[int]
+    SCORES_F32_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MISSING_FIELD_NUMBER: _ClassVar[int]
     scores: _containers.RepeatedScalarFieldContainer[float]
+    scores_f32: bytes
     model_name: str
     model_version: str
     missing: _containers.RepeatedScalarFieldContainer[bool]
-    def __init__(self, scores: _Optional[_Iterable[float]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., missing: _Optional[_Iterable[bool]] = ...) -> None: ...
+    def __init__(self, scores: _Optional[_Iterable[float]] = ..., scores_f32: _Optional[bytes] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., missing: _Optional[_Iterable[bool]] = ...) -> None: ...

@@ -15,7 +15,7 @@ from recsys.rpc.errors import InvalidRequest, ModelNotReady, NotFound
 from recsys.rpc.metrics import package_version
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc
 from serving.ranking import oip
-from serving.ranking.checks import check_length, parse_version
+from serving.ranking.checks import WIRE_FLOAT32, check_length, parse_version
 from serving.ranking.engine import RankingEngine
 from serving.ranking.manager import ServedVersion
 from serving.ranking.model import PLATFORM
@@ -46,12 +46,16 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             features_version=request.features_version,
             features_f32=request.features_f32,
         )
-        return ranking_pb2.RankResponse(
-            scores=scored.scores.tolist(),
+        response = ranking_pb2.RankResponse(
             model_name=scored.model_name,
             model_version=str(scored.version),
             missing=[] if scored.missing is None else scored.missing.tolist(),
         )
+        if request.packed_scores:
+            response.scores_f32 = scored.scores.astype(WIRE_FLOAT32, copy=False).tobytes()
+        else:
+            response.scores.extend(scored.scores.tolist())
+        return response
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):

@@ -319,6 +319,51 @@ def slow_ranker() -> Iterator[tuple[BackgroundServer, SlowRanker]]:
     server.stop(grace=0)
 
 
+class RepeatedScoresRanker(ranking_pb2_grpc.RankingServiceServicer):
+    """A ranker from before RankRequest.packed_scores: it answers the repeated `scores` whatever
+    the request asks, each item scored by its id's number (i17 -> 17)."""
+
+    def __init__(self) -> None:
+        self.asked_packed: list[bool] = []
+
+    async def Rank(
+        self, request: ranking_pb2.RankRequest, context: grpc.aio.ServicerContext
+    ) -> ranking_pb2.RankResponse:
+        self.asked_packed.append(request.packed_scores)
+        return ranking_pb2.RankResponse(
+            scores=[float(item[1:]) for item in request.item_ids],
+            model_name=request.model_name,
+            model_version="1",
+        )
+
+
+def test_an_older_ranker_that_answers_repeated_scores_still_ranks(
+    retrieval: BackgroundServer,
+) -> None:
+    """The gateway asks for packed scores and reads the repeated field where a ranker answers
+    that: the order is the ranker's (descending item number), with no degradation."""
+    servicer = RepeatedScoresRanker()
+
+    async def factory():  # type: ignore[no-untyped-def]
+        return RpcServer(
+            ServerSettings(host="127.0.0.1", port=0, metrics_port=0),
+            service_names=["recsys.v1.RankingService"],
+            register=lambda s: ranking_pb2_grpc.add_RankingServiceServicer_to_server(servicer, s),
+        )
+
+    ranker = BackgroundServer(factory)
+    gw = GatewayUnderTest(retrieval_target=retrieval.address, ranker_targets=ranker.address)
+    try:
+        reply = gw.recommend(user_id="u3", k=10)
+        assert list(reply.degradations) == []
+        numbers = [int(i.item_id[1:]) for i in reply.items]
+        assert len(numbers) == 10 and numbers == sorted(numbers, reverse=True)
+        assert servicer.asked_packed and all(servicer.asked_packed)
+    finally:
+        gw.close()
+        ranker.stop(grace=0)
+
+
 def test_late_rankers_give_retrieval_order_within_the_callers_deadline(
     retrieval: BackgroundServer, slow_ranker: tuple[BackgroundServer, SlowRanker]
 ) -> None:

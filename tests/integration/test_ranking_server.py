@@ -251,6 +251,12 @@ def test_rank_scores_equal_onnx_runtime(ranker: Ranker, tiny_repo: tuple[Path, T
     # Pinned to the version explicitly: the same answer.
     pinned = ranker.rank.Rank(rank_request("rk-ranker", "u5", items, str(tiny.version)), timeout=10)
     assert list(pinned.scores) == list(reply.scores)
+    # Packed: the same scores as little-endian float32 bytes, and no repeated field.
+    request = rank_request("rk-ranker", "u5", items)
+    request.packed_scores = True
+    packed = ranker.rank.Rank(request, timeout=10)
+    assert len(packed.scores) == 0 and len(packed.scores_f32) == 4 * len(items)
+    assert np.frombuffer(packed.scores_f32, "<f4").tolist() == list(reply.scores)
 
 
 @pytest.mark.parametrize("raw", [True, False])
@@ -595,6 +601,11 @@ def test_allow_unknown_items_scores_the_known_and_flags_the_rest(
     assert np.isneginf(scores[[1, 3]]).all()
     expected = ort_scores(repo, "rk-ranker", tiny.version, [5] * 3, [3, 17, 3])
     assert_close(scores[[0, 2, 4]], expected)
+    request.packed_scores = True  # the same answer packed, -infinity included
+    packed = ranker.rank.Rank(request, timeout=10)
+    assert list(packed.missing) == list(reply.missing)
+    np.testing.assert_array_equal(np.frombuffer(packed.scores_f32, "<f4"), scores)
+    request.packed_scores = False
     # Every id unknown: still an answer, all missing, from the version that was asked.
     request.item_ids[:] = ["gone"]
     reply = ranker.rank.Rank(request, timeout=10)
