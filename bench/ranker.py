@@ -592,6 +592,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "BATCHING=delay 2000us": {"batching": "delay", "max_queue_delay_us": 2000},
     "BATCHING=off": {"batching": "off"},
     "SESSION_CONCURRENCY=2": {"session_concurrency": 2},
+    # The service's own thread default (ONNX Runtime's: one per physical core), not --intra-op-threads.
+    "INTRA_OP_THREADS=0 (ORT default)": {"intra_op_threads": 0},
     "PRECISION=int8": {"precision": "int8"},
 }
 
@@ -846,8 +848,7 @@ def main(argv: list[str] | None = None) -> int:
                 tmpdir / f"ranker-{k}.log",
                 source=args.before if label == BEFORE else ROOT,
                 provider="cpu",
-                intra_op_threads=args.intra_op_threads,
-                **{**settings, **extra},
+                **{"intra_op_threads": args.intra_op_threads, **settings, **extra},
             )
             for k, (label, settings) in enumerate(configs.items())
         }
@@ -1027,7 +1028,7 @@ Every configuration runs {args.intra_op_threads or "the default number of"} ONNX
 thread(s) and the remaining settings at their defaults, except as its name says. Server CPU is the
 process's user + system time over the point (warm-up included) per request it scored, and the
 part of it outside the session-run threads (per-thread times from /proc); ORT is the
-session runs' wall time per request (runs overlap nothing: one slot). The servers run side by side
+session runs' wall time per request (one slot: runs overlap nothing, except with SESSION_CONCURRENCY=2). The servers run side by side
 and the points alternate between them. % of ceiling is against the fp32 ceiling at batch
 {args.candidates:,} ({ceiling:,.0f} candidates/s).
 
