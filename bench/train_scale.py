@@ -109,6 +109,8 @@ def _case(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "parameters_mb": sum(p.numel() * 4 for p in model.parameters()) / 2**20,
         "finite": bool(np.isfinite(total)),
+        "s_per_step": wall / max(1, steps),
+        "load_avg_1m": os.getloadavg()[0],  # the machine's, at the end of the case
     }
 
 
@@ -132,17 +134,19 @@ def markdown(res: dict[str, Any]) -> str:
         f"softmax: {a['negatives']} negatives per batch from the popularity proposal "
         "(count + 1)^0.75 with the logQ correction. A case whose time budget ended before the "
         f"epoch did ({a['budget']:.0f} s) reports the epoch time extrapolated from its mean step "
-        "time (column `measured`). Peak RSS is the case's process, data included.",
+        "time (column `measured`). Peak RSS is the case's process, data included; load avg: the "
+        "machine's one-minute load average at the end of the case (2 cores).",
         "",
-        "| items | case | epoch s | rows/s | measured | peak RSS MB | parameters MB |",
-        "|---|---|---|---|---|---|---|",
+        "| items | case | epoch s | s/step | rows/s | measured | peak RSS MB | parameters MB "
+        "| load avg |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["cases"]:
         if "skipped" in r:
-            lines.append(f"| {r['items']:,} | {r['label']} | skipped: {r['skipped']} | | | | |")
+            lines.append(f"| {r['items']:,} | {r['label']} | skipped: {r['skipped']} | | | | | | |")
             continue
         if "error" in r:
-            lines.append(f"| {r['items']:,} | {r['label']} | failed: {r['error']} | | | | |")
+            lines.append(f"| {r['items']:,} | {r['label']} | failed: {r['error']} | | | | | | |")
             continue
         measured = (
             "whole epoch"
@@ -150,8 +154,10 @@ def markdown(res: dict[str, Any]) -> str:
             else f"{r['steps']} of {r['steps_per_epoch']} steps in {r['measured_s']:.0f} s"
         )
         lines.append(
-            f"| {r['items']:,} | {r['label']} | {r['epoch_s']:.0f} | {r['rows_per_s']:,.0f} | "
-            f"{measured} | {r['peak_rss_mb']:,.0f} | {r['parameters_mb']:,.0f} |"
+            f"| {r['items']:,} | {r['label']} | {r['epoch_s']:.0f} | "
+            f"{r['measured_s'] / max(1, r['steps']):.3f} | {r['rows_per_s']:,.0f} | {measured} | "
+            f"{r['peak_rss_mb']:,.0f} | {r['parameters_mb']:,.0f} | "
+            f"{r.get('load_avg_1m', float('nan')):.1f} |"
         )
     target = [
         r
