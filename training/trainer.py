@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -248,8 +249,9 @@ def _set_sparse(model: TwoTower, on: bool) -> set[str]:
 
 
 class _Optimizer:
-    """Adam over the trainable parameters, one group per learning-rate factor; the parameters
-    named in ``sparse`` (embedding tables with sparse gradients) go to SparseAdam instead.
+    """Adam (fused) over the trainable parameters, one group per learning-rate factor; the
+    parameters named in ``sparse`` (embedding tables with sparse gradients) go to
+    :class:`_RowAdam` (SparseAdam's update) instead.
     ``sum_dense`` (sharded tables): before each step the gradients of the parameters outside the
     sharded tables are summed across processes."""
 
@@ -275,8 +277,12 @@ class _Optimizer:
                 {"params": ps, "lr": lr * k} for (sp, k), ps in groups.items() if sp == is_sparse
             ]
             if parts:
-                kind = torch.optim.SparseAdam if is_sparse else torch.optim.Adam
-                self.opts.append(kind(parts, lr=lr))
+                if is_sparse:
+                    self.opts.append(_RowAdam(parts, lr=lr))
+                else:  # the fused kernel: one pass over each tensor (a whole dense table is
+                    # several times faster than the per-operation update)
+                    fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())
+                    self.opts.append(torch.optim.Adam(parts, lr=lr, fused=fused))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for o in self.opts:
@@ -288,6 +294,54 @@ class _Optimizer:
                 dist.all_reduce(p.grad)
         for o in self.opts:
             o.step()
+
+
+class _RowAdam(torch.optim.SparseAdam):
+    """:class:`torch.optim.SparseAdam`'s update, the same arithmetic in the same order (Adam
+    moments of only the rows a gradient holds, bias correction by the parameter's step count),
+    with the rows read by ``index_select`` and written by ``index_copy_``/``index_add_``.
+    SparseAdam reads them with ``sparse_mask`` and writes with dense += sparse, several times
+    slower on tables of many rows (a third of a training step at 1 M items)."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            if group.get("maximize", False):
+                raise ValueError("maximize is not supported")
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if not p.grad.is_sparse:
+                    raise RuntimeError("sparse-gradient Adam needs sparse gradients")
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                grad = p.grad.coalesce()  # the update is non-linear: every row once
+                rows, values = grad.indices()[0], grad.values()
+                if values.numel() == 0:
+                    continue
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                # old <- b * old + (1 - b) * new, written as old += (1 - b) * (new - old)
+                old_avg = exp_avg.index_select(0, rows)
+                avg_update = values.sub(old_avg).mul_(1 - beta1)
+                exp_avg.index_add_(0, rows, avg_update)
+                old_sq = exp_avg_sq.index_select(0, rows)
+                sq_update = values.pow(2).sub_(old_sq).mul_(1 - beta2)
+                exp_avg_sq.index_add_(0, rows, sq_update)
+                numer = avg_update.add_(old_avg)
+                denom = sq_update.add_(old_sq).sqrt_().add_(group["eps"])
+                step = state["step"]
+                step_size = group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+                p.index_add_(0, rows, numer.div_(denom).mul_(-step_size))
+        return loss
 
 
 def _mask_gradients(

@@ -1,5 +1,6 @@
 """The sampled softmax: its value, the logQ correction, accidental hits, the candidates of a batch,
-sparse embedding gradients, its settings, and that it learns the synthetic generator's tastes."""
+sparse embedding gradients, its settings, that it learns the synthetic generator's tastes, and
+that its blocked computation and the sparse-gradient Adam match their plain definitions."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
+from training import model as model_module
 from training.config import load_config
 from training.data.synthetic import synthetic_pairs
 from training.errors import ConfigError
 from training.evaluate import full_ranking
-from training.model import Candidates, TwoTower, sampled_softmax_loss
-from training.trainer import Sampling, _Batches, fit
+from training.model import Candidates, TwoTower, accidental_hits, sampled_softmax_loss
+from training.trainer import Sampling, _Batches, _RowAdam, fit
 
 CPU = torch.device("cpu")
 
@@ -233,3 +236,87 @@ def test_valid_sampling_settings_load() -> None:
         "in_batch",
         True,
     )
+
+
+def _dense_sampled_softmax(
+    u: torch.Tensor,
+    pos_v: torch.Tensor,
+    cand_v: torch.Tensor,
+    log_expected: torch.Tensor,
+    hits: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """The loss written out over the whole [B, C] score matrix."""
+    pos = (u * pos_v).sum(-1) / temperature
+    neg = ((u @ cand_v.T) / temperature - log_expected).masked_fill(hits, float("-inf"))
+    return torch.logsumexp(torch.cat([pos.unsqueeze(1), neg], 1), 1) - pos
+
+
+@pytest.mark.parametrize("block_bytes", [64, 1000, 2**20])
+def test_blocked_loss_and_gradients_match_the_dense_formula(
+    block_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Block by block (a single row per block up to the whole batch), with accidental hits given
+    as a mask or as (rows, columns), and a row whose every candidate is its positive."""
+    monkeypatch.setattr(model_module, "_BLOCK_BYTES", block_bytes)
+    gen = torch.Generator().manual_seed(0)
+    b, c, d = 70, 13, 5
+    items = torch.randint(0, 9, (b,), generator=gen)
+    cand = torch.randint(0, 9, (c,), generator=gen)
+    cand[:] = torch.where(torch.arange(c) < 4, cand, cand[0])  # repeated candidates
+    items[3] = cand[0]
+    hits = items.unsqueeze(1) == cand.unsqueeze(0)
+    hits[5] = True  # every candidate removed: the row's loss is 0
+    weights = torch.rand(b, generator=gen, dtype=torch.float64)
+
+    def inputs() -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(1)
+        shapes = [(b, d), (b, d), (c, d), (c,)]
+        return [torch.randn(s, generator=g, dtype=torch.float64).requires_grad_() for s in shapes]
+
+    for temperature in (1.0, 0.3):
+        want_in, got_in = inputs(), inputs()
+        want = _dense_sampled_softmax(*want_in, hits, temperature)
+        (want * weights).sum().backward()
+        for mask in (hits, hits.nonzero(as_tuple=True)):
+            for t in got_in:
+                t.grad = None
+            got = sampled_softmax_loss(*got_in, mask, temperature)
+            (got * weights).sum().backward()
+            torch.testing.assert_close(got, want)
+            assert float(got[5].detach()) == 0.0
+            for g, w in zip(got_in, want_in, strict=True):
+                torch.testing.assert_close(g.grad, w.grad)
+
+
+def test_accidental_hits_by_search_match_the_comparison() -> None:
+    gen = torch.Generator().manual_seed(0)
+    items = torch.randint(0, 30, (500,), generator=gen)
+    cand = torch.randint(0, 30, (40,), generator=gen)  # with repeats
+    rows, cols = accidental_hits(items, cand)
+    assert torch.equal(rows, rows.sort().values)
+    got = torch.zeros(500, 40, dtype=torch.bool)
+    got[rows, cols] = True
+    assert rows.numel() == int(got.sum())  # no pair twice
+    assert torch.equal(got, items.unsqueeze(1) == cand.unsqueeze(0))
+
+
+def test_row_adam_moves_the_rows_as_sparse_adam_does() -> None:
+    """The trainer's sparse-gradient Adam against torch.optim.SparseAdam over steps with
+    repeated rows in a gradient, rows seen for the first time and rows left out."""
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(50, 4, generator=gen)
+    ours, theirs = nn.Parameter(start.clone()), nn.Parameter(start.clone())
+    opt_ours = _RowAdam([ours], lr=0.05)
+    opt_theirs = torch.optim.SparseAdam([theirs], lr=0.05)
+    for step in range(6):
+        rows = torch.randint(0, 10 + 6 * step, (30,), generator=gen)  # rows 0 to 39
+        values = torch.randn(30, 4, generator=gen)
+        for p, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+            p.grad = torch.sparse_coo_tensor(
+                rows.unsqueeze(0), values, p.shape, check_invariants=True
+            )
+            opt.step()
+        torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-6, atol=1e-7)
+    assert not torch.equal(ours.detach(), start)
+    assert torch.equal(ours.detach()[40:], start[40:])  # never in a gradient: never moved
