@@ -61,10 +61,13 @@ class RetrievalSettings(ServerSettings):
         "items fetched when that is larger.",
     )
     ivf_nprobe: int = Field(
-        128, ge=1, le=65_536, description="IVF-PQ inverted lists searched per query."
+        0,
+        ge=0,
+        le=65_536,
+        description="IVF-PQ inverted lists searched per query (0: a quarter of the index's lists).",
     )
     rerank_factor: int = Field(
-        4,
+        8,
         ge=1,
         le=1000,
         description="IVF-PQ candidates fetched per result asked for, re-scored exactly against the "

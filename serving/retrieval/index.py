@@ -60,8 +60,8 @@ class IndexOptions:
     hnsw_m: int = 32
     hnsw_ef_construction: int = 80
     hnsw_ef_search: int = 128
-    ivf_nprobe: int = 128
-    rerank_factor: int = 4
+    ivf_nprobe: int = 0  # 0: a quarter of the lists
+    rerank_factor: int = 8
     onnx_threads: int = 1
 
     def ann_params(self) -> AnnParams:

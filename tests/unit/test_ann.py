@@ -63,6 +63,8 @@ def test_the_index_type_follows_the_catalogue_size() -> None:
     assert ann.nlist_for(10_000_000, defaults) == 4096
     assert ann.nlist_for(1_000, defaults) == 64
     assert ann.nlist_for(10_000, AnnParams(ivf_nlist=100)) == 100
+    assert ann.nprobe_for(4096, defaults) == 1024  # a quarter of the lists
+    assert ann.nprobe_for(8, AnnParams(ivf_nprobe=64)) == 8  # at most every list
     assert ann.stored_width("ivfpqfs", 64, defaults) == 64  # inner products: no extra column
     assert ann.stored_width("ivfpqfs", 40, defaults) == 64  # padded to a multiple of pq_m
     assert ann.stored_width("ivfpq", 64, AnnParams(pq_m=16)) == 80  # 65 padded likewise
