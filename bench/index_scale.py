@@ -285,7 +285,8 @@ def run_size(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         repo = work / f"repo-{kind}"
         faiss.omp_set_num_threads(os.cpu_count() or 1)
         # The parameters as training has them; earlier versions' 8-bit IVF-PQ with theirs.
-        params = replace(defaults, pq_m=16) if kind == "ivfpq" else defaults
+        earlier = replace(defaults, pq_m=16, ivf_nprobe=128, rerank_factor=8)
+        params = earlier if kind == "ivfpq" else defaults
         version, build_s, publish_s = publish(repo, embeddings, users, params, kind, args.seed)
         directory = repo / MODEL / str(version)
         row = {
