@@ -348,8 +348,8 @@ def load(
     """The stored index of a verified version (`verify_version` checked every file's SHA-256),
     memory-mapped where its type allows, after checking it belongs to these items: the SHA-256
     of items.faiss and of the embeddings it was built from, its kind, size and width. Searches
-    use the version's parameters unless `search` gives others (its ef_search, nprobe and
-    rerank_factor). Raises IndexFileError."""
+    use the version's parameters unless `search` gives others (its ef_search, nprobe unless 0,
+    and rerank_factor). Raises IndexFileError."""
     section = metadata.get(METADATA_KEY)
     where = directory / INDEX_FILE
     if not isinstance(section, dict):
@@ -381,7 +381,7 @@ def load(
         params = replace(
             stored_params,
             hnsw_ef_search=search.hnsw_ef_search,
-            ivf_nprobe=search.ivf_nprobe,
+            ivf_nprobe=search.ivf_nprobe or stored_params.ivf_nprobe,
             rerank_factor=search.rerank_factor,
         )
     try:

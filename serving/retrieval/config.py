@@ -64,7 +64,8 @@ class RetrievalSettings(ServerSettings):
         0,
         ge=0,
         le=65_536,
-        description="IVF-PQ inverted lists searched per query (0: a quarter of the index's lists).",
+        description="IVF-PQ inverted lists searched per query (0: the version's own, recorded at "
+        "publish; its default is a quarter of the index's lists).",
     )
     rerank_factor: int = Field(
         8,

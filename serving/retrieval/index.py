@@ -62,7 +62,7 @@ class IndexOptions:
     hnsw_m: int = 32
     hnsw_ef_construction: int = 80
     hnsw_ef_search: int = 128
-    ivf_nprobe: int = 0  # 0: a quarter of the lists
+    ivf_nprobe: int = 0  # 0: the version's own (default: a quarter of the lists)
     rerank_factor: int = 8
     onnx_threads: int = 1
 

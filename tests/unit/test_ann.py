@@ -105,6 +105,10 @@ def test_a_stored_index_is_mapped_and_answers_as_one_built_in_process(
     assert (str(directory / "items.faiss") in files) == loaded.ann.mmapped
     assert str(directory / "item_embeddings.npy") in files
 
+    if kind in ann.IVF_KINDS:  # the service's 8 probes; its default (0) keeps the version's
+        assert loaded.ann.nprobe == 8
+        default = RetrievalIndex.load(directory, RETRIEVAL, IndexOptions(ivf_nprobe=0))
+        assert default.ann.nprobe == PARAMS[kind].ivf_nprobe == 8
     built = ann.build(model.item_emb, PARAMS[kind], forced)
     assert built.kind == kind and not built.stored
     hits = 0
