@@ -9,6 +9,9 @@ memory figures are that process's own. Everything is written under --workdir and
 end. Writes bench/results/index_scale.json and index_scale.md.
 
     python -m bench.index_scale [--sizes=1000000,10000000] [--queries=500] [--rpcs=1000]
+
+For the IVF kinds the measuring process also sweeps the search parameters on the same loaded
+index (--sweep-nprobe x --sweep-rerank): the recall / latency curve the defaults are chosen from.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ def generate(path: Path, n: int, n_users: int, seed: int) -> np.ndarray:
 
 
 def publish(
-    repo: Path, embeddings: Path, users: np.ndarray, params: Any, seed: int
+    repo: Path, embeddings: Path, users: np.ndarray, params: Any, kind: str, seed: int
 ) -> tuple[int, float, float]:
     """Publish one retrieval version over `embeddings` as training does (user tower, vocabularies,
     seen items, the index built by `stage_index`); returns (version, index build+write s, total s)."""
@@ -107,7 +110,7 @@ def publish(
         except OSError:
             shutil.copy(embeddings, d / "item_embeddings.npy")
         built = time.perf_counter()
-        stage_index(d, params)
+        stage_index(d, params, kind)
         build_s = time.perf_counter() - built
         seen = rng.integers(0, n, size=(len(users), 20)).astype(np.int64)
         np.savez(
@@ -122,8 +125,27 @@ def publish(
     return pub.version, build_s, time.perf_counter() - start
 
 
-def measure(directory: Path, queries_path: Path, truth_path: Path) -> dict[str, Any]:
-    """In this (fresh) process: load the stored index as the service does, then search."""
+def timed_searches(index: Any, queries: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """One search per query (k = K): recall@K against `truth` and the latency percentiles."""
+    times, hits = [], 0
+    for q, expected in zip(queries, truth, strict=True):
+        t = time.perf_counter()
+        rows, _ = index.search(q, K)
+        times.append(time.perf_counter() - t)
+        hits += len(np.intersect1d(rows, expected))
+    ms = 1000 * np.asarray(times)
+    return {
+        "recall_at_500": round(hits / truth.size, 4),
+        "search_p50_ms": round(float(np.percentile(ms, 50)), 3),
+        "search_p99_ms": round(float(np.percentile(ms, 99)), 3),
+    }
+
+
+def measure(
+    directory: Path, queries_path: Path, truth_path: Path, sweep: list[tuple[int, int]]
+) -> dict[str, Any]:
+    """In this (fresh) process: load the stored index as the service does, then search (and for
+    IVF kinds, search again with each (nprobe, rerank_factor) of `sweep`)."""
     from recsys import ann
     from recsys.repository import read_metadata
 
@@ -136,27 +158,31 @@ def measure(directory: Path, queries_path: Path, truth_path: Path) -> dict[str, 
     load_s = time.perf_counter() - start
     after_load = rss_mb()
     queries, truth = np.load(queries_path), np.load(truth_path)
-    times, hits = [], 0
-    for q, expected in zip(queries, truth, strict=True):
-        t = time.perf_counter()
-        rows, _ = index.search(q, K)
-        times.append(time.perf_counter() - t)
-        hits += len(np.intersect1d(rows, expected))
-    ms = 1000 * np.asarray(times)
-    return {
+    out: dict[str, Any] = {
         "kind": index.kind,
         "mmapped": index.mmapped,
+        "search_params": {
+            k: getattr(index.params, k) for k in ("ivf_nprobe", "rerank_factor", "pq_m")
+        }
+        | {"nprobe": index.nprobe},
         "load_s": round(load_s, 3),
         "rss_after_load_mb": {k: round(v - base.get(k, 0.0), 1) for k, v in after_load.items()},
-        "rss_after_search_mb": {k: round(v - base.get(k, 0.0), 1) for k, v in rss_mb().items()},
-        "recall_at_500": round(hits / truth.size, 4),
-        "search_p50_ms": round(float(np.percentile(ms, 50)), 3),
-        "search_p99_ms": round(float(np.percentile(ms, 99)), 3),
     }
+    out |= timed_searches(index, queries, truth)
+    out["rss_after_search_mb"] = {k: round(v - base.get(k, 0.0), 1) for k, v in rss_mb().items()}
+    if index.kind in ann.IVF_KINDS and sweep:
+        out["sweep"] = []
+        for nprobe, rerank in sweep:
+            params = replace(index.params, ivf_nprobe=nprobe, rerank_factor=rerank)
+            again = ann.AnnIndex(index.index, index.kind, embeddings, params)
+            point = {"nprobe": nprobe, "rerank_factor": rerank}
+            out["sweep"].append(point | timed_searches(again, queries, truth))
+            print(json.dumps(out["sweep"][-1]), file=sys.stderr, flush=True)
+    return out
 
 
-def measure_in_child(directory: Path, work: Path) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "bench.index_scale", "measure", str(directory), str(work)]
+def measure_in_child(directory: Path, work: Path, sweep: str) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "bench.index_scale", "measure", str(directory), str(work), sweep]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"measuring {directory} failed:\n{done.stderr[-3000:]}")
@@ -246,17 +272,22 @@ def run_size(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "exact_truth_s": round(exact_s, 1),
         "kinds": [],
     }
-    forced = {
-        "flat": replace(defaults, exact_max_items=n, hnsw_max_items=n),
-        "hnsw": replace(defaults, exact_max_items=0, hnsw_max_items=n),
-        "ivfpq": replace(defaults, exact_max_items=0, hnsw_max_items=0),
-    }
+    result["load_average_before"] = [round(x, 2) for x in os.getloadavg()]
+    limits = {"hnsw": args.hnsw_limit, "flat": args.flat_limit, "ivfpq": args.ivfpq_limit}
+    sweep = ",".join(
+        f"{p}x{r}"
+        for p in (int(x) for x in args.sweep_nprobe.split(",") if x)
+        for r in (int(x) for x in args.sweep_rerank.split(",") if x)
+    )
     for kind in kinds:
-        if (kind == "hnsw" and n > args.hnsw_limit) or (kind == "flat" and n > args.flat_limit):
+        if n > limits.get(kind, n):
             continue  # HNSW: minutes per 100 k items to build; exact: the ground truth
         repo = work / f"repo-{kind}"
         faiss.omp_set_num_threads(os.cpu_count() or 1)
-        version, build_s, publish_s = publish(repo, embeddings, users, forced[kind], args.seed)
+        # The parameters as training has them; earlier versions' 8-bit IVF-PQ with theirs.
+        earlier = replace(defaults, pq_m=16, ivf_nprobe=128, rerank_factor=8)
+        params = earlier if kind == "ivfpq" else defaults
+        version, build_s, publish_s = publish(repo, embeddings, users, params, kind, args.seed)
         directory = repo / MODEL / str(version)
         row = {
             "kind": kind,
@@ -268,7 +299,8 @@ def run_size(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
             ),
             "items_json_mb": round((directory / "items.json").stat().st_size / 2**20, 1),
         }
-        row |= measure_in_child(directory, work)
+        row |= measure_in_child(directory, work, sweep if kind == chosen else "")
+        row["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
         print(json.dumps(row), file=sys.stderr, flush=True)
         if kind == chosen and not args.no_service:
             row["service"] = serve_and_query(repo, work, args.users, args.rpcs, args.seed)
@@ -286,8 +318,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"`make bench-index` on {results['machine']}; {results['queries']} queries, k = {K}, "
         "64-d float32 clustered synthetic items; recall@500 against exact inner-product search; "
         "one search = one query on one thread (the service's default) including the exact "
-        "re-scoring; memory is the measuring process's growth after loading (anonymous / "
-        "file-backed, i.e. memory-mapped pages).",
+        "re-scoring; memory is the measuring process's growth after loading and searching "
+        "(anonymous / file-backed, i.e. memory-mapped pages: the item embeddings, and the index "
+        "where its kind is mapped; fast-scan codes are read into memory).",
         "",
         "| items | index | build s | file MB | load s | RSS anon MB | RSS file MB | recall@500 "
         "| search p50 ms | p99 ms |",
@@ -325,6 +358,30 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {s['retrieve_ann_p50_ms']} / {s['retrieve_ann_p99_ms']} "
                 f"| {s['retrieve_personal_p50_ms']} / {s['retrieve_personal_p99_ms']} |"
             )
+    lines += [
+        "",
+        "The chosen IVF index's search parameters swept on the same loaded index (the service's "
+        "`RETRIEVAL_IVF_NPROBE` and `RETRIEVAL_RERANK_FACTOR`; candidates re-scored = "
+        "rerank_factor x 500):",
+        "",
+        "| items | nprobe | rerank_factor | recall@500 | search p50 ms | p99 ms |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for size in results["sizes"]:
+        for row in size["kinds"]:
+            for point in row.get("sweep", []):
+                lines.append(
+                    f"| {size['n_items']:,} | {point['nprobe']} | {point['rerank_factor']} "
+                    f"| {point['recall_at_500']} | {point['search_p50_ms']} "
+                    f"| {point['search_p99_ms']} |"
+                )
+    lines += ["", "Load average (1, 5, 15 min) of the 2-core machine while each size ran:", ""]
+    for size in results["sizes"]:
+        after = [row["load_average_after"] for row in size["kinds"] if "load_average_after" in row]
+        lines.append(
+            f"- {size['n_items']:,} items: before {size.get('load_average_before')}, after each "
+            f"index {after}"
+        )
     lines += ["", f"Targets at 10 M items: {json.dumps(TARGETS)}.", ""]
     return "\n".join(lines)
 
@@ -333,13 +390,26 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["measure"]:
         directory, work = Path(argv[1]), Path(argv[2])
-        print(json.dumps(measure(directory, work / "queries.npy", work / "truth.npy")))
+        points = [tuple(int(x) for x in p.split("x")) for p in argv[3].split(",") if p]
+        sweep = [(p[0], p[1]) for p in points]
+        print(json.dumps(measure(directory, work / "queries.npy", work / "truth.npy", sweep)))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000000,10000000")
-    parser.add_argument("--kinds", default="flat,hnsw,ivfpq", help="index types per size")
+    parser.add_argument(
+        "--kinds",
+        default="flat,ivfpq,ivfpqfs",
+        help="index types per size (flat,hnsw,ivfpq,ivfpqfs)",
+    )
     parser.add_argument("--hnsw-limit", type=int, default=1_000_000, help="largest HNSW built")
     parser.add_argument("--flat-limit", type=int, default=1_000_000, help="largest exact index")
+    parser.add_argument(
+        "--ivfpq-limit", type=int, default=1_000_000, help="largest 8-bit IVF-PQ (earlier) built"
+    )
+    parser.add_argument(
+        "--sweep-nprobe", default="64,128,256,512,1024", help="chosen IVF: nprobe swept"
+    )
+    parser.add_argument("--sweep-rerank", default="4,8", help="chosen IVF: rerank_factor swept")
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--users", type=int, default=2000)
     parser.add_argument("--rpcs", type=int, default=1000)

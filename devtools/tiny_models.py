@@ -164,11 +164,14 @@ def write_vocabularies(directory: Path, model: TinyModel) -> None:
 
 
 def publish_tiny_model(
-    repo: Path, model: TinyModel, index: AnnParams | None = DEFAULT_INDEX
+    repo: Path,
+    model: TinyModel,
+    index: AnnParams | None = DEFAULT_INDEX,
+    index_kind: str | None = None,
 ) -> TinyModel:
     """Publish `<domain>-ranker` and `<domain>-retrieval` under one new version, the retrieval
     model with its stored index as training writes it (`index=None`: without, as versions
-    published before items.faiss)."""
+    published before items.faiss; `index_kind`: that kind instead of the one chosen by size)."""
     ranker_name, retrieval_name = f"{model.domain}-ranker", f"{model.domain}-retrieval"
     dim = int(model.user_emb.shape[1])
     with VersionPublisher(repo, [ranker_name, retrieval_name]) as pub:
@@ -193,7 +196,7 @@ def publish_tiny_model(
         )
         np.save(d / "item_embeddings.npy", model.item_emb)
         if index is not None:
-            stage_index(d, index)
+            stage_index(d, index, index_kind)
         indptr = [0]
         indices: list[int] = []
         for u in range(len(model.user_ids)):

@@ -21,14 +21,22 @@ logger = logging.getLogger(__name__)
 INDEX_FILE = "items.faiss"
 EMBEDDINGS_FILE = "item_embeddings.npy"
 METADATA_KEY = "index"  # the section of metadata.json that describes items.faiss
-FLAT, HNSW, IVFPQ = "flat", "hnsw", "ivfpq"
-KINDS = (FLAT, HNSW, IVFPQ)
+FLAT, HNSW, IVFPQ, IVFPQ_FS = "flat", "hnsw", "ivfpq", "ivfpqfs"
+KINDS = (FLAT, HNSW, IVFPQ, IVFPQ_FS)
+IVF_KINDS = (IVFPQ, IVFPQ_FS)
 _ADD_CHUNK = 262_144
 
 # How each kind is memory-mapped: flat and HNSW storage through FAISS's mapped reader for
 # IndexFlatCodes (IO_FLAG_MMAP_IFC, FAISS >= 1.10), IVF inverted lists as read-only on-disk lists
-# (IO_FLAG_MMAP). Where the flag is missing the index is read into memory.
-_MMAP_FLAG_NAMES = {FLAT: "IO_FLAG_MMAP_IFC", HNSW: "IO_FLAG_MMAP_IFC", IVFPQ: "IO_FLAG_MMAP"}
+# (IO_FLAG_MMAP). Where the flag is missing the index is read into memory. Fast-scan codes are
+# held in blocks that FAISS has no mapped form of: read into memory (codes and ids, 24 bytes per
+# item with the default pq_m).
+_MMAP_FLAG_NAMES: dict[str, str | None] = {
+    FLAT: "IO_FLAG_MMAP_IFC",
+    HNSW: "IO_FLAG_MMAP_IFC",
+    IVFPQ: "IO_FLAG_MMAP",
+    IVFPQ_FS: None,
+}
 
 
 class IndexFileError(RepositoryError):
@@ -39,8 +47,10 @@ class IndexFileError(RepositoryError):
 class AnnParams:
     """How an index is chosen, built and searched (docs/scale.md#retrieval-indexes).
 
-    Exact inner-product search up to `exact_max_items` items, HNSW up to `hnsw_max_items`, IVF-PQ
-    above; HNSW and IVF-PQ candidates are re-scored exactly against the stored item vectors."""
+    Exact inner-product search up to `exact_max_items` items, HNSW up to `hnsw_max_items`, IVF
+    with 4-bit fast-scan PQ codes (ivfpqfs) above; HNSW and IVF candidates are re-scored exactly
+    against the stored item vectors. `ivfpq` (8-bit PQ codes over the Euclidean reduction) is
+    what versions published before ivfpqfs hold: still read and searched, built only on request."""
 
     exact_max_items: int = 50_000
     hnsw_max_items: int = 500_000
@@ -48,10 +58,10 @@ class AnnParams:
     hnsw_ef_construction: int = 80
     hnsw_ef_search: int = 128
     ivf_nlist: int = 0  # 0: the power of two nearest sqrt(n_items), within [64, 65536]
-    ivf_nprobe: int = 128
-    pq_m: int = 16  # bytes per item code
-    rerank_factor: int = 8  # IVF-PQ: candidates fetched per result, re-scored exactly
-    train_per_list: int = 64  # IVF-PQ: training vectors per inverted list (capped at n_items)
+    ivf_nprobe: int = 0  # 0: a quarter of the lists (nprobe_for)
+    pq_m: int = 32  # sub-quantizers per item code: 4 bits each (ivfpqfs), 8 bits each (ivfpq)
+    rerank_factor: int = 8  # IVF: candidates fetched per result, re-scored exactly
+    train_per_list: int = 64  # IVF: training vectors per inverted list (capped at n_items)
     seed: int = 0
 
     @classmethod
@@ -66,7 +76,7 @@ class AnnParams:
                 raise ValueError(f"index parameter {f.name} must be >= 0")
         if self.hnsw_max_items < self.exact_max_items:
             raise ValueError("index parameter hnsw_max_items must be >= exact_max_items")
-        for name in ("hnsw_m", "hnsw_ef_search", "ivf_nprobe", "pq_m", "rerank_factor"):
+        for name in ("hnsw_m", "hnsw_ef_search", "pq_m", "rerank_factor"):
             if getattr(self, name) < 1:
                 raise ValueError(f"index parameter {name} must be >= 1")
         return self
@@ -76,12 +86,12 @@ class AnnParams:
 
 
 def choose_kind(n_items: int, params: AnnParams) -> str:
-    """flat up to `exact_max_items`, hnsw up to `hnsw_max_items`, ivfpq above."""
+    """flat up to `exact_max_items`, hnsw up to `hnsw_max_items`, ivfpqfs above."""
     if n_items <= params.exact_max_items:
         return FLAT
     if n_items <= params.hnsw_max_items:
         return HNSW
-    return IVFPQ
+    return IVFPQ_FS
 
 
 def nlist_for(n_items: int, params: AnnParams) -> int:
@@ -91,13 +101,22 @@ def nlist_for(n_items: int, params: AnnParams) -> int:
     return int(min(65_536, max(64, 2 ** round(math.log2(target)))))
 
 
+def nprobe_for(nlist: int, params: AnnParams) -> int:
+    """`ivf_nprobe` lists, or (0) a quarter of them: on the clustered 10 M-item catalogue of
+    `make bench-index` the true top 500 of a query lie in 97 % of cases within the quarter of the
+    lists nearest to it, and within an eighth in 93 % (docs/scale.md#measured)."""
+    return max(1, min(nlist, params.ivf_nprobe or nlist // 4))
+
+
 def stored_width(kind: str, dim: int, params: AnnParams) -> int:
     """The width of the vectors the index holds: the embeddings for flat; for hnsw and ivfpq one
-    more column (`mips_to_l2`), and for ivfpq zero columns up to a multiple of `pq_m`."""
+    more column (`mips_to_l2`); for ivfpq and ivfpqfs zero columns up to a multiple of `pq_m`."""
     if kind == FLAT:
         return dim
     if kind == HNSW:
         return dim + 1
+    if kind == IVFPQ_FS:  # inner products searched directly: no extra column
+        return int(math.ceil(dim / params.pq_m) * params.pq_m)
     return int(math.ceil((dim + 1) / params.pq_m) * params.pq_m)
 
 
@@ -126,7 +145,7 @@ def mips_to_l2(
     return out
 
 
-def _pad_query(query: np.ndarray, width: int) -> np.ndarray:
+def _padded(query: np.ndarray, width: int) -> np.ndarray:
     out = np.zeros((query.shape[0], width), dtype=np.float32)
     out[:, : query.shape[1]] = query
     return out
@@ -151,8 +170,11 @@ class AnnIndex:
         self.params = params
         self.mmapped = mmapped  # loaded with a memory-mapping flag
         self.stored = stored  # read from the version (not built at load)
-        if kind == IVFPQ:
-            faiss.extract_index_ivf(index).nprobe = params.ivf_nprobe
+        self.nprobe = 0
+        if kind in IVF_KINDS:
+            ivf = faiss.extract_index_ivf(index)
+            self.nprobe = nprobe_for(int(ivf.nlist), params)
+            ivf.nprobe = self.nprobe
 
     @property
     def ntotal(self) -> int:
@@ -173,11 +195,11 @@ class AnnIndex:
             params = faiss.SearchParametersHNSW(  # type: ignore[attr-defined]
                 efSearch=max(self.params.hnsw_ef_search, fetch)
             )
-            _, rows = self.index.search(_pad_query(q, width), fetch, params=params)
-        else:
+            _, rows = self.index.search(_padded(q, width), fetch, params=params)
+        else:  # ivfpq, ivfpqfs (zero columns: the same inner products / Euclidean reduction)
             candidates = min(n, fetch * self.params.rerank_factor)
-            params = faiss.SearchParametersIVF(nprobe=self.params.ivf_nprobe)  # type: ignore[call-arg]
-            _, rows = self.index.search(_pad_query(q, width), candidates, params=params)
+            params = faiss.SearchParametersIVF(nprobe=self.nprobe)  # type: ignore[call-arg]
+            _, rows = self.index.search(_padded(q, width), candidates, params=params)
         # Exact inner products of what the index found (rows in ascending order: fewer pages).
         found = np.sort(rows[0][rows[0] >= 0])
         exact = np.asarray(self.embeddings[found] @ q[0], dtype=np.float32)
@@ -197,6 +219,8 @@ def build(embeddings: np.ndarray, params: AnnParams, kind: str | None = None) ->
         index = faiss.IndexFlatIP(dim)
         for lo in range(0, n, _ADD_CHUNK):
             index.add(np.ascontiguousarray(embeddings[lo : lo + _ADD_CHUNK]))
+    elif kind == IVFPQ_FS:
+        index = _build_ivfpq_fs(embeddings, width, params)
     else:
         top = max_squared_norm(embeddings)
         if kind == HNSW:
@@ -211,11 +235,9 @@ def build(embeddings: np.ndarray, params: AnnParams, kind: str | None = None) ->
             ivf.cp.niter = 10
             ivf.pq.cp.niter = 15
             index = ivf
-            rng = np.random.default_rng(params.seed)
-            n_train = min(n, max(nlist * params.train_per_list, 256 * 64))
-            sample = np.sort(rng.choice(n, size=n_train, replace=False))
+            sample = _training_sample(n, nlist, params)
             index.train(mips_to_l2(embeddings[sample], width, top))
-            ivf.nprobe = params.ivf_nprobe
+            ivf.nprobe = nprobe_for(nlist, params)
         else:
             raise ValueError(f"unknown index kind {kind!r}; known: {KINDS}")
         for lo in range(0, n, _ADD_CHUNK):
@@ -228,6 +250,31 @@ def build(embeddings: np.ndarray, params: AnnParams, kind: str | None = None) ->
         time.perf_counter() - start,
     )
     return AnnIndex(index, kind, embeddings, params)
+
+
+def _training_sample(n: int, nlist: int, params: AnnParams) -> np.ndarray:
+    rng = np.random.default_rng(params.seed)
+    n_train = min(n, max(nlist * params.train_per_list, 256 * 64))
+    return np.sort(rng.choice(n, size=n_train, replace=False))
+
+
+def _build_ivfpq_fs(embeddings: np.ndarray, width: int, params: AnnParams) -> faiss.Index:
+    """IVF over inner products (a flat IP coarse quantizer) with residuals coded by `pq_m`
+    4-bit sub-quantizers scanned with SIMD lookup tables (`IndexIVFPQFastScan`). With inner
+    products the lookup table does not depend on the list probed, so its 8-bit quantization
+    keeps its precision however many lists are probed (with the Euclidean reduction it does
+    not: the table's range grows with each farther list)."""
+    n = len(embeddings)
+    nlist = nlist_for(n, params)
+    index = faiss.IndexIVFPQFastScan(
+        faiss.IndexFlatIP(width), width, nlist, params.pq_m, 4, faiss.METRIC_INNER_PRODUCT
+    )
+    index.cp.niter = 10
+    index.train(_padded(embeddings[_training_sample(n, nlist, params)], width))
+    index.nprobe = nprobe_for(nlist, params)
+    for lo in range(0, n, _ADD_CHUNK):
+        index.add(_padded(embeddings[lo : lo + _ADD_CHUNK], width))
+    return index
 
 
 def describe(ann: AnnIndex, dim: int, index_sha256: str, embeddings_sha256: str) -> dict[str, Any]:
@@ -245,15 +292,16 @@ def describe(ann: AnnIndex, dim: int, index_sha256: str, embeddings_sha256: str)
     }
 
 
-def stage_index(directory: Path, params: AnnParams) -> dict[str, Any]:
-    """Build the index over a staged version's item_embeddings.npy, write it as items.faiss and
-    record it in the staged metadata.json (call after `VersionPublisher.describe` and after the
-    embeddings are written). Returns the metadata section."""
+def stage_index(directory: Path, params: AnnParams, kind: str | None = None) -> dict[str, Any]:
+    """Build the index over a staged version's item_embeddings.npy (the kind `choose_kind` picks,
+    or `kind`), write it as items.faiss and record it in the staged metadata.json (call after
+    `VersionPublisher.describe` and after the embeddings are written). Returns the metadata
+    section."""
     embeddings_path = directory / EMBEDDINGS_FILE
     embeddings = np.load(embeddings_path, mmap_mode="r")
     if embeddings.ndim != 2 or embeddings.dtype != np.float32:
         raise ValueError(f"{embeddings_path}: expected a 2-D float32 array")
-    ann = build(embeddings, params)
+    ann = build(embeddings, params, kind)
     faiss.write_index(ann.index, str(directory / INDEX_FILE))
     section = describe(
         ann,
@@ -269,7 +317,10 @@ def stage_index(directory: Path, params: AnnParams) -> dict[str, Any]:
 
 def _read(path: Path, kind: str) -> tuple[faiss.Index, bool]:
     """The index memory-mapped where this FAISS can map its kind, else read into memory."""
-    flag = getattr(faiss, _MMAP_FLAG_NAMES[kind], None)
+    name = _MMAP_FLAG_NAMES[kind]
+    if name is None:
+        return faiss.read_index(str(path)), False
+    flag = getattr(faiss, name, None)
     if flag is not None:
         try:
             return faiss.read_index(str(path), flag | faiss.IO_FLAG_READ_ONLY), True
@@ -280,7 +331,12 @@ def _read(path: Path, kind: str) -> tuple[faiss.Index, bool]:
     return faiss.read_index(str(path)), False
 
 
-_TYPES = {FLAT: faiss.IndexFlatIP, HNSW: faiss.IndexHNSWFlat, IVFPQ: faiss.IndexIVFPQ}
+_TYPES = {
+    FLAT: faiss.IndexFlatIP,
+    HNSW: faiss.IndexHNSWFlat,
+    IVFPQ: faiss.IndexIVFPQ,
+    IVFPQ_FS: faiss.IndexIVFPQFastScan,
+}
 
 
 def load(
@@ -292,8 +348,8 @@ def load(
     """The stored index of a verified version (`verify_version` checked every file's SHA-256),
     memory-mapped where its type allows, after checking it belongs to these items: the SHA-256
     of items.faiss and of the embeddings it was built from, its kind, size and width. Searches
-    use the version's parameters unless `search` gives others (its ef_search, nprobe and
-    rerank_factor). Raises IndexFileError."""
+    use the version's parameters unless `search` gives others (its ef_search, nprobe unless 0,
+    and rerank_factor). Raises IndexFileError."""
     section = metadata.get(METADATA_KEY)
     where = directory / INDEX_FILE
     if not isinstance(section, dict):
@@ -325,7 +381,7 @@ def load(
         params = replace(
             stored_params,
             hnsw_ef_search=search.hnsw_ef_search,
-            ivf_nprobe=search.ivf_nprobe,
+            ivf_nprobe=search.ivf_nprobe or stored_params.ivf_nprobe,
             rerank_factor=search.rerank_factor,
         )
     try:

@@ -106,28 +106,50 @@ class Neighbours:
             self.source_seen_indptr[user_row] : self.source_seen_indptr[user_row + 1]
         ]
 
-    def vote(self, target_rows: np.ndarray, source_rows: np.ndarray, n_items: int) -> np.ndarray:
-        """Per target item, the sum of its similarities to the given items (0 for most)."""
+    def vote(self, target_rows: np.ndarray, source_rows: np.ndarray) -> Votes:
+        """Per target item that any of the given items lists, the sum of its similarities to
+        them (the others have 0): work in the number of neighbours, not of items."""
         rows = [self.target[target_rows].ravel(), self.source[source_rows].ravel()]
         weights = [self.target_scores[target_rows].ravel(), self.source_scores[source_rows].ravel()]
         index, weight = np.concatenate(rows), np.concatenate(weights)
         keep = index >= 0
-        return np.bincount(index[keep], weights=weight[keep], minlength=n_items).astype(np.float32)
+        voted, inverse = np.unique(index[keep], return_inverse=True)
+        sums = np.bincount(inverse.ravel(), weights=weight[keep], minlength=len(voted))
+        return Votes(voted.astype(np.int64), sums.astype(np.float32))
+
+
+@dataclass(frozen=True)
+class Votes:
+    """Item rows (ascending) and their summed similarities; every other item's is 0."""
+
+    rows: np.ndarray
+    scores: np.ndarray
+
+    def of(self, rows: np.ndarray) -> np.ndarray:
+        """The votes of `rows` (0 for rows without any)."""
+        out = np.zeros(len(rows), np.float32)
+        if not len(self.rows) or not len(rows):
+            return out
+        at = np.minimum(np.searchsorted(self.rows, rows), len(self.rows) - 1)
+        hit = self.rows[at] == rows
+        out[hit] = self.scores[at[hit]]
+        return out
 
 
 def top_positive(
-    scores: np.ndarray, k: int, excluded: set[int] | frozenset[int]
+    votes: Votes, k: int, excluded: set[int] | frozenset[int]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The k rows with the largest positive scores, best first (ties by row), not excluded."""
-    rows = np.flatnonzero(scores > 0)
+    """The k rows with the largest positive votes, best first (ties by row), not excluded."""
+    positive = votes.scores > 0
+    rows, scores = votes.rows[positive], votes.scores[positive]
     if excluded and rows.size:
-        rows = rows[~np.isin(rows, np.fromiter(excluded, np.int64, len(excluded)))]
+        keep = ~np.isin(rows, np.fromiter(excluded, np.int64, len(excluded)))
+        rows, scores = rows[keep], scores[keep]
     if rows.size > k:
-        part = np.argpartition(-scores[rows], k - 1)[:k]
-        rows = rows[part]
-    order = np.lexsort((rows, -scores[rows]))
-    rows = rows[order].astype(np.int64)
-    return rows, scores[rows]
+        part = np.argpartition(-scores, k - 1)[:k]
+        rows, scores = rows[part], scores[part]
+    order = np.lexsort((rows, -scores))
+    return rows[order].astype(np.int64), scores[order]
 
 
 def exact_search(item_embeddings: np.ndarray) -> Search:
@@ -223,16 +245,16 @@ class CandidateSources:
         carries every source's score and its rank in each list (as columns: no object per
         candidate)."""
         lists: list[tuple[Source, np.ndarray]] = []  # each list's item rows, best first
-        vote: np.ndarray | None = None
-        recent: np.ndarray | None = None
+        vote: Votes | None = None
+        recent: Votes | None = None
         if user.personal is not None and user.personal in wanted and user.vector is not None:
             lists.append((user.personal, self.search(user.vector, k, excluded)[0]))
         if user.target_rows.size or user.source_rows.size:
-            vote = self.neighbours.vote(user.target_rows, user.source_rows, self.n_items)
+            vote = self.neighbours.vote(user.target_rows, user.source_rows)
             if Source.ITEM2ITEM in wanted:
                 lists.append((Source.ITEM2ITEM, top_positive(vote, k, excluded)[0]))
         if user.recent_rows.size:
-            recent = self.neighbours.vote(user.recent_rows, np.zeros(0, np.int64), self.n_items)
+            recent = self.neighbours.vote(user.recent_rows, np.zeros(0, np.int64))
             if Source.RECENT in wanted:
                 lists.append((Source.RECENT, top_positive(recent, k, excluded)[0]))
         # The lists interleaved by rank (position 0 of every list, then position 1, ...), each
@@ -268,8 +290,8 @@ class CandidateSources:
             if user.vector is not None
             else np.zeros(len(at), np.float32)
         )
-        vote_of = vote[at] if vote is not None else np.zeros(len(at), np.float32)
-        recent_of = recent[at] if recent is not None else np.zeros(len(at), np.float32)
+        vote_of = vote.of(at) if vote is not None else np.zeros(len(at), np.float32)
+        recent_of = recent.of(at) if recent is not None else np.zeros(len(at), np.float32)
         personal = user.personal or Source.ANN
         columns = (
             (personal, dot),

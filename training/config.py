@@ -108,14 +108,14 @@ class Config:
     neighbours: int = 50  # item-to-item neighbours kept per item (published with retrieval)
     # --- retrieval index, built at publish into items.faiss (recsys/ann.py, docs/scale.md) -----
     index_exact_max_items: int = 50_000  # exact inner-product index up to this many items
-    index_hnsw_max_items: int = 500_000  # HNSW up to this many items, IVF-PQ above
+    index_hnsw_max_items: int = 500_000  # HNSW up to this many items, IVF fast-scan PQ above
     index_hnsw_m: int = 32  # HNSW graph degree
     index_hnsw_ef_construction: int = 80  # HNSW build-time beam width
     index_hnsw_ef_search: int = 128  # HNSW search beam width (the service may override it)
-    index_ivf_nlist: int = 0  # IVF-PQ inverted lists (0: power of two nearest sqrt(items))
-    index_ivf_nprobe: int = 128  # IVF-PQ lists searched per query (the service may override it)
-    index_pq_m: int = 16  # IVF-PQ bytes per item code
-    index_rerank_factor: int = 8  # IVF-PQ candidates per result, re-scored exactly
+    index_ivf_nlist: int = 0  # IVF inverted lists (0: power of two nearest sqrt(items))
+    index_ivf_nprobe: int = 0  # IVF lists per query (0: a quarter; a nonzero service's wins)
+    index_pq_m: int = 32  # IVF-PQ sub-quantizers per item code (4 bits each: 16-byte codes)
+    index_rerank_factor: int = 8  # IVF candidates per result, re-scored exactly
     # --- run ------------------------------------------------------------------------------
     seed: int = 0  # seeds the split, initialisation and batch order
     device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"

@@ -38,8 +38,8 @@ class RetrievalSettings(ServerSettings):
     hnsw_max_items: int = Field(
         500_000,
         ge=0,
-        description="Versions without a stored index: HNSW up to this many items, IVF-PQ above "
-        "(docs/scale.md).",
+        description="Versions without a stored index: HNSW up to this many items, IVF-PQ with "
+        "4-bit fast-scan codes above (docs/scale.md).",
     )
     max_k: int = Field(1000, ge=1, le=100_000, description="Largest k a request may ask for.")
     max_request_ids: int = Field(
@@ -61,7 +61,11 @@ class RetrievalSettings(ServerSettings):
         "items fetched when that is larger.",
     )
     ivf_nprobe: int = Field(
-        128, ge=1, le=65_536, description="IVF-PQ inverted lists searched per query."
+        0,
+        ge=0,
+        le=65_536,
+        description="IVF-PQ inverted lists searched per query (0: the version's own, recorded at "
+        "publish; its default is a quarter of the index's lists).",
     )
     rerank_factor: int = Field(
         8,

@@ -3,6 +3,8 @@ user representations, seen items and popularity, and the candidate sources built
 
 from __future__ import annotations
 
+import functools
+import gc
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -60,7 +62,7 @@ class IndexOptions:
     hnsw_m: int = 32
     hnsw_ef_construction: int = 80
     hnsw_ef_search: int = 128
-    ivf_nprobe: int = 128
+    ivf_nprobe: int = 0  # 0: the version's own (default: a quarter of the lists)
     rerank_factor: int = 8
     onnx_threads: int = 1
 
@@ -121,6 +123,29 @@ def build_faiss_index(embeddings: np.ndarray, options: IndexOptions) -> tuple[fa
     return built.index, built.kind
 
 
+def search_excluding(
+    index: AnnIndex, vector: np.ndarray, k: int, excluded: set[int] | frozenset[int] = frozenset()
+) -> tuple[np.ndarray, np.ndarray]:
+    """`RetrievalIndex.search` over `index` (a function: the candidate sources hold it without
+    holding the version, so a dropped version is freed at once, without the cyclic collector)."""
+    n = index.ntotal
+    k = min(k, n - len(excluded)) if len(excluded) < n else 0
+    if k <= 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    query = np.ascontiguousarray(vector.reshape(1, -1), dtype=np.float32)
+    fetch = min(n, k + len(excluded))
+    dropped = np.fromiter(excluded, dtype=np.int64, count=len(excluded))
+    while True:
+        found, scores = index.search(query, fetch)
+        keep = found >= 0
+        if len(dropped):
+            keep &= ~np.isin(found, dropped)
+        found_rows, found_scores = found[keep][:k], scores[keep][:k]
+        if len(found_rows) >= k or fetch >= n:
+            return found_rows.astype(np.int64), found_scores
+        fetch = min(n, fetch * 2)
+
+
 class RetrievalIndex:
     """A loaded, verified retrieval model version. Thread-safe for concurrent reads."""
 
@@ -167,7 +192,7 @@ class RetrievalIndex:
             item_embeddings=item_embeddings,
             popularity=self.popularity,
             neighbours=self.neighbours,
-            search=self.search,
+            search=functools.partial(search_excluding, self.ann),
         )
 
     @property
@@ -286,6 +311,13 @@ class RetrievalIndex:
             stored_index=stored_index,
         )
         loaded.warm_up()
+        # The version's millions of long-lived objects (ids, the row dictionaries) out of the
+        # cyclic collector's sight: otherwise every full collection walks them all, pausing
+        # requests for hundreds of milliseconds at 10 M items (docs/scale.md). Unfrozen and
+        # collected first, so garbage frozen at an earlier load is collected once here.
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
         logger.info(
             "Loaded %s version %d: %d users, %d items, dim %d, %s index (%s), in %.2f s",
             model_name,
@@ -321,22 +353,7 @@ class RetrievalIndex:
         """The k item rows (int64) with the largest inner product with `vector` and those
         products, best first, leaving out `excluded` item rows (over-fetching as many more as
         are excluded, then more if the approximate index returns too few)."""
-        n = self.n_items
-        k = min(k, n - len(excluded)) if len(excluded) < n else 0
-        if k <= 0:
-            return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        query = np.ascontiguousarray(vector.reshape(1, -1), dtype=np.float32)
-        fetch = min(n, k + len(excluded))
-        dropped = np.fromiter(excluded, dtype=np.int64, count=len(excluded))
-        while True:
-            found, scores = self.ann.search(query, fetch)
-            keep = found >= 0
-            if len(dropped):
-                keep &= ~np.isin(found, dropped)
-            found_rows, found_scores = found[keep][:k], scores[keep][:k]
-            if len(found_rows) >= k or fetch >= n:
-                return found_rows.astype(np.int64), found_scores
-            fetch = min(n, fetch * 2)
+        return search_excluding(self.ann, vector, k, excluded)
 
     def popular(self, k: int, excluded: set[int] | frozenset[int] = frozenset()) -> list[int]:
         """The k most popular item rows not in `excluded`."""

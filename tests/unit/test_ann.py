@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import faiss
@@ -29,12 +30,11 @@ from training.config import Config
 from training.errors import ConfigError
 
 RETRIEVAL = "books-retrieval"
-# On 400 items: flat up to 500, HNSW up to 1000 (above 100), IVF-PQ above 200.
-PARAMS = {
-    ann.FLAT: AnnParams(),
-    ann.HNSW: AnnParams(exact_max_items=100),
-    ann.IVFPQ: AnnParams(exact_max_items=100, hnsw_max_items=200, ivf_nlist=8, ivf_nprobe=8),
-}
+# On 400 items: flat up to 500, HNSW up to 1000 (above 100), IVF fast-scan PQ above 200; the
+# 8-bit IVF-PQ of earlier versions only when asked for.
+IVF = AnnParams(exact_max_items=100, hnsw_max_items=200, ivf_nlist=8, ivf_nprobe=8)
+PARAMS = {ann.FLAT: AnnParams(), ann.HNSW: AnnParams(exact_max_items=100), ann.IVFPQ_FS: IVF}
+PARAMS[ann.IVFPQ] = replace(IVF, pq_m=16)  # as those versions were built
 
 
 def mapped_files() -> set[str]:
@@ -55,15 +55,19 @@ def test_the_index_type_follows_the_catalogue_size() -> None:
         "flat",
         "hnsw",
         "hnsw",
-        "ivfpq",
+        "ivfpqfs",
     ]
     defaults = AnnParams()
     assert ann.choose_kind(400_000, defaults) == "hnsw"
-    assert ann.choose_kind(1_000_000, defaults) == "ivfpq"
+    assert ann.choose_kind(1_000_000, defaults) == "ivfpqfs"
     assert ann.nlist_for(10_000_000, defaults) == 4096
     assert ann.nlist_for(1_000, defaults) == 64
     assert ann.nlist_for(10_000, AnnParams(ivf_nlist=100)) == 100
-    assert ann.stored_width("ivfpq", 64, defaults) == 80  # 65 padded to a multiple of pq_m
+    assert ann.nprobe_for(4096, defaults) == 1024  # a quarter of the lists
+    assert ann.nprobe_for(8, AnnParams(ivf_nprobe=64)) == 8  # at most every list
+    assert ann.stored_width("ivfpqfs", 64, defaults) == 64  # inner products: no extra column
+    assert ann.stored_width("ivfpqfs", 40, defaults) == 64  # padded to a multiple of pq_m
+    assert ann.stored_width("ivfpq", 64, AnnParams(pq_m=16)) == 80  # 65 padded likewise
     with pytest.raises(ValueError, match="hnsw_max_items"):
         AnnParams(exact_max_items=10, hnsw_max_items=5).checked()
 
@@ -79,7 +83,11 @@ def test_training_settings_name_the_bad_index_parameter() -> None:
 def test_a_stored_index_is_mapped_and_answers_as_one_built_in_process(
     tmp_path: Path, kind: str
 ) -> None:
-    model = publish_tiny_model(tmp_path, make_tiny_model(n_items=400), index=PARAMS[kind])
+    # Chosen by size, but for the 8-bit IVF-PQ that only versions published before hold.
+    forced = kind if kind == ann.IVFPQ else None
+    model = publish_tiny_model(
+        tmp_path, make_tiny_model(n_items=400), index=PARAMS[kind], index_kind=forced
+    )
     directory = version_dir(tmp_path, RETRIEVAL, model.version)
     metadata = json.loads((directory / METADATA_FILE).read_text())
     section = metadata["index"]
@@ -91,12 +99,17 @@ def test_a_stored_index_is_mapped_and_answers_as_one_built_in_process(
     # The service's defaults would pick an exact index for 400 items: the stored one wins.
     loaded = RetrievalIndex.load(directory, RETRIEVAL, IndexOptions(ivf_nprobe=8))
     assert loaded.ann.stored and loaded.index_kind == kind
-    assert loaded.ann.mmapped
     files = mapped_files()
-    assert str(directory / "items.faiss") in files
+    # Fast-scan codes are read into memory (FAISS maps no blocked inverted lists).
+    assert loaded.ann.mmapped == (kind != ann.IVFPQ_FS)
+    assert (str(directory / "items.faiss") in files) == loaded.ann.mmapped
     assert str(directory / "item_embeddings.npy") in files
 
-    built = ann.build(model.item_emb, PARAMS[kind])
+    if kind in ann.IVF_KINDS:  # the service's 8 probes; its default (0) keeps the version's
+        assert loaded.ann.nprobe == 8
+        default = RetrievalIndex.load(directory, RETRIEVAL, IndexOptions(ivf_nprobe=0))
+        assert default.ann.nprobe == PARAMS[kind].ivf_nprobe == 8
+    built = ann.build(model.item_emb, PARAMS[kind], forced)
     assert built.kind == kind and not built.stored
     hits = 0
     for row in range(20):
@@ -109,6 +122,21 @@ def test_a_stored_index_is_mapped_and_answers_as_one_built_in_process(
     assert hits / (20 * 50) >= 0.9
     if kind == ann.FLAT:
         assert hits == 20 * 50
+
+
+def test_fast_scan_ivf_finds_planted_neighbours_with_their_exact_scores() -> None:
+    rng = np.random.default_rng(3)
+    items = rng.normal(size=(3000, 16)).astype(np.float32)
+    queries = rng.normal(size=(40, 16)).astype(np.float32)
+    planted = rng.choice(3000, size=40, replace=False)
+    items[planted] = 4 * queries  # far the largest inner product with its query
+    index = ann.build(items, AnnParams(exact_max_items=0, hnsw_max_items=0, ivf_nlist=16))
+    assert index.kind == ann.IVFPQ_FS and isinstance(index.index, faiss.IndexIVFPQFastScan)
+    for query, item in zip(queries, planted, strict=True):
+        rows, scores = index.search(query, 20)
+        assert rows[0] == item
+        np.testing.assert_allclose(scores, items[rows] @ query, rtol=1e-5)
+        assert (np.diff(scores) <= 0).all()
 
 
 def test_a_version_without_a_stored_index_builds_one_at_load(tmp_path: Path) -> None:
@@ -162,6 +190,7 @@ def other_index(n_items: int, dim: int) -> bytes:
         ({"files": {}, "index": {"ntotal": 401}}, "metadata says 401 items"),
         ({"files": {}, "index": {"sha256": "0" * 64}}, "not the one recorded"),
         ({"files": {}, "index": {"kind": "lsh"}}, "unknown index kind"),
+        ({"files": {}, "index": {"kind": "ivfpqfs"}}, "expected a ivfpqfs index"),
     ],
 )
 def test_a_corrupt_or_mismatched_index_is_refused_and_the_served_version_stays(

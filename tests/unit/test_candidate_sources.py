@@ -203,3 +203,12 @@ def test_merge_keeps_every_source_score_of_an_item() -> None:
     assert named["popular_rrank"] == 0.5 and named["log_popularity"] == pytest.approx(np.log1p(7))
     assert named["n_sources"] == 2 and named["known"] == 1 and named["mapped"] == 0
     assert named["log_target_history"] == pytest.approx(np.log1p(3))
+
+
+def test_votes_are_summed_over_the_neighbours_only() -> None:
+    # t1 and t2 consumed, s0 in the source domain: t6 0.8, t7 0.2, t9 0.5, t5 0.9; t1 twice
+    votes = planted().vote(np.array([1, 2, 1]), np.array([0]))
+    assert votes.rows.tolist() == [5, 6, 7, 9]
+    np.testing.assert_allclose(votes.scores, [0.9, 1.6, 0.4, 0.5], rtol=1e-6)
+    np.testing.assert_allclose(votes.of(np.array([9, 0, 6, 11])), [0.5, 0.0, 1.6, 0.0], rtol=1e-6)
+    assert planted().vote(np.zeros(0, np.int64), np.zeros(0, np.int64)).of(np.array([3])) == 0

@@ -3,6 +3,8 @@ candidate sources and the exclusions, on a tiny model with planted tastes."""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -145,3 +147,19 @@ def test_a_version_with_a_bad_file_is_refused(tmp_path: Path) -> None:
     np.save(directory / "item_embeddings.npy", np.zeros((3, 2), dtype=np.float32))
     with pytest.raises(RepositoryError, match="SHA-256"):
         RetrievalIndex.load(directory, "books-retrieval", IndexOptions())
+
+
+def test_a_loaded_version_is_frozen_from_the_collector_and_freed_when_dropped(
+    published: tuple[Path, TinyModel],
+) -> None:
+    repo, model = published
+    gc.disable()  # only reference counting may free the dropped version below
+    try:
+        index = load(repo, model)
+        assert gc.get_freeze_count() > 0  # its objects are outside the collector's generations
+        assert index.retrieve(model.user_ids[0], 5).candidates
+        dropped = weakref.ref(index)
+        del index
+        assert dropped() is None  # no reference cycle keeps it alive
+    finally:
+        gc.enable()
