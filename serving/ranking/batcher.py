@@ -57,7 +57,7 @@ class BatchingOptions:
     and while the session is idle hold a batch open up to `max_queue_delay_s` for more requests)
     or "off" (one request per session run)."""
 
-    max_batch_candidates: int = 16384
+    max_batch_candidates: int = 1024
     max_queue_delay_s: float = 0.002
     max_queue_requests: int = 256
     concurrency: int = 1

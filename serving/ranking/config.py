@@ -81,10 +81,12 @@ class RankingSettings(ServerSettings):
         "(device buffers on CUDA, outputs copied back once per run).",
     )
     max_batch_candidates: int = Field(
-        16384,
+        1024,
         ge=1,
         description="Most candidates scored in one session run (dynamic batching); also the "
-        "warm-up size.",
+        "warm-up size. 1,024 is the CPU default measured in docs/performance.md (requests of "
+        "about 1,000 candidates run alone, smaller ones share runs); on a GPU, where a larger "
+        "batch costs little more, use more (the GPU overlay sets 16,384).",
     )
     batching: Literal["queued", "delay", "off"] = Field(
         "queued",

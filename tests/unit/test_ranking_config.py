@@ -14,7 +14,7 @@ def test_defaults() -> None:
     assert str(s.model_repository) == "/models"
     assert s.version_policy == "latest" and s.poll_interval_s == 5
     assert s.provider == "auto"
-    assert (s.max_batch_candidates, s.max_queue_delay_us) == (16384, 2000)
+    assert (s.max_batch_candidates, s.max_queue_delay_us) == (1024, 2000)
     assert s.batching == "queued"
     assert (s.max_queue_requests, s.max_candidates_per_request) == (256, 10000)
     assert s.batching_enabled
