@@ -303,9 +303,8 @@ class SlowRanker(ranking_pb2_grpc.RankingServiceServicer):
         )
 
 
-@pytest.fixture()
-def slow_ranker() -> Iterator[tuple[BackgroundServer, SlowRanker]]:
-    servicer = SlowRanker(delay_s=5.0)
+def serve_ranker(servicer: ranking_pb2_grpc.RankingServiceServicer) -> BackgroundServer:
+    """`servicer` as the RankingService of a kit server on a loopback port."""
 
     async def factory():  # type: ignore[no-untyped-def]
         return RpcServer(
@@ -314,7 +313,13 @@ def slow_ranker() -> Iterator[tuple[BackgroundServer, SlowRanker]]:
             register=lambda s: ranking_pb2_grpc.add_RankingServiceServicer_to_server(servicer, s),
         )
 
-    server = BackgroundServer(factory)
+    return BackgroundServer(factory)
+
+
+@pytest.fixture()
+def slow_ranker() -> Iterator[tuple[BackgroundServer, SlowRanker]]:
+    servicer = SlowRanker(delay_s=5.0)
+    server = serve_ranker(servicer)
     yield server, servicer
     server.stop(grace=0)
 
@@ -343,15 +348,7 @@ def test_an_older_ranker_that_answers_repeated_scores_still_ranks(
     """The gateway asks for packed scores and reads the repeated field where a ranker answers
     that: the order is the ranker's (descending item number), with no degradation."""
     servicer = RepeatedScoresRanker()
-
-    async def factory():  # type: ignore[no-untyped-def]
-        return RpcServer(
-            ServerSettings(host="127.0.0.1", port=0, metrics_port=0),
-            service_names=["recsys.v1.RankingService"],
-            register=lambda s: ranking_pb2_grpc.add_RankingServiceServicer_to_server(servicer, s),
-        )
-
-    ranker = BackgroundServer(factory)
+    ranker = serve_ranker(servicer)
     gw = GatewayUnderTest(retrieval_target=retrieval.address, ranker_targets=ranker.address)
     try:
         reply = gw.recommend(user_id="u3", k=10)
