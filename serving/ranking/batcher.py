@@ -210,17 +210,13 @@ class Batcher:
         return True
 
     def _prune(self, now: float) -> None:
-        """Drop the expired and cancelled requests from the queue."""
-        if any(
-            p.future.done() or (p.deadline is not None and now >= p.deadline) for p in self._queue
-        ):
-            live = [p for p in self._queue if self._alive(p, now)]
-            while self._queue:
-                self._take()
-            for pending in live:
-                self._queue.append(pending)
-                self._queued_candidates += len(pending.items)
-                self._depth.inc()
+        """Drop the expired and cancelled requests from the queue (each answered by _alive)."""
+        live = [p for p in self._queue if self._alive(p, now)]
+        dropped = len(self._queue) - len(live)
+        if dropped:
+            self._queue = deque(live)
+            self._queued_candidates = sum(len(p.items) for p in live)
+            self._depth.dec(dropped)
 
     def _answer(self, pending: _Pending, error: BaseException) -> None:
         assert self._loop is not None
