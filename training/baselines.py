@@ -105,6 +105,9 @@ class Linear:
     cols: np.ndarray | None = None
     fill: np.ndarray | None = None  # [n_items]
     fill_below_row: bool = False
+    # bool [n_cols]: the columns of ``votes`` that count the user's target-domain interactions
+    # (None: the votes do not depend on them, as popularity's)
+    target_votes: np.ndarray | None = None
 
     def scorer(self) -> Scorer:
         dense = isinstance(self.weights, np.ndarray)
@@ -175,8 +178,11 @@ def cosine_neighbours(x: sp.csr_matrix, n_target: int, k: int) -> sp.csc_matrix:
 
 
 def itemknn_linear(votes: sp.csr_matrix, sim: sp.csc_matrix) -> Linear:
-    """Score = the user's vote row times the similarity matrix."""
-    return Linear(votes.tocsr(), sim.tocsr(), sim.shape[1])
+    """Score = the user's vote row times the similarity matrix (the target items are the last
+    ``sim.shape[1]`` columns of ``votes``)."""
+    n_cols = votes.shape[1]
+    target = np.arange(n_cols) >= n_cols - sim.shape[1]
+    return Linear(votes.tocsr(), sim.tocsr(), sim.shape[1], target_votes=target)
 
 
 def itemknn(votes: sp.csr_matrix, sim: sp.csc_matrix) -> Scorer:
@@ -217,6 +223,7 @@ def ease_linear(votes: sp.csr_matrix, n_target: int, b: np.ndarray, keep: np.nda
         cols=(keep[tgt_in_keep] - offset).astype(np.int64),
         fill=(counts / (counts.max() + 1.0)).astype(np.float32),
         fill_below_row=True,
+        target_votes=keep >= offset,
     )
 
 

@@ -311,7 +311,7 @@ def _selection(
             users = (
                 tab.cold_users if n.endswith("+emcdr") and tab.cold_users is not None else tab.users
             )
-            form = Served(n, users, tab.items)
+            form = Served(n, users, tab.items, mapped=tab.mapped_users)
             for seg in served:
                 served[seg][n] = form
     valid = {n: validators["warm"](f.scorer()) for n, f in served["warm"].items()}
@@ -589,7 +589,7 @@ def run(
                 )
                 if k in sel
             }
-            tab = Tables(users=exported.users, items=exported.items)
+            tab = Tables(users=exported.users, items=exported.items, mapped_users=exported.mapped)
             checkpoint = build_checkpoint(cfg, dataset, split, name, tab, metrics)
             exported_split = (split, *_segments(split))
             if cfg.ranker == "learned" and rank == 0:

@@ -50,6 +50,9 @@ class Served:
     users: torch.Tensor
     items: torch.Tensor
     info: dict[str, Any] = field(default_factory=dict)
+    # every user's row as if the user had no target-domain history (what a user known only from
+    # the source domain is served): the ranker's simulated cold-start users. None: not known.
+    mapped: torch.Tensor | None = None
 
     def scorer(self):  # type: ignore[no-untyped-def]
         return table_scorer(self.users, self.items)
@@ -105,31 +108,48 @@ def factorise_many(lin: Linear, ranks: tuple[int, ...] | list[int]) -> dict[int,
         triplets = {r: (u[:, :r] * s[:r], v[:, :r], s[:r] ** 2) for r in caps}
     out: dict[int, Served] = {}
     votes = lin.votes.astype(np.float64)
+    # the votes without the target-domain columns: each user as if known from the source only
+    source_votes = (
+        None
+        if lin.target_votes is None
+        else votes @ sp.diags((~lin.target_votes).astype(np.float64))
+    )
+    left_out = None
+    if lin.fill is not None and lin.cols is not None:
+        left_out = np.ones(lin.n_items)
+        left_out[lin.cols] = 0.0
     for r, (left, right, s2) in triplets.items():
-        users = np.asarray(votes @ left)
         items = np.zeros((lin.n_items, right.shape[1]))
         if lin.cols is None:
             items[:] = right
         else:
             items[lin.cols] = right
-        if lin.fill is not None and lin.cols is not None and lin.fill_below_row:
-            # left-out items: (the row's lowest served score on cols - 1) + fill, as two columns
-            left_out = np.ones(lin.n_items)
-            left_out[lin.cols] = 0.0
-            low = _row_min(users, right)
-            users = np.hstack([users, (low - 1.0)[:, None], np.ones((users.shape[0], 1))])
+
+        def user_rows(v: Any, right: np.ndarray = right, left: np.ndarray = left) -> np.ndarray:
+            rows = np.asarray(v @ left)
+            if left_out is not None and lin.fill_below_row:
+                # left-out items: (the row's lowest served score on cols - 1) + fill
+                low = _row_min(rows, right)
+                return np.hstack([rows, (low - 1.0)[:, None], np.ones((rows.shape[0], 1))])
+            if left_out is not None:
+                return np.hstack([rows, np.ones((rows.shape[0], 1))])
+            return rows
+
+        users = user_rows(votes)
+        if left_out is not None and lin.fill_below_row:
+            assert lin.fill is not None
             items = np.hstack([items, left_out[:, None], (lin.fill * left_out)[:, None]])
-        elif lin.fill is not None and lin.cols is not None:
-            extra = lin.fill.astype(np.float64).copy()
-            extra[lin.cols] = 0.0
-            users = np.hstack([users, np.ones((users.shape[0], 1))])
-            items = np.hstack([items, extra[:, None]])
+        elif left_out is not None:
+            assert lin.fill is not None
+            items = np.hstack([items, (lin.fill * left_out)[:, None]])
+        mapped = users if source_votes is None else user_rows(source_votes)
         err = float(np.sqrt(max(norm2 - float(s2.sum()), 0.0) / norm2)) if norm2 > 0 else 0.0
         out[r] = Served(
             "",
             torch.from_numpy(users.astype(np.float32)),
             torch.from_numpy(items.astype(np.float32)),
             {"rank": r, "relative_frobenius_error": err},
+            mapped=torch.from_numpy(mapped.astype(np.float32)),
         )
     return out
 
@@ -169,45 +189,66 @@ def choose_rank(
             f.users,
             f.items,
             f.info | {"valid_ndcg@10": scores[best], "grid": {str(r): scores[r] for r in forms}},
+            mapped=f.mapped,
         )
     return out
 
 
-def _standardiser(users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(users / per-user sd of their scores, centred items): their dot products are the per-user
-    z-scores of ``users @ items.T`` (sd with Bessel's correction; zero sd divides by one, as
-    training.baselines.standardise)."""
+def _standardiser(
+    items: torch.Tensor, *users: torch.Tensor | None
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """(centred items, each user table / its per-user sd of scores): their dot products are the
+    per-user z-scores of ``users @ items.T`` (sd with Bessel's correction; zero sd divides by
+    one, as training.baselines.standardise)."""
     v = items.double()
     centred = v - v.mean(0, keepdim=True)
     n = max(v.shape[0] - 1, 1)
     cov = centred.T @ centred / n
-    u = users.double()
-    var = ((u @ cov) * u).sum(1).clamp_min(0.0)
-    sd = var.sqrt()
-    sd = torch.where(sd > 0, sd, torch.ones_like(sd))
-    return u / sd[:, None], centred
+
+    def scaled(rows: torch.Tensor | None) -> torch.Tensor | None:
+        if rows is None:
+            return None
+        u = rows.double()
+        sd = ((u @ cov) * u).sum(1).clamp_min(0.0).sqrt()
+        sd = torch.where(sd > 0, sd, torch.ones_like(sd))
+        return u / sd[:, None]
+
+    return centred, [scaled(u) for u in users]
 
 
 def blend_tables(model: Served, base: Served, w: float, name: str = "blend") -> Served:
     """The blend of two rows at weight ``w`` as one pair of tables (concatenated blocks)."""
-    um, vm = _standardiser(model.users, model.items)
-    ub, vb = _standardiser(base.users, base.items)
+    vm, (um, mm) = _standardiser(model.items, model.users, model.mapped)
+    vb, (ub, mb) = _standardiser(base.items, base.users, base.mapped)
+    assert um is not None and ub is not None
+    mapped: torch.Tensor | None
     if w <= 0.0:
-        users, items = um, vm
+        users, items, mapped = um, vm, mm
     elif w >= 1.0:
-        users, items = ub, vb
+        users, items, mapped = ub, vb, mb
     else:
         users = torch.cat([(1.0 - w) * um, w * ub], 1)
         items = torch.cat([vm, vb], 1)
-    return Served(name, users.float(), items.float(), {"weight": w})
+        mapped = None if mm is None or mb is None else torch.cat([(1.0 - w) * mm, w * mb], 1)
+    return Served(
+        name,
+        users.float(),
+        items.float(),
+        {"weight": w},
+        mapped=None if mapped is None else mapped.float(),
+    )
 
 
 def by_history(has_target: np.ndarray, warm: Served, cold: Served, name: str) -> Served:
-    """``warm``'s rows for users with target training history, ``cold``'s for the others."""
+    """``warm``'s rows for users with target training history, ``cold``'s for the others; every
+    user's mapped row is ``cold``'s (a user without target history is served by ``cold``)."""
     if warm is cold:
-        return Served(name, warm.users, warm.items)
+        return Served(name, warm.users, warm.items, mapped=warm.mapped)
     h = torch.from_numpy(has_target)[:, None]
     users = torch.cat(
         [warm.users * h.to(warm.users.dtype), cold.users * (~h).to(cold.users.dtype)], 1
     )
-    return Served(name, users, torch.cat([warm.items, cold.items], 1))
+    mapped = (
+        None if cold.mapped is None else torch.cat([torch.zeros_like(warm.users), cold.mapped], 1)
+    )
+    return Served(name, users, torch.cat([warm.items, cold.items], 1), mapped=mapped)

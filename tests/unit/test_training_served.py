@@ -131,6 +131,72 @@ def test_warm_and_cold_rows_concatenate_into_one_pair_of_tables() -> None:
     np.testing.assert_allclose(got.scorer()(np.arange(5)).numpy(), want.numpy(), atol=1e-6)
 
 
+def test_mapped_rows_are_the_users_without_their_target_history() -> None:
+    # columns [s0, s1 | t0, t1, t2]: the mapped row of every user is the row it would have
+    # with its target columns emptied, which is what a user known only from s0, s1 gets
+    x = interactions(
+        np.array([[0, 0], [0, 2], [0, 3], [1, 1], [1, 3], [1, 4], [2, 0], [2, 4], [3, 1]]), 4, 5
+    )
+    votes = x.multiply(np.array([[0.5, 0.5, 1.0, 1.0, 1.0]], dtype=np.float32)).tocsr()
+    sim = cosine_neighbours(x, 3, k=0)
+    f = factorise(itemknn_linear(votes, sim), 64)
+    source_only = votes.multiply(np.array([[1.0, 1.0, 0.0, 0.0, 0.0]], dtype=np.float32)).tocsr()
+    g = factorise(itemknn_linear(source_only, sim), 64)
+    assert f.mapped is not None
+    np.testing.assert_allclose(
+        (f.mapped @ f.items.T).numpy(), g.scorer()(np.arange(4)).numpy(), atol=1e-6
+    )
+    # u3 has no target history: its mapped row is its row
+    np.testing.assert_allclose(f.mapped[3].numpy(), f.users[3].numpy(), atol=1e-6)
+    # EASE on [source | target] with the left-out items' fill: the same rule
+    keep = ease_keep(x, max_items=4)
+    b = ease_solve(x[:, keep], 1.0)
+    lin = ease_linear(x, 3, b, keep)
+    e = factorise(lin, 64)
+    # the same solve and fill, the votes of the source columns only
+    e0 = factorise(dataclasses.replace(lin, votes=(x.multiply(source_only > 0))[:, keep]), 64)
+    assert e.mapped is not None
+    np.testing.assert_allclose(
+        (e.mapped @ e.items.T).numpy(), e0.scorer()(np.arange(4)).numpy(), atol=1e-5
+    )
+    # a target-only baseline leaves a user without target history nothing but the fill
+    xt = x[:, 2:]
+    t = factorise(itemknn_linear(xt, cosine_neighbours(xt, 3, k=0)), 64)
+    assert t.mapped is not None and not t.mapped.any()
+    # popularity does not depend on the history
+    pop = factorise(popularity_linear(xt), 64)
+    assert pop.mapped is not None and torch.equal(pop.mapped, pop.users)
+
+
+def test_blend_and_concatenation_carry_the_mapped_rows() -> None:
+    gen = torch.Generator().manual_seed(2)
+    items_m, items_b = torch.randn(9, 4, generator=gen), torch.randn(9, 3, generator=gen)
+    um, mm = torch.randn(6, 4, generator=gen), torch.randn(6, 4, generator=gen)
+    ub, mb = torch.randn(6, 3, generator=gen), torch.randn(6, 3, generator=gen)
+    model = Served("m", um, items_m, mapped=mm)
+    base = Served("b", ub, items_b, mapped=mb)
+    batch = np.arange(6)
+    got = blend_tables(model, base, 0.3)
+    # the mapped rows blend as the users would if these were their rows
+    as_users = blend_tables(Served("m", mm, items_m), Served("b", mb, items_b), 0.3)
+    assert got.mapped is not None
+    np.testing.assert_allclose(
+        (got.mapped @ got.items.T).numpy(), as_users.scorer()(batch).numpy(), atol=1e-5
+    )
+    assert blend_tables(model, Served("b", ub, items_b), 0.3).mapped is None
+    # warm users keep their own rows; every mapped row is served like a user without history
+    has_target = np.array([True, False, True, False, True, True])
+    joined = by_history_tables(has_target, Served("w", um, items_m, mapped=mm), base, "w+b")
+    assert joined.mapped is not None
+    np.testing.assert_allclose(
+        (joined.mapped @ joined.items.T).numpy(), (mb @ items_b.T).numpy(), atol=1e-5
+    )
+    cold = ~has_target
+    np.testing.assert_allclose(
+        joined.scorer()(np.flatnonzero(cold)).numpy(), (ub[cold] @ items_b.T).numpy(), atol=1e-5
+    )
+
+
 @pytest.fixture(scope="module")
 def split():  # type: ignore[no-untyped-def]
     data = make_synthetic(n_users=200, n_source_items=120, n_target_items=80, seed=3)
