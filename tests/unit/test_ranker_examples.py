@@ -14,11 +14,13 @@ from training.data.splits import make_split
 from training.data.synthetic import make_synthetic
 from training.ranker import (
     _Published,
+    _with_or_without_cold,
     compare_precisions,
     compute_neighbours,
     evaluate_orders,
     int8_ranker,
     ranker_examples,
+    selection_ndcg,
     train_ranker,
 )
 
@@ -162,3 +164,21 @@ def test_int8_ranker_is_compared_with_fp32_on_the_same_candidates(examples, tmp_
 def test_orders_of_no_users_count_zero_users() -> None:
     # a job without cold-start users (single domain) has no cold selection users
     assert evaluate_orders(None, [])["users"] == 0
+
+
+def test_validation_decides_whether_simulated_cold_users_train_the_ranker(examples) -> None:
+    _, sets = examples
+    assert sets["train_cold"]
+    model, info = _with_or_without_cold(sets, seed=0)
+    scores = info["simulated_cold"]["selection_ndcg@10"]
+    assert set(scores) == {"with", "without"}
+    used = "with" if info["simulated_cold"]["used"] else "without"
+    assert scores[used] == max(scores.values())
+    assert selection_ndcg(model, sets) == pytest.approx(scores[used])
+    # without simulated users there is nothing to choose
+    _, alone = _with_or_without_cold(sets | {"train_cold": []}, seed=0)
+    assert alone["simulated_cold"] == {
+        "used": False,
+        "selection_ndcg@10": {"without": pytest.approx(scores["without"])},
+        "examples": 0,
+    }
