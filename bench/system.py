@@ -7,7 +7,7 @@ retrieval depth beside the retrieval model's own full-catalogue recall at the sa
 Each (pair, seed) trains once (``python -m training train``, cold share 0.2, publishing into a
 repository of its own), then answers sampled test users three times. The validation items of a
 user are left out of every answer (as the quality benchmark's full ranking does); the split is
-the one training saved. Results go to bench/results/system.{json,md}; pairs not rerun are kept. With --work, each
+the one training saved (``--users=0``: every test user of both segments). Results go to bench/results/system.{json,md}; pairs not rerun are kept. With --work, each
 (pair, seed) keeps its training run and its measurement (measured-<users>.json), both reused.
 
     python -m bench.system [--pairs=amazon_movies_to_books,sport_to_cloth] [--seeds=0,1,2]
@@ -132,7 +132,7 @@ async def evaluate(
     for segment in ("warm", "cold"):
         users = sorted(u for u in test if (u in cold_set) == (segment == "cold"))
         users = [u for u in users if split.users[u] in index.user_rows]
-        if len(users) > users_per_segment:
+        if 0 < users_per_segment < len(users):
             users = sorted(rng.choice(users, users_per_segment, replace=False).tolist())
         sums = {f"{o}_{m}": 0.0 for o in ORDERS for m in ("ndcg@10", "recall@10")}
         sums |= {"candidate_recall": 0.0, "ann_recall_at_depth": 0.0}
@@ -243,7 +243,8 @@ def markdown(results: dict[str, Any]) -> str:
         "index the services load), test split, cold share 0.2, full-catalogue metrics at 10 "
         "(every item the system can return competes; validation items left out). "
         f"Depth: {results['depth']} candidates (500 personal/item-to-item + 50 popular). "
-        "Mean ± sd over the seeds listed; users sampled per segment.",
+        "Mean ± sd over the seeds listed; the users column: test users per segment (every "
+        "test user the model serves, or a sample of that many).",
         "",
         "| pair | users | seeds | (a) retrieval NDCG@10 | (b) dot NDCG@10 | (c) learned NDCG@10 "
         "| (c)/max(a,b) | quality best NDCG@10 | (c)/quality best | (a) R@10 | (b) R@10 | (c) R@10 "
@@ -324,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.system", description=__doc__)
     parser.add_argument("--pairs", default=",".join(DEFAULT_PAIRS))
     parser.add_argument("--seeds", default="0")
-    parser.add_argument("--users", type=int, default=500, help="test users per segment")
+    parser.add_argument(
+        "--users", type=int, default=500, help="test users per segment (0: every one)"
+    )
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--work", type=Path, default=None, help="keep runs here (reused)")
     parser.add_argument(
