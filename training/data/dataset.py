@@ -1368,11 +1368,16 @@ BUILTIN = {
 
 
 def load_dataset(path: Path) -> Dataset:
-    """Load the data set in folder ``path`` (a built-in layout or one with ``dataset.toml``)."""
+    """Load the data set in folder ``path``: a prepared folder (``prepared.json``, see
+    training/data/prepared.py), one with ``dataset.toml``, or a built-in layout."""
     path = Path(path)
     if not path.is_dir():
         raise DataError(f"missing data set folder: expected {path}")
-    if (path / "dataset.toml").is_file():
+    from training.data import prepared  # it imports this module
+
+    if prepared.is_prepared(path):
+        ds = prepared.load_prepared(path)
+    elif (path / "dataset.toml").is_file():
         ds = load_declared(path)
     elif path.name in BUILTIN:
         ds = BUILTIN[path.name](path)
