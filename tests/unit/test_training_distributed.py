@@ -4,6 +4,8 @@ loads to the same data set as the raw files, bad input is refused naming the fil
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -193,3 +195,12 @@ def test_cli_prepares_and_refuses_bad_input_with_exit_2(
     assert main([*argv[:-1], str(tmp_path / "other")]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"error: {raw / 'films.csv'}: the distributed path reads Parquet")
+
+
+def test_training_imports_no_ray_until_the_distributed_path_runs() -> None:
+    code = (
+        "import sys, training.cli, training.run, training.data.dataset, training.data.prepared, "
+        "training.data.distributed; print('ray' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
