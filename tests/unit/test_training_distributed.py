@@ -204,3 +204,10 @@ def test_training_imports_no_ray_until_the_distributed_path_runs() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_cli_refuses_a_local_ray_without_cpus(
+    local_ray: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["prepare", "--dataset", "x", "--out", "y", "--num-cpus", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --num-cpus must be at least 1, got 0"

@@ -23,8 +23,9 @@ The one global step is the vocabulary: the sorted distinct users (over all domai
 through the object store. Its memory grows with the number of distinct ids (their length plus 4
 bytes each, held once on the driver and once per node's object store), not with the rows; the
 per-row work grows with the rows and spreads over the cluster, a partition at a time per task
-(about 20 bytes per row of the partition). The output folder must be one every task can write,
-a shared file system on a cluster.
+(about 20 bytes per row of the partition). The input and output folders must be reachable under
+the same path from every node (a shared file system on a cluster), and every node needs this
+package installed (the tasks are its functions).
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ def _ray() -> Any:
 def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Join the Ray cluster at ``address``, or start a local one (``num_cpus``: all by default);
     nothing when this process is connected already. True when this call connected."""
+    if num_cpus is not None and num_cpus < 1:
+        raise TrainingError(f"--num-cpus must be at least 1, got {num_cpus}")
     ray = _ray()
     if ray.is_initialized():
         return False
