@@ -67,7 +67,8 @@ def size_name(n: int) -> str:
 
 def _tree_memory(stop: threading.Event, peak: list[float]) -> None:
     """Until ``stop``: the peak over samples of the PSS (RSS where PSS is not given) summed over
-    this process and all its descendants, in MiB, into ``peak[0]``, their count into ``peak[1]``."""
+    this process and all its descendants, in MiB, into ``peak[0]``, their count into ``peak[1]``,
+    this process's own peak PSS into ``peak[2]``."""
     import psutil
 
     me = psutil.Process()
@@ -78,8 +79,11 @@ def _tree_memory(stop: threading.Event, peak: list[float]) -> None:
                 info = proc.memory_full_info()
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
-            total += getattr(info, "pss", info.rss)
+            size = getattr(info, "pss", info.rss)
+            total += size
             count += 1
+            if proc is me:
+                peak[2] = max(peak[2], size / 2**20)
         peak[0] = max(peak[0], total / 2**20)
         peak[1] = max(peak[1], count)
         stop.wait(0.2)
@@ -92,7 +96,7 @@ def _prepare_ray(data: Path, out: Path, cpus: int) -> dict[str, Any]:
 
     target = data.with_name(data.name + "-prepared")
     shutil.rmtree(target, ignore_errors=True)
-    stop, peak = threading.Event(), [0.0, 0.0]
+    stop, peak = threading.Event(), [0.0, 0.0, 0.0]
     sampler = threading.Thread(target=_tree_memory, args=(stop, peak), daemon=True)
     sampler.start()
     t0 = time.perf_counter()
@@ -119,6 +123,7 @@ def _prepare_ray(data: Path, out: Path, cpus: int) -> dict[str, Any]:
         "partitions": manifest["partitions"],
         "peak_tree_mb": peak[0],
         "processes": int(peak[1]),
+        "driver_peak_mb": peak[2],
         "load_prepared_s": load_s,
         "loaded_pairs": sum(len(d) for d in ds.domains.values()),
     }
@@ -325,9 +330,9 @@ def markdown(result: dict[str, Any]) -> str:
             notes.append(
                 f"Ray Data on {r['ray_cpus']} CPU{'s' if r['ray_cpus'] > 1 else ''} (+{r['ray_init_s']:.1f} s to start Ray), "
                 f"{r['partitions']} user partitions, {r['unique_pairs']:,} unique pairs; memory: "
-                f"driver + {r['processes'] - 1} Ray processes (PSS sum), driver alone "
-                f"{r['driver_rss_mb']:,.0f} MiB; loading the prepared folder "
-                f"{r['load_prepared_s']:.1f} s"
+                f"driver + {r['processes'] - 1} Ray processes (PSS sum), the driver alone "
+                f"{r['driver_peak_mb']:,.0f} MiB; loading the prepared folder back "
+                f"{r['load_prepared_s']:.1f} s (peak RSS {r['driver_rss_mb']:,.0f} MiB)"
             )
         t = r.get("stage_s")
         rate = r.get("rows_per_s")
