@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	scripts/setup-venv.sh $(PYTHON) $(VENV)
 	@touch $@
 
-setup: $(STAMP) ## create the virtualenv: the project with the train and dev extras, pinned
+setup: $(STAMP) ## create the virtualenv: the project with the train, dev and distributed extras, pinned
 
 tools: ## install the system tools the tests use (Prometheus server and promtool)
 	scripts/install-tools.sh

@@ -11,13 +11,18 @@ process (``ru_maxrss`` from ``wait4``):
   pairs (a target-only model), configured by ``Config`` defaults and ``--set key=value``
   overrides; ``--train-pairs`` caps the pairs of the epoch (fewer steps, said in the table).
   Validation is not part of the timed epoch (the stage's validator is a constant).
+* ``prepare-ray``: ``training.data.distributed.prepare`` on a local Ray instance of
+  ``--ray-cpus`` CPUs (default 2) writes the prepared folder (codes partitioned by user); its
+  memory is the peak of the sum of the proportional set sizes (PSS: shared object-store pages
+  counted once) of the driver and every Ray process under it, sampled every 0.2 s with psutil;
+  the time of loading the prepared folder back (``load_dataset``) is in the notes.
 
 Data goes to ``--work-dir`` (default /tmp/recsys-scale), one folder per size, removed after
 the size's stages unless ``--keep``. Results merge into bench/results/scale.json and scale.md
 (a size run again replaces its rows), with how time and memory grow between sizes.
 
     python -m bench.scale [--sizes 1M,10M,100M] [--stages generate,load,split,train-epoch]
-        [--set loss=bpr] [--train-pairs 100M=2000000] [--work-dir DIR] [--keep]
+        [--set loss=bpr] [--train-pairs 100M=2000000] [--ray-cpus 2] [--work-dir DIR] [--keep]
 """
 
 from __future__ import annotations
@@ -31,13 +36,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-STAGES = ("generate", "load", "split", "train-epoch")
+STAGES = ("generate", "load", "split", "train-epoch", "prepare-ray")
+DEFAULT_STAGES = STAGES[:4]  # prepare-ray (the distributed extra) when asked for
 SUFFIX = {"k": 10**3, "M": 10**6, "G": 10**9}
 
 
@@ -58,13 +65,84 @@ def size_name(n: int) -> str:
 # ----------------------------------------------------------------------------- in the child
 
 
-def _child(stage: str, data: Path, out: Path, overrides: list[str], train_pairs: int) -> None:
+def _tree_memory(stop: threading.Event, peak: list[float]) -> None:
+    """Until ``stop``: the peak over samples of the PSS (RSS where PSS is not given) summed over
+    this process and all its descendants, in MiB, into ``peak[0]``, their count into ``peak[1]``,
+    this process's own peak PSS into ``peak[2]``."""
+    import psutil
+
+    me = psutil.Process()
+    while not stop.is_set():
+        total, count = 0, 0
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                info = proc.memory_full_info()
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+            size = getattr(info, "pss", info.rss)
+            total += size
+            count += 1
+            if proc is me:
+                peak[2] = max(peak[2], size / 2**20)
+        peak[0] = max(peak[0], total / 2**20)
+        peak[1] = max(peak[1], count)
+        stop.wait(0.2)
+
+
+def _prepare_ray(data: Path, out: Path, cpus: int) -> dict[str, Any]:
+    """The prepare-ray stage: a local Ray instance, the prepared folder, loading it back."""
+    from training.data import distributed
+    from training.data.dataset import load_dataset
+
+    target = data.with_name(data.name + "-prepared")
+    shutil.rmtree(target, ignore_errors=True)
+    stop, peak = threading.Event(), [0.0, 0.0, 0.0]
+    sampler = threading.Thread(target=_tree_memory, args=(stop, peak), daemon=True)
+    sampler.start()
+    t0 = time.perf_counter()
+    distributed.connect(num_cpus=cpus)
+    init_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    manifest = distributed.prepare(data, target)
+    stage_s = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
+    distributed.disconnect()
+    t0 = time.perf_counter()
+    ds = load_dataset(target)
+    load_s = time.perf_counter() - t0
+    stats = [d["stats"] for d in manifest["domains"].values()]
+    report = {
+        "stage_s": stage_s,
+        "ray_init_s": init_s,
+        "ray_cpus": cpus,
+        "rows": sum(s["rows"] for s in stats),
+        "unique_pairs": sum(s["unique_pairs"] for s in stats),
+        "stage_rows": sum(s["rows"] for s in stats),
+        "users": manifest["users"],
+        "partitions": manifest["partitions"],
+        "peak_tree_mb": peak[0],
+        "processes": int(peak[1]),
+        "driver_peak_mb": peak[2],
+        "load_prepared_s": load_s,
+        "loaded_pairs": sum(len(d) for d in ds.domains.values()),
+    }
+    shutil.rmtree(target, ignore_errors=True)
+    return report
+
+
+def _child(
+    stage: str, data: Path, out: Path, overrides: list[str], train_pairs: int, cpus: int = 2
+) -> None:
     """One stage, in this process; writes what it measured to ``out`` (JSON)."""
     import logging
 
     import numpy as np
 
     logging.basicConfig(level=logging.WARNING)
+    if stage == "prepare-ray":
+        out.write_text(json.dumps(_prepare_ray(data, out, cpus)))
+        return
     from training.data.dataset import load_dataset
     from training.data.splits import make_split
 
@@ -149,6 +227,7 @@ def run_size(
     overrides: list[str],
     train_pairs: int,
     items_ratio: float,
+    ray_cpus: int = 2,
 ) -> list[dict[str, Any]]:
     data = work / size_name(n)
     items = max(2, int(n * items_ratio))
@@ -167,11 +246,13 @@ def run_size(
             out = work / f"{size_name(n)}-{stage}.json"
             cmd = [sys.executable, "-m", "bench.scale", "--child", stage, "--data", str(data)]
             cmd += ["--child-out", str(out), "--train-pairs", str(train_pairs)]
-            cmd += [f"--set={o}" for o in overrides]
+            cmd += [f"--set={o}" for o in overrides] + ["--ray-cpus", str(ray_cpus)]
             rc, wall, rss = _run(cmd, log)
             if rc == 0:
                 row |= json.loads(out.read_text())
         row |= {"rc": rc, "process_s": wall, "peak_rss_mb": rss}
+        if "peak_tree_mb" in row:  # the driver and its Ray processes together
+            row |= {"driver_rss_mb": rss, "peak_rss_mb": row["peak_tree_mb"]}
         if rc != 0:
             tail = log.read_text()[-2000:]
             row["error"] = tail.strip().splitlines()[-1] if tail.strip() else f"exit {rc}"
@@ -218,7 +299,8 @@ def markdown(result: dict[str, Any]) -> str:
         "every stage in its own process. Time: the stage itself (generate: the whole process); "
         "rows/s over the stage's rows (generate and load: rows read or written; split: unique "
         "pairs; train-epoch: training pairs of the epoch); memory: peak RSS of the stage's "
-        "process (split and train-epoch include loading; train-epoch includes the split).",
+        "process (split and train-epoch include loading; train-epoch includes the split; "
+        "prepare-ray: the driver and its Ray processes together, see the notes).",
         "",
         f"Machine: {result['machine']}. Train-epoch configuration: "
         f"`{' '.join(result['overrides']) or 'Config defaults'}`.",
@@ -243,6 +325,14 @@ def markdown(result: dict[str, Any]) -> str:
             part = "" if r["epoch_pairs"] == r["train_pairs"] else " (capped: fewer steps)"
             notes.append(
                 f"loss {r['loss']}, {r['epoch_pairs']:,} of {r['train_pairs']:,} pairs{part}"
+            )
+        if r["stage"] == "prepare-ray" and r.get("partitions"):
+            notes.append(
+                f"Ray Data on {r['ray_cpus']} CPU{'s' if r['ray_cpus'] > 1 else ''} (+{r['ray_init_s']:.1f} s to start Ray), "
+                f"{r['partitions']} user partitions, {r['unique_pairs']:,} unique pairs; memory: "
+                f"driver + {r['processes'] - 1} Ray processes (PSS sum), the driver alone "
+                f"{r['driver_peak_mb']:,.0f} MiB; loading the prepared folder back "
+                f"{r['load_prepared_s']:.1f} s (peak RSS {r['driver_rss_mb']:,.0f} MiB)"
             )
         t = r.get("stage_s")
         rate = r.get("rows_per_s")
@@ -272,7 +362,11 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="1M,10M,100M", help="interactions per size, e.g. 1M,10M")
-    p.add_argument("--stages", default=",".join(STAGES), help=f"any of {', '.join(STAGES)}")
+    p.add_argument(
+        "--stages",
+        default=",".join(DEFAULT_STAGES),
+        help=f"any of {', '.join(STAGES)} (default: all but prepare-ray)",
+    )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument(
         "--train-pairs",
@@ -280,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         help="cap of the train-epoch pairs, for all sizes (N) or per size (100M=2M,...)",
     )
     p.add_argument("--items-ratio", type=float, default=0.1, help="items per interaction")
+    p.add_argument("--ray-cpus", type=int, default=2, help="CPUs of prepare-ray's Ray instance")
     p.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "recsys-scale")
     p.add_argument("--keep", action="store_true", help="keep the generated data")
     p.add_argument("--results", type=Path, default=RESULTS)
@@ -293,7 +388,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        _child(args.child, args.data, args.child_out, args.overrides, int(args.train_pairs or 0))
+        _child(
+            args.child,
+            args.data,
+            args.child_out,
+            args.overrides,
+            int(args.train_pairs or 0),
+            args.ray_cpus,
+        )
         return 0
     try:
         sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
@@ -315,7 +417,15 @@ def main(argv: list[str] | None = None) -> int:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     for n in sizes:
-        rows += run_size(n, stages, args.work_dir, args.overrides, caps.get(n, 0), args.items_ratio)
+        rows += run_size(
+            n,
+            stages,
+            args.work_dir,
+            args.overrides,
+            caps.get(n, 0),
+            args.items_ratio,
+            args.ray_cpus,
+        )
         if not args.keep and "generate" in stages:
             shutil.rmtree(args.work_dir / size_name(n), ignore_errors=True)
     for other in args.merge:  # rows of another run (its own --results), taken as they are

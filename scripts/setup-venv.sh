@@ -6,4 +6,4 @@ python=${1:-python3}
 venv=${2:-.venv}
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet --upgrade pip
-"$venv/bin/python" -m pip install --quiet -c constraints.txt -e '.[train,dev]'
+"$venv/bin/python" -m pip install --quiet -c constraints.txt -e '.[train,dev,distributed]'

@@ -5,6 +5,7 @@ Subcommands:
   export    publish a run's checkpoint (it carries its config) to a model repository
   report    print the evaluation table of a run directory
   download  fetch MovieLens from GroupLens and verify its published MD5 (and a given SHA-256)
+  prepare   map ids to codes and partition a Parquet data set by user on Ray Data (distributed)
 
 Exit codes: 0 success, 2 bad usage, configuration or data (one line on stderr naming the file,
 line or field).
@@ -114,6 +115,27 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("name", choices=["ml-100k", "ml-1m"])
     d.add_argument("--dest", type=Path, required=True)
     d.add_argument("--sha256", help="also require this SHA-256 of the archive")
+    pr = sub.add_parser(
+        "prepare",
+        parents=[common],
+        help="map ids to codes and partition a Parquet data set by user (Ray Data)",
+        description="Read a dataset.toml data set of Parquet files on Ray Data, de-duplicate it, "
+        "map its ids to codes and write a prepared folder (per-domain Parquet partitions by "
+        "user, the vocabularies, prepared.json) that --dataset and load_dataset read.",
+    )
+    pr.add_argument("--engine", choices=["ray"], default="ray", help="the engine (default: ray)")
+    pr.add_argument("--dataset", type=Path, required=True, help="the data set folder to read")
+    pr.add_argument("--out", type=Path, required=True, help="the new prepared folder to write")
+    pr.add_argument(
+        "--address", help="a running Ray cluster to use (default: start a local Ray instance)"
+    )
+    pr.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
+    pr.add_argument(
+        "--partitions", type=int, default=0, help="user partitions (default: one per 4 M rows)"
+    )
+    pr.add_argument(
+        "--rating-threshold", type=float, help="keep ratings >= this only (default: keep all)"
+    )
     return p
 
 
@@ -209,6 +231,28 @@ def _main(argv: list[str] | None) -> int:
 
             out = download_movielens(args.name, args.dest, expected_sha256=args.sha256)
             print(f"Downloaded and verified {args.name} into {out}")
+            return 0
+        if args.command == "prepare":
+            from training.data import distributed
+
+            started = distributed.connect(args.address, args.num_cpus)
+            try:
+                manifest = distributed.prepare(
+                    args.dataset, args.out, args.partitions, args.rating_threshold
+                )
+            finally:
+                if started:
+                    distributed.disconnect()
+            for name, info in manifest["domains"].items():
+                s = info["stats"]
+                print(
+                    f"{name}: {s['rows']:,} rows, {s['unique_pairs']:,} unique pairs, "
+                    f"{info['items']:,} items, {len(info['files'])} partitions"
+                )
+            print(
+                f"Prepared {manifest['dataset']} ({manifest['users']:,} users) into {args.out} "
+                f"in {manifest['seconds']:.1f}s on Ray {manifest['engine_version']}"
+            )
             return 0
     except TrainingError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -16,7 +16,7 @@ from tests.k8s.k8s_utils import REPO_ROOT
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 SERVICES = ["serving.ranking", "serving.retrieval", "gateway"]
-TRAINING_ONLY = ["torch", "matplotlib", "tqdm", "onnx"]
+TRAINING_ONLY = ["torch", "matplotlib", "tqdm", "onnx", "ray"]
 WHEELHOUSE = REPO_ROOT / "wheelhouse"
 
 

@@ -303,13 +303,13 @@ def _int(value: str, path: Path, lineno: int, what: str) -> int:
         raise DataError(f"{path}:{lineno}: {what} is not an integer: {value!r}") from None
 
 
-def deduplicate(domain: DomainData) -> DomainData:
-    """Keep the last row of every (user, item) pair; record how many rows went and conflicted.
-
-    Vectorised over the int32 codes: one stable sort of the int64 pair keys.
-    """
-    n = len(domain)
-    pairs = domain.user_codes.astype(np.int64) * max(1, len(domain.item_vocab)) + domain.item_codes
+def last_of_pairs(
+    user_codes: np.ndarray, item_codes: np.ndarray, n_items: int, ratings: np.ndarray | None
+) -> tuple[np.ndarray, int]:
+    """The rows to keep so that every (user, item) pair has one, its last (sorted row indices),
+    and how many pairs had conflicting ratings. One stable radix sort of the int64 pair keys."""
+    n = int(user_codes.shape[0])
+    pairs = user_codes.astype(np.int64) * max(1, n_items) + item_codes
     order, sp = _radix(pairs)
     del pairs
     starts = np.flatnonzero(np.r_[True, sp[1:] != sp[:-1]]) if n else np.zeros(0, np.int64)
@@ -317,14 +317,24 @@ def deduplicate(domain: DomainData) -> DomainData:
     # the last row of each group of equal keys (the sort is stable: original order within a group)
     last = np.r_[starts[1:] - 1, n - 1] if n else starts
     conflicting = 0
-    if domain.ratings is not None and starts.size < n:
-        sr = domain.ratings[order]
+    if ratings is not None and starts.size < n:
+        sr = ratings[order]
         mins = np.minimum.reduceat(sr, starts)
         maxs = np.maximum.reduceat(sr, starts)
         conflicting = int((mins != maxs).sum())
         del sr
-    keep = np.sort(order[last])
-    del order
+    return np.sort(order[last]), conflicting
+
+
+def deduplicate(domain: DomainData) -> DomainData:
+    """Keep the last row of every (user, item) pair; record how many rows went and conflicted.
+
+    Vectorised over the int32 codes: one stable sort of the int64 pair keys.
+    """
+    n = len(domain)
+    keep, conflicting = last_of_pairs(
+        domain.user_codes, domain.item_codes, len(domain.item_vocab), domain.ratings
+    )
     stats = dict(
         domain.stats,
         rows=n,
@@ -1233,9 +1243,25 @@ def _check_keys(
             raise DataError(f"{where}: {name} must be {what}, got {type(value).__name__} {value!r}")
 
 
-def _declared_domain(
-    path: Path, decl_file: Path, name: str, spec: dict[str, object]
-) -> tuple[DomainData, list[Path]]:
+@dataclass
+class DomainSpec:
+    """One ``[domains.<name>]`` table of a dataset.toml, checked: what to read and how."""
+
+    name: str
+    columns: dict[str, Column | None]  # role (user, item, rating, timestamp) -> column
+    header: bool
+    delimiter: str | None
+    fmt: str | None
+    parts: list[tuple[Path, int | None]]  # (file, its given split code or None)
+    titles: Path | None
+    title_item: str  # the item column of the titles file
+
+    def batches(self, path: Path) -> Batches:
+        """The cleaned batches of one of the parts' files."""
+        return table_batches(path, self.columns, self.header, self.delimiter, self.fmt)
+
+
+def _domain_spec(path: Path, decl_file: Path, name: str, spec: dict[str, object]) -> DomainSpec:
     where = f"domains.{name}."
     _check_keys(decl_file, f"domains.{name}", spec, DOMAIN_KEYS)
     header = bool(spec.get("header", True))
@@ -1273,38 +1299,34 @@ def _declared_domain(
         raise DataError(
             f"{decl_file}: {where}format must be one of {', '.join(FORMATS)}, got {fmt!r}"
         )
-    parts = [("file", None)] if "file" in spec else [(k, c) for k, c in SPLIT_FILES if k in spec]
-    sources: list[tuple[Batches, int | None]] = []
-    files = []
-    for key, code in parts:
-        f = path / str(spec[key])
-        files.append(f)
-        sources.append(
-            (
-                table_batches(
-                    f,
-                    columns,
-                    header,
-                    None if delimiter is None else str(delimiter),
-                    None if fmt is None else str(fmt),
-                ),
-                code,
-            )
-        )
-    titles: dict[str, str] = {}
-    if "titles" in spec:
-        tf = path / str(spec["titles"])
-        item_col = columns["item"] if isinstance(columns["item"], str) else "item_id"
-        titles = read_titles(tf, item_col)
+    keys = [("file", None)] if "file" in spec else [(k, c) for k, c in SPLIT_FILES if k in spec]
+    return DomainSpec(
+        name=name,
+        columns=columns,
+        header=header,
+        delimiter=None if delimiter is None else str(delimiter),
+        fmt=None if fmt is None else str(fmt),
+        parts=[(path / str(spec[key]), code) for key, code in keys],
+        titles=path / str(spec["titles"]) if "titles" in spec else None,
+        title_item=columns["item"] if isinstance(columns["item"], str) else "item_id",
+    )
+
+
+def _declared_domain(spec: DomainSpec) -> DomainData:
+    sources: list[tuple[Batches, int | None]] = [(spec.batches(f), c) for f, c in spec.parts]
+    titles = read_titles(spec.titles, spec.title_item) if spec.titles is not None else {}
     encoded = _encode(
-        name, sources, columns["rating"] is not None, columns["timestamp"] is not None
+        spec.name,
+        sources,
+        spec.columns["rating"] is not None,
+        spec.columns["timestamp"] is not None,
     )
     encoded.titles = titles
-    domain = deduplicate(encoded)
-    return domain, files
+    return deduplicate(encoded)
 
 
-def load_declared(path: Path) -> Dataset:
+def declared_specs(path: Path) -> tuple[str, list[DomainSpec]]:
+    """The name and the checked domain tables of the ``dataset.toml`` in folder ``path``."""
     decl_file = path / "dataset.toml"
     try:
         decl = tomllib.loads(decl_file.read_text(encoding="utf-8"))
@@ -1316,17 +1338,22 @@ def load_declared(path: Path) -> Dataset:
     specs = decl.get("domains")
     if not isinstance(specs, dict) or not specs:
         raise DataError(f"{decl_file}: expected at least one [domains.<name>] table")
-    domains = {}
-    files: list[Path] = []
+    out = []
     for name, spec in specs.items():
         if not isinstance(spec, dict):
             raise DataError(
                 f"{decl_file}: domains.{name} must be a table ([domains.{name}] with file = ...), "
                 f"got {type(spec).__name__} {spec!r}"
             )
-        domains[name], used = _declared_domain(path, decl_file, name, spec)
-        files += used
-    return Dataset(str(decl.get("name", path.name)), path, domains, _fingerprint(files))
+        out.append(_domain_spec(path, decl_file, name, spec))
+    return str(decl.get("name", path.name)), out
+
+
+def load_declared(path: Path) -> Dataset:
+    name, specs = declared_specs(path)
+    domains = {spec.name: _declared_domain(spec) for spec in specs}
+    files = [f for spec in specs for f, _ in spec.parts]
+    return Dataset(name, path, domains, _fingerprint(files))
 
 
 BUILTIN = {
@@ -1341,11 +1368,16 @@ BUILTIN = {
 
 
 def load_dataset(path: Path) -> Dataset:
-    """Load the data set in folder ``path`` (a built-in layout or one with ``dataset.toml``)."""
+    """Load the data set in folder ``path``: a prepared folder (``prepared.json``, see
+    training/data/prepared.py), one with ``dataset.toml``, or a built-in layout."""
     path = Path(path)
     if not path.is_dir():
         raise DataError(f"missing data set folder: expected {path}")
-    if (path / "dataset.toml").is_file():
+    from training.data import prepared  # it imports this module
+
+    if prepared.is_prepared(path):
+        ds = prepared.load_prepared(path)
+    elif (path / "dataset.toml").is_file():
         ds = load_declared(path)
     elif path.name in BUILTIN:
         ds = BUILTIN[path.name](path)

@@ -1,0 +1,476 @@
+"""Preparing a data set on Ray Data: Parquet interactions in, a prepared folder out.
+
+``prepare`` reads every domain of a ``dataset.toml`` data set whose files are Parquet (a file, or
+a folder of files), cleans and checks the ids as the single-machine loader does, maps them to
+int32 codes, removes duplicate (user, item) rows (the last one kept, the same rule and counts as
+``dataset.deduplicate``), applies an optional rating threshold and writes the layout of
+training/data/prepared.py, partitioned by user code range. ``load_dataset`` reads the result.
+
+What runs where:
+
+* **Driver**, metadata only: the declaration, the Parquet footers (one work item per row group,
+  numbered in input order), the input's fingerprint, the vocabularies, the manifest.
+* **Ray tasks**, one per row group: reading, cleaning and checking (pass 1, which returns the
+  row group's distinct users and items, or the error that names the file and row), then reading
+  again and looking each id up in the vocabularies (pass 2, int32 codes plus the row's position
+  and its user partition).
+* **Ray shuffle** (``groupby("part").map_groups``, sort-based): every partition's rows meet in one
+  task, which de-duplicates them (the last row of a pair in input order wins), applies the
+  threshold and writes ``part-p.parquet``; it returns only its counts.
+
+The one global step is the vocabulary: the sorted distinct users (over all domains) and items
+(per domain) are merged on the driver from the per-row-group uniques and then sent to the tasks
+through the object store. Its memory grows with the number of distinct ids (their length plus 4
+bytes each, held once on the driver and once per node's object store), not with the rows; the
+per-row work grows with the rows and spreads over the cluster, a partition at a time per task
+(about 20 bytes per row of the partition). The input and output folders must be reachable under
+the same path from every node (a shared file system on a cluster), and every node needs this
+package installed (the tasks are its functions).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from training.data import prepared as layout
+from training.data.dataset import (
+    BATCH_ROWS,
+    ENCODE_CHUNK_ROWS,
+    TRAIN,
+    DomainSpec,
+    _clean_parquet_batch,
+    _fingerprint,
+    declared_specs,
+    file_format,
+    last_of_pairs,
+    read_titles,
+    sorted_unique,
+)
+from training.errors import DataError, TrainingError
+
+logger = logging.getLogger(__name__)
+
+ROWS_PER_PART = 1 << 22  # the default partition size: rows of the largest domain per partition
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a domain name usable as a folder name
+_USER, _ITEM, _ERROR = 0, 1, 2  # the roles of pass 1's output rows
+
+
+def _ray() -> Any:
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise TrainingError(
+            "the distributed path needs Ray Data: pip install 'recsys-transfer[distributed]' "
+            "(or '.[distributed]' in a checkout)"
+        ) from None
+    return ray
+
+
+def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Join the Ray cluster at ``address``, or start a local one (``num_cpus``: all by default);
+    nothing when this process is connected already. True when this call connected."""
+    if num_cpus is not None and num_cpus < 1:
+        raise TrainingError(f"--num-cpus must be at least 1, got {num_cpus}")
+    ray = _ray()
+    if ray.is_initialized():
+        return False
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = f"--address {address}" if address else "a local Ray instance"
+        raise TrainingError(f"{where}: cannot start or reach Ray ({exc})") from None
+    return True
+
+
+def disconnect() -> None:
+    _ray().shutdown()
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def _columns(spec: DomainSpec) -> dict[str, str]:
+    return {role: str(col) for role, col in spec.columns.items() if col is not None}
+
+
+def _plan(specs: list[DomainSpec], decl: Path) -> tuple[list[list[dict[str, Any]]], list[int]]:
+    """Every domain's work items, one per non-empty row group (file, row group, its first row in
+    the file and in the domain), and every domain's number of rows. Reads footers only."""
+    plans: list[list[dict[str, Any]]] = []
+    totals = []
+    index = 0
+    for d, spec in enumerate(specs):
+        if not _NAME.fullmatch(spec.name):
+            raise DataError(
+                f"{decl}: domain {spec.name!r}: a prepared data set names a folder after each "
+                "domain; use letters, digits, '.', '_' and '-'"
+            )
+        items: list[dict[str, Any]] = []
+        row = 0
+        for part, code in spec.parts:
+            if file_format(part, spec.fmt) != "parquet":
+                raise DataError(
+                    f"{part}: the distributed path reads Parquet (a file or a folder of files); "
+                    "convert it, or load the data set on one machine"
+                )
+            spec.batches(part)  # checks the file exists and its columns and their types
+            for file in pads.dataset(part, format="parquet").files:
+                try:
+                    meta = pq.ParquetFile(file).metadata
+                except (pa.ArrowInvalid, OSError) as exc:
+                    raise DataError(f"{file}: not a Parquet file ({exc})") from None
+                file_row = 0
+                for rg in range(meta.num_row_groups):
+                    n = meta.row_group(rg).num_rows
+                    if n:
+                        items.append(
+                            {
+                                "index": index,
+                                "domain": d,
+                                "file": file,
+                                "row_group": rg,
+                                "file_row": file_row,
+                                "row": row,
+                                "split": TRAIN if code is None else code,
+                            }
+                        )
+                        index += 1
+                    file_row += n
+                    row += n
+        plans.append(items)
+        totals.append(row)
+    return plans, totals
+
+
+# ----------------------------------------------------------------------------- in the tasks
+
+
+def _read(item: dict[str, Any], cols: dict[str, str]) -> pa.Table:
+    """One row group, cleaned and checked as the single-machine loader does (DataError naming
+    the file and row); columns user, item, [rating, timestamp]."""
+    file = Path(item["file"])
+    try:
+        table = pq.ParquetFile(file).read_row_group(
+            item["row_group"], columns=sorted(set(cols.values()))
+        )
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(
+            f"{file}: unreadable Parquet row group {item['row_group']} ({exc})"
+        ) from None
+    at = item["file_row"]
+    out = []
+    for b in table.to_batches(max_chunksize=BATCH_ROWS):
+        out.append(_clean_parquet_batch(file, b, cols, at))
+        at += b.num_rows
+    return pa.Table.from_batches(out)
+
+
+def _uniques(batch: pa.Table, cols: list[dict[str, str]]) -> pa.Table:
+    """Pass 1: the distinct users and items of each work item, or its error."""
+    parts = []
+    for item in batch.to_pylist():
+        d = item["domain"]
+        try:
+            table = _read(item, cols[d])
+        except DataError as exc:
+            values, roles = pa.array([str(exc)]), np.array([_ERROR], np.int8)
+        else:
+            u, i = (pc.unique(table.column(c)) for c in ("user", "item"))
+            values = pa.concat_arrays([u, i])
+            roles = np.r_[np.full(len(u), _USER, np.int8), np.full(len(i), _ITEM, np.int8)]
+        parts.append(
+            pa.table(
+                {
+                    "index": np.full(len(values), item["index"], np.int64),
+                    "domain": np.full(len(values), d, np.int32),
+                    "role": roles,
+                    "value": values,
+                }
+            )
+        )
+    return pa.concat_tables(parts)
+
+
+def _codes(ids: pa.ChunkedArray, vocab: pa.Array, file: str) -> np.ndarray:
+    codes = pc.index_in(ids, value_set=vocab)
+    if codes.null_count:
+        raise DataError(f"{file}: an id not seen by the first pass; did the file change?")
+    return codes.to_numpy().astype(np.int32, copy=False)
+
+
+def _encode(
+    batch: pa.Table,
+    cols: dict[str, str],
+    users_ref: Any,
+    items_ref: Any,
+    n_parts: int,
+    has_split: bool,
+) -> pa.Table:
+    """Pass 2: each work item's rows as codes, with their position in the domain's input and
+    their user partition."""
+    import ray
+
+    users, items = ray.get(users_ref), ray.get(items_ref)
+    parts = []
+    for item in batch.to_pylist():
+        table = _read(item, cols)
+        n = table.num_rows
+        user = _codes(table.column("user"), users, item["file"])
+        out: dict[str, Any] = {
+            "part": layout.part_of(user, len(users), n_parts),
+            "user": user,
+            "item": _codes(table.column("item"), items, item["file"]),
+            "row": item["row"] + np.arange(n, dtype=np.int64),
+        }
+        for c in ("rating", "timestamp"):
+            if c in table.column_names:
+                out[c] = table.column(c)
+        if has_split:
+            out["split"] = np.full(n, item["split"], np.int8)
+        parts.append(pa.table(out))
+    return pa.concat_tables(parts)
+
+
+def _write_part(
+    group: pa.Table, folder: str, n_items: int, threshold: float | None, columns: list[str]
+) -> pa.Table:
+    """The rows of one user partition: de-duplicated (the last row of a pair in input order),
+    filtered by the threshold, written sorted by input position; returns the counts."""
+    p = int(group.column("part")[0].as_py())
+    order = np.argsort(group.column("row").to_numpy(), kind="stable")
+    col = {c: group.column(c).to_numpy()[order] for c in ("user", "item", "row", *columns)}
+    del group, order
+    ratings = col.get("rating")
+    keep, conflicting = last_of_pairs(col["user"], col["item"], n_items, ratings)
+    unique = int(keep.size)
+    if threshold is not None and ratings is not None:
+        keep = keep[ratings[keep] >= threshold]
+    table = pa.table({c: v[keep] for c, v in col.items()})
+    path = Path(folder) / layout.part_name(p)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)  # a task run again replaces the file whole
+    return pa.table(
+        {
+            "part": [p],
+            "rows": [len(col["user"])],
+            "unique_pairs": [unique],
+            "conflicting_pairs": [conflicting],
+            "positives": [int(keep.size)],
+        }
+    )
+
+
+# ----------------------------------------------------------------------------- on the driver
+
+
+class _Merged:
+    """Distinct strings gathered a batch at a time, merged whenever many are held."""
+
+    def __init__(self) -> None:
+        self.parts: list[pa.Array] = []
+        self.held = 0
+
+    def add(self, values: pa.Array) -> None:
+        self.parts.append(values)
+        self.held += len(values)
+        if self.held > ENCODE_CHUNK_ROWS and len(self.parts) > 1:
+            merged = pc.unique(pa.chunked_array(self.parts, type=pa.string()))
+            self.parts, self.held = [merged], len(merged)
+
+    def sorted(self) -> pa.Array:
+        return sorted_unique(pa.chunked_array(self.parts, type=pa.string()))
+
+
+def _vocabularies(
+    plans: list[list[dict[str, Any]]], cols: list[dict[str, str]]
+) -> tuple[pa.Array, list[pa.Array]]:
+    """Pass 1 on Ray; the sorted users of every domain and each domain's sorted items."""
+    ray = _ray()
+    work = [item for items in plans for item in items]
+    ds = ray.data.from_items(work, override_num_blocks=max(1, len(work)))
+    out = ds.map_batches(_uniques, batch_size=1, batch_format="pyarrow", fn_kwargs={"cols": cols})
+    users = _Merged()
+    items = [_Merged() for _ in plans]
+    errors: list[tuple[int, str]] = []
+    for block in out.iter_batches(batch_size=None, batch_format="pyarrow"):
+        role = block.column("role")
+        bad = block.filter(pc.equal(role, _ERROR))
+        errors += zip(bad.column("index").to_pylist(), bad.column("value").to_pylist(), strict=True)
+        users.add(block.filter(pc.equal(role, _USER)).column("value").combine_chunks())
+        for d, merged in enumerate(items):
+            mine = pc.and_(pc.equal(role, _ITEM), pc.equal(block.column("domain"), d))
+            merged.add(block.filter(mine).column("value").combine_chunks())
+    if errors:
+        raise DataError(min(errors)[1])  # the first problem in input order
+    return users.sorted(), [m.sorted() for m in items]
+
+
+def _domain(
+    spec: DomainSpec,
+    items: list[dict[str, Any]],
+    users: Any,
+    item_vocab: pa.Array,
+    n_users: int,
+    n_parts: int,
+    threshold: float | None,
+    folder: Path,
+) -> tuple[list[str], dict[str, int], list[dict[str, int]]]:
+    """Pass 2 and the shuffle of one domain; its columns, counts and per-partition counts."""
+    ray = _ray()
+    has_split = any(code is not None for _, code in spec.parts)
+    columns = [c for c in ("rating", "timestamp") if spec.columns[c] is not None]
+    columns += ["split"] if has_split else []
+    folder.mkdir(parents=True, exist_ok=True)
+    if not items:
+        return (
+            columns,
+            {"rows": 0, "unique_pairs": 0, "duplicate_rows_removed": 0, "conflicting_pairs": 0},
+            [],
+        )
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    encoded = ds.map_batches(
+        _encode,
+        batch_size=1,
+        batch_format="pyarrow",
+        fn_kwargs={
+            "cols": _columns(spec),
+            "users_ref": users,
+            "items_ref": ray.put(item_vocab),
+            "n_parts": n_parts,
+            "has_split": has_split,
+        },
+    )
+    written = encoded.groupby("part").map_groups(
+        _write_part,
+        batch_format="pyarrow",
+        fn_kwargs={
+            "folder": str(folder),
+            "n_items": len(item_vocab),
+            "threshold": threshold,
+            "columns": columns,
+        },
+    )
+    parts = sorted(written.take_all(), key=lambda r: r["part"])
+    total = {
+        k: sum(int(r[k]) for r in parts) for k in ("rows", "unique_pairs", "conflicting_pairs")
+    }
+    stats = {
+        "rows": total["rows"],
+        "unique_pairs": total["unique_pairs"],
+        "duplicate_rows_removed": total["rows"] - total["unique_pairs"],
+        "conflicting_pairs": total["conflicting_pairs"],
+    }
+    if threshold is not None and "rating" in columns:
+        stats["positives"] = sum(int(r["positives"]) for r in parts)
+        if stats["unique_pairs"] and not stats["positives"]:
+            raise DataError(
+                f"domain {spec.name!r}: no rating reaches rating_threshold = {threshold:g}, so "
+                "every row would be dropped; lower the threshold or prepare without one"
+            )
+    per_part = [{k: int(v) for k, v in r.items()} for r in parts]
+    return columns, stats, per_part
+
+
+def _write_ids(file: Path, ids: pa.Array, **extra: pa.Array) -> None:
+    pq.write_table(pa.table({"id": ids, **extra}), file)
+
+
+def default_partitions(rows: list[int]) -> int:
+    """One partition per ``ROWS_PER_PART`` rows of the largest domain (at least one)."""
+    return max(1, math.ceil(max(rows, default=0) / ROWS_PER_PART))
+
+
+def prepare(
+    dataset: Path,
+    out: Path,
+    partitions: int = 0,
+    rating_threshold: float | None = None,
+) -> dict[str, Any]:
+    """Prepare the ``dataset.toml`` data set in folder ``dataset`` into the new folder ``out``
+    on the connected Ray cluster (a local one is started if there is none); ``partitions``: the
+    number of user partitions (0: ``default_partitions``). Returns the manifest."""
+    ray = _ray()
+    t0 = time.perf_counter()
+    dataset, out = Path(dataset), Path(out)
+    if not (dataset / "dataset.toml").is_file():
+        raise DataError(
+            f"{dataset}: no dataset.toml; the distributed path reads a declared data set of "
+            "Parquet files (training/README.md documents dataset.toml)"
+        )
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out}: exists and is not an empty folder; choose a new output folder")
+    if partitions < 0:
+        raise DataError(f"partitions must be positive (or 0 for the default), got {partitions}")
+    name, specs = declared_specs(dataset)
+    plans, rows = _plan(specs, dataset / "dataset.toml")
+    n_parts = partitions or default_partitions(rows)
+    cols = [_columns(s) for s in specs]
+    titles = [read_titles(s.titles, s.title_item) if s.titles is not None else None for s in specs]
+    context = ray.data.DataContext.get_current()
+    # the sort-based shuffle: no long-lived aggregator actors, and groups arrive whole
+    context.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    users, item_vocabs = _vocabularies(plans, cols)
+    logger.info("vocabularies: %d users, items %s", len(users), [len(v) for v in item_vocabs])
+    out.mkdir(parents=True, exist_ok=True)
+    _write_ids(out / layout.USERS, users)
+    users_ref = ray.put(users)
+    domains: dict[str, Any] = {}
+    for spec, items, vocab, title in zip(specs, plans, item_vocabs, titles, strict=True):
+        folder = out / spec.name
+        columns, stats, per_part = _domain(
+            spec, items, users_ref, vocab, len(users), n_parts, rating_threshold, folder
+        )
+        _write_ids(folder / layout.ITEMS, vocab)
+        if title is not None:
+            keys = sorted(title)
+            _write_ids(
+                folder / layout.TITLES,
+                pa.array(keys, pa.string()),
+                title=pa.array([title[k] for k in keys], pa.string()),
+            )
+        domains[spec.name] = {
+            "items": len(vocab),
+            "columns": columns,
+            "files": [layout.part_name(r["part"]) for r in per_part],
+            "stats": stats,
+            "partitions": per_part,
+        }
+        logger.info("domain %s: %s", spec.name, stats)
+    manifest = {
+        "format": layout.FORMAT,
+        "format_version": layout.FORMAT_VERSION,
+        "engine": "ray",
+        "engine_version": ray.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "dataset": name,
+        "input": str(dataset.resolve()),
+        "fingerprint": _fingerprint([f for s in specs for f, _ in s.parts]),
+        "users": len(users),
+        "partitions": n_parts,
+        "partitioned_by": "user code range: partition = code * partitions // users",
+        "rating_threshold": rating_threshold,
+        "domains": domains,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    tmp = out / f".{layout.MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, out / layout.MANIFEST)  # last: the folder is complete
+    return manifest
