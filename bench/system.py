@@ -158,7 +158,12 @@ async def evaluate(
             scores = index.item_embeddings @ index.user_embeddings[index.user_rows[user_id]]
             scores[train.get(u, [])] = -np.inf
             scores[valid.get(u, [])] = -np.inf
-            top = np.argpartition(-scores, depth)[:depth]
+            # a catalogue smaller than the depth: every item is within it
+            top = (
+                np.argpartition(-scores, depth)[:depth]
+                if depth < len(scores)
+                else np.arange(len(scores))
+            )
             sums["ann_recall_at_depth"] += len(relevant & {items[j] for j in top}) / len(relevant)
         n = max(1, len(users))
         out[segment] = {key: value / n for key, value in sums.items()} | {
