@@ -169,7 +169,7 @@ def _child(
         import torch
 
         from training.config import load_config
-        from training.trainer import fit
+        from training.trainer import Sampling, fit
         from training.transfer import new_model
 
         cfg = load_config(None, overrides)
@@ -198,10 +198,16 @@ def _child(
             device=torch.device("cpu"),
             desc="bench-scale",
             progress=False,
+            # the loss's negatives and the tables' optimiser as training sets them up
+            sampling=Sampling(
+                cfg.negative_sampler, cfg.sampled_negatives, cfg.sampler_alpha, cfg.mixed_negatives
+            ),
+            sparse_embeddings=cfg.sparse_embeddings,
         )
         report["epoch_s"] = time.perf_counter() - t0
         report["epoch_pairs"] = len(train)
         report["loss"] = cfg.loss
+        report["sparse_embeddings"] = cfg.sparse_embeddings
         report["stage_rows"] = len(train)
         report["stage_s"] = report["epoch_s"]
     out.write_text(json.dumps(report))
@@ -324,7 +330,8 @@ def markdown(result: dict[str, Any]) -> str:
         if r["stage"] == "train-epoch" and r.get("epoch_pairs"):
             part = "" if r["epoch_pairs"] == r["train_pairs"] else " (capped: fewer steps)"
             notes.append(
-                f"loss {r['loss']}, {r['epoch_pairs']:,} of {r['train_pairs']:,} pairs{part}"
+                f"loss {r['loss']}{', sparse tables' if r.get('sparse_embeddings') else ''}, "
+                f"{r['epoch_pairs']:,} of {r['train_pairs']:,} pairs{part}"
             )
         if r["stage"] == "prepare-ray" and r.get("partitions"):
             notes.append(
