@@ -379,23 +379,35 @@ Batches = Callable[[], Iterator[pa.RecordBatch]]
 ENCODE_CHUNK_ROWS = 1 << 23  # rows looked up against the vocabulary in one call
 
 
+class DistinctIds:
+    """Distinct id strings gathered a batch at a time, merged whenever more than
+    ENCODE_CHUNK_ROWS are held (so what is held stays bounded by the distinct ids)."""
+
+    def __init__(self) -> None:
+        self.parts: list[pa.Array] = []
+        self.held = 0
+
+    def add(self, values: pa.Array) -> None:
+        self.parts.append(values)
+        self.held += len(values)
+        if self.held > ENCODE_CHUNK_ROWS and len(self.parts) > 1:
+            merged = pc.unique(pa.chunked_array(self.parts, type=pa.string()))
+            self.parts, self.held = [merged], len(merged)
+
+    def sorted(self) -> pa.Array:
+        return sorted_unique(pa.chunked_array(self.parts, type=pa.string()))
+
+
 def _vocab_pass(parts: list[tuple[Batches, int | None]]) -> tuple[pa.Array, pa.Array, int]:
     """First pass: the sorted distinct users and items, and the number of rows."""
-    seen: dict[str, list[pa.Array]] = {"user": [], "item": []}
-    held = {"user": 0, "item": 0}
+    seen = {"user": DistinctIds(), "item": DistinctIds()}
     n = 0
     for batches, _ in parts:
         for b in batches():
             n += b.num_rows
             for col in ("user", "item"):
-                u = pc.unique(b.column(col))
-                seen[col].append(u)
-                held[col] += len(u)
-                if held[col] > ENCODE_CHUNK_ROWS and len(seen[col]) > 1:  # bound what is held
-                    merged = pc.unique(pa.chunked_array(seen[col], type=pa.string()))
-                    seen[col], held[col] = [merged], len(merged)
-    vocabs = [sorted_unique(pa.chunked_array(seen[c], type=pa.string())) for c in ("user", "item")]
-    return vocabs[0], vocabs[1], n
+                seen[col].add(pc.unique(b.column(col)))
+    return seen["user"].sorted(), seen["item"].sorted(), n
 
 
 def _encode(

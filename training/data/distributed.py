@@ -48,8 +48,8 @@ import pyarrow.parquet as pq
 from training.data import prepared as layout
 from training.data.dataset import (
     BATCH_ROWS,
-    ENCODE_CHUNK_ROWS,
     TRAIN,
+    DistinctIds,
     DomainSpec,
     _clean_parquet_batch,
     _fingerprint,
@@ -57,7 +57,6 @@ from training.data.dataset import (
     file_format,
     last_of_pairs,
     read_titles,
-    sorted_unique,
 )
 from training.errors import DataError, TrainingError
 
@@ -281,24 +280,6 @@ def _write_part(
 # ----------------------------------------------------------------------------- on the driver
 
 
-class _Merged:
-    """Distinct strings gathered a batch at a time, merged whenever many are held."""
-
-    def __init__(self) -> None:
-        self.parts: list[pa.Array] = []
-        self.held = 0
-
-    def add(self, values: pa.Array) -> None:
-        self.parts.append(values)
-        self.held += len(values)
-        if self.held > ENCODE_CHUNK_ROWS and len(self.parts) > 1:
-            merged = pc.unique(pa.chunked_array(self.parts, type=pa.string()))
-            self.parts, self.held = [merged], len(merged)
-
-    def sorted(self) -> pa.Array:
-        return sorted_unique(pa.chunked_array(self.parts, type=pa.string()))
-
-
 def _vocabularies(
     plans: list[list[dict[str, Any]]], cols: list[dict[str, str]]
 ) -> tuple[pa.Array, list[pa.Array]]:
@@ -307,8 +288,8 @@ def _vocabularies(
     work = [item for items in plans for item in items]
     ds = ray.data.from_items(work, override_num_blocks=max(1, len(work)))
     out = ds.map_batches(_uniques, batch_size=1, batch_format="pyarrow", fn_kwargs={"cols": cols})
-    users = _Merged()
-    items = [_Merged() for _ in plans]
+    users = DistinctIds()
+    items = [DistinctIds() for _ in plans]
     errors: list[tuple[int, str]] = []
     for block in out.iter_batches(batch_size=None, batch_format="pyarrow"):
         role = block.column("role")
