@@ -278,6 +278,8 @@ def train_ranker(
     model.load_state_dict(best[2])
     model.eval()
     info = {
+        # what chose the epoch: the warm selection users' NDCG@10, averaged with the cold ones'
+        "selection_ndcg@10": best[0],
         "best_epoch": best[1],
         "epochs_run": len(history),
         "train_users": len(usable),
@@ -525,15 +527,6 @@ def fit_second_stage(
     return {"neighbours": neighbours, "learned_ranker": {"module": model, "info": info}}
 
 
-def selection_ndcg(model: FeatureRanker, sets: dict[str, list[CandidateSet]]) -> float:
-    """What selects a ranker (its epoch, whether simulated cold users train it): NDCG@10 of the
-    warm selection users, averaged with the cold selection users' where there are any."""
-    warm = evaluate_orders(model, sets["select_warm"])["learned"]
-    if not sets["select_cold"]:
-        return warm
-    return (warm + evaluate_orders(model, sets["select_cold"])["learned"]) / 2
-
-
 def _with_or_without_cold(
     sets: dict[str, list[CandidateSet]], seed: int
 ) -> tuple[FeatureRanker, dict[str, Any]]:
@@ -549,7 +542,7 @@ def _with_or_without_cold(
         k: train_ranker(v, sets["select_warm"], seed=seed, select_cold=sets["select_cold"])
         for k, v in options.items()
     }
-    score = {k: selection_ndcg(m, sets) for k, (m, _) in fitted.items()}
+    score = {k: info["selection_ndcg@10"] for k, (_, info) in fitted.items()}
     chosen = max(score, key=lambda k: (score[k], k == "without"))
     model, info = fitted[chosen]
     info["simulated_cold"] = {
