@@ -20,8 +20,7 @@ if [ -z "${PYTHON_IMAGE:-}" ] && ! "$ENGINE" image inspect "$debian" >/dev/null 
     base_s=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
 fi
 wheelhouse_s=null
-if [ ! -f wheelhouse/requirements.txt ] || [ constraints.txt -nt wheelhouse/requirements.txt ] \
-    || [ pyproject.toml -nt wheelhouse/requirements.txt ]; then
+if scripts/wheelhouse.sh --stale "$py"; then
     start=$(date +%s.%N)
     scripts/wheelhouse.sh "$py"
     wheelhouse_s=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')

@@ -23,8 +23,7 @@ if [ -z "${PYTHON_IMAGE:-}" ]; then
     fi
 fi
 # The wheelhouse, remade when the pins or the requirements change.
-if [ ! -f wheelhouse/requirements.txt ] || [ constraints.txt -nt wheelhouse/requirements.txt ] \
-    || [ pyproject.toml -nt wheelhouse/requirements.txt ]; then
+if scripts/wheelhouse.sh --stale "$py"; then
     scripts/wheelhouse.sh "$py"
 fi
 mkdir -p build/images

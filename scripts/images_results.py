@@ -91,6 +91,7 @@ def main() -> int:
         "",
         f"Smoke: **{'passed' if args.status == 0 else 'FAILED'}**"
         + (f"; training {s(smoke.get('train_s'))}" if "train_s" in smoke else "")
+        + (f", data preparation on Ray {s(smoke.get('prepare_s'))}" if "prepare_s" in smoke else "")
         + ". Its output:",
         "",
         "```",

@@ -5,7 +5,9 @@ Run from the repository root with the project's venv, after scripts/images.sh bu
 Steps, each checked; the first failure ends the run with exit 1 and the container logs:
   1. what the images hold: the package's version, no torch/matplotlib in the serving image, no
      build mount (wheelhouse, secrets, sources) left in a layer;
-  2. the training image trains the synthetic pair as uid 10001 with --network none;
+  2. the training image trains the synthetic pair as uid 10001 with --network none, and prepares
+     a Parquet data set on a local Ray instance there (read-only root, the data mounted read-only)
+     into a folder that loads to the same data set as the raw files;
   3. retrieval, ranker and gateway run read-only, as uid 10001, all capabilities dropped,
      no-new-privileges, the repository mounted read-only, on 127.0.0.1 (host network): native gRPC
      health SERVING within 10 s, one Recommend with 10 items, /metrics with the build info;
@@ -205,6 +207,100 @@ def train(engine: Engine, image: str, repo: Path) -> float:
     return seconds
 
 
+PREPARE_DECLARATION = """name = "smoke"
+[domains.movies]
+file = "movies.parquet"
+rating = "stars"
+[domains.books]
+file = "books.parquet"
+"""
+
+
+def prepare(engine: Engine, image: str, work: Path) -> float:
+    """``training prepare`` (Ray Data) in the hardened training image on a small Parquet data set
+    with repeated pairs; the prepared folder must load to the raw files' data set."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from training.data.dataset import load_dataset
+
+    raw, out = work / "raw", work / "prepared"
+    raw.mkdir()
+    out.mkdir()
+    os.chown(out, TRAIN_UID, TRAIN_UID)
+    rng = np.random.default_rng(0)
+    for domain, rows, items in (("movies", 3000, 200), ("books", 2000, 300)):
+        table = {
+            "user_id": [f"u{x}" for x in rng.integers(0, 400, rows)],
+            "item_id": [f"{domain[0]}{x}" for x in rng.integers(0, items, rows)],
+        }
+        if domain == "movies":
+            table["stars"] = rng.integers(1, 6, rows).astype(np.float64)
+        pq.write_table(pa.table(table), raw / f"{domain}.parquet", row_group_size=1000)
+    (raw / "dataset.toml").write_text(PREPARE_DECLARATION, encoding="utf-8")
+    for path in (raw, *raw.iterdir()):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    start = time.monotonic()
+    proc = subprocess.run(
+        [
+            engine.binary,
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--user",
+            f"{TRAIN_UID}:{TRAIN_UID}",
+            *HARDENED,
+            # Ray's object store lives in /dev/shm (the Job mounts a memory-backed emptyDir).
+            "--shm-size",
+            "256m",
+            "--env",
+            "RAY_USAGE_STATS_ENABLED=0",
+            "--volume",
+            f"{raw}:/data/raw:ro",
+            "--volume",
+            f"{out}:/prepared:rw",
+            image,
+            "training",
+            "prepare",
+            "--engine=ray",
+            "--dataset=/data/raw",
+            "--out=/prepared/smoke",
+            "--num-cpus=1",
+            "--object-store-mib=128",
+            "--partitions=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    seconds = time.monotonic() - start
+    if proc.returncode != 0:
+        raise SmokeError(
+            f"training prepare exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-3000:]}"
+        )
+    expected, got = load_dataset(raw), load_dataset(out / "smoke")
+    if got.fingerprint != expected.fingerprint or list(got.domains) != list(expected.domains):
+        raise SmokeError(f"the prepared folder is not the raw data set: {got.domains.keys()}")
+    for name, d in expected.domains.items():
+        g = got.domains[name]
+        same = d.user_vocab.equals(g.user_vocab) and d.item_vocab.equals(g.item_vocab)
+        if not (
+            same
+            and np.array_equal(d.user_codes, g.user_codes)
+            and np.array_equal(d.item_codes, g.item_codes)
+        ):
+            raise SmokeError(f"{name}: the prepared interactions differ from the raw ones")
+    rows = sum(d.stats["rows"] for d in expected.domains.values())
+    log(
+        f"prepared {rows:,} Parquet rows on Ray Data in the training image in {seconds:.0f} s "
+        f"(2 partitions); they load to the raw files' data set"
+    )
+    return seconds
+
+
 def serve_args(repo: Path, grpc_port: int, metrics_port: int) -> tuple[list[str], list[str]]:
     run_args = ["--network", "host", "--volume", f"{repo}:/models:ro"]
     argv = ["--host=127.0.0.1", f"--port={grpc_port}", f"--metrics-port={metrics_port}"]
@@ -264,6 +360,7 @@ def main() -> int:
     try:
         check_images(engine, serving, training, version)
         figures["train_s"] = train(engine, training, repo)
+        figures["prepare_s"] = prepare(engine, training, work)
 
         for module, service, models in (
             ("retrieval", "serving.retrieval", "target-retrieval"),

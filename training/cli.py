@@ -131,6 +131,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
     pr.add_argument(
+        "--object-store-mib",
+        type=int,
+        help="the local Ray instance's object store in MiB (default: Ray's, 30%% of the memory); "
+        "it lives in /dev/shm, so keep it below that mount's size",
+    )
+    pr.add_argument(
         "--partitions", type=int, default=0, help="user partitions (default: one per 4 M rows)"
     )
     pr.add_argument(
@@ -235,7 +241,7 @@ def _main(argv: list[str] | None) -> int:
         if args.command == "prepare":
             from training.data import distributed
 
-            started = distributed.connect(args.address, args.num_cpus)
+            started = distributed.connect(args.address, args.num_cpus, args.object_store_mib)
             try:
                 manifest = distributed.prepare(
                     args.dataset, args.out, args.partitions, args.rating_threshold

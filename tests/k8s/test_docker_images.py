@@ -263,13 +263,16 @@ def _name(requirement: str) -> str:
     return re.sub(r"[-_.]+", "-", match.group(0)).lower()
 
 
-def test_serving_installs_the_base_and_training_the_train_extra() -> None:
+def test_serving_installs_the_base_and_training_the_train_and_distributed_extras() -> None:
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
-    serving, training = _requirements(), _requirements("train")
+    serving, training = _requirements(), _requirements("train", "distributed")
+    extras = project["optional-dependencies"]
     assert serving == project["dependencies"]
-    assert training == serving + project["optional-dependencies"]["train"]
-    assert not {"torch", "matplotlib", "onnx", "tqdm"} & {_name(r) for r in serving}
-    assert {"torch", "matplotlib"} <= {_name(r) for r in training}
+    assert training == serving + extras["train"] + extras["distributed"]
+    assert not {"torch", "matplotlib", "onnx", "tqdm", "ray"} & {_name(r) for r in serving}
+    assert {"torch", "matplotlib", "ray"} <= {_name(r) for r in training}
+    (deps_train,) = [i.value for i in _instructions("cpu") if "requirements-train.txt" in i.value]
+    assert "docker/requirements.py train distributed >" in deps_train
     pins = _pins(REPO_ROOT / "constraints.txt")
     for requirement in training:
         assert _name(requirement) in pins, f"{requirement} is not pinned in constraints.txt"
@@ -279,7 +282,8 @@ def test_serving_installs_the_base_and_training_the_train_extra() -> None:
     for requirement in build_system["requires"]:
         assert _name(requirement) in pins, f"build requirement {requirement} is not pinned"
     wheelhouse = (REPO_ROOT / "scripts" / "wheelhouse.sh").read_text()
-    assert "docker/requirements.py train" in wheelhouse and "setuptools wheel" in wheelhouse
+    assert "docker/requirements.py train distributed" in wheelhouse
+    assert "setuptools wheel" in wheelhouse
 
 
 def test_gpu_image_swaps_in_onnxruntime_gpu(tmp_path: Path) -> None:

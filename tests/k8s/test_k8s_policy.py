@@ -477,7 +477,11 @@ def test_training_jobs_publish_into_the_model_repository(
     rendered: dict[str, Rendered], overlay: str
 ) -> None:
     result = rendered[overlay]
-    jobs = {j["metadata"]["name"]: j for j in result.of_kind("Job")}
+    jobs = {
+        j["metadata"]["name"]: j
+        for j in result.of_kind("Job")
+        if j["metadata"]["labels"]["app.kubernetes.io/component"] == "training"
+    }
     assert set(jobs) == {"recsys-train", "recsys-train-multinode"}
     for job in jobs.values():
         spec = job["spec"]["template"]["spec"]
@@ -493,11 +497,56 @@ def test_training_jobs_publish_into_the_model_repository(
         mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
         assert not mounts["/models"].get("readOnly"), "training writes new versions"
         assert mounts["/data"]["readOnly"] is True
+        assert mounts["/prepared"]["readOnly"] is True, "what recsys-prepare wrote, read-only"
+        assert _claims(spec)[mounts["/prepared"]["name"]] == "prepared-data"
         assert flags["--run-dir"].startswith("/tmp/") and "/tmp" in mounts
         if overlay.startswith("gpu"):
             assert _gpu_limit(container) == 1 and _tolerates_gpu_taint(spec)
         else:
             assert _gpu_limit(container) == 0
+
+
+def _claims(pod: dict[str, Any]) -> dict[str, str]:
+    """Volume name -> the PersistentVolumeClaim it mounts."""
+    return {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for v in pod["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+
+
+@pytest.mark.parametrize("overlay", TRAINING_OVERLAYS)
+def test_data_preparation_job_writes_what_training_reads(
+    rendered: dict[str, Rendered], overlay: str
+) -> None:
+    result = rendered[overlay]
+    job = result.get("Job", "recsys-prepare")
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    (container,) = pod["containers"]
+    argv = container["args"]
+    assert argv[:2] == ["training", "prepare"]
+    flags = dict(a.split("=", 1) for a in argv[2:])
+    assert flags["--engine"] == "ray" and "--address" not in flags
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    claims = _claims(pod)
+    assert flags["--dataset"].startswith("/data/") and mounts["/data"]["readOnly"] is True
+    assert claims[mounts["/data"]["name"]] == "training-data"
+    assert flags["--out"].startswith("/prepared/") and not mounts["/prepared"].get("readOnly")
+    assert claims[mounts["/prepared"]["name"]] == "prepared-data"
+    pvc = result.get("PersistentVolumeClaim", "prepared-data")
+    assert "ReadWriteMany" in pvc["spec"]["accessModes"], "written here, read on other nodes"
+    # Ray's local instance: as many CPUs as the limit, the object store inside a memory-backed
+    # /dev/shm that holds it, both within the container's memory limit.
+    limits = container["resources"]["limits"]
+    assert int(flags["--num-cpus"]) == _quantity(limits["cpu"])
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    shm = volumes[mounts["/dev/shm"]["name"]]["emptyDir"]
+    store = int(flags["--object-store-mib"]) * 2**20
+    assert shm["medium"] == "Memory" and store < _quantity(shm["sizeLimit"])
+    assert _quantity(shm["sizeLimit"]) < _quantity(limits["memory"])
+    assert "emptyDir" in volumes[mounts["/tmp"]["name"]], "Ray's session directory"
+    assert _gpu_limit(container) == 0 and "nodeSelector" not in pod, "no GPU for the data step"
 
 
 @pytest.mark.parametrize("overlay", TRAINING_OVERLAYS)

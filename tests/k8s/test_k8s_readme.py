@@ -18,26 +18,34 @@ def test_readme_paths_are_kustomizations() -> None:
 
 
 def test_readme_training_selectors_pick_one_variant(rendered: dict[str, Rendered]) -> None:
+    """Each training command selects one Job and every claim its pod mounts, nothing else."""
     commands = re.findall(
         r"kubectl apply -k k8s/overlays/([a-z/]+) -l 'app\.kubernetes\.io/name in \(([a-z0-9,-]+)\)'",
         README,
     )
-    assert {names.split(",")[1] for _, names in commands} == {
-        "recsys-train",
-        "recsys-train-multinode",
-    }
+    picked_jobs = set()
     for overlay, names in commands:
         wanted = set(names.split(","))
         picked = [
-            (o["kind"], o["metadata"]["name"])
+            o
             for o in rendered[overlay].objects
             if o["metadata"]["labels"].get("app.kubernetes.io/name") in wanted
         ]
-        kinds = sorted(kind for kind, _ in picked)
-        assert ("PersistentVolumeClaim", "training-data") in picked
-        jobs = [name for kind, name in picked if kind == "Job"]
-        assert len(jobs) == 1 and jobs[0] in wanted, picked
-        if jobs[0] == "recsys-train-multinode":
-            assert kinds == ["Job", "PersistentVolumeClaim", "Service"]
-        else:
-            assert kinds == ["Job", "PersistentVolumeClaim"]
+        jobs = [o for o in picked if o["kind"] == "Job"]
+        assert len(jobs) == 1, [o["metadata"]["name"] for o in picked]
+        (job,) = jobs
+        picked_jobs.add(job["metadata"]["name"])
+        pod = job["spec"]["template"]["spec"]
+        claims = {
+            v["persistentVolumeClaim"]["claimName"]
+            for v in pod["volumes"]
+            if "persistentVolumeClaim" in v
+        }
+        # The model repository belongs to the serving stack, applied before any training run.
+        claims.discard("model-repository")
+        selected = {(o["kind"], o["metadata"]["name"]) for o in picked} - {
+            ("Job", job["metadata"]["name"])
+        }
+        services = {("Service", pod["subdomain"])} if "subdomain" in pod else set()
+        assert selected == {("PersistentVolumeClaim", c) for c in claims} | services, overlay
+    assert picked_jobs == {"recsys-prepare", "recsys-train", "recsys-train-multinode"}

@@ -211,3 +211,20 @@ def test_cli_refuses_a_local_ray_without_cpus(
 ) -> None:
     assert main(["prepare", "--dataset", "x", "--out", "y", "--num-cpus", "0"]) == 2
     assert capsys.readouterr().err.strip() == "error: --num-cpus must be at least 1, got 0"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--object-store-mib", "8"], "--object-store-mib must be at least 64, got 8"),
+        (
+            ["--address", "ray://head:10001", "--num-cpus", "2"],
+            "--num-cpus and --object-store-mib size a local Ray, not --address",
+        ),
+    ],
+)
+def test_cli_refuses_a_local_ray_sizing_it_cannot_use(
+    extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["prepare", "--dataset", "x", "--out", "y", *extra]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"

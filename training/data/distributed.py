@@ -79,11 +79,18 @@ def _ray() -> Any:
     return ray
 
 
-def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Join the Ray cluster at ``address``, or start a local one (``num_cpus``: all by default);
-    nothing when this process is connected already. True when this call connected."""
+def connect(
+    address: str | None = None, num_cpus: int | None = None, object_store_mib: int | None = None
+) -> bool:
+    """Join the Ray cluster at ``address``, or start a local one (``num_cpus``: all by default;
+    ``object_store_mib``: Ray's default, 30 % of the memory, when None); nothing when this process
+    is connected already. True when this call connected."""
     if num_cpus is not None and num_cpus < 1:
         raise TrainingError(f"--num-cpus must be at least 1, got {num_cpus}")
+    if object_store_mib is not None and object_store_mib < 64:
+        raise TrainingError(f"--object-store-mib must be at least 64, got {object_store_mib}")
+    if address and (num_cpus is not None or object_store_mib is not None):
+        raise TrainingError("--num-cpus and --object-store-mib size a local Ray, not --address")
     ray = _ray()
     if ray.is_initialized():
         return False
@@ -91,7 +98,13 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            store = None if object_store_mib is None else object_store_mib * 1024 * 1024
+            ray.init(
+                num_cpus=num_cpus,
+                object_store_memory=store,
+                include_dashboard=False,
+                log_to_driver=False,
+            )
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"--address {address}" if address else "a local Ray instance"
         raise TrainingError(f"{where}: cannot start or reach Ray ({exc})") from None
