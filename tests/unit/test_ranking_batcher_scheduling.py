@@ -64,6 +64,15 @@ async def _guard(awaitable: Awaitable[T]) -> T:
     return await asyncio.wait_for(awaitable, GUARD_S)
 
 
+def _waiting_forever(mode: str) -> BatchingOptions:
+    """Room for 100 candidates and a queue delay no test could sit out."""
+    return BatchingOptions(
+        max_batch_candidates=100,
+        max_queue_delay_s=FOREVER_S,
+        mode=mode,  # type: ignore[arg-type]
+    )
+
+
 @asynccontextmanager
 async def batcher_over(session: FakeSession, options: BatchingOptions) -> AsyncIterator[Batcher]:
     batcher = Batcher(session, options)
@@ -92,12 +101,7 @@ def test_requests_queued_during_a_run_go_out_together_the_moment_it_ends(mode: s
     session = FakeSession()
 
     async def scenario() -> None:
-        options = BatchingOptions(
-            max_batch_candidates=100,
-            max_queue_delay_s=FOREVER_S,
-            mode=mode,  # type: ignore[arg-type]
-        )
-        async with batcher_over(session, options) as batcher:
+        async with batcher_over(session, _waiting_forever(mode)) as batcher:
             if mode == "delay":  # an idle session in delay mode waits; let waits gain nothing
                 batcher._wait_gain = 0.0
             first = _request(batcher, 1)
@@ -126,12 +130,7 @@ def test_the_next_batch_starts_while_the_event_loop_is_busy(mode: str) -> None:
     session = FakeSession()
 
     async def scenario() -> None:
-        options = BatchingOptions(
-            max_batch_candidates=100,
-            max_queue_delay_s=FOREVER_S,
-            mode=mode,  # type: ignore[arg-type]
-        )
-        async with batcher_over(session, options) as batcher:
+        async with batcher_over(session, _waiting_forever(mode)) as batcher:
             batcher._wait_gain = 0.0  # delay mode: recent waits gained nothing
             first = _request(batcher, 1)
             await session.wait_started(1)
