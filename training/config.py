@@ -28,7 +28,7 @@ NEGATIVE_SAMPLERS = ("popularity", "uniform", "in_batch")
 @dataclass
 class Config:
     # --- data -----------------------------------------------------------------------------
-    dataset: str = "amazon-books-movies"  # folder under data_dir (built-in or with dataset.toml)
+    dataset: str = "amazon-books-movies"  # folder under data_dir unless absolute (docs/data.md)
     data_dir: str = ""  # folder of data set folders; "" = $RECSYS_DATA_DIR, else ../shared/data
     source: str = "movies"  # source domain; "" trains the target domain alone
     target: str = "books"  # target domain (names the published models: <target>-ranker)
