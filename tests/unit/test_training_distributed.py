@@ -21,6 +21,8 @@ from training.data.dataset import Dataset, DomainData, load_dataset
 from training.data.distributed import prepare
 from training.errors import DataError
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
 DECLARATION = """name = "mixed"
 [domains.books]
 file = "books"
@@ -228,3 +230,53 @@ def test_cli_refuses_a_local_ray_sizing_it_cannot_use(
 ) -> None:
     assert main(["prepare", "--dataset", "x", "--out", "y", *extra]) == 2
     assert capsys.readouterr().err.strip() == f"error: {message}"
+
+
+def test_training_runs_on_a_prepared_folder_given_as_an_absolute_dataset(
+    tmp_path: Path, local_ray: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What the Kubernetes Jobs do: prepare under /prepared, then train with
+    --dataset=/prepared/<name> while --data-dir points elsewhere."""
+    rng = np.random.default_rng(3)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for domain, items in (("films", 60), ("books", 40)):
+        users = rng.integers(0, 150, 2400)
+        table = pa.table(
+            {
+                "user_id": [f"u{u}" for u in users],
+                # planted tastes: a user's items cluster by user id, so transfer has signal
+                "item_id": [
+                    f"{domain[0]}{(u * 3 + int(x)) % items}"
+                    for u, x in zip(users, rng.integers(0, 8, len(users)), strict=True)
+                ],
+            }
+        )
+        pq.write_table(table, raw / f"{domain}.parquet", row_group_size=800)
+    (raw / "dataset.toml").write_text(
+        'name = "pair"\n[domains.films]\nfile = "films.parquet"\n'
+        '[domains.books]\nfile = "books.parquet"\n',
+        encoding="utf-8",
+    )
+    out = tmp_path / "prepared" / "pair"
+    assert main(["prepare", "--dataset", str(raw), "--out", str(out), "--partitions", "2"]) == 0
+    repo, run_dir = tmp_path / "repo", tmp_path / "run"
+    argv = [
+        "train",
+        f"--config={REPO_ROOT / 'training' / 'configs' / 'synthetic.toml'}",
+        f"--data-dir={tmp_path / 'elsewhere'}",
+        f"--dataset={out}",
+        "--source=films",
+        "--target=books",
+        "--threads=1",
+        "--epochs=2",
+        "--source-epochs=2",
+        "--strategies=finetune",
+        "--ranker=dot",
+        f"--repository={repo}",
+        f"--run-dir={run_dir}",
+    ]
+    assert main(argv) == 0, capsys.readouterr().err
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["fingerprint"] == load_dataset(raw).fingerprint
+    assert results["published"]["models"] == ["books-ranker", "books-retrieval"]
