@@ -218,9 +218,13 @@ def serve_and_query(repo: Path, work: Path, n_users: int, rpcs: int, seed: int) 
         ]
         with grpc.insecure_channel(service.address) as channel:
             stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
-            for label, sources in (
-                ("ann", [common_pb2.CANDIDATE_SOURCE_ANN]),
-                ("personal", personal),
+            # Columns are what the gateway asks for; rows (one message per candidate) are the
+            # form for clients that do not, measured beside them.
+            for label, sources, columnar in (
+                ("ann", [common_pb2.CANDIDATE_SOURCE_ANN], True),
+                ("personal", personal, True),
+                ("ann_rows", [common_pb2.CANDIDATE_SOURCE_ANN], False),
+                ("personal_rows", personal, False),
             ):
                 times = []
                 for i in range(rpcs + 20):
@@ -230,12 +234,14 @@ def serve_and_query(repo: Path, work: Path, n_users: int, rpcs: int, seed: int) 
                         k=K,
                         exclude_seen=True,
                         sources=sources,
+                        columnar=columnar,
                     )
                     t = time.perf_counter()
                     reply = stub.Retrieve(request, timeout=10)
                     if i >= 20:  # after a warm-up
                         times.append(time.perf_counter() - t)
-                    assert len(reply.candidates) == K
+                    got = len(reply.columns.item_ids) if columnar else len(reply.candidates)
+                    assert got == K, (label, got)
                 ms = 1000 * np.asarray(times)
                 out[f"retrieve_{label}_p50_ms"] = round(float(np.percentile(ms, 50)), 2)
                 out[f"retrieve_{label}_p99_ms"] = round(float(np.percentile(ms, 99)), 2)
@@ -340,11 +346,13 @@ def markdown(results: dict[str, Any]) -> str:
         "The retrieval service (`python -m serving.retrieval`) on the published version of the "
         "chosen index: seconds from process start to SERVING (the version verified, read and "
         "warmed up; the index loaded, not built), its resident memory then, and one Retrieve "
-        "(k = 500, exclude_seen) over loopback, ANN only and with every personal source.",
+        "(k = 500, exclude_seen) over loopback, ANN only and with every personal source; the "
+        "candidates as columns (`columnar`, what the gateway asks for) and, for reference, as one "
+        "message per candidate (rows).",
         "",
         "| items | index | SERVING s | RSS MB (anon / file) | Retrieve ANN p50 / p99 ms "
-        "| Retrieve personal p50 / p99 ms |",
-        "|---:|---|---:|---:|---:|---:|",
+        "| Retrieve personal p50 / p99 ms | rows: ANN p50 / p99 ms | rows: personal p50 / p99 ms |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for size in results["sizes"]:
         for row in size["kinds"]:
@@ -356,7 +364,10 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {size['n_items']:,} | {row['kind']} | {s['serving_s']} "
                 f"| {m.get('RssAnon')} / {m.get('RssFile')} "
                 f"| {s['retrieve_ann_p50_ms']} / {s['retrieve_ann_p99_ms']} "
-                f"| {s['retrieve_personal_p50_ms']} / {s['retrieve_personal_p99_ms']} |"
+                f"| {s['retrieve_personal_p50_ms']} / {s['retrieve_personal_p99_ms']} "
+                f"| {s.get('retrieve_ann_rows_p50_ms', '-')} / {s.get('retrieve_ann_rows_p99_ms', '-')} "
+                f"| {s.get('retrieve_personal_rows_p50_ms', '-')} / "
+                f"{s.get('retrieve_personal_rows_p99_ms', '-')} |"
             )
     lines += [
         "",
