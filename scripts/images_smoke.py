@@ -31,6 +31,7 @@ import time
 import tomllib
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -166,18 +167,25 @@ def check_images(engine: Engine, serving: str, training: str, version: str) -> N
         log(f"{image}: recsys-transfer {out['version']}, torch/matplotlib {heavy}, no build mount")
 
 
+def offline_job(engine: Engine) -> list[str]:
+    """The start of a one-off training-image run: no network, the training uid, hardened."""
+    return [
+        engine.binary,
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--user",
+        f"{TRAIN_UID}:{TRAIN_UID}",
+        *HARDENED,
+    ]
+
+
 def train(engine: Engine, image: str, repo: Path) -> float:
     start = time.monotonic()
     proc = subprocess.run(
         [
-            engine.binary,
-            "run",
-            "--rm",
-            "--network",
-            "none",
-            "--user",
-            f"{TRAIN_UID}:{TRAIN_UID}",
-            *HARDENED,
+            *offline_job(engine),
             "--volume",
             f"{repo}:/models:rw",
             image,
@@ -231,7 +239,7 @@ def prepare(engine: Engine, image: str, work: Path) -> float:
     os.chown(out, TRAIN_UID, TRAIN_UID)
     rng = np.random.default_rng(0)
     for domain, rows, items in (("movies", 3000, 200), ("books", 2000, 300)):
-        table = {
+        table: dict[str, Any] = {
             "user_id": [f"u{x}" for x in rng.integers(0, 400, rows)],
             "item_id": [f"{domain[0]}{x}" for x in rng.integers(0, items, rows)],
         }
@@ -244,14 +252,7 @@ def prepare(engine: Engine, image: str, work: Path) -> float:
     start = time.monotonic()
     proc = subprocess.run(
         [
-            engine.binary,
-            "run",
-            "--rm",
-            "--network",
-            "none",
-            "--user",
-            f"{TRAIN_UID}:{TRAIN_UID}",
-            *HARDENED,
+            *offline_job(engine),
             # Ray's object store lives in /dev/shm (the Job mounts a memory-backed emptyDir).
             "--shm-size",
             "256m",
@@ -399,12 +400,12 @@ def main() -> int:
         )
 
         for module in ("retrieval", "ranker", "gateway"):
-            status = engine.run("exec", names[module], "cat", "/proc/1/status")
-            uid = re.search(r"^Uid:\s+(\d+)", status, re.M)
-            cap = re.search(r"^CapEff:\s+([0-9a-f]+)", status, re.M)
+            proc_status = engine.run("exec", names[module], "cat", "/proc/1/status")
+            uid = re.search(r"^Uid:\s+(\d+)", proc_status, re.M)
+            cap = re.search(r"^CapEff:\s+([0-9a-f]+)", proc_status, re.M)
             if not uid or int(uid.group(1)) != TRAIN_UID or not cap or int(cap.group(1), 16):
                 raise SmokeError(
-                    f"{module}: not uid {TRAIN_UID} with no capabilities: {status[:400]}"
+                    f"{module}: not uid {TRAIN_UID} with no capabilities: {proc_status[:400]}"
                 )
             probe = engine.run(
                 "exec", names[module], "sh", "-c", "touch /models/x /opt/venv/x 2>&1 || true"
