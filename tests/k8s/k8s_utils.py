@@ -107,6 +107,15 @@ def pod_spec(obj: Mapping[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def pod_claims(pod: Mapping[str, Any]) -> dict[str, str]:
+    """Volume name -> the PersistentVolumeClaim it mounts, for the volumes of a pod spec."""
+    return {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for v in pod.get("volumes", [])
+        if "persistentVolumeClaim" in v
+    }
+
+
 def rule_groups(path: Path = RULES_FILE) -> dict[str, Any]:
     """The PrometheusRule's spec.groups as a plain Prometheus rule file document."""
     doc = yaml.safe_load(path.read_text())

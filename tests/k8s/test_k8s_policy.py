@@ -22,6 +22,7 @@ from tests.k8s.k8s_utils import (
     Rendered,
     env_from_configmaps,
     iter_containers,
+    pod_claims,
     pod_spec,
 )
 
@@ -498,21 +499,12 @@ def test_training_jobs_publish_into_the_model_repository(
         assert not mounts["/models"].get("readOnly"), "training writes new versions"
         assert mounts["/data"]["readOnly"] is True
         assert mounts["/prepared"]["readOnly"] is True, "what recsys-prepare wrote, read-only"
-        assert _claims(spec)[mounts["/prepared"]["name"]] == "prepared-data"
+        assert pod_claims(spec)[mounts["/prepared"]["name"]] == "prepared-data"
         assert flags["--run-dir"].startswith("/tmp/") and "/tmp" in mounts
         if overlay.startswith("gpu"):
             assert _gpu_limit(container) == 1 and _tolerates_gpu_taint(spec)
         else:
             assert _gpu_limit(container) == 0
-
-
-def _claims(pod: dict[str, Any]) -> dict[str, str]:
-    """Volume name -> the PersistentVolumeClaim it mounts."""
-    return {
-        v["name"]: v["persistentVolumeClaim"]["claimName"]
-        for v in pod["volumes"]
-        if "persistentVolumeClaim" in v
-    }
 
 
 @pytest.mark.parametrize("overlay", TRAINING_OVERLAYS)
@@ -529,7 +521,7 @@ def test_data_preparation_job_writes_what_training_reads(
     flags = dict(a.split("=", 1) for a in argv[2:])
     assert flags["--engine"] == "ray" and "--address" not in flags
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
-    claims = _claims(pod)
+    claims = pod_claims(pod)
     assert flags["--dataset"].startswith("/data/") and mounts["/data"]["readOnly"] is True
     assert claims[mounts["/data"]["name"]] == "training-data"
     assert flags["--out"].startswith("/prepared/") and not mounts["/prepared"].get("readOnly")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from tests.k8s.k8s_utils import K8S_DIR, REPO_ROOT, Rendered
+from tests.k8s.k8s_utils import K8S_DIR, REPO_ROOT, Rendered, pod_claims
 
 README = (K8S_DIR / "README.md").read_text()
 
@@ -36,11 +36,7 @@ def test_readme_training_selectors_pick_one_variant(rendered: dict[str, Rendered
         (job,) = jobs
         picked_jobs.add(job["metadata"]["name"])
         pod = job["spec"]["template"]["spec"]
-        claims = {
-            v["persistentVolumeClaim"]["claimName"]
-            for v in pod["volumes"]
-            if "persistentVolumeClaim" in v
-        }
+        claims = set(pod_claims(pod).values())
         # The model repository belongs to the serving stack, applied before any training run.
         claims.discard("model-repository")
         selected = {(o["kind"], o["metadata"]["name"]) for o in picked} - {
