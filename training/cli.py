@@ -5,7 +5,7 @@ Subcommands:
   export    publish a run's checkpoint (it carries its config) to a model repository
   report    print the evaluation table of a run directory
   download  fetch MovieLens from GroupLens and verify its published MD5 (and a given SHA-256)
-  prepare   map ids to codes and partition a Parquet data set by user on Ray Data (distributed)
+  prepare   map ids to codes and partition a data set by user on Ray Data (distributed)
 
 Exit codes: 0 success, 2 bad usage, configuration or data (one line on stderr naming the file,
 line or field).
@@ -118,8 +118,8 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser(
         "prepare",
         parents=[common],
-        help="map ids to codes and partition a Parquet data set by user (Ray Data)",
-        description="Read a dataset.toml data set of Parquet files on Ray Data, de-duplicate it, "
+        help="map ids to codes and partition a data set by user (Ray Data)",
+        description="Read a dataset.toml data set (Parquet, CSV, TSV) on Ray Data, de-duplicate it, "
         "map its ids to codes and write a prepared folder (per-domain Parquet partitions by "
         "user, the vocabularies, prepared.json) that --dataset and load_dataset read.",
     )

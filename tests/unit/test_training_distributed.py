@@ -1,12 +1,13 @@
 """The distributed preparation on Ray Data (a local two-CPU Ray instance): the prepared folder
-loads to the same data set as the raw files, bad input is refused naming the file, the CLI."""
+loads to the same data set as the raw files (Parquet and delimited text), bad input is refused
+naming the file and row or line, the CLI."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +179,95 @@ def test_null_user_id_is_refused_naming_the_file_and_row(tmp_path: Path, local_r
     assert not prepared.is_prepared(tmp_path / "prepared")
 
 
+TEXT_DECLARATION = """name = "text"
+[domains.books]
+file = "books.csv"
+rating = "stars"
+timestamp = "ts"
+[domains.films]
+file = "films.tsv"
+header = false
+user = 1
+item = 0
+[domains.music]
+train = "music-train.csv"
+test = "music-test.csv"
+rating = "stars"
+"""
+
+
+def _text_raw(folder: Path) -> Path:
+    """The three kinds of domain as delimited text: a CSV with a header, blank lines, CRLF line
+    ends and padded fields; a header-less TSV whose columns are given by position; a given split."""
+    rng = np.random.default_rng(11)
+    folder.mkdir()
+    lines = ["user_id,item_id,stars,ts"]
+    for k, r in enumerate(_table(rng, 900, 120, 60, "b").to_pylist()):
+        lines.append(f" {r['user_id']} ,{r['item_id']},{r['stars']:g},{r['ts']}")
+        if k % 97 == 5:
+            lines.append("")  # blank lines are skipped, and counted in the line numbers
+    (folder / "books.csv").write_bytes("\r\n".join(lines).encode() + b"\r\n")
+    films = _table(rng, 700, 150, 40, "f")
+    (folder / "films.tsv").write_text(
+        "".join(f"{r['item_id']}\t{r['user_id']}\n" for r in films.to_pylist()), encoding="utf-8"
+    )
+    for part in ("train", "test"):
+        rows = _table(rng, 300, 90, 30, "m").to_pylist()
+        text = "user_id,item_id,stars\n" + "".join(
+            f"{r['user_id']},{r['item_id']},{r['stars']:g}\n" for r in rows
+        )
+        (folder / f"music-{part}.csv").write_text(text, encoding="utf-8")
+    (folder / "dataset.toml").write_text(TEXT_DECLARATION, encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize("split_bytes", [1500, 1 << 26])
+def test_text_files_prepare_to_the_same_data_set_as_the_loader(
+    tmp_path: Path, local_ray: None, split_bytes: int
+) -> None:
+    """Work items of 1,500 bytes (several per file, cut anywhere in a line), or whole files."""
+    raw = _text_raw(tmp_path / "raw")
+    manifest = prepare(raw, tmp_path / "prepared", partitions=2, split_bytes=split_bytes)
+    expected = load_dataset(raw)
+    for name, d in expected.domains.items():
+        assert d.stats["duplicate_rows_removed"] > 0, name
+    assert expected.domain("books").stats["conflicting_pairs"] > 0
+    _assert_same(load_dataset(tmp_path / "prepared"), expected)
+    assert manifest["domains"]["books"]["stats"]["rows"] == 900
+
+
+def _rating_not_a_number(line: str) -> str:
+    user, item, _, ts = line.split(",")
+    return f"{user},{item},four,{ts}"
+
+
+def _a_field_too_many(line: str) -> str:
+    return line + "\tx"
+
+
+@pytest.mark.parametrize(
+    ("file", "line", "spoil"),
+    [("books.csv", 800, _rating_not_a_number), ("films.tsv", 650, _a_field_too_many)],
+)
+def test_a_bad_line_in_a_text_split_is_named_as_the_loader_names_it(
+    tmp_path: Path, local_ray: None, file: str, line: int, spoil: Callable[[str], str]
+) -> None:
+    """A line far into the file, in a later work item than the first: the same message, naming
+    the same line, as the single-machine loader's."""
+    raw = _text_raw(tmp_path / "raw")
+    path = raw / file
+    lines = path.read_bytes().decode().split("\n")
+    lines[line - 1] = spoil(lines[line - 1])
+    path.write_bytes("\n".join(lines).encode())
+    with pytest.raises(DataError) as single:
+        load_dataset(raw)
+    assert f"{path}:{line}:" in str(single.value)
+    with pytest.raises(DataError) as split:
+        prepare(raw, tmp_path / "prepared", split_bytes=1500)
+    assert str(split.value) == str(single.value)
+    assert not prepared.is_prepared(tmp_path / "prepared")
+
+
 def test_cli_prepares_and_refuses_bad_input_with_exit_2(
     tmp_path: Path, local_ray: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -191,12 +281,13 @@ def test_cli_prepares_and_refuses_bad_input_with_exit_2(
     assert main(argv) == 2  # the output folder exists
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {out}: exists and is not an empty folder; choose a new output folder"]
-    (raw / "films.csv").write_text("user_id,item_id\nu1,f1\n", encoding="utf-8")
+    (raw / "films.csv").write_text("user_id,item_id\nu1,f1\nu2,\n", encoding="utf-8")
     toml = (raw / "dataset.toml").read_text().replace('"films.parquet"', '"films.csv"')
     (raw / "dataset.toml").write_text(toml, encoding="utf-8")
     assert main([*argv[:-1], str(tmp_path / "other")]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith(f"error: {raw / 'films.csv'}: the distributed path reads Parquet")
+    assert line == f"error: {raw / 'films.csv'}:3: empty item id"
+    assert not (tmp_path / "other").exists()
 
 
 def test_training_imports_no_ray_until_the_distributed_path_runs() -> None:

@@ -25,13 +25,14 @@ import csv
 import difflib
 import functools
 import hashlib
+import io
 import logging
 import re
 import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeAlias
+from typing import BinaryIO, TypeAlias
 
 import numpy as np
 import pyarrow as pa
@@ -262,13 +263,19 @@ def _fingerprint(paths: list[Path]) -> str:
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 
 
-def _decoded(path: Path, encoding: str = "utf-8") -> Iterator[str]:
-    """The lines of ``path`` (newlines kept), each decoded on its own so that an error names it.
+def _open_text(path: Path, data: bytes | None) -> BinaryIO:
+    """``path`` opened for reading, or ``data`` (a part of it, read already) as a file."""
+    return io.BytesIO(data) if data is not None else _require(path).open("rb")
+
+
+def _decoded(path: Path, encoding: str = "utf-8", data: bytes | None = None) -> Iterator[str]:
+    """The lines of ``path`` (newlines kept), each decoded on its own so that an error names it;
+    ``data``: the bytes to read instead of the file, named as ``path``.
 
     Bytes that are not ``encoding`` text, and control characters such as NUL (a binary file, or an
     id a database padded), are refused with the file and line.
     """
-    with _require(path).open("rb") as fh:
+    with _open_text(path, data) as fh:
         for lineno, raw in enumerate(fh, start=1):
             try:
                 line = raw.decode(encoding)
@@ -471,12 +478,17 @@ Column = str | int  # a column: its header name, or its 0-based index in a heade
 
 
 def _columns(
-    path: Path, wanted: dict[str, Column | None], header: bool, delimiter: str | None
+    path: Path,
+    wanted: dict[str, Column | None],
+    header: bool,
+    delimiter: str | None,
+    data: bytes | None = None,
 ) -> tuple[dict[str, list[str]], list[int]]:
-    """The ``wanted`` columns of a delimited text file, by role; with their line numbers."""
+    """The ``wanted`` columns of a delimited text file (or ``data``), by role; with their line
+    numbers."""
     if delimiter is None:
         delimiter = "," if path.suffix.lower() == ".csv" else "\t"
-    reader = csv.reader(_decoded(path), delimiter=delimiter)
+    reader = csv.reader(_decoded(path, data=data), delimiter=delimiter)
     cols: dict[str, int] = {}
     width: int | None = None
     try:
@@ -534,9 +546,10 @@ def _read_rows(
     timestamp: Column | None,
     delimiter: str | None,
     header: bool,
+    data: bytes | None = None,
 ) -> tuple[list[str], list[str], list[float] | None, list[int] | None]:
     wanted = {"user": user, "item": item, "rating": rating, "timestamp": timestamp}
-    cols, lines = _columns(path, wanted, header, delimiter)
+    cols, lines = _columns(path, wanted, header, delimiter, data)
     for role in ("user", "item"):
         for lineno, value in zip(lines, cols[role], strict=True):
             if not value:
@@ -574,13 +587,17 @@ def table_batches(
     header: bool,
     delimiter: str | None,
     fmt: str | None = None,
+    data: bytes | None = None,
 ) -> Batches:
-    """The cleaned record batches of one interactions table (any supported format)."""
+    """The cleaned record batches of one interactions table (any supported format); for a text
+    table, ``data`` holds the bytes to read instead of the file (a part of it: the distributed
+    path), named as ``path`` in errors."""
     if file_format(path, fmt) == "parquet":
         return _parquet_batches(path, wanted, header)
     if delimiter is None:
         delimiter = "," if file_format(path, fmt) == "csv" else "\t"
-    batches = _arrow_text(_require(path), wanted, header, delimiter)
+    source = path if data is not None else _require(path)
+    batches = _arrow_text(source, wanted, header, delimiter, data)
     if batches is None:  # the exact reader: names the line of the first problem, or reads it
         u, i, r, t = _read_rows(
             path,
@@ -590,6 +607,7 @@ def table_batches(
             wanted["timestamp"],
             delimiter,
             header,
+            data,
         )
         batches = [_batch(u, i, r, t)]
     return lambda: iter(batches)
@@ -602,11 +620,12 @@ class _Refused(Exception):
 _TEXT = bytes([9, 10, 13, *range(32, 256)])  # the bytes a text table may hold
 
 
-def _text_is_clean(path: Path, encoding: str = "utf-8") -> bool:
-    """Whether the whole file is ``encoding`` text (UTF-8 checked; every byte is Latin-1) without
-    control characters (tab, CR, LF allowed): C-speed byte scans, decoding only non-ASCII parts."""
+def _text_is_clean(path: Path, encoding: str = "utf-8", data: bytes | None = None) -> bool:
+    """Whether the whole file (or ``data``) is ``encoding`` text (UTF-8 checked; every byte is
+    Latin-1) without control characters (tab, CR, LF allowed): C-speed byte scans, decoding only
+    non-ASCII parts."""
     decoder = codecs.getincrementaldecoder("utf-8")()
-    with path.open("rb") as fh:
+    with _open_text(path, data) as fh:
         while chunk := fh.read(SCAN_BYTES):
             if chunk.translate(None, _TEXT):  # what is left are control characters
                 return False
@@ -624,13 +643,18 @@ def _text_is_clean(path: Path, encoding: str = "utf-8") -> bool:
 
 
 def _arrow_text(
-    path: Path, wanted: dict[str, Column | None], header: bool, delimiter: str
+    path: Path,
+    wanted: dict[str, Column | None],
+    header: bool,
+    delimiter: str,
+    data: bytes | None = None,
 ) -> list[pa.RecordBatch] | None:
-    """A delimited text file parsed by pyarrow.csv, or None when any line needs the exact reader
-    (bad bytes, wrong field count, empty id, a number that does not parse, blank-looking rows)."""
-    if not _text_is_clean(path):
+    """A delimited text file (or ``data``) parsed by pyarrow.csv, or None when any line needs the
+    exact reader (bad bytes, wrong field count, empty id, a number that does not parse,
+    blank-looking rows)."""
+    if not _text_is_clean(path, data=data):
         return None
-    with path.open("rb") as fh:
+    with _open_text(path, data) as fh:
         first = fh.readline().decode("utf-8")
     if not first.strip():
         return None
@@ -655,7 +679,7 @@ def _arrow_text(
     chosen = sorted(set(index.values()))
     try:
         reader = pacsv.open_csv(
-            path,
+            path if data is None else pa.BufferReader(data),
             read_options=pacsv.ReadOptions(
                 column_names=generated, skip_rows=1 if header else 0, block_size=1 << 24
             ),
@@ -1271,6 +1295,10 @@ class DomainSpec:
     def batches(self, path: Path) -> Batches:
         """The cleaned batches of one of the parts' files."""
         return table_batches(path, self.columns, self.header, self.delimiter, self.fmt)
+
+    def batches_of(self, path: Path, data: bytes) -> Batches:
+        """The cleaned batches of ``data``, a part of the text file ``path`` (named in errors)."""
+        return table_batches(path, self.columns, self.header, self.delimiter, self.fmt, data)
 
 
 def _domain_spec(path: Path, decl_file: Path, name: str, spec: dict[str, object]) -> DomainSpec:
