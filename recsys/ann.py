@@ -29,7 +29,7 @@ _ADD_CHUNK = 262_144
 # How each kind is memory-mapped: flat and HNSW storage through FAISS's mapped reader for
 # IndexFlatCodes (IO_FLAG_MMAP_IFC, FAISS >= 1.10), IVF inverted lists as read-only on-disk lists
 # (IO_FLAG_MMAP). Where the flag is missing the index is read into memory. Fast-scan codes are
-# held in blocks that FAISS has no mapped form of: read into memory (codes and ids, 24 bytes per
+# held in blocks that FAISS has no mapped form of: read into memory (codes and ids, 40 bytes per
 # item with the default pq_m).
 _MMAP_FLAG_NAMES: dict[str, str | None] = {
     FLAT: "IO_FLAG_MMAP_IFC",
@@ -59,8 +59,9 @@ class AnnParams:
     hnsw_ef_search: int = 128
     ivf_nlist: int = 0  # 0: the power of two nearest sqrt(n_items), within [64, 65536]
     ivf_nprobe: int = 0  # 0: a quarter of the lists (nprobe_for)
-    pq_m: int = 32  # sub-quantizers per item code: 4 bits each (ivfpqfs), 8 bits each (ivfpq)
-    rerank_factor: int = 8  # IVF: candidates fetched per result, re-scored exactly
+    pq_m: int = 64  # sub-quantizers per item code: 4 bits each (ivfpqfs: one per dimension at
+    # dim 64, 32-byte codes; docs/scale.md#measured), 8 bits each (ivfpq)
+    rerank_factor: int = 4  # IVF: candidates fetched per result, re-scored exactly
     train_per_list: int = 64  # IVF: training vectors per inverted list (capped at n_items)
     seed: int = 0
 

@@ -114,8 +114,8 @@ class Config:
     index_hnsw_ef_search: int = 128  # HNSW search beam width (the service may override it)
     index_ivf_nlist: int = 0  # IVF inverted lists (0: power of two nearest sqrt(items))
     index_ivf_nprobe: int = 0  # IVF lists per query (0: a quarter; a nonzero service's wins)
-    index_pq_m: int = 32  # IVF-PQ sub-quantizers per item code (4 bits each: 16-byte codes)
-    index_rerank_factor: int = 8  # IVF candidates per result, re-scored exactly
+    index_pq_m: int = 64  # IVF-PQ sub-quantizers per item code (4 bits each: 32-byte codes)
+    index_rerank_factor: int = 4  # IVF candidates per result, re-scored exactly
     # --- run ------------------------------------------------------------------------------
     seed: int = 0  # seeds the split, initialisation and batch order
     device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"

@@ -68,7 +68,7 @@ class RetrievalSettings(ServerSettings):
         "publish; its default is a quarter of the index's lists).",
     )
     rerank_factor: int = Field(
-        8,
+        4,
         ge=1,
         le=1000,
         description="IVF-PQ candidates fetched per result asked for, re-scored exactly against the "

@@ -63,7 +63,7 @@ class IndexOptions:
     hnsw_ef_construction: int = 80
     hnsw_ef_search: int = 128
     ivf_nprobe: int = 0  # 0: the version's own (default: a quarter of the lists)
-    rerank_factor: int = 8
+    rerank_factor: int = 4
     onnx_threads: int = 1
 
     def ann_params(self) -> AnnParams:
