@@ -15,7 +15,9 @@ process (``ru_maxrss`` from ``wait4``):
   ``--ray-cpus`` CPUs (default 2) writes the prepared folder (codes partitioned by user); its
   memory is the peak of the sum of the proportional set sizes (PSS: shared object-store pages
   counted once) of the driver and every Ray process under it, sampled every 0.2 s with psutil;
-  the time of loading the prepared folder back (``load_dataset``) is in the notes.
+  the time of loading the prepared folder back (``load_dataset``) is in the notes;
+* ``prepare-ray-csv``: the same from the same rows written as CSV files (written once beside the
+  Parquet data, not timed): the distributed path's text reader against its Parquet reader.
 
 Data goes to ``--work-dir`` (default /tmp/recsys-scale), one folder per size, removed after
 the size's stages unless ``--keep``. Results merge into bench/results/scale.json and scale.md
@@ -43,8 +45,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-STAGES = ("generate", "load", "split", "train-epoch", "prepare-ray")
-DEFAULT_STAGES = STAGES[:4]  # prepare-ray (the distributed extra) when asked for
+STAGES = ("generate", "load", "split", "train-epoch", "prepare-ray", "prepare-ray-csv")
+DEFAULT_STAGES = STAGES[:4]  # prepare-ray[-csv] (the distributed extra) when asked for
 SUFFIX = {"k": 10**3, "M": 10**6, "G": 10**9}
 
 
@@ -131,6 +133,30 @@ def _prepare_ray(data: Path, out: Path, cpus: int) -> dict[str, Any]:
     return report
 
 
+def _as_csv(data: Path) -> Path:
+    """The data set's Parquet domains rewritten as CSV files with a header, in a sibling folder
+    (once: reused when its declaration exists)."""
+    import tomllib
+
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    text = data.with_name(data.name + "-csv")
+    if (text / "dataset.toml").is_file():
+        return text
+    text.mkdir(parents=True, exist_ok=True)
+    decl = tomllib.loads((data / "dataset.toml").read_text(encoding="utf-8"))
+    lines = [f"name = {json.dumps(decl['name'])}"]
+    for domain, spec in decl["domains"].items():
+        source = pq.ParquetFile(data / spec["file"])
+        with pacsv.CSVWriter(text / f"{domain}.csv", source.schema_arrow) as writer:
+            for batch in source.iter_batches(batch_size=1 << 20):
+                writer.write_batch(batch)
+        lines += [f"[domains.{domain}]", f'file = "{domain}.csv"']
+    (text / "dataset.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return text
+
+
 def _child(
     stage: str, data: Path, out: Path, overrides: list[str], train_pairs: int, cpus: int = 2
 ) -> None:
@@ -142,6 +168,11 @@ def _child(
     logging.basicConfig(level=logging.WARNING)
     if stage == "prepare-ray":
         out.write_text(json.dumps(_prepare_ray(data, out, cpus)))
+        return
+    if stage == "prepare-ray-csv":
+        text = _as_csv(data)
+        mb = sum(f.stat().st_size for f in text.glob("*.csv")) / 2**20
+        out.write_text(json.dumps(_prepare_ray(text, out, cpus) | {"input_mb": mb}))
         return
     from training.data.dataset import load_dataset
     from training.data.splits import make_split
@@ -333,7 +364,9 @@ def markdown(result: dict[str, Any]) -> str:
                 f"loss {r['loss']}{', sparse tables' if r.get('sparse_embeddings') else ''}, "
                 f"{r['epoch_pairs']:,} of {r['train_pairs']:,} pairs{part}"
             )
-        if r["stage"] == "prepare-ray" and r.get("partitions"):
+        if r["stage"] == "prepare-ray-csv" and r.get("input_mb"):
+            notes.append(f"from {r['input_mb']:,.1f} MiB of CSV")
+        if r["stage"].startswith("prepare-ray") and r.get("partitions"):
             notes.append(
                 f"Ray Data on {r['ray_cpus']} CPU{'s' if r['ray_cpus'] > 1 else ''} (+{r['ray_init_s']:.1f} s to start Ray), "
                 f"{r['partitions']} user partitions, {r['unique_pairs']:,} unique pairs; memory: "
@@ -435,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if not args.keep and "generate" in stages:
             shutil.rmtree(args.work_dir / size_name(n), ignore_errors=True)
+            shutil.rmtree(args.work_dir / f"{size_name(n)}-csv", ignore_errors=True)
     for other in args.merge:  # rows of another run (its own --results), taken as they are
         rows += json.loads(other.read_text())["rows"]
     rows = list({(r["size"], r["stage"]): r for r in rows}.values())  # the last of each wins

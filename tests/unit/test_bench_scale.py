@@ -55,12 +55,19 @@ def test_every_stage_reports_time_throughput_and_memory(tmp_path: Path) -> None:
 def test_prepare_ray_stage_reports_the_driver_and_its_ray_processes(tmp_path: Path) -> None:
     work, results = tmp_path / "work", tmp_path / "results"
     common = ["--work-dir", str(work), "--results", str(results), "--ray-cpus", "1"]
-    assert scale.main(["--sizes", "5k", "--stages", "generate,prepare-ray", *common]) == 0
+    stages = "generate,prepare-ray,prepare-ray-csv"
+    assert scale.main(["--sizes", "5k", "--stages", stages, *common]) == 0
     rows = {r["stage"]: r for r in json.loads((results / "scale.json").read_text())["rows"]}
     r = rows["prepare-ray"]
+    # the same rows read from CSV: the same de-duplicated pairs and users
+    text = rows["prepare-ray-csv"]
+    assert text["rc"] == 0 and text["input_mb"] > 0 and text["rows"] == 5000
+    assert (text["unique_pairs"], text["users"]) == (r["unique_pairs"], r["users"])
+    assert not (work / "5k-csv").exists()  # removed with the generated data
     assert r["rc"] == 0 and r["rows"] == 5000 and r["stage_s"] > 0 and r["ray_cpus"] == 1
     assert r["loaded_pairs"] == r["unique_pairs"] < 5000  # the prepared folder loads back
     # the Ray processes (at least the raylet, the GCS and one worker) count beside the driver
     assert r["processes"] >= 4 and r["peak_rss_mb"] == r["peak_tree_mb"] > r["driver_peak_mb"] > 0
     md = (results / "scale.md").read_text()
     assert "| 5k | prepare-ray |" in md and "Ray Data on 1 CPU (+" in md
+    assert "| 5k | prepare-ray-csv |" in md and "MiB of CSV" in md
