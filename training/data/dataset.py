@@ -596,8 +596,7 @@ def table_batches(
         return _parquet_batches(path, wanted, header)
     if delimiter is None:
         delimiter = "," if file_format(path, fmt) == "csv" else "\t"
-    source = path if data is not None else _require(path)
-    batches = _arrow_text(source, wanted, header, delimiter, data)
+    batches = _arrow_text(path, wanted, header, delimiter, data)  # _open_text checks the file
     if batches is None:  # the exact reader: names the line of the first problem, or reads it
         u, i, r, t = _read_rows(
             path,
