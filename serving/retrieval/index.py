@@ -57,13 +57,13 @@ class IndexOptions:
     """How a version without a stored index (published before items.faiss) gets one at load,
     and the search parameters of every index (recsys/ann.py; docs/scale.md)."""
 
-    exact_search_max_items: int = 50_000
-    hnsw_max_items: int = 500_000
-    hnsw_m: int = 32
-    hnsw_ef_construction: int = 80
-    hnsw_ef_search: int = 128
+    exact_search_max_items: int = AnnParams.exact_max_items
+    hnsw_max_items: int = AnnParams.hnsw_max_items
+    hnsw_m: int = AnnParams.hnsw_m
+    hnsw_ef_construction: int = AnnParams.hnsw_ef_construction
+    hnsw_ef_search: int = AnnParams.hnsw_ef_search
     ivf_nprobe: int = 0  # 0: the version's own (default: a quarter of the lists)
-    rerank_factor: int = 4
+    rerank_factor: int = AnnParams.rerank_factor
     onnx_threads: int = 1
 
     def ann_params(self) -> AnnParams:

@@ -72,6 +72,26 @@ def test_the_index_type_follows_the_catalogue_size() -> None:
         AnnParams(exact_max_items=10, hnsw_max_items=5).checked()
 
 
+def test_the_retrieval_service_searches_with_the_index_defaults() -> None:
+    """The service's settings and the index builder's parameters have one set of defaults (the
+    service's search parameters apply to every version it loads)."""
+    settings = RetrievalSettings()
+    defaults = AnnParams()
+    assert (settings.hnsw_ef_search, settings.rerank_factor) == (
+        defaults.hnsw_ef_search,
+        defaults.rerank_factor,
+    )
+    assert (settings.exact_search_max_items, settings.hnsw_max_items) == (
+        defaults.exact_max_items,
+        defaults.hnsw_max_items,
+    )
+    assert (settings.hnsw_m, settings.hnsw_ef_construction) == (
+        defaults.hnsw_m,
+        defaults.hnsw_ef_construction,
+    )
+    assert IndexOptions().ann_params() == defaults
+
+
 def test_training_settings_name_the_bad_index_parameter() -> None:
     assert Config().index_params() == AnnParams()
     assert Config(index_hnsw_max_items=2_000_000).index_params().hnsw_max_items == 2_000_000
