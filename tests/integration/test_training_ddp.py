@@ -23,6 +23,10 @@ ARGS = [
     "--epochs=6",
     "--source_epochs=6",
     "--patience=100",
+    # what DDP changes is the training step: no baselines, blend or learned ranker to wait for
+    "--baselines=popularity",
+    "--blend=false",
+    "--ranker=dot",
     "--log-level",
     "WARNING",
 ]
@@ -35,36 +39,42 @@ def _env() -> dict[str, str]:
 
 
 def _train_one_and_two(tmp_path: Path, extra: list[str]) -> tuple[Path, Path]:
-    """Run directories of the same training in one process and in two under torchrun."""
+    """Run directories of the same training in one process and in two under torchrun (side by
+    side: each process has one thread)."""
     single, double = tmp_path / "one", tmp_path / "two"
-    subprocess.run(
+    one = subprocess.Popen(
         [sys.executable, "-m", "training", *ARGS, *extra, "--run-dir", str(single)],
-        check=True,
         env=_env(),
         cwd=REPO_ROOT,
-        timeout=120,
-        capture_output=True,
-    )
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node=2",
-            "-m",
-            "training",
-            *ARGS,
-            *extra,
-            "--run-dir",
-            str(double),
-        ],
-        env=_env(),
-        cwd=REPO_ROOT,
-        timeout=120,
-        capture_output=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
     )
+    try:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node=2",
+                "-m",
+                "training",
+                *ARGS,
+                *extra,
+                "--run-dir",
+                str(double),
+            ],
+            env=_env(),
+            cwd=REPO_ROOT,
+            timeout=120,
+            capture_output=True,
+            text=True,
+        )
+        _, one_err = one.communicate(timeout=120)
+    finally:
+        one.kill()
+    assert one.returncode == 0, one_err[-3000:]
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((double / "results.json").read_text())["world_size"] == 2
     assert json.loads((single / "results.json").read_text())["world_size"] == 1
