@@ -176,11 +176,14 @@ def publish_feature_model(
         write_items,
         write_users,
     )
-    from training.ranker import FeatureRanker, export_ranker
+    from training.ranker import CrossFitted, FeatureRanker, export_ranker
 
     torch.manual_seed(seed)
     width = len(FEATURE_NAMES)
-    module = FeatureRanker(np.zeros(width, np.float32), np.ones(width, np.float32)).eval()
+    # as training publishes it: the mean of two cross-fitted MLPs
+    module = CrossFitted(
+        [FeatureRanker(np.zeros(width, np.float32), np.ones(width, np.float32)) for _ in range(2)]
+    ).eval()
     with VersionPublisher(repo, [name]) as pub:
         d = pub.describe(
             name,

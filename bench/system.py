@@ -283,9 +283,11 @@ def markdown(results: dict[str, Any]) -> str:
             )
     lines += [
         "",
-        "Validation (the ranker's selection half of warm validation users; cold: the split's "
-        "cold-start validation users, where recorded; seed order as above): NDCG@10 of "
-        "retrieval order / dot / learned on the candidates.",
+        "Validation (out of fold: every warm validation user ordered by the cross-fitted "
+        "member that did not train on it; runs trained before cross-fitting, sport/cloth here, "
+        "report the selection half; cold: the split's cold-start validation users, where "
+        "recorded; seed order as above): NDCG@10 of retrieval order / dot / learned on the "
+        "candidates.",
         "",
     ]
     for pair, block in results["pairs"].items():

@@ -3,8 +3,10 @@
 the served retrieval generates, with its ONNX export and parity check.
 
 Warm labels come from the validation interactions of warm users, which the retrieval model was
-not fitted on (its own training items would carry inflated scores): half of those users train
-the ranker (a share of them also with recent items), the other half choose its epoch. Cold-start
+not fitted on (its own training items would carry inflated scores). They are few, so the ranker
+is cross-fitted: those users fall into two halves, one MLP trains on each half (a share of its
+users also with recent items) with its epoch chosen on the other, and the served ranker is the
+mean of the two (every warm label trains it; each member is judged on users it never saw). Cold-start
 examples are training users presented as retrieval serves source-only users (no target history,
 their mapped vector), labelled with their own target training items; the split's cold-start
 validation users select. The test split is never read (ranker_examples).
@@ -191,6 +193,17 @@ class FeatureRanker(nn.Module):
         return self.net((features - self.mean) / self.scale).squeeze(-1)
 
 
+class CrossFitted(nn.Module):
+    """features [N, F] -> score [N]: the mean of the members' scores (one ONNX graph)."""
+
+    def __init__(self, members: list[FeatureRanker]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(features) for m in self.members]).mean(dim=0)
+
+
 def _pad(sets: list[CandidateSet]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     width = max(len(s.labels) for s in sets)
     n_features = sets[0].features.shape[1]
@@ -204,7 +217,7 @@ def _pad(sets: list[CandidateSet]) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(mask)
 
 
-def evaluate_orders(model: FeatureRanker | None, sets: list[CandidateSet]) -> dict[str, float]:
+def evaluate_orders(model: nn.Module | None, sets: list[CandidateSet]) -> dict[str, float]:
     """Mean NDCG@10 of (a) retrieval order, (b) the dot product, (c) the ranker."""
     out = {"retrieval": 0.0, "dot": 0.0, "learned": 0.0, "candidate_recall": 0.0}
     if not sets:  # e.g. no cold-start users (a single-domain job)
@@ -359,6 +372,8 @@ def ranker_examples(
     - ``train_warm``: half of the warm validation users (labels: their validation items);
     - ``train_recent``: a share of those again, with up to RECENT_ITEMS of their training items
       as the request's recent items (the RECENT source and features);
+    - ``select_recent``: the same for the other half (``select_warm``), whose users train the
+      second member of the cross-fitted ranker;
     - ``train_cold``: simulated cold-start users drawn from training users with source history
       who are not selection users: their target history hidden (no seen items, the mapped
       vector, item-to-item votes of source items only) and their own target *training* items
@@ -407,6 +422,10 @@ def ranker_examples(
             )
     for u in sorted(select_users):
         out["select_warm"].append(build(u, cold=False, relevant=valid_by_user[u], kind="warm"))
+        if recent_share > 0 and rng.random() < recent_share:
+            out["select_recent"].append(
+                build(u, cold=False, relevant=valid_by_user[u], kind="warm+recent", recent=True)
+            )
     # Simulated cold: training users with source history and target training items, never a
     # selection user; as many as cold_share of the warm training users.
     pool = [
@@ -465,7 +484,14 @@ def published_arrays(
     )
 
 
-_ROLES = ("train_warm", "train_recent", "train_cold", "select_warm", "select_cold")
+_ROLES = (
+    "train_warm",
+    "train_recent",
+    "train_cold",
+    "select_warm",
+    "select_recent",
+    "select_cold",
+)
 
 
 def fit_second_stage(
@@ -506,8 +532,7 @@ def fit_second_stage(
         cold_share=cold_share,
         recent_share=recent_share,
     )
-    model, info = _with_or_without_cold(sets, seed)
-    info["validation"] = evaluate_orders(model, sets["select_warm"])
+    model, info = cross_fit(sets, seed)
     info["validation_cold"] = evaluate_orders(model, sets["select_cold"])
     info["validation_cold_kind"] = sets["select_cold"][0].kind if sets["select_cold"] else None
     info["examples"] = {k: len(v) for k, v in sets.items()}
@@ -528,18 +553,19 @@ def fit_second_stage(
 
 
 def _with_or_without_cold(
-    sets: dict[str, list[CandidateSet]], seed: int
+    warm: list[CandidateSet],
+    select_warm: list[CandidateSet],
+    simulated_cold: list[CandidateSet],
+    select_cold: list[CandidateSet],
+    seed: int,
 ) -> tuple[FeatureRanker, dict[str, Any]]:
-    """The ranker trained on the warm examples alone and, where there are simulated cold-start
+    """A ranker trained on the warm examples alone and, where there are simulated cold-start
     users, on the warm examples and those: the one the selection users prefer. Simulated users
     are labelled with training items the retrieval tables were fitted on (an optimism that can
     teach the ranker the wrong weights), so validation decides whether they help."""
-    warm = sets["train_warm"] + sets["train_recent"]
-    options = {"without": warm} | (
-        {"with": warm + sets["train_cold"]} if sets["train_cold"] else {}
-    )
+    options = {"without": warm} | ({"with": warm + simulated_cold} if simulated_cold else {})
     fitted = {
-        k: train_ranker(v, sets["select_warm"], seed=seed, select_cold=sets["select_cold"])
+        k: train_ranker(v, select_warm, seed=seed, select_cold=select_cold)
         for k, v in options.items()
     }
     score = {k: info["selection_ndcg@10"] for k, (_, info) in fitted.items()}
@@ -548,24 +574,58 @@ def _with_or_without_cold(
     info["simulated_cold"] = {
         "used": chosen == "with",
         "selection_ndcg@10": score,
-        "examples": len(sets["train_cold"]),
+        "examples": len(simulated_cold),
     }
     return model, info
 
 
-def export_ranker(module: FeatureRanker, path: Path, seed: int) -> float:
-    """Export the ranker to ONNX (features [N, F] -> score [N]) and check it against torch."""
+def cross_fit(sets: dict[str, list[CandidateSet]], seed: int) -> tuple[CrossFitted, dict[str, Any]]:
+    """Two members, each trained on one half of the warm validation users (and its recent-item
+    examples; simulated cold users where validation prefers them) with its epoch chosen on the
+    other half and the cold selection users; the ranker is their mean. `validation` is out of
+    fold: every warm user ordered by the member that did not train on it."""
+    halves = (
+        (sets["train_warm"] + sets["train_recent"], sets["select_warm"]),
+        (sets["select_warm"] + sets["select_recent"], sets["train_warm"]),
+    )
+    members, infos, held_out = [], [], []
+    for i, (train, select) in enumerate(halves):
+        model, info = _with_or_without_cold(
+            train, select, sets["train_cold"], sets["select_cold"], seed + i
+        )
+        members.append(model)
+        infos.append(info)
+        held_out.append(evaluate_orders(model, select))
+    users = sum(v["users"] for v in held_out)
+    validation = {
+        k: sum(v[k] * v["users"] for v in held_out) / max(1, users)
+        for k in ("retrieval", "dot", "learned", "candidate_recall")
+    } | {"users": users}
+    info = {
+        # the mean of the members' selection scores (warm held-out half and cold users)
+        "selection_ndcg@10": sum(i["selection_ndcg@10"] for i in infos) / len(infos),
+        "validation": validation,
+        "members": infos,
+    }
+    return CrossFitted(members).eval(), info
+
+
+def export_ranker(module: nn.Module, path: Path, seed: int) -> float:
+    """Export the ranker (a FeatureRanker or a CrossFitted mean of them) to ONNX (features
+    [N, F] -> score [N]) and check it against torch."""
     from training.export_onnx import _export, check_graph
 
     rng = np.random.default_rng(seed)
-    mean, scale = module.mean.numpy(), module.scale.numpy()
+    first = module.members[0] if isinstance(module, CrossFitted) else module
+    assert isinstance(first, FeatureRanker)
+    mean, scale = first.mean.numpy(), first.scale.numpy()
     sample = (mean + scale * rng.standard_normal((257, len(mean)))).astype(np.float32)
     _export(module, (torch.from_numpy(sample[:3]),), ["features"], ["score"], path)
     return check_graph(path, module, {"features": sample})
 
 
 def int8_ranker(
-    module: FeatureRanker, calibration: list[CandidateSet], folder: Path, seed: int
+    module: nn.Module, calibration: list[CandidateSet], folder: Path, seed: int
 ) -> tuple[Path, Path, str]:
     """The ranker's fp32 graph and its int8 graph (training/quantize.py: static, calibrated on
     the feature rows of `calibration`, at most 16 batches of 1,000 rows) in `folder`."""

@@ -1,22 +1,26 @@
 """The learned ranker's labelled examples: simulated cold-start users are training users whose
 target history is hidden and whose labels are their own training items (never a validation or
-test item), real cold-start validation users select, and recent items make the RECENT features
-non-zero in training."""
+test item), real cold-start validation users select, recent items make the RECENT features
+non-zero in training; and the cross-fitted ranker, each member judged on the half it did not
+train on."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from recsys.features import FEATURE_NAMES
 from recsys.sources import CandidateSources, exact_search
 from training.data.splits import make_split
 from training.data.synthetic import make_synthetic
 from training.ranker import (
+    CrossFitted,
     _Published,
     _with_or_without_cold,
     compare_precisions,
     compute_neighbours,
+    cross_fit,
     evaluate_orders,
     int8_ranker,
     ranker_examples,
@@ -132,6 +136,10 @@ def test_recent_features_are_nonzero_in_training_and_zero_without_recent_items(e
     # warm examples are labelled with validation items, which are never among their candidates'
     # exclusions (the user's training items)
     assert {s.user for s in recent} <= {s.user for s in sets["train_warm"]}
+    # the selection half has its own recent examples (it trains the second member)
+    assert sets["select_recent"]
+    assert {s.user for s in sets["select_recent"]} <= {s.user for s in sets["select_warm"]}
+    assert all((s.features[:, RECENT] > 0).any() for s in sets["select_recent"])
 
 
 def test_warm_training_and_selection_users_are_disjoint(examples) -> None:
@@ -168,7 +176,9 @@ def test_orders_of_no_users_count_zero_users() -> None:
 def test_validation_decides_whether_simulated_cold_users_train_the_ranker(examples) -> None:
     _, sets = examples
     assert sets["train_cold"]
-    model, info = _with_or_without_cold(sets, seed=0)
+    warm_sets = sets["train_warm"] + sets["train_recent"]
+    args = (sets["select_warm"], sets["train_cold"], sets["select_cold"], 0)
+    model, info = _with_or_without_cold(warm_sets, *args)
     scores = info["simulated_cold"]["selection_ndcg@10"]
     assert set(scores) == {"with", "without"}
     used = "with" if info["simulated_cold"]["used"] else "without"
@@ -177,9 +187,39 @@ def test_validation_decides_whether_simulated_cold_users_train_the_ranker(exampl
     cold = evaluate_orders(model, sets["select_cold"])["learned"]
     assert scores[used] == pytest.approx((warm + cold) / 2)
     # without simulated users there is nothing to choose
-    _, alone = _with_or_without_cold(sets | {"train_cold": []}, seed=0)
+    _, alone = _with_or_without_cold(warm_sets, args[0], [], *args[2:])
     assert alone["simulated_cold"] == {
         "used": False,
         "selection_ndcg@10": {"without": pytest.approx(scores["without"])},
         "examples": 0,
     }
+
+
+def test_cross_fitted_members_are_judged_on_the_half_they_did_not_train_on(examples) -> None:
+    _, sets = examples
+    model, info = cross_fit(sets, seed=0)
+    assert isinstance(model, CrossFitted) and len(model.members) == 2
+    first, second = model.members
+    # out of fold: the first member on the selection half, the second on the training half
+    held_out = [
+        evaluate_orders(first, sets["select_warm"]),
+        evaluate_orders(second, sets["train_warm"]),
+    ]
+    users = len(sets["select_warm"]) + len(sets["train_warm"])
+    assert info["validation"]["users"] == users
+    for key in ("retrieval", "dot", "learned"):
+        want = sum(v[key] * v["users"] for v in held_out) / users
+        assert info["validation"][key] == pytest.approx(want)
+    # each member's epoch was chosen on its own held-out half (and the cold selection users)
+    for member, (m, select) in zip(
+        info["members"], ((first, sets["select_warm"]), (second, sets["train_warm"])), strict=True
+    ):
+        warm = evaluate_orders(m, select)["learned"]
+        cold = evaluate_orders(m, sets["select_cold"])["learned"]
+        assert member["selection_ndcg@10"] == pytest.approx((warm + cold) / 2)
+    # the two members learned different functions, and the ranker scores with their mean
+    x = torch.from_numpy(np.concatenate([s.features for s in sets["select_warm"][:5]]))
+    with torch.no_grad():
+        a, b, both = first(x), second(x), model(x)
+    assert not torch.allclose(a, b)
+    torch.testing.assert_close(both, (a + b) / 2)
