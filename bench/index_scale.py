@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -290,8 +291,10 @@ def run_size(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
             continue  # HNSW: minutes per 100 k items to build; exact: the ground truth
         repo = work / f"repo-{kind}"
         faiss.omp_set_num_threads(os.cpu_count() or 1)
-        # The parameters as training has them; earlier versions' 8-bit IVF-PQ with theirs.
-        earlier = replace(defaults, pq_m=16, ivf_nprobe=128, rerank_factor=8)
+        # The parameters as training has them; earlier versions' 8-bit IVF-PQ with theirs
+        # (the power of two nearest sqrt(n) lists, 16-byte codes, nprobe 128, 8 k re-scored).
+        sqrt_lists = int(2 ** round(math.log2(math.sqrt(n))))
+        earlier = replace(defaults, ivf_nlist=sqrt_lists, pq_m=16, ivf_nprobe=128, rerank_factor=8)
         params = earlier if kind == "ivfpq" else defaults
         version, build_s, publish_s = publish(repo, embeddings, users, params, kind, args.seed)
         directory = repo / MODEL / str(version)
@@ -418,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         "--ivfpq-limit", type=int, default=1_000_000, help="largest 8-bit IVF-PQ (earlier) built"
     )
     parser.add_argument(
-        "--sweep-nprobe", default="64,128,256,512,1024", help="chosen IVF: nprobe swept"
+        "--sweep-nprobe", default="128,256,512,1024,2048", help="chosen IVF: nprobe swept"
     )
     parser.add_argument("--sweep-rerank", default="4,8", help="chosen IVF: rerank_factor swept")
     parser.add_argument("--queries", type=int, default=500)

@@ -57,8 +57,8 @@ class AnnParams:
     hnsw_m: int = 32
     hnsw_ef_construction: int = 80
     hnsw_ef_search: int = 128
-    ivf_nlist: int = 0  # 0: the power of two nearest sqrt(n_items), within [64, 65536]
-    ivf_nprobe: int = 0  # 0: a quarter of the lists (nprobe_for)
+    ivf_nlist: int = 0  # 0: the power of two nearest 4 sqrt(n_items), within [64, 65536]
+    ivf_nprobe: int = 0  # 0: an eighth of the lists (nprobe_for)
     pq_m: int = 64  # sub-quantizers per item code: 4 bits each (ivfpqfs: one per dimension at
     # dim 64, 32-byte codes; docs/scale.md#measured), 8 bits each (ivfpq)
     rerank_factor: int = 4  # IVF: candidates fetched per result, re-scored exactly
@@ -96,17 +96,20 @@ def choose_kind(n_items: int, params: AnnParams) -> str:
 
 
 def nlist_for(n_items: int, params: AnnParams) -> int:
+    """`ivf_nlist` lists, or (0) the power of two nearest 4 sqrt(n_items), within [64, 65536]:
+    the lower end of FAISS's guideline (4 to 16 sqrt(n)). On the clustered 10 M-item catalogue
+    of `make bench-index`, 16 384 lists probed an eighth at a time reach a higher recall@500 than
+    4 096 lists probed a quarter at a time, scanning half as many codes (docs/scale.md#measured)."""
     if params.ivf_nlist:
         return max(1, min(params.ivf_nlist, n_items))
-    target = math.sqrt(max(n_items, 1))
+    target = 4 * math.sqrt(max(n_items, 1))
     return int(min(65_536, max(64, 2 ** round(math.log2(target)))))
 
 
 def nprobe_for(nlist: int, params: AnnParams) -> int:
-    """`ivf_nprobe` lists, or (0) a quarter of them: on the clustered 10 M-item catalogue of
-    `make bench-index` the true top 500 of a query lie in 97 % of cases within the quarter of the
-    lists nearest to it, and within an eighth in 93 % (docs/scale.md#measured)."""
-    return max(1, min(nlist, params.ivf_nprobe or nlist // 4))
+    """`ivf_nprobe` lists, or (0) an eighth of them: the 500 best items of a query in a large
+    catalogue are a thin tail spread over many cells, so the probes grow with the lists."""
+    return max(1, min(nlist, params.ivf_nprobe or nlist // 8))
 
 
 def stored_width(kind: str, dim: int, params: AnnParams) -> int:
@@ -221,6 +224,7 @@ def build(embeddings: np.ndarray, params: AnnParams, kind: str | None = None) ->
         for lo in range(0, n, _ADD_CHUNK):
             index.add(np.ascontiguousarray(embeddings[lo : lo + _ADD_CHUNK]))
     elif kind == IVFPQ_FS:
+        params = resolved(params, n)
         index = _build_ivfpq_fs(embeddings, width, params)
     else:
         top = max_squared_norm(embeddings)
@@ -229,7 +233,8 @@ def build(embeddings: np.ndarray, params: AnnParams, kind: str | None = None) ->
             index.hnsw.efConstruction = params.hnsw_ef_construction
             index.hnsw.efSearch = params.hnsw_ef_search
         elif kind == IVFPQ:
-            nlist = nlist_for(n, params)
+            params = resolved(params, n)
+            nlist = params.ivf_nlist
             # A flat coarse quantizer: assigning items to lists is one matrix product per chunk
             # (an HNSW quantizer only pays off with many more lists than the default).
             ivf = faiss.IndexIVFPQ(faiss.IndexFlatL2(width), width, nlist, params.pq_m, 8)
@@ -238,7 +243,7 @@ def build(embeddings: np.ndarray, params: AnnParams, kind: str | None = None) ->
             index = ivf
             sample = _training_sample(n, nlist, params)
             index.train(mips_to_l2(embeddings[sample], width, top))
-            ivf.nprobe = nprobe_for(nlist, params)
+            ivf.nprobe = params.ivf_nprobe
         else:
             raise ValueError(f"unknown index kind {kind!r}; known: {KINDS}")
         for lo in range(0, n, _ADD_CHUNK):
@@ -251,6 +256,13 @@ def build(embeddings: np.ndarray, params: AnnParams, kind: str | None = None) ->
         time.perf_counter() - start,
     )
     return AnnIndex(index, kind, embeddings, params)
+
+
+def resolved(params: AnnParams, n_items: int) -> AnnParams:
+    """`params` with the IVF lists and probes the defaults (0) stand for at `n_items`, so that a
+    version records what it was built and is searched with, whatever later defaults become."""
+    nlist = nlist_for(n_items, params)
+    return replace(params, ivf_nlist=nlist, ivf_nprobe=nprobe_for(nlist, params))
 
 
 def _training_sample(n: int, nlist: int, params: AnnParams) -> np.ndarray:
@@ -266,13 +278,13 @@ def _build_ivfpq_fs(embeddings: np.ndarray, width: int, params: AnnParams) -> fa
     keeps its precision however many lists are probed (with the Euclidean reduction it does
     not: the table's range grows with each farther list)."""
     n = len(embeddings)
-    nlist = nlist_for(n, params)
+    nlist = params.ivf_nlist
     index = faiss.IndexIVFPQFastScan(
         faiss.IndexFlatIP(width), width, nlist, params.pq_m, 4, faiss.METRIC_INNER_PRODUCT
     )
     index.cp.niter = 10
     index.train(_padded(embeddings[_training_sample(n, nlist, params)], width))
-    index.nprobe = nprobe_for(nlist, params)
+    index.nprobe = params.ivf_nprobe
     for lo in range(0, n, _ADD_CHUNK):
         index.add(_padded(embeddings[lo : lo + _ADD_CHUNK], width))
     return index

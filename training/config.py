@@ -112,8 +112,8 @@ class Config:
     index_hnsw_m: int = 32  # HNSW graph degree
     index_hnsw_ef_construction: int = 80  # HNSW build-time beam width
     index_hnsw_ef_search: int = 128  # HNSW search beam width (the service may override it)
-    index_ivf_nlist: int = 0  # IVF inverted lists (0: power of two nearest sqrt(items))
-    index_ivf_nprobe: int = 0  # IVF lists per query (0: a quarter; a nonzero service's wins)
+    index_ivf_nlist: int = 0  # IVF inverted lists (0: power of two nearest 4 sqrt(items))
+    index_ivf_nprobe: int = 0  # IVF lists per query (0: an eighth; a nonzero service's wins)
     index_pq_m: int = 64  # IVF-PQ sub-quantizers per item code (4 bits each: 32-byte codes)
     index_rerank_factor: int = 4  # IVF candidates per result, re-scored exactly
     # --- run ------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ class RetrievalSettings(ServerSettings):
         ge=0,
         le=65_536,
         description="IVF-PQ inverted lists searched per query (0: the version's own, recorded at "
-        "publish; its default is a quarter of the index's lists).",
+        "publish; its default is an eighth of the index's lists).",
     )
     rerank_factor: int = Field(
         4,

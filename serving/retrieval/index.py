@@ -62,7 +62,7 @@ class IndexOptions:
     hnsw_m: int = AnnParams.hnsw_m
     hnsw_ef_construction: int = AnnParams.hnsw_ef_construction
     hnsw_ef_search: int = AnnParams.hnsw_ef_search
-    ivf_nprobe: int = 0  # 0: the version's own (default: a quarter of the lists)
+    ivf_nprobe: int = 0  # 0: the version's own (default: an eighth of the lists)
     rerank_factor: int = AnnParams.rerank_factor
     onnx_threads: int = 1
 

@@ -60,10 +60,12 @@ def test_the_index_type_follows_the_catalogue_size() -> None:
     defaults = AnnParams()
     assert ann.choose_kind(400_000, defaults) == "hnsw"
     assert ann.choose_kind(1_000_000, defaults) == "ivfpqfs"
-    assert ann.nlist_for(10_000_000, defaults) == 4096
-    assert ann.nlist_for(1_000, defaults) == 64
+    assert ann.nlist_for(10_000_000, defaults) == 16_384  # 4 sqrt(n) = 12 649
+    assert ann.nlist_for(1_000_000, defaults) == 4096
+    assert ann.nlist_for(1_000, defaults) == 128
+    assert ann.nlist_for(100, defaults) == 64  # at least 64 lists
     assert ann.nlist_for(10_000, AnnParams(ivf_nlist=100)) == 100
-    assert ann.nprobe_for(4096, defaults) == 1024  # a quarter of the lists
+    assert ann.nprobe_for(16_384, defaults) == 2048  # an eighth of the lists
     assert ann.nprobe_for(8, AnnParams(ivf_nprobe=64)) == 8  # at most every list
     assert ann.stored_width("ivfpqfs", 64, defaults) == 64  # inner products: no extra column
     assert ann.stored_width("ivfpqfs", 40, defaults) == 64  # padded to a multiple of pq_m
@@ -157,6 +159,18 @@ def test_fast_scan_ivf_finds_planted_neighbours_with_their_exact_scores() -> Non
         assert rows[0] == item
         np.testing.assert_allclose(scores, items[rows] @ query, rtol=1e-5)
         assert (np.diff(scores) <= 0).all()
+
+
+def test_an_ivf_index_records_the_lists_and_probes_it_was_built_with() -> None:
+    """A version states the nlist and nprobe its defaults (0) stood for when it was built, so a
+    later change of the defaults does not change how it is searched."""
+    items = np.random.default_rng(4).normal(size=(5000, 16)).astype(np.float32)
+    index = ann.build(items, AnnParams(exact_max_items=0, hnsw_max_items=0))
+    expected_nlist = ann.nlist_for(5000, AnnParams())
+    assert expected_nlist == 256  # 4 sqrt(5000) = 283
+    assert (index.params.ivf_nlist, index.params.ivf_nprobe) == (expected_nlist, 32)
+    assert faiss.extract_index_ivf(index.index).nlist == 256 and index.nprobe == 32
+    assert ann.describe(index, 16, "", "")["params"]["ivf_nprobe"] == 32
 
 
 def test_a_version_without_a_stored_index_builds_one_at_load(tmp_path: Path) -> None:
