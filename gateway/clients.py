@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Iterable, Sized
 from dataclasses import dataclass, field
 
 import grpc
@@ -41,14 +42,35 @@ def _source_values(values: np.ndarray) -> np.ndarray:
     return values if known.all() else np.where(known, values, int(Source.UNSPECIFIED))
 
 
+def _length(packed: bytes, values: Sized) -> int:
+    """How many values a numeric column holds: 4 bytes each when packed (-1 when the bytes are
+    not a whole number of values), else its repeated values."""
+    if packed:
+        return len(packed) // 4 if len(packed) % 4 == 0 else -1
+    return len(values)
+
+
+def _values(packed: bytes, values: Iterable[float], wire: str, dtype: type, n: int) -> np.ndarray:
+    """The column as an array of `dtype`: from its little-endian bytes (one copy) when packed,
+    else one step per repeated value."""
+    if packed:
+        return np.frombuffer(packed, wire).astype(dtype)
+    return np.fromiter(values, dtype, n)
+
+
 def table_from_columns(columns: retrieval_pb2.CandidateColumns) -> CandidateTable:
-    """The candidate table of the columnar answer; UpstreamError (INTERNAL) when its columns
-    differ in length."""
+    """The candidate table of the columnar answer, its numeric columns packed or repeated;
+    UpstreamError (INTERNAL) when its columns differ in length."""
     n = len(columns.item_ids)
     titles = list(columns.titles) or [""] * n
     score_columns = list(columns.source_scores)
-    lengths = {len(columns.sources), len(columns.scores), len(titles)}
-    lengths |= {len(c.scores) for c in score_columns} | {len(c.ranks) for c in score_columns}
+    lengths = {
+        _length(columns.sources_i32, columns.sources),
+        _length(columns.scores_f32, columns.scores),
+        len(titles),
+    }
+    for c in score_columns:
+        lengths |= {_length(c.scores_f32, c.scores), _length(c.ranks_u32, c.ranks)}
     if lengths - {n}:
         raise UpstreamError(
             "INTERNAL", f"retrieval: candidate columns of unequal lengths {sorted(lengths)}"
@@ -56,14 +78,16 @@ def table_from_columns(columns: retrieval_pb2.CandidateColumns) -> CandidateTabl
     source_of, unknown = SOURCE_BY_VALUE.get, Source.UNSPECIFIED
     return CandidateTable(
         list(columns.item_ids),
-        _source_values(np.fromiter(columns.sources, np.int64, n)),
-        np.fromiter(columns.scores, np.float32, n),
+        _source_values(_values(columns.sources_i32, columns.sources, "<i4", np.int64, n)),
+        _values(columns.scores_f32, columns.scores, "<f4", np.float32, n),
         titles,
         tuple(source_of(c.source, unknown) for c in score_columns),
-        np.stack([np.fromiter(c.scores, np.float32, n) for c in score_columns], axis=1)
+        np.stack(
+            [_values(c.scores_f32, c.scores, "<f4", np.float32, n) for c in score_columns], axis=1
+        )
         if score_columns
         else np.zeros((n, 0), np.float32),
-        np.stack([np.fromiter(c.ranks, np.int64, n) for c in score_columns], axis=1)
+        np.stack([_values(c.ranks_u32, c.ranks, "<u4", np.int64, n) for c in score_columns], axis=1)
         if score_columns
         else np.zeros((n, 0), np.int64),
     )
@@ -71,7 +95,8 @@ def table_from_columns(columns: retrieval_pb2.CandidateColumns) -> CandidateTabl
 
 def retrieval_from_reply(reply: retrieval_pb2.RetrieveResponse) -> Retrieval:
     """The pipeline's Retrieval from the wire answer, columnar or rows (a server that does not
-    know RetrieveRequest.columnar answers rows); unknown source values read as UNSPECIFIED."""
+    know RetrieveRequest.columnar answers rows), with the popular list when the answer has one;
+    unknown source values read as UNSPECIFIED."""
     if reply.HasField("columns"):
         table = table_from_columns(reply.columns)
     else:
@@ -103,6 +128,7 @@ def retrieval_from_reply(reply: retrieval_pb2.RetrieveResponse) -> Retrieval:
             target_history=reply.user.target_history,
             source_history=reply.user.source_history,
         ),
+        retrieval_from_reply(reply.popular).candidates if reply.HasField("popular") else None,
     )
 
 
@@ -124,6 +150,8 @@ class GrpcRetriever:
             history_item_ids=query.history_item_ids,
             sources=[int(s) for s in query.sources],  # type: ignore[misc]
             columnar=True,
+            packed=True,
+            popular_k=query.popular_k,
         )
         start = time.perf_counter()
         try:

@@ -50,7 +50,13 @@ class GatewaySettings(ServerSettings):
     ranker_shards: int = Field(
         4, ge=1, le=64, description="A candidate list is split into at most this many shards."
     )
-    min_shard_size: int = Field(32, ge=1, description="Fewest candidates in a shard.")
+    min_shard_size: int = Field(
+        1024,
+        ge=1,
+        description="Fewest candidates in a shard: a list is split only when every shard gets at "
+        "least this many (a ranking call costs about 1 ms of CPU before its first candidate; "
+        "see docs/performance.md).",
+    )
     retrieval_candidates: int = Field(
         500, ge=1, le=10_000, description="Personalised candidates asked of retrieval."
     )

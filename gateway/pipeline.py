@@ -138,6 +138,9 @@ class RetrieveQuery:
     exclude_seen: bool = False
     history_item_ids: tuple[str, ...] = ()
     sources: tuple[Source, ...] = ()
+    # Also the popular list a query with sources (POPULAR,) and k = popular_k would get, in the
+    # same answer (Retrieval.popular); 0: none.
+    popular_k: int = 0
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,10 @@ class Retrieval:
     model_name: str
     model_version: str
     user: UserContext = UserContext()
+    # The popular list asked for with RetrieveQuery.popular_k; None when not asked for or when
+    # the retriever does not answer it (a server older than the field): the pipeline then asks
+    # for it in a call of its own.
+    popular: CandidateTable | None = None
 
 
 @dataclass(frozen=True)
@@ -232,7 +239,7 @@ class PipelineConfig:
     retrieval_candidates: int = 500  # personalised candidates asked of retrieval
     popular_candidates: int = 50  # popular candidates merged in (0: none)
     shards: int = 4  # a candidate list is split into at most this many ranking calls
-    min_shard_size: int = 32  # ... each with at least this many candidates
+    min_shard_size: int = 1024  # ... each with at least this many candidates
     max_rank_attempts: int = 3  # attempts per shard (first try and retries on other replicas)
     margin_s: float = 0.005  # kept back from the caller's deadline to merge and answer
     retrieval_fraction: float = 0.4  # share of the remaining time retrieval may take
@@ -456,7 +463,7 @@ class Pipeline:
         cfg = self.config
         exclude = frozenset(query.recent_item_ids) if query.exclude_seen else frozenset()
 
-        def ask(k: int, sources: tuple[Source, ...]) -> RetrieveQuery:
+        def ask(k: int, sources: tuple[Source, ...], popular_k: int = 0) -> RetrieveQuery:
             return RetrieveQuery(
                 user_id=query.user_id,
                 domain=query.domain,
@@ -465,18 +472,30 @@ class Pipeline:
                 exclude_seen=query.exclude_seen,
                 history_item_ids=query.recent_item_ids,
                 sources=sources,
+                popular_k=popular_k,
             )
 
+        # One call answers both lists; a retriever that does not answer the popular list (a
+        # server older than popular_k) is asked for it in a second call.
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
         personal_k = max(cfg.retrieval_candidates, query.k)
-        calls = [self._call_retriever(ask(personal_k, PERSONAL_SOURCES), timeout)]
-        if cfg.popular_candidates > 0:
-            calls.append(
-                self._call_retriever(ask(cfg.popular_candidates, (Source.POPULAR,)), timeout)
-            )
-        answers = await asyncio.gather(*calls, return_exceptions=True)
-        for answer in answers:
-            if isinstance(answer, BaseException) and not isinstance(answer, UpstreamError):
-                raise answer
+        personal_query = ask(personal_k, PERSONAL_SOURCES, cfg.popular_candidates)
+        answers: list[Retrieval | UpstreamError] = []
+        for retrieve_query in (personal_query, ask(cfg.popular_candidates, (Source.POPULAR,))):
+            try:
+                answers.append(
+                    await self._call_retriever(retrieve_query, max(0.0, end - loop.time()))
+                )
+            except UpstreamError as exc:
+                answers.append(exc)
+            first = answers[0]
+            if (
+                not cfg.popular_candidates
+                or not isinstance(first, Retrieval)
+                or first.popular is not None
+            ):
+                break
         ok = [a for a in answers if isinstance(a, Retrieval)]
         errors = [a for a in answers if isinstance(a, UpstreamError)]
         if ok:
@@ -488,6 +507,8 @@ class Pipeline:
             )
             result.retrieval_late = all(e.code in DEADLINE_CODES for e in errors)
         lists = [r.candidates for r in ok]
+        if personal is not None and personal.popular is not None:
+            lists.append(personal.popular)
         if not ok:
             fallback = self.popular.get(query.domain)
             if not len(fallback) and result.retrieval_late:

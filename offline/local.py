@@ -53,8 +53,11 @@ class LocalRetriever:
             exclude_seen=query.exclude_seen,
             history_item_ids=query.history_item_ids,
             sources=query.sources,
+            popular_k=query.popular_k,
         )
-        return Retrieval(result.table, index.model_name, str(index.version), result.user)
+        return Retrieval(
+            result.table, index.model_name, str(index.version), result.user, result.popular
+        )
 
 
 class LocalRanker:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from recsys.v1 import common_pb2 as recsys_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19recsys/v1/retrieval.proto\x12\trecsys.v1\x1a\x16recsys/v1/common.proto\"\xdd\x01\n\x0fRetrieveRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64omain\x18\x02 \x01(\t\x12\t\n\x01k\x18\x03 \x01(\r\x12\x18\n\x10\x65xclude_item_ids\x18\x04 \x03(\t\x12\x14\n\x0c\x65xclude_seen\x18\x05 \x01(\x08\x12\x18\n\x10history_item_ids\x18\x06 \x03(\t\x12+\n\x07sources\x18\x07 \x03(\x0e\x32\x1a.recsys.v1.CandidateSource\x12\x15\n\rmodel_version\x18\x08 \x01(\t\x12\x10\n\x08\x63olumnar\x18\t \x01(\x08\"\x95\x01\n\tCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12*\n\x06source\x18\x03 \x01(\x0e\x32\x1a.recsys.v1.CandidateSource\x12\r\n\x05title\x18\x04 \x01(\t\x12-\n\rsource_scores\x18\x05 \x03(\x0b\x32\x16.recsys.v1.SourceScore\"\\\n\x0bUserContext\x12\r\n\x05known\x18\x01 \x01(\x08\x12\x0e\n\x06mapped\x18\x02 \x01(\x08\x12\x16\n\x0etarget_history\x18\x03 \x01(\r\x12\x16\n\x0esource_history\x18\x04 \x01(\r\"\xa1\x01\n\x10\x43\x61ndidateColumns\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12+\n\x07sources\x18\x02 \x03(\x0e\x32\x1a.recsys.v1.CandidateSource\x12\x0e\n\x06scores\x18\x03 \x03(\x02\x12\x0e\n\x06titles\x18\x04 \x03(\t\x12.\n\rsource_scores\x18\x05 \x03(\x0b\x32\x17.recsys.v1.SourceColumn\"Y\n\x0cSourceColumn\x12*\n\x06source\x18\x01 \x01(\x0e\x32\x1a.recsys.v1.CandidateSource\x12\x0e\n\x06scores\x18\x02 \x03(\x02\x12\r\n\x05ranks\x18\x03 \x03(\r\"\xb8\x01\n\x10RetrieveResponse\x12(\n\ncandidates\x18\x01 \x03(\x0b\x32\x14.recsys.v1.Candidate\x12&\n\x05model\x18\x02 \x01(\x0b\x32\x17.recsys.v1.ModelVersion\x12$\n\x04user\x18\x03 \x01(\x0b\x32\x16.recsys.v1.UserContext\x12,\n\x07\x63olumns\x18\x04 \x01(\x0b\x32\x1b.recsys.v1.CandidateColumns2W\n\x10RetrievalService\x12\x43\n\x08Retrieve\x12\x1a.recsys.v1.RetrieveRequest\x1a\x1b.recsys.v1.RetrieveResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19recsys/v1/retrieval.proto\x12\trecsys.v1\x1a\x16recsys/v1/common.proto\"\x80\x02\n\x0fRetrieveRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64omain\x18\x02 \x01(\t\x12\t\n\x01k\x18\x03 \x01(\r\x12\x18\n\x10\x65xclude_item_ids\x18\x04 \x03(\t\x12\x14\n\x0c\x65xclude_seen\x18\x05 \x01(\x08\x12\x18\n\x10history_item_ids\x18\x06 \x03(\t\x12+\n\x07sources\x18\x07 \x03(\x0e\x32\x1a.recsys.v1.CandidateSource\x12\x15\n\rmodel_version\x18\x08 \x01(\t\x12\x10\n\x08\x63olumnar\x18\t \x01(\x08\x12\x0e\n\x06packed\x18\n \x01(\x08\x12\x11\n\tpopular_k\x18\x0b \x01(\r\"\x95\x01\n\tCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12*\n\x06source\x18\x03 \x01(\x0e\x32\x1a.recsys.v1.CandidateSource\x12\r\n\x05title\x18\x04 \x01(\t\x12-\n\rsource_scores\x18\x05 \x03(\x0b\x32\x16.recsys.v1.SourceScore\"\\\n\x0bUserContext\x12\r\n\x05known\x18\x01 \x01(\x08\x12\x0e\n\x06mapped\x18\x02 \x01(\x08\x12\x16\n\x0etarget_history\x18\x03 \x01(\r\x12\x16\n\x0esource_history\x18\x04 \x01(\r\"\xca\x01\n\x10\x43\x61ndidateColumns\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12+\n\x07sources\x18\x02 \x03(\x0e\x32\x1a.recsys.v1.CandidateSource\x12\x0e\n\x06scores\x18\x03 \x03(\x02\x12\x0e\n\x06titles\x18\x04 \x03(\t\x12.\n\rsource_scores\x18\x05 \x03(\x0b\x32\x17.recsys.v1.SourceColumn\x12\x13\n\x0bsources_i32\x18\x06 \x01(\x0c\x12\x12\n\nscores_f32\x18\x07 \x01(\x0c\"\x80\x01\n\x0cSourceColumn\x12*\n\x06source\x18\x01 \x01(\x0e\x32\x1a.recsys.v1.CandidateSource\x12\x0e\n\x06scores\x18\x02 \x03(\x02\x12\r\n\x05ranks\x18\x03 \x03(\r\x12\x12\n\nscores_f32\x18\x04 \x01(\x0c\x12\x11\n\tranks_u32\x18\x05 \x01(\x0c\"\xe6\x01\n\x10RetrieveResponse\x12(\n\ncandidates\x18\x01 \x03(\x0b\x32\x14.recsys.v1.Candidate\x12&\n\x05model\x18\x02 \x01(\x0b\x32\x17.recsys.v1.ModelVersion\x12$\n\x04user\x18\x03 \x01(\x0b\x32\x16.recsys.v1.UserContext\x12,\n\x07\x63olumns\x18\x04 \x01(\x0b\x32\x1b.recsys.v1.CandidateColumns\x12,\n\x07popular\x18\x05 \x01(\x0b\x32\x1b.recsys.v1.RetrieveResponse2W\n\x10RetrievalService\x12\x43\n\x08Retrieve\x12\x1a.recsys.v1.RetrieveRequest\x1a\x1b.recsys.v1.RetrieveResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,17 +33,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'recsys.v1.retrieval_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RETRIEVEREQUEST']._serialized_start=65
-  _globals['_RETRIEVEREQUEST']._serialized_end=286
-  _globals['_CANDIDATE']._serialized_start=289
-  _globals['_CANDIDATE']._serialized_end=438
-  _globals['_USERCONTEXT']._serialized_start=440
-  _globals['_USERCONTEXT']._serialized_end=532
-  _globals['_CANDIDATECOLUMNS']._serialized_start=535
-  _globals['_CANDIDATECOLUMNS']._serialized_end=696
-  _globals['_SOURCECOLUMN']._serialized_start=698
-  _globals['_SOURCECOLUMN']._serialized_end=787
-  _globals['_RETRIEVERESPONSE']._serialized_start=790
-  _globals['_RETRIEVERESPONSE']._serialized_end=974
-  _globals['_RETRIEVALSERVICE']._serialized_start=976
-  _globals['_RETRIEVALSERVICE']._serialized_end=1063
+  _globals['_RETRIEVEREQUEST']._serialized_end=321
+  _globals['_CANDIDATE']._serialized_start=324
+  _globals['_CANDIDATE']._serialized_end=473
+  _globals['_USERCONTEXT']._serialized_start=475
+  _globals['_USERCONTEXT']._serialized_end=567
+  _globals['_CANDIDATECOLUMNS']._serialized_start=570
+  _globals['_CANDIDATECOLUMNS']._serialized_end=772
+  _globals['_SOURCECOLUMN']._serialized_start=775
+  _globals['_SOURCECOLUMN']._serialized_end=903
+  _globals['_RETRIEVERESPONSE']._serialized_start=906
+  _globals['_RETRIEVERESPONSE']._serialized_end=1136
+  _globals['_RETRIEVALSERVICE']._serialized_start=1138
+  _globals['_RETRIEVALSERVICE']._serialized_end=1225
 # @@protoc_insertion_point(module_scope)

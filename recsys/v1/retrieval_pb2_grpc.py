@@ -54,7 +54,7 @@ class RetrievalServiceServicer:
         Status codes:
         OK                  candidates (fewer than k when the domain has fewer eligible items).
         INVALID_ARGUMENT    empty domain; k is 0 or above the server's limit (RETRIEVAL_MAX_K,
-        default 1,000); more than RETRIEVAL_MAX_REQUEST_IDS (default 10,000)
+        default 1,000), or popular_k above it; more than RETRIEVAL_MAX_REQUEST_IDS (default 10,000)
         ids in exclude_item_ids or in history_item_ids; an empty id in them;
         a user id, domain, model version or item id longer than
         RETRIEVAL_MAX_ID_LENGTH characters (default 1,024). Error messages

@@ -83,6 +83,8 @@ class RetrieveResult:
     table: CandidateTable
     sources: tuple[Source, ...]  # sources that contributed, in order
     user: UserContext = UserContext()
+    # The popular list asked for with `popular_k` (None when not asked).
+    popular: CandidateTable | None = None
 
     @property
     def candidates(self) -> list[Candidate]:
@@ -374,8 +376,11 @@ class RetrievalIndex:
         exclude_seen: bool = False,
         history_item_ids: Sequence[str] = (),
         sources: Sequence[Source] = (),
+        popular_k: int = 0,
     ) -> RetrieveResult:
-        """Up to k candidates, best first, no duplicates, each with every source's score.
+        """Up to k candidates, best first, no duplicates, each with every source's score; with
+        `popular_k`, also the popular list a call with sources [POPULAR] and k = popular_k would
+        answer (`RetrieveResult.popular`), from the same user state.
 
         The personal source depends on the user: ANN for users with target-domain history,
         TRANSFER for users known only from the source domain (their row holds the mapped
@@ -420,10 +425,15 @@ class RetrievalIndex:
             recent_rows=np.asarray(history_rows, np.int64),
         )
         generated = self.sources.generate(state, k, wanted, excluded)
+        popular = (
+            self.sources.generate(state, popular_k, {Source.POPULAR}, excluded).table
+            if popular_k > 0
+            else None
+        )
         user = UserContext(
             known=row is not None,
             mapped=state.mapped,
             target_history=len(seen),
             source_history=len(source_rows),
         )
-        return RetrieveResult(generated.table, generated.sources, user)
+        return RetrieveResult(generated.table, generated.sources, user, popular)

@@ -13,7 +13,7 @@ from prometheus_client import Counter, Histogram
 
 from recsys.candidates import Source
 from recsys.rpc.errors import InvalidRequest, NotFound, check_id, check_ids, shorten
-from recsys.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
+from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
 from serving.retrieval import metrics
 from serving.retrieval.index import RetrieveResult
 from serving.retrieval.manager import IndexManager
@@ -38,6 +38,8 @@ def validate(
     check_id(request.model_version, "model_version", max_id_length)
     if request.k < 1 or request.k > max_k:
         raise InvalidRequest(f"k must be between 1 and {max_k}, got {request.k}")
+    if request.popular_k > max_k:
+        raise InvalidRequest(f"popular_k must be at most {max_k}, got {request.popular_k}")
     check_ids(request.exclude_item_ids, "exclude_item_ids", max_request_ids, max_id_length)
     check_ids(request.history_item_ids, "history_item_ids", max_request_ids, max_id_length)
     for source in request.sources:
@@ -57,35 +59,71 @@ def _requests(domain: str, source: str) -> Counter:
 
 
 def build_response(
-    result: RetrieveResult, model_name: str, version: int, *, columnar: bool = False
+    result: RetrieveResult,
+    model_name: str,
+    version: int,
+    *,
+    columnar: bool = False,
+    packed: bool = False,
 ) -> retrieval_pb2.RetrieveResponse:
-    """The wire answer: the candidates as columns (`columnar`, filled from the arrays) or as one
-    message per candidate (the row form, for clients that do not ask for columns)."""
-    response = retrieval_pb2.RetrieveResponse(
-        model=common_pb2.ModelVersion(model_name=model_name, model_version=str(version)),
-        user=retrieval_pb2.UserContext(
-            known=result.user.known,
-            mapped=result.user.mapped,
-            target_history=result.user.target_history,
-            source_history=result.user.source_history,
-        ),
-    )
+    """The wire answer: the candidates as columns (`columnar`, filled from the arrays; with
+    `packed`, the numeric ones as little-endian bytes) or as one message per candidate (the row
+    form, for clients that do not ask for columns); the popular list, when asked for, in
+    `popular` in the same form."""
+    response = retrieval_pb2.RetrieveResponse()
+    _fill(response, result, model_name, version, columnar=columnar, packed=packed)
+    if result.popular is not None:
+        popular = RetrieveResult(result.popular, (Source.POPULAR,), result.user)
+        _fill(response.popular, popular, model_name, version, columnar=columnar, packed=packed)
+    return response
+
+
+def _fill(
+    response: retrieval_pb2.RetrieveResponse,
+    result: RetrieveResult,
+    model_name: str,
+    version: int,
+    *,
+    columnar: bool,
+    packed: bool,
+) -> None:
+    """Writes one candidate list, its model and user into `response` (in place: building a
+    message and then copying it costs twice as much)."""
+    response.model.model_name = model_name
+    response.model.model_version = str(version)
+    user = response.user
+    user.known = result.user.known
+    user.mapped = result.user.mapped
+    user.target_history = result.user.target_history
+    user.source_history = result.user.source_history
     table = result.table
     if columnar:
         columns = response.columns
+        # Present even when empty: a columnar answer always has its columns.
+        columns.SetInParent()
         columns.item_ids.extend(table.item_ids)
-        columns.sources.extend(table.sources.tolist())
-        columns.scores.extend(table.scores.tolist())
         if any(table.titles):
             columns.titles.extend(table.titles)
+        if packed:
+            # One copy per column, no protobuf work per value.
+            columns.sources_i32 = table.sources.astype("<i4").tobytes()
+            columns.scores_f32 = table.scores.astype("<f4").tobytes()
+            for j, source in enumerate(table.score_sources):
+                columns.source_scores.add(
+                    source=source,
+                    scores_f32=table.source_scores[:, j].astype("<f4").tobytes(),
+                    ranks_u32=table.source_ranks[:, j].astype("<u4").tobytes(),
+                )
+            return
+        columns.sources.extend(table.sources.tolist())
+        columns.scores.extend(table.scores.tolist())
         for j, source in enumerate(table.score_sources):
             columns.source_scores.add(
                 source=source,
                 scores=table.source_scores[:, j].tolist(),
                 ranks=table.source_ranks[:, j].tolist(),
             )
-        return response
-    # Messages added in place (`add`): building each one and then copying it costs twice as much.
+        return
     add_candidate = response.candidates.add
     for c in table.rows():
         add_score = add_candidate(
@@ -93,7 +131,6 @@ def build_response(
         ).source_scores.add
         for s in c.scores:
             add_score(source=s.source, score=s.score, rank=s.rank)
-    return response
 
 
 class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
@@ -145,6 +182,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
             exclude_seen=request.exclude_seen,
             history_item_ids=list(request.history_item_ids),
             sources=[Source(s) for s in request.sources],
+            popular_k=request.popular_k,
         )
         result = await asyncio.get_running_loop().run_in_executor(self.executor, search)
         _search_duration(index.domain).observe(time.perf_counter() - start)
@@ -152,4 +190,12 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
             _requests(index.domain, source.name.lower()).inc()
         if not result.sources:
             _requests(index.domain, "none").inc()
-        return build_response(result, index.model_name, index.version, columnar=request.columnar)
+        if result.popular is not None:
+            _requests(index.domain, "popular").inc()
+        return build_response(
+            result,
+            index.model_name,
+            index.version,
+            columnar=request.columnar,
+            packed=request.packed,
+        )

@@ -78,6 +78,8 @@ class GatewayUnderTest:
             "ranker_targets": dead,
             "retrieval_candidates": 100,
             "popular_candidates": 10,
+            # Several shards per answer: what hedging, ejection and partial answers act on.
+            "min_shard_size": 32,
         }
         fields.update(overrides)
         settings = GatewaySettings(**fields)  # type: ignore[arg-type]

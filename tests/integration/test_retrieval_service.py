@@ -103,6 +103,25 @@ def test_a_columnar_answer_holds_the_candidates_of_the_row_answer(
     back = retrieval_from_reply(columnar).candidates.rows()
     assert back == retrieval_from_reply(rows).candidates.rows()
     assert [c.item_id for c in back] == [c.item_id for c in rows.candidates]
+    packed = service.retrieve(**asked, columnar=True, packed=True)
+    assert packed.columns.scores_f32 and not packed.columns.scores
+    assert retrieval_from_reply(packed).candidates.rows() == back
+
+
+@pytest.mark.parametrize("form", [{}, {"columnar": True, "packed": True}])
+def test_the_popular_list_in_the_same_answer_is_the_popular_call_s(
+    service: Retrieval, form: dict[str, bool]
+) -> None:
+    asked = {"user_id": "u6", "exclude_seen": True, "exclude_item_ids": ["i0"], **form}
+    both = service.retrieve(**asked, k=30, popular_k=8)
+    alone = service.retrieve(**asked, k=30)
+    popular = service.retrieve(**asked, k=8, sources=[POPULAR])
+    assert not alone.HasField("popular") and both.HasField("popular")
+    back = retrieval_from_reply(both)
+    assert back.candidates.rows() == retrieval_from_reply(alone).candidates.rows()
+    assert back.popular is not None and len(back.popular) == 8
+    assert back.popular.rows() == retrieval_from_reply(popular).candidates.rows()
+    assert (both.popular.model, both.popular.user) == (popular.model, popular.user)
 
 
 def test_cold_start_user_gets_transfer_candidates(service: Retrieval, model: TinyModel) -> None:
@@ -144,6 +163,7 @@ def test_unknown_and_anonymous_users_get_popular_items(
         ({"domain": ""}, grpc.StatusCode.INVALID_ARGUMENT),
         ({"k": 0}, grpc.StatusCode.INVALID_ARGUMENT),
         ({"k": 201}, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"popular_k": 201}, grpc.StatusCode.INVALID_ARGUMENT),
         ({"exclude_item_ids": ["i1", ""]}, grpc.StatusCode.INVALID_ARGUMENT),
         ({"history_item_ids": [""]}, grpc.StatusCode.INVALID_ARGUMENT),
         ({"domain": "music"}, grpc.StatusCode.NOT_FOUND),

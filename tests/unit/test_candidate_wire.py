@@ -1,5 +1,6 @@
 """Candidate lists on the wire: what retrieval generates, built into its RetrieveResponse as
-columns (RetrieveRequest.columnar) or as rows (older clients), comes back out of the gateway's
+columns (RetrieveRequest.columnar), packed columns (RetrieveRequest.packed: little-endian bytes)
+or as rows (older clients), comes back out of the gateway's
 conversion as the same candidates (every source score and rank, the user context and the model),
 scores rounded to FP32 as the wire carries them; and the table's row view, merge and features
 agree with the row form they replace."""
@@ -40,8 +41,13 @@ def planted(n: int = 50, seed: int = 0, columns: tuple[Source, ...] = COLUMNS) -
     return rows
 
 
-def wire(result: RetrieveResult, columnar: bool) -> retrieval_pb2.RetrieveResponse:
-    response = build_response(result, "books-retrieval", 4, columnar=columnar)
+# The three wire forms: rows, columns of repeated values, columns of packed bytes.
+FORMS = {"rows": (False, False), "columns": (True, False), "packed": (True, True)}
+
+
+def wire(result: RetrieveResult, form: str) -> retrieval_pb2.RetrieveResponse:
+    columnar, packed = FORMS[form]
+    response = build_response(result, "books-retrieval", 4, columnar=columnar, packed=packed)
     return retrieval_pb2.RetrieveResponse.FromString(response.SerializeToString())
 
 
@@ -55,8 +61,8 @@ def test_the_table_row_view_round_trips() -> None:
     assert picked.rows() == [rows[3], rows[0], rows[7]]
 
 
-@pytest.mark.parametrize("columnar", [True, False])
-def test_a_candidate_list_round_trips_through_the_wire(columnar: bool) -> None:
+@pytest.mark.parametrize("form", list(FORMS))
+def test_a_candidate_list_round_trips_through_the_wire(form: str) -> None:
     rng = np.random.default_rng(1)
     rows = [
         c._replace(
@@ -67,8 +73,13 @@ def test_a_candidate_list_round_trips_through_the_wire(columnar: bool) -> None:
     ]
     user = UserContext(known=True, mapped=True, target_history=7, source_history=3)
     result = RetrieveResult(CandidateTable.from_rows(rows), (Source.ANN, Source.ITEM2ITEM), user)
-    reply = wire(result, columnar)
+    reply = wire(result, form)
+    columnar, packed = FORMS[form]
     assert reply.HasField("columns") == columnar and bool(reply.candidates) != columnar
+    # Packed answers carry bytes and no repeated numeric values, and the other way round.
+    assert bool(reply.columns.scores_f32) == packed and bool(reply.columns.scores) == (
+        columnar and not packed
+    )
     back = retrieval_from_reply(reply)
     assert (back.model_name, back.model_version, back.user) == ("books-retrieval", "4", user)
     expected = [
@@ -87,14 +98,19 @@ def test_a_candidate_list_round_trips_through_the_wire(columnar: bool) -> None:
     assert all(isinstance(s.source, Source) for c in got for s in c.scores)
 
 
-def test_both_wire_forms_give_the_same_table() -> None:
+@pytest.mark.parametrize("form", ["columns", "packed"])
+def test_every_wire_form_gives_the_same_table(form: str) -> None:
     result = RetrieveResult(CandidateTable.from_rows(planted(80, seed=2)), (), UserContext())
-    columns = retrieval_from_reply(wire(result, True)).candidates
-    rows = retrieval_from_reply(wire(result, False)).candidates
+    columns = retrieval_from_reply(wire(result, form)).candidates
+    rows = retrieval_from_reply(wire(result, "rows")).candidates
     assert columns.item_ids == rows.item_ids and columns.titles == rows.titles
     assert columns.score_sources == rows.score_sources
     for name in ("sources", "scores", "source_scores", "source_ranks"):
-        np.testing.assert_array_equal(getattr(columns, name), getattr(rows, name))
+        got, want = getattr(columns, name), getattr(rows, name)
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+    # The arrays read from packed bytes are the table's own (merge writes into them).
+    assert columns.source_scores.flags.writeable and columns.scores.flags.writeable
 
 
 def test_an_unknown_source_value_reads_as_unspecified() -> None:
@@ -124,6 +140,28 @@ def test_columns_of_unequal_lengths_are_an_upstream_error() -> None:
     with pytest.raises(UpstreamError) as raised:
         retrieval_from_reply(reply)
     assert raised.value.code == "INTERNAL"
+
+
+@pytest.mark.parametrize(
+    "column, size",
+    [("scores_f32", 4), ("scores_f32", 7), ("sources_i32", 12), ("ranks_u32", 0)],
+)
+def test_packed_columns_of_the_wrong_size_are_an_upstream_error(column: str, size: int) -> None:
+    """Two candidates need 8 bytes in every packed column: fewer, more or a partial value is
+    refused, never read past or padded."""
+    reply = retrieval_pb2.RetrieveResponse()
+    reply.columns.item_ids.extend(["a", "b"])
+    reply.columns.sources_i32 = np.array([1, 1], "<i4").tobytes()
+    reply.columns.scores_f32 = np.array([1.0, 0.5], "<f4").tobytes()
+    source = reply.columns.source_scores.add(source=1)
+    source.scores_f32 = np.array([1.0, 0.5], "<f4").tobytes()
+    source.ranks_u32 = np.array([1, 2], "<u4").tobytes()
+    assert len(retrieval_from_reply(reply).candidates) == 2
+    owner = source if column == "ranks_u32" else reply.columns
+    setattr(owner, column, bytes(size))
+    with pytest.raises(UpstreamError) as raised:
+        retrieval_from_reply(reply)
+    assert raised.value.code == "INTERNAL" and "unequal lengths" in raised.value.detail
 
 
 # The feature definition row by row (docs/ranking-features.md), to check the table's columns.

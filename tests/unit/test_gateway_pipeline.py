@@ -42,25 +42,32 @@ def cand(item: str, score: float = 0.0, source: Source = Source.ANN) -> Candidat
 @dataclass
 class FakeRetriever:
     """ANN candidates i0, i1, ... for known users ("u*"), popular items from the end of the
-    catalogue; `error` makes every call fail."""
+    catalogue; `error` makes every call fail. `answers_popular`: the popular list asked for with
+    `popular_k` comes in the same answer (a server that knows the field)."""
 
     error: UpstreamError | None = None
     known_prefix: str = "u"
     calls: list[RetrieveQuery] = field(default_factory=list)
+    answers_popular: bool = False
 
     async def retrieve(self, query: RetrieveQuery, *, timeout: float) -> Retrieval:
         self.calls.append(query)
         if self.error is not None:
             raise self.error
         excluded = set(query.exclude_item_ids)
+        popular_pool = [cand(i, 100.0 - n, Source.POPULAR) for n, i in enumerate(reversed(ITEMS))]
         if query.sources == (Source.POPULAR,):
-            pool = [cand(i, 100.0 - n, Source.POPULAR) for n, i in enumerate(reversed(ITEMS))]
+            pool = popular_pool
         elif query.user_id.startswith(self.known_prefix):
             pool = [cand(i, 1.0 - n / 1000, Source.ANN) for n, i in enumerate(ITEMS)]
         else:
             pool = []
         out = [c for c in pool if c.item_id not in excluded][: query.k]
-        return Retrieval(CandidateTable.from_rows(out), "books-retrieval", "1")
+        popular = None
+        if self.answers_popular and query.popular_k:
+            rows = [c for c in popular_pool if c.item_id not in excluded][: query.popular_k]
+            popular = CandidateTable.from_rows(rows)
+        return Retrieval(CandidateTable.from_rows(out), "books-retrieval", "1", popular=popular)
 
 
 def planted_score(user_id: str, item_id: str) -> float:
@@ -355,8 +362,8 @@ def test_nothing_to_fall_back_on_is_unavailable() -> None:
     retriever = FakeRetriever(error=UpstreamError("UNAVAILABLE"))
     with pytest.raises(PipelineUnavailable):
         run(Pipeline(retriever, FakeRankers(["1"]), CONFIG), RecommendQuery("u1", "books", 3))
-    # A retrieval call is retried once (UNAVAILABLE), in parallel for both sources.
-    assert len(retriever.calls) == 4
+    # The retrieval call is retried once (UNAVAILABLE); no popular call follows a failed one.
+    assert len(retriever.calls) == 2
 
 
 def test_cancelling_the_request_cancels_the_fan_out() -> None:
@@ -395,7 +402,7 @@ def test_a_call_that_failed_for_its_own_size_is_never_retried() -> None:
     retriever = FakeRetriever(error=UpstreamError("RESOURCE_EXHAUSTED", SIZE_ERROR))
     with pytest.raises(PipelineUnavailable):
         run(Pipeline(retriever, FakeRankers(["1"]), CONFIG), RecommendQuery("u1", "books", 3))
-    assert len(retriever.calls) == 2  # one call per source, none repeated
+    assert len(retriever.calls) == 1  # not repeated, and no popular call after it
 
 
 def test_a_full_queue_is_still_retried() -> None:
@@ -508,10 +515,30 @@ def test_a_stalled_replica_is_hedged_around() -> None:
 
 
 def test_no_hedge_for_a_single_replica_or_a_fast_answer() -> None:
-    config = PipelineConfig(retrieval_candidates=100, popular_candidates=10, hedge_s=0.05)
+    config = PipelineConfig(
+        retrieval_candidates=100, popular_candidates=10, min_shard_size=32, hedge_s=0.05
+    )
     rankers = FakeRankers(["1", "1"])
     run(Pipeline(FakeRetriever(), rankers, config), RecommendQuery("u1", "books", 10))
     assert len(rankers.calls) == 3  # 110 candidates in shards of at least 32, none hedged
     slow_single = FakeRankers(["1"], delay_s={0: 0.2})
     result = run(Pipeline(FakeRetriever(), slow_single, config), RecommendQuery("u1", "books", 10))
     assert not result.degraded and len(slow_single.calls) == 3
+
+
+def test_one_retrieval_call_answers_both_lists_where_the_server_can() -> None:
+    """A retriever that answers `popular_k` gets one call; one that does not (a server older
+    than the field) a second, popular-only call: the merged candidates are the same."""
+    query = RecommendQuery("u1", "books", 10, recent_item_ids=("i5",))
+    merged = []
+    for answers_popular, calls in ((True, 1), (False, 2)):
+        retriever = FakeRetriever(answers_popular=answers_popular)
+        rankers = FakeRankers(["1"])
+        result = run(Pipeline(retriever, rankers, CONFIG), query)
+        assert not result.degraded and len(retriever.calls) == calls
+        assert retriever.calls[0].popular_k == CONFIG.popular_candidates
+        assert retriever.calls[0].exclude_item_ids == ("i5",)
+        ranked = sorted(i for _, q in rankers.calls for i in q.item_ids)
+        merged.append(ranked)
+    # 100 ANN candidates and the 10 popular ones from the other end of the catalogue.
+    assert merged[0] == merged[1] and len(merged[0]) == 110 and "i199" in merged[0]
