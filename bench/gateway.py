@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 import numpy as np  # noqa: E402
 
 from devtools.stack import recommend_load  # noqa: E402
+from gateway.pipeline import split_shards  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -339,7 +340,10 @@ def to_markdown(result: dict[str, Any]) -> str:
             else f"Catalogue: {cfg['n_items']} items, {cfg['n_users']} users, dim {cfg['dim']} "
             "(synthetic, planted tastes); "
         )
-        + f"retrieval {cfg['retrieval_candidates']} candidates, all ranked in {cfg['ranker_shards']} shards; "
+        + f"retrieval {cfg['retrieval_candidates']} candidates and "
+        f"{cfg.get('popular_candidates', 0)} popular ones, all ranked in "
+        f"{cfg.get('shards_per_request', cfg['ranker_shards'])} shard(s) per request (at most "
+        f"{cfg['ranker_shards']}, each of at least {cfg.get('min_shard_size', 32)} candidates); "
         f"k = 10, exclude_seen; client deadline {cfg['timeout_s']} s.",
         "",
         "| phase | requests | throughput (req/s) | p50 ms | p95 ms | p99 ms | errors | degraded |",
@@ -426,6 +430,16 @@ def to_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def gateway_defaults() -> dict[str, int]:
+    """The gateway's default sharding and popular candidates: what the benchmark runs with
+    unless told otherwise."""
+    from gateway.config import GatewaySettings
+
+    fields = GatewaySettings.model_fields
+    names = ("ranker_shards", "min_shard_size", "popular_candidates")
+    return {name: int(fields[name].default) for name in names}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
@@ -439,7 +453,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-items", type=int, default=20_000)
     parser.add_argument("--n-users", type=int, default=2_000)
     parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--shards", type=int, default=2)
+    defaults = gateway_defaults()
+    parser.add_argument(
+        "--shards",
+        type=int,
+        default=defaults["ranker_shards"],
+        help="the gateway's RANKER_SHARDS (default: the gateway's)",
+    )
+    parser.add_argument(
+        "--min-shard-size",
+        type=int,
+        default=defaults["min_shard_size"],
+        help="the gateway's MIN_SHARD_SIZE (default: the gateway's)",
+    )
+    parser.add_argument(
+        "--popular",
+        type=int,
+        default=defaults["popular_candidates"],
+        help="the gateway's POPULAR_CANDIDATES (default: the gateway's)",
+    )
     parser.add_argument("--candidates", type=int, default=500)
     parser.add_argument("--loadgen-processes", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=1.0, help="client deadline, seconds")
@@ -497,9 +529,9 @@ def main(argv: list[str] | None = None) -> int:
             ranker_slots=2,
             initial_rankers=2,
             retrieval_candidates=args.candidates,
-            popular_candidates=0,
+            popular_candidates=args.popular,
             ranker_shards=args.shards,
-            min_shard_size=32,
+            min_shard_size=args.min_shard_size,
             poll_interval_s=5.0,
             ranker_args=[],
             gateway_args=["--log-level=WARNING"],
@@ -595,8 +627,12 @@ def main(argv: list[str] | None = None) -> int:
             "dim": args.dim,
             "rankers": 2,
             "ranker_shards": args.shards,
+            "min_shard_size": args.min_shard_size,
+            "shards_per_request": len(
+                split_shards(args.candidates + args.popular, args.shards, args.min_shard_size)
+            ),
             "retrieval_candidates": args.candidates,
-            "popular_candidates": 0,
+            "popular_candidates": args.popular,
             "timeout_s": args.timeout,
             "phase_duration_s": args.duration,
             "loadgen_processes": args.loadgen_processes,
