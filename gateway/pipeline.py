@@ -479,23 +479,18 @@ class Pipeline:
         # server older than popular_k) is asked for it in a second call.
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
-        personal_k = max(cfg.retrieval_candidates, query.k)
-        personal_query = ask(personal_k, PERSONAL_SOURCES, cfg.popular_candidates)
-        answers: list[Retrieval | UpstreamError] = []
-        for retrieve_query in (personal_query, ask(cfg.popular_candidates, (Source.POPULAR,))):
+
+        async def answer(retrieve_query: RetrieveQuery) -> Retrieval | UpstreamError:
             try:
-                answers.append(
-                    await self._call_retriever(retrieve_query, max(0.0, end - loop.time()))
-                )
+                return await self._call_retriever(retrieve_query, max(0.0, end - loop.time()))
             except UpstreamError as exc:
-                answers.append(exc)
-            first = answers[0]
-            if (
-                not cfg.popular_candidates
-                or not isinstance(first, Retrieval)
-                or first.popular is not None
-            ):
-                break
+                return exc
+
+        personal_k = max(cfg.retrieval_candidates, query.k)
+        first = await answer(ask(personal_k, PERSONAL_SOURCES, cfg.popular_candidates))
+        answers = [first]
+        if cfg.popular_candidates and isinstance(first, Retrieval) and first.popular is None:
+            answers.append(await answer(ask(cfg.popular_candidates, (Source.POPULAR,))))
         ok = [a for a in answers if isinstance(a, Retrieval)]
         errors = [a for a in answers if isinstance(a, UpstreamError)]
         if ok:
