@@ -526,6 +526,7 @@ def drive(
         delta("recsys_ranker_batch_candidates_sum") / runs if runs else 0.0
     )
     point["session_runs"] = int(runs)
+    point["solo_run_share"] = delta("recsys_ranker_solo_runs_total") / runs if runs else 0.0
     return point
 
 
@@ -541,8 +542,8 @@ def _table(rows: list[dict[str, Any]], ceiling: float) -> str:
     lines = [
         "| configuration | API | candidates | concurrency | req/s | candidates/s | % of ceiling "
         "| p50 ms | p99 ms | server CPU ms/req | of it outside the session threads | ORT ms/req | errors "
-        "| mean batch (req / cand) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| mean batch (req / cand) | solo runs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
@@ -552,7 +553,8 @@ def _table(rows: list[dict[str, Any]], ceiling: float) -> str:
             f"{_fmt(r['server_cpu_ms_per_request'])} | "
             f"{_fmt(r.get('server_cpu_outside_session_ms_per_request'))} | "
             f"{_fmt(r['ort_ms_per_request'])} | "
-            f"{r['errors']} | {r['mean_batch_requests']:.1f} / {r['mean_batch_candidates']:,.0f} |"
+            f"{r['errors']} | {r['mean_batch_requests']:.1f} / {r['mean_batch_candidates']:,.0f} | "
+            f"{r.get('solo_run_share', 0.0):.0%} |"
         )
     return "\n".join(lines)
 
@@ -598,6 +600,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # The service's own thread default (ONNX Runtime's: one per physical core), not --intra-op-threads.
     "INTRA_OP_THREADS=0 (ORT default)": {"intra_op_threads": 0},
     "PRECISION=int8": {"precision": "int8"},
+    "SOLO_INTRA_OP_THREADS=2": {"solo_intra_op_threads": 2},
+    "INTRA_OP_THREADS=2, ALLOW_SPINNING=false": {"intra_op_threads": 2, "allow_spinning": False},
 }
 
 
@@ -885,7 +889,8 @@ def main(argv: list[str] | None = None) -> int:
                             f"{_fmt(point['server_cpu_outside_session_ms_per_request'])} outside "
                             "the session threads), ORT "
                             f"{_fmt(point['ort_ms_per_request'])} ms/req, errors "
-                            f"{point['errors']}, mean batch {point['mean_batch_requests']:.1f} req",
+                            f"{point['errors']}, mean batch {point['mean_batch_requests']:.1f} req, solo runs "
+                            f"{point['solo_run_share']:.0%}",
                             flush=True,
                         )
         finally:
@@ -1030,8 +1035,10 @@ int8 against fp32 on 64 users × 1,000 candidates: {json.dumps(int8_check) if in
 Every configuration runs {args.intra_op_threads or "the default number of"} ONNX Runtime intra-op
 thread(s) and the remaining settings at their defaults, except as its name says. Server CPU is the
 process's user + system time over the point (warm-up included) per request it scored, and the
-part of it outside the session-run threads (per-thread times from /proc); ORT is the
-session runs' wall time per request (one slot: runs overlap nothing, except with SESSION_CONCURRENCY=2). The servers run side by side
+part of it outside the session-run threads (per-thread times from /proc; ONNX Runtime's own pool
+threads, such as the solo session's, count as outside); ORT is the session runs' wall time per
+request (one slot: runs overlap nothing, except with SESSION_CONCURRENCY=2). Solo runs: the share
+of session runs on the solo session (SOLO_INTRA_OP_THREADS). The servers run side by side
 and the points alternate between them. % of ceiling is against the fp32 ceiling at batch
 {args.candidates:,} ({ceiling:,.0f} candidates/s).
 

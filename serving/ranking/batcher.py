@@ -41,7 +41,9 @@ def _name_os_thread(name: str) -> None:
 
 
 class Scorer(Protocol):
-    """What a batcher runs: a model version's thread-safe `score` (RankerModel)."""
+    """What a batcher runs: a model version's thread-safe `score` (RankerModel). A scorer with
+    a `solo_session` (RankerModel with RANKING_SOLO_INTRA_OP_THREADS) also takes `solo=True`:
+    the batcher passes it for a request that had the server to itself."""
 
     name: str
     version: int
@@ -79,6 +81,7 @@ class _Pending:
     future: asyncio.Future[np.ndarray]
     enqueued: float  # time.monotonic()
     deadline: float | None  # time.monotonic() after which the caller no longer waits
+    solo: bool = False  # alone in the server, the session idle: may run on the solo session
     enqueued_wall: float = field(default_factory=time.perf_counter)
 
 
@@ -116,6 +119,9 @@ class Batcher:
         self._depth = metrics.QUEUE_DEPTH.labels(model.name)
         self._queue_latency = metrics.QUEUE_DURATION.labels(model.name)
         self._compute_latency = metrics.COMPUTE_DURATION.labels(model.name, str(model.version))
+        # RankerModel's solo session (RANKING_SOLO_INTRA_OP_THREADS), where it has one.
+        self._has_solo = getattr(model, "solo_session", None) is not None
+        self._solo_runs = metrics.SOLO_RUNS.labels(model.name)
         self._batch_requests = metrics.BATCH_REQUESTS.labels(model.name)
         self._batch_candidates = metrics.BATCH_CANDIDATES.labels(model.name)
         self.stats = VersionStats()
@@ -144,10 +150,11 @@ class Batcher:
         return self._running
 
     async def score(
-        self, users: np.ndarray, items: np.ndarray, timeout: float | None
+        self, users: np.ndarray, items: np.ndarray, timeout: float | None, *, solo: bool = False
     ) -> np.ndarray:
         """Scores for one request, computed in some batch. `timeout` is the caller's remaining
-        time in seconds (None: no deadline)."""
+        time in seconds (None: no deadline). `solo`: no other request is in the server, so that
+        if no run is in flight either, this one may score on the model's solo session."""
         if self._closed:
             raise Unavailable(f"{self.model.name} v{self.model.version} is unloading; retry")
         if len(self._queue) >= self.options.max_queue_requests:
@@ -174,6 +181,7 @@ class Batcher:
                 # Nothing queued and a slot free: straight to its thread (delay mode's idle
                 # wait is its point, so it queues).
                 self._free -= 1
+                pending.solo = solo and self._has_solo and self._running == 0
                 self._running += 1
                 self._handoff.append([pending])
             else:
@@ -319,7 +327,11 @@ class Batcher:
                 else:
                     users = np.concatenate([p.users for p in batch])
                     items = np.concatenate([p.items for p in batch])
-                scores = self.model.score(users, items)
+                if batch[0].solo and len(batch) == 1:
+                    scores = self.model.score(users, items, solo=True)  # type: ignore[call-arg]
+                    self._solo_runs.inc()
+                else:
+                    scores = self.model.score(users, items)
             except Exception as exc:
                 error = exc
                 logger.exception(

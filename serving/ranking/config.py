@@ -70,6 +70,14 @@ class RankingSettings(ServerSettings):
         description="Let idle ONNX Runtime pool threads spin (lower latency, more CPU); false "
         "leaves the cores to gRPC and the clients.",
     )
+    solo_intra_op_threads: int = Field(
+        0,
+        ge=0,
+        description="CPU: ORT intra-op threads of a second session per version that scores a "
+        "request arriving while the server has nothing else in flight and the session is idle "
+        "(lower latency at low load; its threads never spin; costs a second copy of the "
+        "graph's weights). 0: no second session.",
+    )
     precision: Literal["fp32", "int8"] = Field(
         "fp32",
         description="The graph to serve: fp32, or int8 (the quantised graph training exports "

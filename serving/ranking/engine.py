@@ -41,18 +41,21 @@ class Scored:
 class _Outcome:
     """Records one request's metrics when it ends, whatever the outcome."""
 
-    def __init__(self, manager: ModelManager, model: str, api: str) -> None:
+    def __init__(self, engine: RankingEngine, model: str, api: str) -> None:
         # Only names the server knows become label values: clients cannot grow the label set.
-        self.model = model if manager.is_known(model) else ""
+        self.engine = engine
+        self.model = model if engine.manager.is_known(model) else ""
         self.api = api
         self.version = ""
         self.stats: VersionStats | None = None  # of the version that took the request
         self.start = time.perf_counter()
 
     def __enter__(self) -> _Outcome:
+        self.engine.in_flight += 1
         return self
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        self.engine.in_flight -= 1
         if exc is None:
             status = "OK"
         elif isinstance(exc, Exception):
@@ -124,6 +127,13 @@ class RankingEngine:
         self.manager = manager
         self.max_candidates = max_candidates_per_request
         self.max_id_length = max_id_length
+        # Requests inside rank/infer now (all on the event loop): a request alone here may take
+        # the version's solo session.
+        self.in_flight = 0
+
+    @property
+    def alone(self) -> bool:
+        return self.in_flight == 1
 
     def check_model(self, name: str, version: str) -> str:
         """The version a request names, normalised ('' for the latest), after checking the model
@@ -165,7 +175,7 @@ class RankingEngine:
         ranker scores `features` or `features_f32` (one of them; len(item_ids) rows, row-major)
         computed by retrieval version `features_version`, and looks neither the user nor the
         items up."""
-        with _Outcome(self.manager, model_name, "rank") as outcome:
+        with _Outcome(self, model_name, "rank") as outcome:
             version = self.check_model(model_name, version)
             if not user_id:
                 raise InvalidRequest("user_id is required")
@@ -182,7 +192,9 @@ class RankingEngine:
                     rows = check_features(model, features, len(ids), features_version, features_f32)
                     if "" in ids:
                         raise InvalidRequest("item_ids must not contain empty ids")
-                    scores = await served.batcher.score(rows, np.zeros(len(ids), np.int64), timeout)
+                    scores = await served.batcher.score(
+                        rows, np.zeros(len(ids), np.int64), timeout, solo=self.alone
+                    )
                     missing = np.zeros(len(ids), bool) if allow_unknown_items else None
                     return Scored(scores, model.name, model.version, missing)
                 try:
@@ -193,7 +205,7 @@ class RankingEngine:
                 unknown = items < 0
                 if not unknown.any():
                     users = np.full(len(ids), user, dtype=np.int64)
-                    scores = await served.batcher.score(users, items, timeout)
+                    scores = await served.batcher.score(users, items, timeout, solo=self.alone)
                     missing = np.zeros(len(ids), bool) if allow_unknown_items else None
                     return Scored(scores, model.name, model.version, missing)
                 if "" in ids:
@@ -209,7 +221,9 @@ class RankingEngine:
                 known = np.flatnonzero(~unknown)
                 if known.size:
                     users = np.full(known.size, user, dtype=np.int64)
-                    scores[known] = await served.batcher.score(users, items[known], timeout)
+                    scores[known] = await served.batcher.score(
+                        users, items[known], timeout, solo=self.alone
+                    )
                 return Scored(scores, model.name, model.version, unknown)
 
     async def infer(
@@ -223,7 +237,7 @@ class RankingEngine:
     ) -> Scored:
         """Score index pairs, or feature rows ([N, F] FP32 as `users`) for a feature ranker
         (already checked for names, dtypes and shapes)."""
-        with _Outcome(self.manager, model_name, "oip") as outcome:
+        with _Outcome(self, model_name, "oip") as outcome:
             version = self.check_model(model_name, version)
             self._check_count(len(items), "candidates (elements of item_index)")
             with self.manager.use(model_name, version) as served:
@@ -242,7 +256,7 @@ class RankingEngine:
                             f"{model.version} takes [N, {len(model.feature_names)}]"
                         )
                     rows = check_features(model, users, len(users), features_version)
-                    scores = await served.batcher.score(rows, items, timeout)
+                    scores = await served.batcher.score(rows, items, timeout, solo=self.alone)
                     return Scored(scores, model.name, model.version)
                 for name, array, bound in (
                     ("user_index", users, model.n_users),
@@ -255,5 +269,5 @@ class RankingEngine:
                             f"{model.name} version {model.version}, e.g. element {bad[0]} = "
                             f"{int(array[bad[0]])}"
                         )
-                scores = await served.batcher.score(users, items, timeout)
+                scores = await served.batcher.score(users, items, timeout, solo=self.alone)
                 return Scored(scores, model.name, model.version)

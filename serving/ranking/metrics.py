@@ -45,6 +45,12 @@ REQUEST_DURATION = Histogram(
     ["model"],
     buckets=LATENCY_BUCKETS,
 )
+SOLO_RUNS = Counter(
+    "recsys_ranker_solo_runs",
+    "Session runs on a version's solo session (one request alone in the server; "
+    "RANKING_SOLO_INTRA_OP_THREADS).",
+    ["model"],
+)
 BATCH_REQUESTS = Histogram(
     "recsys_ranker_batch_requests",
     "Requests scored together in one session run.",

@@ -126,8 +126,26 @@ class SessionOptions:
     io_binding: bool = False
     warmup_candidates: int = 1024
     allow_spinning: bool = True
+    # CPU only: a second session with this many intra-op threads scores a request that finds the
+    # server otherwise idle (0: none). Its pool threads never spin.
+    solo_intra_op_threads: int = 0
     require_provider: bool = False  # the first provider or nothing (RANKING_PROVIDER=cuda)
     precision: str = "fp32"  # the graph to serve where the version has it (RANKING_PRECISION)
+
+
+def _session(
+    path: Path, options: SessionOptions, intra_op_threads: int, *, spinning: bool | None = None
+) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = intra_op_threads
+    so.inter_op_num_threads = options.inter_op_threads
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if not (options.allow_spinning if spinning is None else spinning):
+        # Idle ONNX Runtime threads sleep instead of spinning, leaving the cores to gRPC.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), sess_options=so, providers=list(options.providers))
 
 
 def _index(ids: list[str], path: Path) -> dict[str, int]:
@@ -138,7 +156,8 @@ def _index(ids: list[str], path: Path) -> dict[str, int]:
 
 
 class RankerModel:
-    """A loaded, checked and warmed ranker version. `score` is thread-safe (one shared session)."""
+    """A loaded, checked and warmed ranker version. `score` is thread-safe (one shared session,
+    and optionally a wider one for requests that have the machine to themselves)."""
 
     graph = SelectedGraph()  # the file, precision and tensor names it is served from
 
@@ -152,12 +171,14 @@ class RankerModel:
         user_ids: list[str],
         item_ids: list[str],
         io_binding: bool,
+        solo_session: ort.InferenceSession | None = None,
     ) -> None:
         self.name = name
         self.version = version
         self.directory = directory
         self.metadata = metadata
         self.session = session
+        self.solo_session = solo_session
         self.user_ids = user_ids
         self.item_ids = item_ids
         self.user_index = _index(user_ids, directory / USERS_FILE)
@@ -185,6 +206,13 @@ class RankerModel:
         return len(self.item_ids)
 
     @property
+    def solo_threads(self) -> int:
+        """Intra-op threads of the solo session (0: none)."""
+        if self.solo_session is None:
+            return 0
+        return int(self.solo_session.get_session_options().intra_op_num_threads)
+
+    @property
     def provider_label(self) -> str:
         return provider_label(self.provider)
 
@@ -203,19 +231,8 @@ class RankerModel:
             graph = select_graph(name, version, directory, metadata, options.precision)
         except RepositoryError as exc:
             raise ModelLoadError(str(exc)) from exc
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = options.intra_op_threads
-        so.inter_op_num_threads = options.inter_op_threads
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        if not options.allow_spinning:
-            # Idle ONNX Runtime threads sleep instead of spinning, leaving the cores to gRPC.
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
-            session = ort.InferenceSession(
-                str(graph.path), sess_options=so, providers=list(options.providers)
-            )
+            session = _session(graph.path, options, options.intra_op_threads)
         except Exception as exc:  # ORT raises several exception types for unreadable graphs
             raise ModelLoadError(f"{graph.path}: ONNX Runtime cannot load it: {exc}") from exc
         actual = session.get_providers()[0]
@@ -246,11 +263,24 @@ class RankerModel:
                     )
         except RepositoryError as exc:
             raise ModelLoadError(str(exc)) from exc
+        solo = None
+        if options.solo_intra_op_threads > 1 and session.get_providers()[0] == CPU:
+            solo = _session(graph.path, options, options.solo_intra_op_threads, spinning=False)
         model = cls(
-            name, version, directory, metadata, session, user_ids, item_ids, options.io_binding
+            name,
+            version,
+            directory,
+            metadata,
+            session,
+            user_ids,
+            item_ids,
+            options.io_binding,
+            solo,
         )
         model.graph = graph
         model.warm_up(options.warmup_candidates)
+        if solo is not None:
+            model.warm_up(options.warmup_candidates, solo=True)
         logger.info(
             "Loaded %s version %d from %s (%s) on %s (%d users, %d items) in %.2f s",
             name,
@@ -264,7 +294,7 @@ class RankerModel:
         )
         return model
 
-    def warm_up(self, max_candidates: int) -> None:
+    def warm_up(self, max_candidates: int, *, solo: bool = False) -> None:
         """Run the sizes the service will see (one pair, a typical request, the largest batch) so
         that allocations and kernel choices happen before traffic, and check the outputs: one
         finite score per pair. The batches cover the first and last rows of both vocabularies,
@@ -291,7 +321,7 @@ class RankerModel:
                         half = n // 2
                         items[half:-1] = rng.integers(0, self.n_items, n - half - 1)
             try:
-                scores = self.score(users, items)
+                scores = self.score(users, items, solo=solo)
             except Exception as exc:
                 raise ModelLoadError(
                     f"{self.name} v{self.version}: warm-up with {n} candidates failed: {exc}"
@@ -335,10 +365,13 @@ class RankerModel:
             return self._hashed_items.lookup(ids)
         return np.fromiter(map(self.item_index.get, ids, repeat(-1)), np.int64, len(ids))
 
-    def score(self, user_index: np.ndarray, item_index: np.ndarray) -> np.ndarray:
+    def score(
+        self, user_index: np.ndarray, item_index: np.ndarray, *, solo: bool = False
+    ) -> np.ndarray:
         """Scores (float32, one per pair) from one session run; thread-safe. A feature ranker
         takes its FP32 [N, F] feature rows as `user_index` (the batcher joins either kind row
-        by row) and ignores `item_index`."""
+        by row) and ignores `item_index`. `solo`: on the wider session where there is one."""
+        session = self.solo_session if solo and self.solo_session is not None else self.session
         if self.kind == FEATURES:
             contract = {FEATURES_INPUT: np.ascontiguousarray(user_index, dtype=np.float32)}
         else:
@@ -346,7 +379,7 @@ class RankerModel:
         feeds = self.graph.names.feeds(contract)
         output = self.graph.names.output(SCORE_OUTPUT)
         if self.io_binding:
-            binding = self.session.io_binding()
+            binding = session.io_binding()
             for name, array in feeds.items():
                 if self._device == "cpu":
                     binding.bind_cpu_input(name, array)
@@ -355,10 +388,10 @@ class RankerModel:
                         name, ort.OrtValue.ortvalue_from_numpy(array, self._device, 0)
                     )
             binding.bind_output(output, self._device)
-            self.session.run_with_iobinding(binding)
+            session.run_with_iobinding(binding)
             out = binding.copy_outputs_to_cpu()[0]
         else:
-            out = self.session.run([output], feeds)[0]
+            out = session.run([output], feeds)[0]
         scores = np.asarray(out, dtype=np.float32).reshape(-1)
         if scores.shape[0] != user_index.shape[0]:
             raise RuntimeError(
@@ -373,6 +406,7 @@ class RankerModel:
             "version": self.version,
             "provider": self.provider,
             "precision": self.graph.precision,
+            "solo_intra_op_threads": self.solo_threads,
             "users": self.n_users,
             "items": self.n_items,
             "kind": self.kind,

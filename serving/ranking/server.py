@@ -39,6 +39,7 @@ def create_manager(settings: RankingSettings) -> ModelManager:
             io_binding=settings.io_binding,
             precision=settings.precision,
             allow_spinning=settings.allow_spinning,
+            solo_intra_op_threads=settings.solo_intra_op_threads,
             require_provider=settings.provider == "cuda",
             warmup_candidates=settings.max_batch_candidates,
         ),

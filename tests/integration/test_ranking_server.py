@@ -380,6 +380,26 @@ def test_request_duration_histograms_are_cumulative(ranker: Ranker) -> None:
     )
 
 
+def test_a_request_alone_in_the_server_scores_on_the_solo_session(tmp_path: Path) -> None:
+    """RANKING_SOLO_INTRA_OP_THREADS: one caller at a time runs every request on the wider
+    session, with the same scores; a failed request leaves the server counted as idle."""
+    tiny = publish_tiny_model(tmp_path, make_tiny_model("solo"))
+    server = Ranker(tmp_path, "solo-ranker", solo_intra_op_threads=2)
+    try:
+        before = sample("recsys_ranker_solo_runs_total", model="solo-ranker")
+        items = ["i3", "i17", "i0"]
+        reply = server.rank.Rank(rank_request("solo-ranker", "u5", items), timeout=10)
+        expected = ort_scores(tmp_path, "solo-ranker", tiny.version, [5] * 3, [3, 17, 0])
+        assert_close(reply.scores, expected)
+        code, _ = _code(server.rank.Rank, rank_request("solo-ranker", "nobody", items))
+        assert code == grpc.StatusCode.NOT_FOUND
+        infer = server.oip.ModelInfer(infer_request("solo-ranker", [5] * 3, [3, 17, 0]), timeout=10)
+        assert_close(decode_scores(infer), expected)
+        assert sample("recsys_ranker_solo_runs_total", model="solo-ranker") - before == 2
+    finally:
+        server.close()
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 

@@ -349,3 +349,65 @@ def test_the_fast_path_keeps_the_deadline_the_limits_and_the_unload() -> None:
         await failing.close()
 
     asyncio.run(scenario())
+
+
+class SoloSession(FakeSession):
+    """A FakeSession with a solo session: it records which runs were asked for it."""
+
+    solo_session = object()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.solo: list[bool] = []
+
+    def score(
+        self, user_index: np.ndarray, item_index: np.ndarray, *, solo: bool = False
+    ) -> np.ndarray:
+        self.solo.append(solo)
+        return super().score(user_index, item_index)
+
+
+def test_only_a_request_alone_with_an_idle_session_runs_solo() -> None:
+    session = SoloSession()
+
+    async def scenario() -> None:
+        async with batcher_over(session, _waiting_forever("queued")) as batcher:
+            array = np.array([1], np.int64)
+
+            def request(solo: bool, item: int) -> asyncio.Task[np.ndarray]:
+                return asyncio.get_running_loop().create_task(
+                    batcher.score(array * 0, array * item, timeout=None, solo=solo)
+                )
+
+            alone = request(True, 1)  # idle session, nothing else in the server
+            await session.wait_started(1)
+            queued = request(True, 2)  # the engine said alone, but a run is in flight
+            await _queued(batcher, 1)
+            session.finish()
+            await _guard(alone)
+            await session.wait_started(2)
+            session.finish()
+            await _guard(queued)
+            not_alone = request(False, 3)  # other requests in the server
+            await session.wait_started(3)
+            session.finish()
+            await _guard(not_alone)
+            assert session.solo == [True, False, False]
+
+    asyncio.run(scenario())
+
+
+def test_a_scorer_without_a_solo_session_is_never_asked_for_one() -> None:
+    session = FakeSession()  # its score takes no `solo`
+
+    async def scenario() -> None:
+        async with batcher_over(session, _waiting_forever("queued")) as batcher:
+            array = np.array([4], np.int64)
+            task = asyncio.get_running_loop().create_task(
+                batcher.score(array * 0, array, timeout=None, solo=True)
+            )
+            await session.wait_started(1)
+            session.finish()
+            assert (await _guard(task)).tolist() == [40.0]
+
+    asyncio.run(scenario())

@@ -84,6 +84,23 @@ def test_io_binding_gives_the_same_scores(published: tuple[Path, TinyModel]) -> 
     np.testing.assert_array_equal(bound.score(users, items), plain.score(users, items))
 
 
+def test_the_solo_session_scores_as_the_main_one(published: tuple[Path, TinyModel]) -> None:
+    repo, tiny = published
+    assert _load(repo, tiny.version).solo_session is None  # off unless set
+    wide = RankerModel.load(
+        "unit-ranker",
+        tiny.version,
+        version_dir(repo, "unit-ranker", tiny.version),
+        SessionOptions(providers=(CPU,), intra_op_threads=1, solo_intra_op_threads=2),
+    )
+    assert wide.solo_session is not None and wide.solo_session is not wide.session
+    assert wide.solo_threads == 2 and wide.describe()["solo_intra_op_threads"] == 2
+    users, items = wide.lookup("u9", [f"i{j}" for j in range(120)])
+    np.testing.assert_allclose(
+        wide.score(users, items, solo=True), wide.score(users, items), rtol=1e-6
+    )
+
+
 def _publish(repo: Path, graph: onnx.ModelProto, tiny: TinyModel, **overrides: object) -> int:
     metadata = {"kind": "ranker", "inputs": RANKER_INPUTS, "outputs": RANKER_OUTPUTS}
     metadata.update(overrides)
