@@ -76,7 +76,8 @@ class RankingSettings(ServerSettings):
         description="CPU: ORT intra-op threads of a second session per version that scores a "
         "request arriving while the server has nothing else in flight and the session is idle "
         "(lower latency at low load; its threads never spin; costs a second copy of the "
-        "graph's weights). 0: no second session.",
+        "graph's weights; not with BATCHING=delay, which holds such a request open for "
+        "others). 0: no second session.",
     )
     precision: Literal["fp32", "int8"] = Field(
         "fp32",

@@ -411,3 +411,22 @@ def test_a_scorer_without_a_solo_session_is_never_asked_for_one() -> None:
             assert (await _guard(task)).tolist() == [40.0]
 
     asyncio.run(scenario())
+
+
+def test_delay_mode_never_runs_solo() -> None:
+    """Delay mode holds an idle session's request open for others: never the solo session."""
+    session = SoloSession()
+
+    async def scenario() -> None:
+        async with batcher_over(session, _waiting_forever("delay")) as batcher:
+            batcher._wait_gain = 0.0  # recent waits gained nothing: no hold
+            array = np.array([2], np.int64)
+            task = asyncio.get_running_loop().create_task(
+                batcher.score(array * 0, array, timeout=None, solo=True)
+            )
+            await session.wait_started(1)
+            session.finish()
+            assert (await _guard(task)).tolist() == [20.0]
+            assert session.solo == [False]
+
+    asyncio.run(scenario())
