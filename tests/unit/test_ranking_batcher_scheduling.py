@@ -367,31 +367,34 @@ class SoloSession(FakeSession):
         return super().score(user_index, item_index)
 
 
+def _solo_request(batcher: Batcher, item: int, solo: bool) -> asyncio.Task[np.ndarray]:
+    """One candidate, `solo` as the engine would say it (alone in the server or not)."""
+    array = np.array([item], np.int64)
+    return asyncio.get_running_loop().create_task(
+        batcher.score(array * 0, array, timeout=None, solo=solo)
+    )
+
+
+async def _run_one(session: FakeSession, task: asyncio.Task[np.ndarray], run: int) -> list[float]:
+    await session.wait_started(run)
+    session.finish()
+    result: list[float] = (await _guard(task)).tolist()
+    return result
+
+
 def test_only_a_request_alone_with_an_idle_session_runs_solo() -> None:
     session = SoloSession()
 
     async def scenario() -> None:
         async with batcher_over(session, _waiting_forever("queued")) as batcher:
-            array = np.array([1], np.int64)
-
-            def request(solo: bool, item: int) -> asyncio.Task[np.ndarray]:
-                return asyncio.get_running_loop().create_task(
-                    batcher.score(array * 0, array * item, timeout=None, solo=solo)
-                )
-
-            alone = request(True, 1)  # idle session, nothing else in the server
+            alone = _solo_request(batcher, 1, True)  # idle session, nothing else in the server
             await session.wait_started(1)
-            queued = request(True, 2)  # the engine said alone, but a run is in flight
+            queued = _solo_request(batcher, 2, True)  # said alone, but a run is in flight
             await _queued(batcher, 1)
-            session.finish()
-            await _guard(alone)
-            await session.wait_started(2)
-            session.finish()
-            await _guard(queued)
-            not_alone = request(False, 3)  # other requests in the server
-            await session.wait_started(3)
-            session.finish()
-            await _guard(not_alone)
+            assert await _run_one(session, alone, 1) == [10.0]
+            assert await _run_one(session, queued, 2) == [20.0]
+            not_alone = _solo_request(batcher, 3, False)  # other requests in the server
+            assert await _run_one(session, not_alone, 3) == [30.0]
             assert session.solo == [True, False, False]
 
     asyncio.run(scenario())
@@ -402,13 +405,7 @@ def test_a_scorer_without_a_solo_session_is_never_asked_for_one() -> None:
 
     async def scenario() -> None:
         async with batcher_over(session, _waiting_forever("queued")) as batcher:
-            array = np.array([4], np.int64)
-            task = asyncio.get_running_loop().create_task(
-                batcher.score(array * 0, array, timeout=None, solo=True)
-            )
-            await session.wait_started(1)
-            session.finish()
-            assert (await _guard(task)).tolist() == [40.0]
+            assert await _run_one(session, _solo_request(batcher, 4, True), 1) == [40.0]
 
     asyncio.run(scenario())
 
@@ -420,13 +417,7 @@ def test_delay_mode_never_runs_solo() -> None:
     async def scenario() -> None:
         async with batcher_over(session, _waiting_forever("delay")) as batcher:
             batcher._wait_gain = 0.0  # recent waits gained nothing: no hold
-            array = np.array([2], np.int64)
-            task = asyncio.get_running_loop().create_task(
-                batcher.score(array * 0, array, timeout=None, solo=True)
-            )
-            await session.wait_started(1)
-            session.finish()
-            assert (await _guard(task)).tolist() == [20.0]
+            assert await _run_one(session, _solo_request(batcher, 2, True), 1) == [20.0]
             assert session.solo == [False]
 
     asyncio.run(scenario())
