@@ -9,7 +9,10 @@ users also with recent items) with its epoch chosen on the other, and the served
 mean of the two (every warm label trains it; each member is judged on users it never saw). Cold-start
 examples are training users presented as retrieval serves source-only users (no target history,
 their mapped vector), labelled with their own target training items; the split's cold-start
-validation users select. The test split is never read (ranker_examples).
+validation users select. The served order mixes the MLP with the retrieval model's dot product,
+the weight chosen per segment (warm, mapped) on the same validation users (WithDot), so it is
+never below the dot product's order on validation. The test split is never read
+(ranker_examples).
 """
 
 from __future__ import annotations
@@ -193,6 +196,13 @@ class FeatureRanker(nn.Module):
         return self.net((features - self.mean) / self.scale).squeeze(-1)
 
 
+# The feature columns the served ranker mixes with its MLP (recsys.features.FEATURE_NAMES).
+PERSONAL = FEATURE_NAMES.index("personal_score")
+MAPPED = FEATURE_NAMES.index("mapped")
+# Weights of the dot product (personal_score) in the served order, chosen on validation.
+DOT_WEIGHTS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+
 class CrossFitted(nn.Module):
     """features [N, F] -> score [N]: the mean of the members' scores (one ONNX graph)."""
 
@@ -202,6 +212,101 @@ class CrossFitted(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return torch.stack([m(features) for m in self.members]).mean(dim=0)
+
+
+class WithDot(nn.Module):
+    """features [N, F] -> ``a * ranker(features) + b * personal_score``, with (a, b) one pair
+    for users with target history and one for users mapped from the source domain (the
+    ``mapped`` feature), so that validation decides, per segment, how much of the retrieval
+    model's own dot product the served order keeps (``b = 0``: the MLP alone; ``a = 0``: the
+    dot product alone)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+
+    def __init__(self, ranker: nn.Module, a: tuple[float, float], b: tuple[float, float]) -> None:
+        super().__init__()
+        self.ranker = ranker
+        self.register_buffer("a", torch.tensor(a, dtype=torch.float32))  # (warm, mapped)
+        self.register_buffer("b", torch.tensor(b, dtype=torch.float32))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        mapped = features[:, MAPPED] > 0.5
+        a = torch.where(mapped, self.a[1], self.a[0])
+        b = torch.where(mapped, self.b[1], self.b[0])
+        return a * self.ranker(features) + b * features[:, PERSONAL]
+
+
+def _scores(model: nn.Module, sets: list[CandidateSet]) -> list[np.ndarray]:
+    with torch.no_grad():
+        return [model(torch.from_numpy(s.features)).numpy().astype(np.float64) for s in sets]
+
+
+def _sd(parts: list[np.ndarray]) -> float:
+    sd = float(np.concatenate(parts).std()) if parts else 0.0
+    return sd if sd > 1e-12 else 1.0
+
+
+def _dot_weight(
+    learned: list[np.ndarray], sets: list[CandidateSet]
+) -> tuple[float, list[dict[str, float]]]:
+    """The weight w of the dot product in ``(1 - w) learned / sd + w dot / sd`` (each term
+    scaled by its standard deviation over the rows of `sets`) with the best mean NDCG@10 on
+    `sets` (ties: the smaller w); with every grid point's score."""
+    dots = [s.features[:, PERSONAL].astype(np.float64) for s in sets]
+    sd_l, sd_d = _sd(learned), _sd(dots)
+    grid, best = [], (-1.0, 0.0)
+    for w in DOT_WEIGHTS:
+        score = float(
+            np.mean(
+                [
+                    ndcg_at((1 - w) * x / sd_l + w * d / sd_d, s.labels, s.n_relevant)
+                    for x, d, s in zip(learned, dots, sets, strict=True)
+                ]
+            )
+        )
+        grid.append({"dot_weight": w, "valid_ndcg@10": score})
+        if score > best[0]:
+            best = (score, w)
+    return best[1], grid
+
+
+def with_dot(
+    model: CrossFitted, sets: dict[str, list[CandidateSet]]
+) -> tuple[WithDot, dict[str, Any]]:
+    """The served ranker: `model` mixed with the dot product, the weight of each segment chosen
+    on its validation users. Warm users: out of fold (each member's scores on the half it did
+    not train on, standardised by that member's spread). Mapped users: the cold selection users
+    under the mean ranker (no cold selection users: the MLP alone)."""
+    held_out = ((model.members[0], sets["select_warm"]), (model.members[1], sets["train_warm"]))
+    learned: list[np.ndarray] = []
+    warm_sets: list[CandidateSet] = []
+    for member, part in held_out:
+        scores = _scores(member, part)
+        sd = _sd(scores)
+        learned += [x / sd for x in scores]
+        warm_sets += part
+    info: dict[str, Any] = {}
+    weights = {}
+    for seg, parts, segment_sets in (
+        ("warm", learned, warm_sets),
+        ("mapped", _scores(model, sets["select_cold"]), sets["select_cold"]),
+    ):
+        if segment_sets:
+            w, grid = _dot_weight(parts, segment_sets)
+        else:
+            w, grid = 0.0, []
+        rows = warm_sets if seg == "warm" else segment_sets
+        sd_l = _sd(_scores(model, rows)) if rows else 1.0
+        sd_d = _sd([s.features[:, PERSONAL].astype(np.float64) for s in rows]) if rows else 1.0
+        weights[seg] = ((1 - w) / sd_l, w / sd_d)
+        info[seg] = {"dot_weight": w, "grid": grid, "users": len(segment_sets)}
+    served = WithDot(
+        model,
+        (weights["warm"][0], weights["mapped"][0]),
+        (weights["warm"][1], weights["mapped"][1]),
+    ).eval()
+    return served, info
 
 
 def _pad(sets: list[CandidateSet]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -532,7 +637,17 @@ def fit_second_stage(
         cold_share=cold_share,
         recent_share=recent_share,
     )
-    model, info = cross_fit(sets, seed)
+    mlp, info = cross_fit(sets, seed)
+    model, info["dot_weight"] = with_dot(mlp, sets)
+    # out of fold, as before, now of the served order (the MLP mixed with the chosen weight of
+    # the dot product; the weight was chosen on these users, so "learned" is the grid's best)
+    warm = info["dot_weight"]["warm"]
+    if warm["grid"]:
+        chosen = next(g for g in warm["grid"] if g["dot_weight"] == warm["dot_weight"])
+        info["validation"] = info["validation"] | {
+            "mlp": info["validation"]["learned"],
+            "learned": chosen["valid_ndcg@10"],
+        }
     info["validation_cold"] = evaluate_orders(model, sets["select_cold"])
     info["validation_cold_kind"] = sets["select_cold"][0].kind if sets["select_cold"] else None
     info["examples"] = {k: len(v) for k, v in sets.items()}
@@ -611,12 +726,14 @@ def cross_fit(sets: dict[str, list[CandidateSet]], seed: int) -> tuple[CrossFitt
 
 
 def export_ranker(module: nn.Module, path: Path, seed: int) -> float:
-    """Export the ranker (a FeatureRanker or a CrossFitted mean of them) to ONNX (features
-    [N, F] -> score [N]) and check it against torch."""
+    """Export the ranker (a FeatureRanker, a CrossFitted mean of them, or either mixed with the
+    dot product by WithDot) to ONNX (features [N, F] -> score [N]) and check it against
+    torch."""
     from training.export_onnx import _export, check_graph
 
     rng = np.random.default_rng(seed)
-    first = module.members[0] if isinstance(module, CrossFitted) else module
+    inner = module.ranker if isinstance(module, WithDot) else module
+    first = inner.members[0] if isinstance(inner, CrossFitted) else inner
     assert isinstance(first, FeatureRanker)
     mean, scale = first.mean.numpy(), first.scale.numpy()
     sample = (mean + scale * rng.standard_normal((257, len(mean)))).astype(np.float32)

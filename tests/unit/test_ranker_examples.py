@@ -6,6 +6,9 @@ train on."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -15,16 +18,21 @@ from recsys.sources import CandidateSources, exact_search
 from training.data.splits import make_split
 from training.data.synthetic import make_synthetic
 from training.ranker import (
+    PERSONAL,
     CrossFitted,
+    FeatureRanker,
+    WithDot,
     _Published,
     _with_or_without_cold,
     compare_precisions,
     compute_neighbours,
     cross_fit,
     evaluate_orders,
+    export_ranker,
     int8_ranker,
     ranker_examples,
     train_ranker,
+    with_dot,
 )
 
 RECENT = [FEATURE_NAMES.index("recent_vote"), FEATURE_NAMES.index("recent_rrank")]
@@ -223,3 +231,68 @@ def test_cross_fitted_members_are_judged_on_the_half_they_did_not_train_on(examp
         a, b, both = first(x), second(x), model(x)
     assert not torch.allclose(a, b)
     torch.testing.assert_close(both, (a + b) / 2)
+
+
+def _untrained(width: int) -> CrossFitted:
+    """Two copies of one untrained MLP: the mean ranker scores as each member does."""
+    torch.manual_seed(0)
+    member = FeatureRanker(np.zeros(width), np.ones(width))
+    return CrossFitted([member, copy.deepcopy(member)]).eval()
+
+
+def _with_personal(sets: dict[str, list], value) -> dict[str, list]:  # type: ignore[no-untyped-def]
+    """The example sets with the dot product column replaced by value(labels, rng)."""
+    rng = np.random.default_rng(0)
+    out: dict[str, list] = {}
+    for key, part in sets.items():
+        out[key] = []
+        for s in part:
+            features = s.features.copy()
+            features[:, PERSONAL] = value(s.labels, rng)
+            out[key].append(dataclasses.replace(s, features=features))
+    return out
+
+
+def test_validation_chooses_the_dot_products_weight_per_segment(examples) -> None:
+    _, sets = examples
+    width = sets["select_warm"][0].features.shape[1]
+    model = _untrained(width)
+    # a dot product that puts every labelled candidate first: the served order takes it
+    good = _with_personal(sets, lambda y, rng: 5.0 * y + 0.1 * rng.standard_normal(y.size))
+    served, info = with_dot(model, good)
+    segments = (("warm", good["select_warm"] + good["train_warm"]), ("mapped", good["select_cold"]))
+    for seg, part in segments:
+        assert info[seg]["dot_weight"] > 0 and info[seg]["users"] == len(part)
+        orders = evaluate_orders(served, part)
+        assert orders["learned"] == pytest.approx(orders["dot"])
+        assert orders["learned"] > evaluate_orders(model, part)["learned"]
+    # a dot product that puts them last: the MLP alone (weight 0 in both segments)
+    bad = _with_personal(sets, lambda y, rng: -5.0 * y + 0.1 * rng.standard_normal(y.size))
+    served, info = with_dot(model, bad)
+    assert info["warm"]["dot_weight"] == 0.0 and info["mapped"]["dot_weight"] == 0.0
+    assert served.b.tolist() == [0.0, 0.0]
+    x = torch.from_numpy(np.concatenate([s.features for s in bad["select_warm"][:5]]))
+    with torch.no_grad():
+        torch.testing.assert_close(served(x), served.a[0] * model(x))
+
+
+def test_the_mapped_feature_selects_the_segments_weights(tmp_path) -> None:
+    width = len(FEATURE_NAMES)
+    model = _untrained(width)
+    served = WithDot(model, (1.0, 0.0), (0.0, 2.0)).eval()
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((64, width)).astype(np.float32)
+    x[:, MAPPED] = np.arange(64) % 2  # every other row a user mapped from the source domain
+    t = torch.from_numpy(x)
+    with torch.no_grad():
+        got, mlp = served(t).numpy(), model(t).numpy()
+    warm, mapped = x[:, MAPPED] == 0, x[:, MAPPED] == 1
+    np.testing.assert_allclose(got[warm], mlp[warm], rtol=1e-6)
+    np.testing.assert_allclose(got[mapped], 2.0 * x[mapped, PERSONAL], rtol=1e-6)
+    # the exported graph routes the same way
+    import onnxruntime as ort
+
+    path = tmp_path / "ranker.onnx"
+    assert export_ranker(served, path, seed=0) <= 1e-5
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"features": x})[0], got, rtol=1e-5, atol=1e-6)
