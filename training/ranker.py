@@ -296,9 +296,9 @@ def with_dot(
             w, grid = _dot_weight(parts, segment_sets)
         else:
             w, grid = 0.0, []
-        rows = warm_sets if seg == "warm" else segment_sets
-        sd_l = _sd(_scores(model, rows)) if rows else 1.0
-        sd_d = _sd([s.features[:, PERSONAL].astype(np.float64) for s in rows]) if rows else 1.0
+        # the served graph scales the mean ranker by its own spread on the segment's candidates
+        sd_l = _sd(_scores(model, segment_sets))
+        sd_d = _sd([s.features[:, PERSONAL].astype(np.float64) for s in segment_sets])
         weights[seg] = ((1 - w) / sd_l, w / sd_d)
         info[seg] = {"dot_weight": w, "grid": grid, "users": len(segment_sets)}
     served = WithDot(
