@@ -33,7 +33,14 @@ from training.model import TwoTower
 from training.report import write_report
 from training.served import Served, blend_tables, choose_rank
 from training.served import by_history as by_history_tables
-from training.trainer import init_distributed, pick_device, world
+from training.trainer import (
+    init_distributed,
+    pick_device,
+    release_workers,
+    report_to_rank0,
+    serve_fits,
+    world,
+)
 from training.transfer import (
     Tables,
     pretrain_source,
@@ -162,7 +169,7 @@ def run_share(
         seed=cfg.seed,
     )
     check_split(split, cfg.target, cfg.source or None)
-    if run_dir is not None and world()[0] == 0:
+    if run_dir is not None:
         split.save(run_dir / f"split-cold{share}")
     timings: dict[str, float] = {}
     warm, cold = _segments(split)
@@ -525,6 +532,12 @@ def run(
     init_distributed(device)
     rank, world_size = world()
     torch.use_deterministic_algorithms(True, warn_only=True)
+    if rank > 0:  # a training worker: rank 0 holds the data and sends it each fit's steps
+        done = serve_fits(device)
+        report_to_rank0({"rank": rank, **done, "peak_memory_mb": peak_memory_mb()})
+        dist.barrier()
+        dist.destroy_process_group()
+        return {"rank": rank, "world_size": world_size, **done}
     if cfg.dataset == "synthetic":
         dataset = make_synthetic(seed=cfg.seed)
     else:
@@ -592,7 +605,7 @@ def run(
             tab = Tables(users=exported.users, items=exported.items, mapped_users=exported.mapped)
             checkpoint = build_checkpoint(cfg, dataset, split, name, tab, metrics)
             exported_split = (split, *_segments(split))
-            if cfg.ranker == "learned" and rank == 0:
+            if cfg.ranker == "learned":
                 from training.ranker import fit_second_stage
 
                 t0 = time.perf_counter()
@@ -614,46 +627,47 @@ def run(
             results["selection"] = block["selection"]
             results["popularity_gate"] = popularity_gate(name, block["selection"])
     results["seconds_total_train"] = time.perf_counter() - t_start
+    if world_size > 1:  # every fit is done: the workers' reports, beside rank 0's own
+        results["ranks"] = release_workers({"rank": 0, "peak_memory_mb": peak_memory_mb()})
     if checkpoint is None:  # nothing to export
         results["selection"] = results["shares"][str(cfg.cold_shares[0])]["selection"]
         logger.warning("no row to export: no checkpoint, nothing published")
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if checkpoint is not None:
-            torch.save(checkpoint, run_dir / "checkpoint.pt")
-            results["checkpoint"] = str(run_dir / "checkpoint.pt")
-        gate = results.get("popularity_gate") or {}
-        if (
-            repository is not None
-            and checkpoint is not None
-            and gate.get("below_popularity")
-            and not cfg.allow_below_popularity
-        ):
-            results["not_published"] = (
-                f"{gate['message']}: nothing published to {repository} "
-                "(--allow-below-popularity publishes it anyway)"
-            )
-        elif repository is not None and checkpoint is not None:
-            from training.export_onnx import publish
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if checkpoint is not None:
+        torch.save(checkpoint, run_dir / "checkpoint.pt")
+        results["checkpoint"] = str(run_dir / "checkpoint.pt")
+    gate = results.get("popularity_gate") or {}
+    if (
+        repository is not None
+        and checkpoint is not None
+        and gate.get("below_popularity")
+        and not cfg.allow_below_popularity
+    ):
+        results["not_published"] = (
+            f"{gate['message']}: nothing published to {repository} "
+            "(--allow-below-popularity publishes it anyway)"
+        )
+    elif repository is not None and checkpoint is not None:
+        from training.export_onnx import publish
 
-            t0 = time.perf_counter()
-            version = publish(checkpoint, repository, cfg.seed)
-            # the published graphs, evaluated as the retrieval service computes them
-            assert exported_split is not None
-            first = results["shares"][str(cfg.cold_shares[0])]
-            first["strategies"]["served_graph"] = evaluate_published(
-                repository, cfg.target, version, exported_split
-            )
-            results["published"] = {
-                "repository": str(repository),
-                "version": version,
-                "models": [f"{cfg.target}-ranker", f"{cfg.target}-retrieval"]
-                + ([f"{cfg.target}-dot-ranker"] if "learned_ranker" in checkpoint else []),
-                "seconds": time.perf_counter() - t0,
-            }
-        results["seconds_total"] = time.perf_counter() - t_start
-        results["peak_memory_mb"] = peak_memory_mb()
-        write_report(results, run_dir)
+        t0 = time.perf_counter()
+        version = publish(checkpoint, repository, cfg.seed)
+        # the published graphs, evaluated as the retrieval service computes them
+        assert exported_split is not None
+        first = results["shares"][str(cfg.cold_shares[0])]
+        first["strategies"]["served_graph"] = evaluate_published(
+            repository, cfg.target, version, exported_split
+        )
+        results["published"] = {
+            "repository": str(repository),
+            "version": version,
+            "models": [f"{cfg.target}-ranker", f"{cfg.target}-retrieval"]
+            + ([f"{cfg.target}-dot-ranker"] if "learned_ranker" in checkpoint else []),
+            "seconds": time.perf_counter() - t0,
+        }
+    results["seconds_total"] = time.perf_counter() - t_start
+    results["peak_memory_mb"] = peak_memory_mb()
+    write_report(results, run_dir)
     if world_size > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -1,16 +1,25 @@
 """The training loop: mini-batches of (user, item) pairs, Adam (SparseAdam on the embedding
 tables when they take sparse gradients), validation with early stopping, and under ``torchrun``
-(gloo on CPU, NCCL on CUDA) either DistributedDataParallel or row-sharded tables."""
+(gloo on CPU, NCCL on CUDA) either DistributedDataParallel or row-sharded tables.
+
+Under ``torchrun`` only rank 0 holds the data: it runs the pipeline (loading, split, baselines,
+evaluation, export), and each :func:`fit` it calls becomes a job for every rank. Rank 0 sends
+the model and the fit's settings, then, step by step, each rank's slice of the global batch
+(:class:`_Feed`); the other ranks run :func:`serve_fits` and never read the data set. Validation
+runs on rank 0, which sends the score, so every rank stops at the same epoch."""
 
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -29,13 +38,19 @@ from training.sharding import (
 
 logger = logging.getLogger(__name__)
 
+# how long a collective waits for its peers: the other ranks wait for their next job while rank
+# 0 fits baselines, evaluates and exports between two fits (an hour or more at scale)
+PROCESS_GROUP_TIMEOUT = timedelta(hours=24)
+
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """Join the process group when started by torchrun; returns (rank, world size)."""
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) <= 1:
         return 0, 1
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT
+        )
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -88,12 +103,13 @@ class FitResult:
     epochs_run: int
     history: list[tuple[int, float, float]]  # (epoch, mean loss, validation score)
     shard_rows: dict[str, list[int]]  # sharded tables: the rows each process held, by rank
+    fed: dict[str, int]  # under torchrun: the steps and pairs (or softmax users) this rank trained
 
 
 def fit(
     model: TwoTower,
-    train: np.ndarray,
-    validate: Callable[[TwoTower], float],
+    train: np.ndarray | None,
+    validate: Callable[[TwoTower], float] | None,
     *,
     epochs: int,
     batch_size: int,
@@ -129,12 +145,37 @@ def fit(
     the rows of each embedding table (:mod:`training.sharding`) instead of DDP's whole copy; the
     towers stay replicated, their gradients summed across processes. Validation and the model
     returned see the whole tables.
+
+    Under torchrun rank 0 calls it with the data (``train``, ``validate``, ``pair_weights``,
+    ``sampling``) and sends the other ranks the job; they call it from :func:`serve_fits`
+    without any.
     """
     if sparse_embeddings and loss == "softmax":
         raise ValueError("sparse_embeddings needs loss sampled_softmax or bpr")
     if shard_rows and loss == "softmax":
         raise ValueError("shard_rows needs loss sampled_softmax or bpr")
     rank, world_size = world()
+    if rank == 0 and (train is None or validate is None):
+        raise ValueError("rank 0 fits on data: train and validate are required")
+    if world_size > 1 and rank == 0:
+        job = {
+            "model": model,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "loss": loss,
+            "reg": reg,
+            "temperature": temperature,
+            "patience": patience,
+            "eval_every": eval_every,
+            "seed": seed,
+            "desc": desc,
+            "grad_masks": grad_masks,
+            "lr_scales": lr_scales,
+            "sparse_embeddings": sparse_embeddings,
+            "shard_rows": shard_rows,
+        }
+        dist.broadcast_object_list([job], src=0)
     sharded = shard_rows and world_size > 1
     if sharded:
         shard_tables(model, rank, world_size)
@@ -146,9 +187,12 @@ def fit(
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    batches = _Batches(
-        train, loss, batch_size, model.item_emb.num_embeddings, pair_weights, sampling or Sampling()
-    )
+    n_items = model.item_emb.num_embeddings
+    held = None
+    if train is not None:
+        held = _Batches(train, loss, batch_size, n_items, pair_weights, sampling or Sampling())
+    batches = _Feed(held, n_items) if world_size > 1 else held
+    assert batches is not None
     best_score, best_epoch = -float("inf"), 0
     best_state = copy.deepcopy(model.state_dict())
     history: list[tuple[int, float, float]] = []
@@ -169,7 +213,9 @@ def fit(
         if epoch % eval_every == 0 or epoch == epochs:
             model.eval()
             with whole_tables(model):
-                score = validate(model)
+                score = validate(model) if validate is not None else 0.0
+            if world_size > 1:
+                score = _from_rank0(score)
             history.append((epoch, mean_loss, score))
             logger.info("%s epoch %d loss %.4f valid %.4f", desc, epoch, mean_loss, score)
             bar.set_postfix(loss=f"{mean_loss:.4f}", valid=f"{score:.4f}")
@@ -183,18 +229,19 @@ def fit(
     bar.close()
     for h in hooks:
         h.remove()
-    held = rows_held(model) if sharded else {}
+    rows = rows_held(model) if sharded else {}
     model.load_state_dict(best_state)
     unshard_tables(model)
     _set_sparse(model, False)
     model.eval()
-    return FitResult(best_score, best_epoch, epoch, history, held)
+    fed = {"steps": batches.steps, "pairs": batches.pairs} if isinstance(batches, _Feed) else {}
+    return FitResult(best_score, best_epoch, epoch, history, rows, fed)
 
 
 def train_epoch(
     net: nn.Module,
     opt: _Optimizer,
-    batches: _Batches,
+    batches: _Batches | _Feed,
     gen: torch.Generator,
     device: torch.device,
     *,
@@ -226,6 +273,49 @@ def train_epoch(
         ):
             break
     return total, n_steps
+
+
+def _from_rank0(value: float) -> float:
+    """Rank 0's ``value``, in every process."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return float(box[0])
+
+
+def serve_fits(device: torch.device) -> dict[str, int]:
+    """The loop of a rank other than 0 under torchrun: run rank 0's fits (:func:`fit`) on the
+    steps it sends, until :func:`release_workers`; returns what it trained (fits, steps, pairs)."""
+    done = {"fits": 0, "steps": 0, "pairs": 0}
+    while True:
+        box: list[Any] = [None]
+        dist.broadcast_object_list(box, src=0)
+        job = box[0]
+        if job is None:
+            return done
+        model = job.pop("model").to(device)
+        result = fit(model, None, None, device=device, progress=False, **job)
+        done["fits"] += 1
+        done["steps"] += result.fed["steps"]
+        done["pairs"] += result.fed["pairs"]
+
+
+def release_workers(mine: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rank 0 under torchrun: end the other ranks' :func:`serve_fits` loops; returns every
+    rank's report (``mine`` for rank 0, then each worker's :func:`serve_fits` figures with its
+    peak memory). Outside torchrun: ``[mine]``."""
+    rank, world_size = world()
+    if world_size == 1:
+        return [mine]
+    assert rank == 0
+    dist.broadcast_object_list([None], src=0)
+    reports: list[Any] = [None] * world_size
+    dist.gather_object(mine, reports, dst=0)
+    return reports
+
+
+def report_to_rank0(mine: dict[str, Any]) -> None:
+    """A worker's side of :func:`release_workers`."""
+    dist.gather_object(mine, None, dst=0)
 
 
 def _past(late: bool, world_size: int, device: torch.device) -> bool:
@@ -370,6 +460,97 @@ def _masked(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     )
 
 
+class SparseTargets(NamedTuple):
+    """The softmax's target rows of a step as (row, column, value) entries."""
+
+    n_rows: int
+    rows: torch.Tensor
+    cols: torch.Tensor
+    values: torch.Tensor | None  # None: every entry 1
+
+    def dense(self, n_items: int) -> torch.Tensor:
+        targets = torch.zeros(self.n_rows, n_items)
+        targets[self.rows, self.cols] = 1.0 if self.values is None else self.values
+        return targets
+
+
+# (users, items or targets, negatives, pairs in the global batch, pair weights)
+Step = tuple[
+    torch.Tensor,
+    torch.Tensor | SparseTargets,
+    torch.Tensor | Candidates | None,
+    int,
+    torch.Tensor | None,
+]
+
+
+# steps per message from rank 0 to each rank: a scatter costs about 3 ms on loopback gloo
+# whatever its size, and a rank holds at most this many steps' slices
+FEED_CHUNK_STEPS = 32
+
+
+class _Feed:
+    """Every rank's slice of each step, cut by rank 0 (which holds the :class:`_Batches`) and
+    sent to the others, one step at a time: the steps and their order are those every rank
+    would draw from the whole data, so training matches one process while only rank 0 holds
+    the data. ``steps`` and ``pairs`` count what this rank trained on."""
+
+    def __init__(self, batches: _Batches | None, n_items: int) -> None:
+        self.batches, self.n_items = batches, n_items
+        self.steps = self.pairs = 0
+
+    def epoch(
+        self, gen: torch.Generator, rank: int, world_size: int, device: torch.device
+    ) -> Iterator[Step]:
+        for step in self._mine(gen, rank, world_size):
+            users, targets, negs, n_pairs, w = step
+            self.steps += 1
+            self.pairs += users.numel()
+            if isinstance(targets, SparseTargets):
+                targets = targets.dense(self.n_items)
+            if isinstance(negs, Candidates):
+                negs = Candidates(negs.items.to(device), negs.log_expected.to(device))
+            elif negs is not None:
+                negs = negs.to(device)
+            yield (
+                users.to(device),
+                targets.to(device),
+                negs,
+                n_pairs,
+                None if w is None else w.to(device),
+            )
+
+    def _mine(self, gen: torch.Generator, rank: int, world_size: int) -> Iterator[Step]:
+        box: list[Any] = [None]
+        if rank != 0:
+            while True:  # chunks of steps; an empty one ends the epoch
+                dist.scatter_object_list(box, None, src=0)
+                if not box[0]:
+                    return
+                yield from box[0]
+        assert self.batches is not None
+        cpu = torch.device("cpu")
+        # each rank's stream draws from its own copy of the epoch's generator, as every rank
+        # did when each held the data
+        streams = [
+            self.batches.epoch(gen if r == 0 else _copy(gen), r, world_size, cpu, dense=False)
+            for r in range(world_size)
+        ]
+        steps = zip(*streams, strict=True)
+        while True:
+            chunk = list(itertools.islice(steps, FEED_CHUNK_STEPS))
+            dist.scatter_object_list(box, [[c[r] for c in chunk] for r in range(world_size)], src=0)
+            if not chunk:
+                return
+            yield from box[0]
+
+
+def _copy(gen: torch.Generator) -> torch.Generator:
+    twin = torch.Generator()
+    twin.set_state(gen.get_state())
+    return twin
+
+
 class _Batches:
     """The training pairs cut into batches of about `batch_size` pairs. Softmax: one unit per
     user, the multi-hot (or weighted) row of its items; BPR: one unit per pair, with a uniformly
@@ -441,28 +622,28 @@ class _Batches:
         return Candidates(items, expected.log().float())
 
     def epoch(
-        self, gen: torch.Generator, rank: int, world_size: int, device: torch.device
-    ) -> Iterator[
-        tuple[
-            torch.Tensor,
-            torch.Tensor,
-            torch.Tensor | Candidates | None,
-            int,
-            torch.Tensor | None,
-        ]
-    ]:
+        self,
+        gen: torch.Generator,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        *,
+        dense: bool = True,
+    ) -> Iterator[Step]:
         """(users, items or targets, negatives, pairs in the global batch, pair weights) for each
         step of one epoch, in an order drawn from `gen`; each process takes its slice of every
-        batch (the negatives of the sampled softmax are the global batch's, in every process)."""
+        batch (the negatives of the sampled softmax are the global batch's, in every process).
+        ``dense=False``: the softmax's targets as :class:`SparseTargets` (to send them)."""
         n = self.units.numel()
         order = torch.randperm(n, generator=gen)
         for start in range(0, n, self.step):
             idx = order[start : start + self.step]
             local = idx[rank::world_size]
             if self.loss == "softmax":
+                targets = self._entries(local)
                 yield (
                     self.units[local].to(device),
-                    self._targets(local).to(device),
+                    targets.dense(self.n_items).to(device) if dense else targets,
                     None,
                     int(self.counts[idx].sum()),
                     None,
@@ -486,20 +667,15 @@ class _Batches:
                     None,
                 )
 
-    def _targets(self, local: torch.Tensor) -> torch.Tensor:
+    def _entries(self, local: torch.Tensor) -> SparseTargets:
         """The multi-hot (or weighted) target rows of the users ``local``, gathered without a
         Python loop over users."""
         counts = self.counts[local]
-        targets = torch.zeros(local.numel(), self.n_items)
         row_of = torch.repeat_interleave(torch.arange(local.numel()), counts)
         first = torch.repeat_interleave(self.indptr[local], counts)
         offset = torch.arange(row_of.numel()) - torch.repeat_interleave(
             torch.cumsum(counts, 0) - counts, counts
         )
         pos = first + offset
-        cols = self.pair_items[pos]
-        if self.pair_w is None:
-            targets[row_of, cols] = 1.0
-        else:
-            targets[row_of, cols] = self.pair_w[pos]
-        return targets
+        values = None if self.pair_w is None else self.pair_w[pos]
+        return SparseTargets(local.numel(), row_of, self.pair_items[pos], values)

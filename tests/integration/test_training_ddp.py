@@ -1,5 +1,6 @@
 """Two CPU processes under torchrun (gloo) train the same model as one: under
-DistributedDataParallel (whole tables in every process) and with row-sharded tables."""
+DistributedDataParallel (whole tables in every process) and with row-sharded tables; only rank 0
+reads the data set."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from training.data.synthetic import ScaleSpec, write_synthetic
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ARGS = [
@@ -140,3 +143,58 @@ def test_two_process_row_sharding_matches_one_process(tmp_path: Path, loss: list
             "item_emb.weight": [-(-n_items // 2), n_items // 2],
             "item_bias.weight": [-(-n_items // 2), n_items // 2],
         }
+
+
+@pytest.mark.slow
+def test_workers_train_without_reading_the_data_set(tmp_path: Path) -> None:
+    """Rank 1 is handed a data folder that does not exist: the run still trains and publishes,
+    rank 1 having trained every fit on the slices of each batch that rank 0 sent it."""
+    data = tmp_path / "data"
+    write_synthetic(ScaleSpec(interactions=30_000, items=600, seed=0), data / "scale")
+    launcher = tmp_path / "launch.sh"
+    launcher.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$RANK" != 0 ]; then set -- "$@" --data-dir={tmp_path / "absent"}; fi\n'
+        f'exec {sys.executable} -m training "$@"\n'
+    )
+    launcher.chmod(0o755)
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "--no-python",
+            str(launcher),
+            *ARGS,
+            "--dataset=scale",
+            f"--data-dir={data}",
+            "--loss=sampled_softmax",
+            "--sampled-negatives=64",
+            "--allow-below-popularity=true",
+            "--run-dir",
+            str(run_dir),
+            "--repository",
+            str(tmp_path / "repo"),
+        ],
+        env=_env(),
+        cwd=REPO_ROOT,
+        timeout=180,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert "published" in results
+    ranks = results["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    worker = ranks[1]
+    assert worker["fits"] == 3  # the source model, target_only, finetune
+    # the two target fits ran 6 epochs each (patience 100) over the split's training pairs,
+    # rank 1 taking the odd positions of every batch of 512; the source fit came on top
+    train = results["shares"]["0.2"]["split"]["train"]
+    batches = -(-train // 512)
+    assert worker["pairs"] > 2 * 6 * (train // 2 - batches)
+    assert worker["steps"] > 2 * 6 * batches

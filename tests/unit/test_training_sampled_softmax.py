@@ -132,7 +132,7 @@ def test_softmax_targets_hold_every_pair_of_each_user() -> None:
     train = np.unique(np.stack([rng.integers(0, 30, 300), rng.integers(0, 40, 300)], 1), axis=0)
     b = _Batches(train, "softmax", 64, 40, None, Sampling())
     local = torch.tensor([5, 0, 17, 3])
-    got = b._targets(local)
+    got = b._entries(local).dense(40)
     want = torch.zeros(4, 40)
     for row, j in enumerate(local.tolist()):
         user = int(b.units[j])
