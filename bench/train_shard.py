@@ -2,7 +2,8 @@
 memory per process and one epoch's wall time on a synthetic catalogue.
 
 Each case is one ``torchrun --nproc-per-node=N`` run of the training loop of
-``training.trainer`` (its batches, losses, optimisers and ``training.sharding``) on the
+``training.trainer`` (its batches, losses, optimisers, ``training.sharding`` and the feed by
+which rank 0, the only process holding the data, sends every rank its slice of each step) on the
 in-memory generator ``training.data.synthetic.synthetic_pairs``: ``off`` wraps the model in
 DistributedDataParallel (whole tables in every process), ``rows`` shards every table by rows.
 Every process reports its peak RSS, its RSS after the epoch and the bytes of the parameters and
@@ -49,6 +50,7 @@ def _case(spec: dict[str, Any], out: Path) -> None:
     from training.trainer import (
         Sampling,
         _Batches,
+        _Feed,
         _Optimizer,
         _set_sparse,
         init_distributed,
@@ -57,7 +59,12 @@ def _case(spec: dict[str, Any], out: Path) -> None:
 
     torch.set_num_threads(spec["threads"])
     rank, world_size = init_distributed(torch.device("cpu"))
-    train = synthetic_pairs(spec["users"], spec["items"], spec["interactions"], seed=0)
+    # only rank 0 holds the data, as in training.trainer.fit: it cuts every step for the others
+    train = (
+        synthetic_pairs(spec["users"], spec["items"], spec["interactions"], seed=0)
+        if rank == 0
+        else None
+    )
     torch.manual_seed(0)
     model = TwoTower(spec["users"], spec["items"], spec["dim"])
     sharded = spec["shard"] == "rows"
@@ -66,8 +73,12 @@ def _case(spec: dict[str, Any], out: Path) -> None:
     opt = _Optimizer(model, 0.005, {}, _set_sparse(model, spec["sparse"]), sum_dense=sharded)
     net: nn.Module = model if sharded else nn.parallel.DistributedDataParallel(model)
     sampling = Sampling("popularity", spec["negatives"])
-    batches = _Batches(train, spec["loss"], spec["batch_size"], spec["items"], None, sampling)
-    n_steps_epoch = -(-batches.units.numel() // batches.step)
+    held = None
+    n_steps_epoch = 0
+    if train is not None:
+        held = _Batches(train, spec["loss"], spec["batch_size"], spec["items"], None, sampling)
+        n_steps_epoch = -(-held.units.numel() // held.step)
+    batches = _Feed(held, spec["items"])
     model.train()
     dist.barrier()
     t0 = time.perf_counter()
@@ -137,8 +148,10 @@ def markdown(res: dict[str, Any]) -> str:
         f"{a['items']:,} items, dim {a['dim']} (+1 for the item bias), batch "
         f"{a['batch_size']:,} pairs, sampled softmax with {a['negatives']} popularity negatives. "
         f"A case whose {a['budget']:.0f} s budget ended before the epoch did reports the epoch "
-        "time extrapolated from its mean step time. Memory per process: peak RSS (the data and "
-        "the model as built, whole, before sharding included), RSS after the epoch, and the "
+        "time extrapolated from its mean step time. Only rank 0 holds the pairs; it sends every "
+        "rank its slice of each step (training.trainer's feed). Memory per process: peak RSS "
+        "(the model as built, whole, before sharding, and rank 0's data included), RSS after "
+        "the epoch, and the "
         "parameters and optimiser moments that process holds.",
         "",
         "| case | item rows per process | epoch s | measured | peak RSS MB | RSS after MB | "
