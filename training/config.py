@@ -105,6 +105,8 @@ class Config:
     ranker_cold_share: float = 1.0  # simulated cold-start users (training users, target history
     # hidden, mapped vector, training items as labels) per warm user training the ranker
     ranker_recent_share: float = 0.5  # share of warm training users also shown with recent items
+    ranker_folds: int = 4  # cross-fitted members, each trained on all warm validation users but
+    # one fold's and judged on that fold (training/ranker.py: cross_fit)
     neighbours: int = 50  # item-to-item neighbours kept per item (published with retrieval)
     # --- retrieval index, built at publish into items.faiss (recsys/ann.py, docs/scale.md) -----
     index_exact_max_items: int = 50_000  # exact inner-product index up to this many items
@@ -167,6 +169,10 @@ class Config:
             raise ConfigError("ranker_cold_share: must be in [0, 4]")
         if not 0 <= self.ranker_recent_share <= 1:
             raise ConfigError("ranker_recent_share: must be in [0, 1]")
+        if self.ranker_folds < 2:
+            raise ConfigError(
+                "ranker_folds: at least 2 (each member is judged on a fold it left out)"
+            )
         if self.ranker_popular < 0:
             raise ConfigError("ranker_popular: must be >= 0")
         try:

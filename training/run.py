@@ -619,6 +619,7 @@ def run(
                     seed=cfg.seed,
                     cold_share=cfg.ranker_cold_share,
                     recent_share=cfg.ranker_recent_share,
+                    folds=cfg.ranker_folds,
                 )
                 results["ranker"] = checkpoint["learned_ranker"]["info"] | {
                     "seconds": time.perf_counter() - t0

@@ -32,6 +32,7 @@ from training.ranker import (
     int8_ranker,
     ranker_examples,
     train_ranker,
+    warm_folds,
     with_dot,
 )
 
@@ -203,34 +204,80 @@ def test_validation_decides_whether_simulated_cold_users_train_the_ranker(exampl
     }
 
 
-def test_cross_fitted_members_are_judged_on_the_half_they_did_not_train_on(examples) -> None:
+def test_warm_folds_cut_the_validation_users_and_two_folds_are_the_halves(examples) -> None:
     _, sets = examples
-    model, info = cross_fit(sets, seed=0)
-    assert isinstance(model, CrossFitted) and len(model.members) == 2
-    first, second = model.members
-    # out of fold: the first member on the selection half, the second on the training half
-    held_out = [
-        evaluate_orders(first, sets["select_warm"]),
-        evaluate_orders(second, sets["train_warm"]),
-    ]
+    warm = sets["select_warm"] + sets["train_warm"]
+    assert warm_folds(sets, 2) == [sets["select_warm"], sets["train_warm"]]
+    parts = warm_folds(sets, 4)
+    assert len(parts) == 4 and [s for part in parts for s in part] == warm
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert len(warm_folds(sets, len(warm) + 5)) == len(warm)  # at most one fold per user
+    with pytest.raises(ValueError, match="2 folds"):
+        warm_folds({"select_warm": warm[:1], "train_warm": []}, 4)
+
+
+@pytest.mark.parametrize("folds", [2, 3])
+def test_cross_fitted_members_are_judged_on_the_fold_they_did_not_train_on(
+    examples, folds: int
+) -> None:
+    _, sets = examples
+    model, info, held_out = cross_fit(sets, seed=0, folds=folds)
+    parts = warm_folds(sets, folds)
+    assert isinstance(model, CrossFitted) and len(model.members) == folds == info["folds"]
+    assert [m for m, _ in held_out] == list(model.members)
+    assert [part for _, part in held_out] == parts
+    # out of fold: each member on the fold it left out
+    scores = [evaluate_orders(m, part) for m, part in held_out]
     users = len(sets["select_warm"]) + len(sets["train_warm"])
     assert info["validation"]["users"] == users
     for key in ("retrieval", "dot", "learned"):
-        want = sum(v[key] * v["users"] for v in held_out) / users
+        want = sum(v[key] * v["users"] for v in scores) / users
         assert info["validation"][key] == pytest.approx(want)
-    # each member's epoch was chosen on its own held-out half (and the cold selection users)
-    for member, (m, select) in zip(
-        info["members"], ((first, sets["select_warm"]), (second, sets["train_warm"])), strict=True
-    ):
+    # each member's epoch was chosen on its own fold (and the cold selection users)
+    for member, (m, select) in zip(info["members"], held_out, strict=True):
         warm = evaluate_orders(m, select)["learned"]
         cold = evaluate_orders(m, sets["select_cold"])["learned"]
         assert member["selection_ndcg@10"] == pytest.approx((warm + cold) / 2)
-    # the two members learned different functions, and the ranker scores with their mean
+    # the members learned different functions, and the ranker scores with their mean
     x = torch.from_numpy(np.concatenate([s.features for s in sets["select_warm"][:5]]))
     with torch.no_grad():
-        a, b, both = first(x), second(x), model(x)
-    assert not torch.allclose(a, b)
-    torch.testing.assert_close(both, (a + b) / 2)
+        each = [m(x) for m in model.members]
+        both = model(x)
+    assert not torch.allclose(each[0], each[1])
+    torch.testing.assert_close(both, torch.stack(each).mean(dim=0))
+
+
+def test_no_member_trains_on_the_users_it_is_judged_on(examples, monkeypatch) -> None:
+    """The fold a member is judged on is absent from its warm, recent-item and simulated
+    cold-start training examples."""
+    import training.ranker as ranker
+
+    _, sets = examples
+    seen: list[tuple[set[int], set[int], set[int]]] = []
+    real = ranker._with_or_without_cold
+
+    def spy(warm, select_warm, simulated_cold, select_cold, seed):  # type: ignore[no-untyped-def]
+        seen.append(
+            (
+                {s.user for s in warm},
+                {s.user for s in simulated_cold},
+                {s.user for s in select_warm},
+            )
+        )
+        return real(warm, select_warm, simulated_cold, select_cold, seed)
+
+    monkeypatch.setattr(ranker, "_with_or_without_cold", spy)
+    cross_fit(sets, seed=0, folds=3)
+    assert len(seen) == 3
+    every = {s.user for s in sets["select_warm"] + sets["train_warm"]}
+    for warm, cold, judged in seen:
+        assert judged and not warm & judged and not cold & judged
+        assert warm | judged >= every  # every other warm user trains it
+    assert any(cold for _, cold, _ in seen)
+
+
+def _held_out(model: CrossFitted, sets: dict[str, list]) -> list:  # type: ignore[type-arg]
+    return list(zip(model.members, warm_folds(sets, len(model.members)), strict=True))
 
 
 def _untrained(width: int) -> CrossFitted:
@@ -259,7 +306,7 @@ def test_validation_chooses_the_dot_products_weight_per_segment(examples) -> Non
     model = _untrained(width)
     # a dot product that puts every labelled candidate first: the served order takes it
     good = _with_personal(sets, lambda y, rng: 5.0 * y + 0.1 * rng.standard_normal(y.size))
-    served, info = with_dot(model, good)
+    served, info = with_dot(model, good, _held_out(model, good))
     segments = (("warm", good["select_warm"] + good["train_warm"]), ("mapped", good["select_cold"]))
     for seg, part in segments:
         assert info[seg]["dot_weight"] > 0 and info[seg]["users"] == len(part)
@@ -268,7 +315,7 @@ def test_validation_chooses_the_dot_products_weight_per_segment(examples) -> Non
         assert orders["learned"] > evaluate_orders(model, part)["learned"]
     # a dot product that puts them last: the MLP alone (weight 0 in both segments)
     bad = _with_personal(sets, lambda y, rng: -5.0 * y + 0.1 * rng.standard_normal(y.size))
-    served, info = with_dot(model, bad)
+    served, info = with_dot(model, bad, _held_out(model, bad))
     assert info["warm"]["dot_weight"] == 0.0 and info["mapped"]["dot_weight"] == 0.0
     assert served.b.tolist() == [0.0, 0.0]
     x = torch.from_numpy(np.concatenate([s.features for s in bad["select_warm"][:5]]))
