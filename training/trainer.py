@@ -491,7 +491,7 @@ FEED_CHUNK_STEPS = 32
 
 class _Feed:
     """Every rank's slice of each step, cut by rank 0 (which holds the :class:`_Batches`) and
-    sent to the others, one step at a time: the steps and their order are those every rank
+    sent to the others, FEED_CHUNK_STEPS steps at a time: the steps and their order are those every rank
     would draw from the whole data, so training matches one process while only rank 0 holds
     the data. ``steps`` and ``pairs`` count what this rank trained on."""
 

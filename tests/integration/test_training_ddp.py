@@ -35,6 +35,10 @@ ARGS = [
 ]
 
 
+# two processes on this machine
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = "1"
@@ -56,11 +60,7 @@ def _train_one_and_two(tmp_path: Path, extra: list[str]) -> tuple[Path, Path]:
     try:
         proc = subprocess.run(
             [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc-per-node=2",
+                *TORCHRUN,
                 "-m",
                 "training",
                 *ARGS,
@@ -161,11 +161,7 @@ def test_workers_train_without_reading_the_data_set(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node=2",
+            *TORCHRUN,
             "--no-python",
             str(launcher),
             *ARGS,
