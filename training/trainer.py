@@ -491,9 +491,9 @@ FEED_CHUNK_STEPS = 32
 
 class _Feed:
     """Every rank's slice of each step, cut by rank 0 (which holds the :class:`_Batches`) and
-    sent to the others, FEED_CHUNK_STEPS steps at a time: the steps and their order are those every rank
-    would draw from the whole data, so training matches one process while only rank 0 holds
-    the data. ``steps`` and ``pairs`` count what this rank trained on."""
+    sent to the others, FEED_CHUNK_STEPS steps at a time: the steps and their order are those
+    every rank would draw from the whole data, so training matches one process while only rank
+    0 holds the data. ``steps`` and ``pairs`` count what this rank trained on."""
 
     def __init__(self, batches: _Batches | None, n_items: int) -> None:
         self.batches, self.n_items = batches, n_items
